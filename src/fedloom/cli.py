@@ -1,0 +1,222 @@
+"""The ``fedloom`` command.
+
+Every error a user can cause (bad config, unreadable data, a directory that is not a
+run) ends with one line on stderr and exit code 2; nothing already recorded is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from fedloom import __version__
+from fedloom.config import ConfigError, RunConfig, load_config
+from fedloom.data.base import FederatedDataset
+from fedloom.store import RunStore, RunStoreError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedloom", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fedloom {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federated simulation")
+    _add_config_args(run)
+    run.add_argument("--out", type=Path, help="run directory (default: runs/NAME-TIMESTAMP)")
+    run.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    run.add_argument("-v", "--verbose", action="store_true", help="log every round")
+
+    central = sub.add_parser(
+        "centralized", help="train the same model on pooled data (the accuracy baseline)"
+    )
+    _add_config_args(central)
+    central.add_argument(
+        "--out", type=Path, help="a run directory to record the baseline in (optional)"
+    )
+
+    report = sub.add_parser("report", help="re-draw plots and print the tables of a run")
+    report.add_argument("run_dir", type=Path)
+    return parser
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", type=Path, help="TOML config (default: embedded digits)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set client.lr=0.05 (repeatable)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=False)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "run":
+            return _cmd_run(args, console)
+        if args.command == "centralized":
+            return _cmd_centralized(args, console)
+        return _cmd_report(args, console)
+    except (ConfigError, RunStoreError) as err:
+        print(f"fedloom: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from fedloom.engine.simulation import run_simulation
+    from fedloom.report import summary_table
+
+    if args.resume is not None:
+        if args.config is not None or args.overrides or args.out is not None:
+            raise ConfigError(
+                "--resume continues a run with its stored config; drop CONFIG, --set and --out"
+            )
+        cfg = load_config(None)
+        out_dir: Path = args.resume
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out_dir = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with _progress(console) as progress:
+        summary = run_simulation(
+            cfg,
+            out_dir,
+            resume=args.resume is not None,
+            on_start=progress.start,
+            on_round=progress.update,
+        )
+    console.print(summary_table(summary))
+    console.print(f"run directory: {out_dir}")
+    return 0
+
+
+def _cmd_centralized(args: argparse.Namespace, console: Console) -> int:
+    from fedloom.config import config_from_dict
+    from fedloom.engine.simulation import run_centralized, write_outputs
+
+    store: RunStore | None = None
+    if args.out is not None and (args.out / "run.sqlite").exists():
+        store = RunStore.open(args.out)
+    if args.config is None and not args.overrides and store is not None:
+        cfg = config_from_dict(store.config())
+    else:
+        cfg = load_config(args.config, args.overrides)
+    console.print(f"centralized baseline: {cfg.data.name}, {cfg.model.name}, pooled data ...")
+    result = run_centralized(cfg)
+    console.print(
+        f"centralized accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+        f"({result['epochs']} epochs over {result['examples']} examples, "
+        f"{result['wall_s']:.1f} s)"
+    )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "centralized.json").write_text(json.dumps(result, indent=2) + "\n")
+    if store is not None:
+        store.set_meta("centralized_accuracy", result["accuracy"])
+        run_cfg = config_from_dict(store.config())
+        from fedloom.data import build_federated_dataset
+
+        num_clients = build_federated_dataset(run_cfg.data, run_cfg.seed).num_clients
+        summary = write_outputs(store, args.out, run_cfg, num_clients)
+        gap = summary["metrics"]["accuracy_gap"]
+        if gap is not None:
+            console.print(
+                f"federated final accuracy {summary['final']['accuracy']:.4f}; "
+                f"gap to centralized {gap * 100:+.2f} points"
+            )
+        store.close()
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from fedloom.report import redraw
+
+    redraw(args.run_dir, console)
+    return 0
+
+
+class _RoundProgress:
+    """A live progress line on a terminal; silent otherwise (logs still go to stderr)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+
+    def start(self, cfg: RunConfig, data: FederatedDataset, done: int) -> None:
+        logging.getLogger("fedloom").info(
+            "%s: %d clients, %s, %d rounds (from round %d)",
+            data.name,
+            data.num_clients,
+            cfg.strategy or "custom",
+            cfg.rounds,
+            done + 1,
+        )
+        for note in data.notes:
+            logging.getLogger("fedloom").warning(note)
+        if not self.console.is_terminal:
+            return
+        self.progress = Progress(
+            TextColumn("round"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("rounds", total=cfg.rounds, completed=done, status="")
+
+    def update(self, record: dict[str, Any]) -> None:
+        acc, loss = record.get("accuracy"), record.get("loss")
+        status = (
+            f"acc {acc:.4f} loss {loss:.4f}" if acc is not None and loss is not None else ""
+        ) + f"  clients {record['clients_succeeded']}/{record['clients_sampled']}"
+        logging.getLogger("fedloom").info("round %d: %s", record["round"], status.strip())
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, advance=1, status=status)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@contextmanager
+def _progress(console: Console) -> Iterator[_RoundProgress]:
+    progress = _RoundProgress(console)
+    try:
+        yield progress
+    finally:
+        progress.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

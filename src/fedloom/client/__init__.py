@@ -1,0 +1,1 @@
+"""The client side of a round: models and the local training loop."""

@@ -1,0 +1,1 @@
+"""Where clients run: in this process, in a pool of worker processes (more to come)."""

@@ -1,0 +1,226 @@
+"""A pool of long-lived worker processes that keep the model and data and receive only vectors.
+
+Each worker builds the data set and the model once, from the run config (both are
+deterministic in the seed), then serves tasks for the whole run. Per round a worker
+receives the global vector once as raw bytes, and per task only a client id; it sends
+back the update as raw bytes. Tasks are handed out dynamically, largest client first,
+so uneven client sizes still keep every core busy.
+
+Workers run one torch thread each: with many small clients, process parallelism beats
+intra-op threading. A worker that dies takes only its in-flight task with it; that task
+comes back as a failure and the remaining tasks go to the surviving workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+
+from fedloom.config import RunConfig
+from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.params import decode_vector, encode_vector
+
+Task = FitTask | EvalTask
+Outcome = FitResult | EvalResult | ClientFailure
+
+
+def _worker_main(conn: Connection, cfg_json: str) -> None:
+    """Entry point of a worker process: build once, then serve tasks until told to stop."""
+    try:
+        import torch
+
+        from fedloom.client.safety import run_safely
+        from fedloom.client.trainer import LocalTrainer
+        from fedloom.config import config_from_json
+        from fedloom.data import build_federated_dataset
+
+        cfg = config_from_json(cfg_json)
+        torch.set_num_threads(cfg.engine.torch_threads or 1)
+        trainer = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
+        size = trainer.num_parameters
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ready", size))
+    vector = np.zeros(size, dtype=np.float32)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        kind = msg[0]
+        if kind == "stop":
+            return
+        if kind == "weights":
+            vector = decode_vector(conn.recv_bytes(), size)
+        elif kind == "fit":
+            task = FitTask(msg[1], msg[2], msg[3])
+            out = run_safely(partial(trainer.fit, task, vector), task)
+            _send_outcome(conn, out)
+        elif kind == "eval":
+            etask = EvalTask(msg[1], msg[2])
+            _send_outcome(conn, run_safely(partial(trainer.evaluate_client, etask, vector), etask))
+
+
+def _send_outcome(conn: Connection, out: Outcome) -> None:
+    if isinstance(out, ClientFailure):
+        conn.send(("fail", out.client_id, out.round, out.error, out.traceback))
+    elif isinstance(out, EvalResult):
+        conn.send(("eval", out.client_id, out.round, out.num_examples, out.loss, out.accuracy))
+    else:
+        has_delta = out.delta is not None
+        conn.send(
+            (
+                "fit",
+                out.client_id,
+                out.round,
+                out.num_examples,
+                out.straggler,
+                out.metrics,
+                has_delta,
+            )
+        )
+        if out.delta is not None:
+            conn.send_bytes(encode_vector(out.delta))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Connection
+    alive: bool = True
+
+
+class ProcessPoolExecutor:
+    """Runs client tasks on ``workers`` processes (0 = one per CPU core)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        client_sizes: Sequence[int],
+        workers: int = 0,
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        self.client_sizes = list(client_sizes)
+        count = workers or os.cpu_count() or 1
+        ctx = mp.get_context("spawn")
+        self.workers: list[_Worker] = []
+        self.size = 0
+        cfg_json = cfg.model_dump_json()
+        for _ in range(count):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child, cfg_json), daemon=True)
+            proc.start()
+            child.close()
+            self.workers.append(_Worker(proc, parent))
+        for w in self.workers:
+            if not w.conn.poll(start_timeout_s):
+                self.close()
+                raise RuntimeError(f"a pool worker did not start within {start_timeout_s:.0f} s")
+            kind, payload = w.conn.recv()
+            if kind != "ready":
+                self.close()
+                raise RuntimeError(f"a pool worker failed to start:\n{payload}")
+            self.size = int(payload)
+
+    def fit(
+        self, tasks: Sequence[FitTask], global_vector: np.ndarray
+    ) -> list[FitResult | ClientFailure]:
+        return [o for o in self._run(tasks, global_vector) if not isinstance(o, EvalResult)]
+
+    def evaluate(
+        self, tasks: Sequence[EvalTask], global_vector: np.ndarray
+    ) -> list[EvalResult | ClientFailure]:
+        return [o for o in self._run(tasks, global_vector) if not isinstance(o, FitResult)]
+
+    def _run(self, tasks: Sequence[Task], global_vector: np.ndarray) -> list[Outcome]:
+        payload = encode_vector(global_vector)
+        for w in self._alive():
+            self._send(w, ("weights",), payload)
+        pending = deque(sorted(tasks, key=lambda t: -self.client_sizes[t.client_id]))
+        inflight: dict[int, Task] = {}
+        results: dict[tuple[int, int], Outcome] = {}
+        for i, w in enumerate(self.workers):
+            if w.alive and pending:
+                self._dispatch(i, pending, inflight)
+        while inflight:
+            ready = wait([self.workers[i].conn for i in inflight])
+            for i in [i for i in list(inflight) if self.workers[i].conn in ready]:
+                task = inflight.pop(i)
+                out = self._receive(i, task)
+                results[(task.client_id, task.round)] = out
+                if self.workers[i].alive and pending:
+                    self._dispatch(i, pending, inflight)
+            if not inflight and pending:
+                # Every worker died: what is left cannot run.
+                while pending:
+                    t = pending.popleft()
+                    results[(t.client_id, t.round)] = ClientFailure(
+                        t.client_id, t.round, "no live pool worker to run this client", ""
+                    )
+        return [results[(t.client_id, t.round)] for t in tasks]
+
+    def _dispatch(self, i: int, pending: deque[Task], inflight: dict[int, Task]) -> None:
+        task = pending.popleft()
+        if isinstance(task, FitTask):
+            msg: tuple[Any, ...] = ("fit", task.client_id, task.round, task.drop_stragglers)
+        else:
+            msg = ("eval", task.client_id, task.round)
+        if self._send(self.workers[i], msg):
+            inflight[i] = task
+        else:
+            pending.appendleft(task)
+            alive = [j for j, w in enumerate(self.workers) if w.alive and j not in inflight]
+            if alive:
+                self._dispatch(alive[0], pending, inflight)
+
+    def _send(self, w: _Worker, msg: tuple[Any, ...], payload: bytes | None = None) -> bool:
+        try:
+            w.conn.send(msg)
+            if payload is not None:
+                w.conn.send_bytes(payload)
+            return True
+        except (BrokenPipeError, EOFError, OSError):
+            w.alive = False
+            return False
+
+    def _receive(self, i: int, task: Task) -> Outcome:
+        w = self.workers[i]
+        try:
+            msg = w.conn.recv()
+            if msg[0] == "fail":
+                return ClientFailure(msg[1], msg[2], msg[3], msg[4])
+            if msg[0] == "eval":
+                return EvalResult(msg[1], msg[2], msg[3], msg[4], msg[5])
+            delta = decode_vector(w.conn.recv_bytes(), self.size) if msg[6] else None
+            return FitResult(msg[1], msg[2], delta, msg[3], straggler=msg[4], metrics=msg[5])
+        except (EOFError, OSError):
+            w.alive = False
+            code = w.process.exitcode
+            return ClientFailure(
+                task.client_id, task.round, f"pool worker process died (exit code {code})", ""
+            )
+
+    def _alive(self) -> list[_Worker]:
+        return [w for w in self.workers if w.alive]
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.alive:
+                self._send(w, ("stop",))
+        for w in self.workers:
+            w.process.join(timeout=5)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(timeout=5)
+            w.conn.close()
+        self.workers = []

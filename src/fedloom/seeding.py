@@ -1,0 +1,32 @@
+"""Randomness derived from (run seed, purpose, round, client), never from shared state.
+
+Every random choice in a run draws from a generator built from a key such as
+``(seed, SAMPLING, round)`` or ``(seed, SHUFFLE, round, client_id)``. A client's work is
+then identical whichever engine, worker or machine runs it and in whatever order, and a
+resumed run needs no generator state beyond the seed and the round number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Purpose tags keep streams for different decisions independent.
+MODEL_INIT = 1
+DATA = 2
+SAMPLING = 3
+SHUFFLE = 4
+STRAGGLER = 5
+
+
+def derive_seed(*key: int) -> int:
+    """A 63-bit seed that depends on every element of ``key``."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def derive_rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(list(key)))
+
+
+def torch_generator(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*key))

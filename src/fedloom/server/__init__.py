@@ -1,0 +1,1 @@
+"""The server side of a round: sampling, aggregation, the server optimizer, the round loop."""

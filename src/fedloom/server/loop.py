@@ -1,0 +1,215 @@
+"""The round loop: sample, broadcast, collect, aggregate, step, evaluate, record.
+
+The loop never knows where clients run. It talks to a :class:`ClientExecutor` (the
+engine) and an optional central evaluator, both handed in by whoever wires the run.
+Failed clients come back as :class:`~fedloom.messages.ClientFailure` records: the loop
+logs and stores them and decides from the configured minimums whether the round's
+update is applied. It never waits on anything itself, so it cannot hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedloom.config import RunConfig
+from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.params import encoded_nbytes
+from fedloom.seeding import SAMPLING, derive_rng
+from fedloom.server.aggregate import weighted_mean
+from fedloom.server.optimizers import ServerOptimizer, make_server_optimizer
+from fedloom.server.sampling import sample_clients
+from fedloom.store import Checkpoint, RunStore
+
+log = logging.getLogger("fedloom.server")
+
+
+class ClientExecutor(Protocol):
+    """Runs client tasks somewhere (this process, a pool, a cluster, the network)."""
+
+    def fit(
+        self, tasks: Sequence[FitTask], global_vector: np.ndarray
+    ) -> list[FitResult | ClientFailure]: ...
+
+    def evaluate(
+        self, tasks: Sequence[EvalTask], global_vector: np.ndarray
+    ) -> list[EvalResult | ClientFailure]: ...
+
+    def close(self) -> None: ...
+
+
+CentralEvaluator = Callable[[np.ndarray], tuple[float, float]]
+
+
+@dataclass
+class ServerState:
+    """Everything needed to continue a run after the last completed round."""
+
+    round: int
+    weights: np.ndarray
+    optimizer: ServerOptimizer
+    participation: np.ndarray  # per client: rounds whose aggregate included its update
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def checkpoint(self, seed: int) -> Checkpoint:
+        tensors = {"global": self.weights, "participation": self.participation}
+        tensors.update({f"opt/{k}": v for k, v in self.optimizer.state().items()})
+        meta = {
+            "round": self.round,
+            "optimizer": self.optimizer.name,
+            # All randomness is derived from (seed, purpose, round, client); see seeding.py.
+            "rng": {"scheme": "SeedSequence(seed, purpose, round, client)", "seed": seed},
+        }
+        return Checkpoint(round=self.round, tensors=tensors, meta=meta)
+
+
+class FederatedServer:
+    """Runs rounds of a :class:`RunConfig` against a client executor."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        executor: ClientExecutor,
+        initial_weights: np.ndarray,
+        num_clients: int,
+        central_evaluator: CentralEvaluator | None = None,
+        eval_clients: Sequence[int] = (),
+        store: RunStore | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.executor = executor
+        self.num_clients = num_clients
+        self.central_evaluator = central_evaluator
+        self.eval_clients = list(eval_clients)
+        self.store = store
+        size = initial_weights.shape[0]
+        self.state = ServerState(
+            round=0,
+            weights=initial_weights.astype(np.float32, copy=True),
+            optimizer=make_server_optimizer(cfg.server, size),
+            participation=np.zeros(num_clients, dtype=np.int64),
+        )
+
+    def restore(self, ckpt: Checkpoint, history: list[dict[str, Any]]) -> None:
+        """Continue from a checkpoint: weights, optimizer state, participation, history."""
+        self.state.round = ckpt.round
+        self.state.weights = ckpt.tensors["global"].astype(np.float32)
+        self.state.participation = ckpt.tensors["participation"].astype(np.int64)
+        self.state.optimizer.load_state(
+            {k.removeprefix("opt/"): v for k, v in ckpt.tensors.items() if k.startswith("opt/")}
+        )
+        self.state.history = [r for r in history if r["round"] <= ckpt.round]
+
+    def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerState:
+        """Run the remaining rounds up to ``cfg.rounds``."""
+        while self.state.round < self.cfg.rounds:
+            record = self.run_round(self.state.round + 1)
+            if on_round is not None:
+                on_round(record)
+        return self.state
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        started = time.perf_counter()
+        sampled = sample_clients(
+            self.num_clients,
+            cfg.server.fraction_fit,
+            cfg.server.min_fit_clients,
+            derive_rng(cfg.seed, SAMPLING, rnd),
+        )
+        tasks = [FitTask(int(c), rnd, cfg.server.drop_stragglers) for c in sampled]
+        outcomes = self.executor.fit(tasks, state.weights)
+
+        updates: list[FitResult] = []
+        failures: list[ClientFailure] = []
+        dropped = 0
+        for out in outcomes:
+            if isinstance(out, ClientFailure):
+                failures.append(out)
+            elif out.delta is None:
+                dropped += 1
+            elif not np.all(np.isfinite(out.delta)):
+                failures.append(ClientFailure(out.client_id, rnd, "update contains NaN or Inf", ""))
+            else:
+                updates.append(out)
+        updates.sort(key=lambda r: r.client_id)
+        for f in failures:
+            log.warning("round %d: client %d failed: %s", rnd, f.client_id, f.error)
+            if f.traceback:
+                log.debug("client %d traceback:\n%s", f.client_id, f.traceback)
+            if self.store is not None:
+                self.store.record_failure(rnd, f.client_id, f.error, f.traceback)
+
+        aggregated = len(updates) >= cfg.server.min_aggregate_clients
+        if aggregated:
+            update = weighted_mean(
+                [u.delta for u in updates if u.delta is not None], [u.num_examples for u in updates]
+            )
+            state.weights = state.optimizer.step(state.weights, update)
+            for u in updates:
+                state.participation[u.client_id] += 1
+        else:
+            log.warning(
+                "round %d: only %d usable updates, fewer than server.min_aggregate_clients=%d; "
+                "the global model is unchanged this round",
+                rnd,
+                len(updates),
+                cfg.server.min_aggregate_clients,
+            )
+
+        record: dict[str, Any] = {
+            "round": rnd,
+            "accuracy": None,
+            "loss": None,
+            "fed_accuracy": None,
+            "fed_loss": None,
+            "train_loss": _weighted_train_loss(updates),
+            "clients_sampled": len(sampled),
+            "clients_succeeded": len(updates),
+            "clients_failed": len(failures),
+            "stragglers_dropped": dropped,
+            "aggregated": aggregated,
+            "bytes_down": len(sampled) * encoded_nbytes(state.weights),
+            "bytes_up": sum(encoded_nbytes(u.delta) for u in updates if u.delta is not None),
+            "epsilon": None,
+        }
+        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+            record.update(self._evaluate(rnd))
+        record["round_s"] = time.perf_counter() - started
+        state.round = rnd
+        state.history.append(record)
+        if self.store is not None:
+            self.store.record_round(record)
+            if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
+                self.store.save_checkpoint(state.checkpoint(cfg.seed))
+        return record
+
+    def _evaluate(self, rnd: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.cfg.eval.centralized and self.central_evaluator is not None:
+            out["loss"], out["accuracy"] = self.central_evaluator(self.state.weights)
+        if self.cfg.eval.federated and self.eval_clients:
+            tasks = [EvalTask(c, rnd) for c in self.eval_clients]
+            results = [
+                r
+                for r in self.executor.evaluate(tasks, self.state.weights)
+                if isinstance(r, EvalResult) and r.num_examples > 0
+            ]
+            n = sum(r.num_examples for r in results)
+            if n:
+                out["fed_loss"] = sum(r.loss * r.num_examples for r in results) / n
+                out["fed_accuracy"] = sum(r.accuracy * r.num_examples for r in results) / n
+        return out
+
+
+def _weighted_train_loss(updates: list[FitResult]) -> float | None:
+    pairs = [
+        (u.metrics["train_loss"], u.num_examples) for u in updates if "train_loss" in u.metrics
+    ]
+    n = sum(w for _, w in pairs)
+    return sum(loss * w for loss, w in pairs) / n if n else None

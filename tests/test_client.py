@@ -1,0 +1,133 @@
+"""The local training loop: torch.optim.SGD semantics, FedProx, stragglers, determinism."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedloom.client.models import build_model
+from fedloom.client.trainer import LocalTrainer, plan_work
+from fedloom.config import ClientConfig, RunConfig, load_config
+from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
+from fedloom.messages import FitTask
+from fedloom.seeding import SHUFFLE, torch_generator
+
+
+def _data(n: int = 40, clients: int = 2) -> FederatedDataset:
+    rng = np.random.default_rng(0)
+    parts = []
+    for c in range(clients):
+        x = rng.normal(size=(n, 5)).astype(np.float32)
+        y = (x[:, 0] > 0).astype(np.int64)
+        parts.append(ClientData(c, f"c{c}", ArrayDataset(x, y), ArrayDataset(x[:8], y[:8])))
+    test = ArrayDataset.concat([p.test for p in parts if p.test is not None])
+    return FederatedDataset("toy", "tabular", parts, test, 2, (5,))
+
+
+def _cfg(*overrides: str) -> RunConfig:
+    return load_config(None, ["model.hidden=[4]", "client.batch_size=8", *overrides])
+
+
+@pytest.mark.parametrize("extra", [[], ["client.weight_decay=0.01"], ["client.momentum=0.0"]])
+def test_local_sgd_matches_torch_optim_sgd(extra: list[str]) -> None:
+    cfg = _cfg("client.epochs=2", *extra)
+    data = _data()
+    trainer = LocalTrainer(cfg, data)
+    w0 = trainer.initial_vector()
+    result = trainer.fit(FitTask(1, 3), w0)
+
+    model = build_model(cfg.model, data, cfg.seed)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.client.lr,
+        momentum=cfg.client.momentum,
+        weight_decay=cfg.client.weight_decay,
+    )
+    train = data.clients[1].train
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    gen = torch_generator(cfg.seed, SHUFFLE, 3, 1)
+    for _ in range(2):
+        perm = torch.randperm(len(train), generator=gen)
+        for s in range(0, len(train), 8):
+            idx = perm[s : s + 8]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    ref = np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
+    assert result.delta is not None
+    np.testing.assert_allclose(w0 + result.delta, ref, rtol=1e-5, atol=1e-6)
+    assert result.metrics["steps"] == 10 and result.num_examples == 40
+
+
+def test_fedprox_proximal_gradient_hand_computed() -> None:
+    """One step with zero data gradient contribution isolated: mu*(w - w0) term."""
+    cc = ClientConfig(lr=0.5, momentum=0.0, proximal_mu=2.0)
+    w = torch.tensor([1.0, -1.0])
+    w0 = torch.tensor([0.0, 0.0])
+    g = torch.tensor([0.1, 0.2])
+    LocalTrainer._sgd_step(w, g, w0, torch.zeros(2), cc)
+    # g' = g + mu (w - w0) = [0.1 + 2, 0.2 - 2]; w = w - 0.5 g'
+    np.testing.assert_allclose(w.numpy(), [1.0 - 0.5 * 2.1, -1.0 - 0.5 * (-1.8)], rtol=1e-6)
+
+
+def test_fedprox_pulls_towards_global_model() -> None:
+    data = _data()
+    far = _cfg("client.epochs=5", "client.lr=0.5")
+    near = _cfg("client.epochs=5", "client.lr=0.5", "client.proximal_mu=5.0")
+    w0 = LocalTrainer(far, data).initial_vector()
+    d_far = LocalTrainer(far, data).fit(FitTask(0, 1), w0).delta
+    d_near = LocalTrainer(near, data).fit(FitTask(0, 1), w0).delta
+    assert d_far is not None and d_near is not None
+    assert np.linalg.norm(d_near) < 0.5 * np.linalg.norm(d_far)
+
+
+def test_fit_is_deterministic_and_order_independent() -> None:
+    cfg = _cfg()
+    data = _data()
+    a, b = LocalTrainer(cfg, data), LocalTrainer(cfg, data)
+    w0 = a.initial_vector()
+    first = a.fit(FitTask(1, 2), w0).delta
+    a.fit(FitTask(0, 2), w0)  # another client in between must not leak state
+    again = a.fit(FitTask(1, 2), w0).delta
+    other = b.fit(FitTask(1, 2), w0).delta
+    assert first is not None and again is not None and other is not None
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, other)
+    different_round = b.fit(FitTask(1, 3), w0).delta
+    assert different_round is not None and not np.array_equal(first, different_round)
+
+
+def test_straggler_plan_follows_fedprox_systems_model() -> None:
+    cc = ClientConfig(epochs=20, straggler_fraction=0.9)
+    plans = [plan_work(cc, 0, FitTask(c, 1), 100) for c in range(2000)]
+    stragglers = [p for p in plans if p.straggler]
+    assert 0.87 < len(stragglers) / len(plans) < 0.93
+    epochs = np.array([p.epochs for p in stragglers])
+    assert epochs.min() == 1 and epochs.max() == 19  # uniform on 1..E-1
+    assert all(p.epochs == 20 for p in plans if not p.straggler)
+    one_epoch = [
+        plan_work(
+            ClientConfig(epochs=1, batch_size=10, straggler_fraction=1.0), 0, FitTask(c, 1), 100
+        )
+        for c in range(50)
+    ]
+    assert all(p.max_steps is not None and 1 <= p.max_steps < 10 for p in one_epoch)
+
+
+def test_dropped_straggler_does_no_work_and_kept_one_does_less() -> None:
+    data = _data()
+    keep = LocalTrainer(_cfg("client.epochs=4", "client.straggler_fraction=1.0"), data)
+    w0 = keep.initial_vector()
+    res = keep.fit(FitTask(0, 1, drop_stragglers=True), w0)
+    assert res.straggler and res.delta is None
+    res = keep.fit(FitTask(0, 1, drop_stragglers=False), w0)
+    assert res.straggler and res.delta is not None and res.metrics["steps"] < 4 * 5
+
+
+def test_evaluate_accuracy_and_loss() -> None:
+    data = _data()
+    trainer = LocalTrainer(_cfg(), data)
+    vec = np.zeros(trainer.num_parameters, np.float32)
+    loss, acc = trainer.evaluate(data.test, vec)
+    assert loss == pytest.approx(np.log(2), rel=1e-6)  # zero weights: uniform prediction
+    assert acc == pytest.approx(float(np.mean(data.test.y == 0)))
