@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,9 @@ class DataConfig(_Section):
     shards_per_client: int = Field(2, ge=1)
     min_client_samples: int = Field(2, ge=1)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    #: Share of each client's data held out as its local test set, for federated
+    #: evaluation on data sets that have no per-client test split of their own.
+    client_test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     label_column: str | None = None
     key_column: str | None = None
     seq_len: int = Field(80, ge=1)
@@ -101,10 +105,17 @@ class EvalConfig(_Section):
     centralized: bool = True
     federated: bool = False
     batch_size: int = Field(512, ge=1)
+    #: Evaluate centrally on a fixed random subset of at most this many test examples
+    #: (large text test sets make every evaluation cost more than a round).
+    max_examples: int | None = Field(None, ge=1)
 
 
 class EngineConfig(_Section):
-    """Where clients run. ``workers = 0`` means one per CPU core."""
+    """Where clients run. ``workers = 0`` means one per CPU core.
+
+    ``torch_threads`` unset means one intra-op thread per pool worker (parallelism comes
+    from the processes) and torch's own default for the in-process engine.
+    """
 
     name: Literal["inprocess", "pool"] = "inprocess"
     workers: int = Field(0, ge=0)
@@ -237,9 +248,14 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML file (or the embedded default when ``path`` is None) and apply overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
+    """Read a TOML file (or the embedded default when ``path`` is None) and apply overrides.
+
+    The embedded default (``fedloom/default.toml``, the same experiment as
+    ``examples/digits.toml``) is what ``fedloom run`` with no config runs.
+    """
+    if path is None:
+        tree = tomllib.loads(resources.files("fedloom").joinpath("default.toml").read_text())
+    else:
         p = Path(path)
         try:
             tree = tomllib.loads(p.read_text())

@@ -17,6 +17,7 @@ DATA = 2
 SAMPLING = 3
 SHUFFLE = 4
 STRAGGLER = 5
+EVAL_SUBSET = 6
 
 
 def derive_seed(*key: int) -> int:

@@ -67,4 +67,31 @@ def build_federated_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
             f"{cfg.name} data are split one client per {unit}; "
             f"data.partition '{cfg.partition}' is ignored"
         )
+    if cfg.client_test_fraction > 0.0:
+        _hold_out_client_tests(
+            dataset,
+            cfg.client_test_fraction,
+            np.random.default_rng(np.random.SeedSequence([seed, DATA_STREAM_TAG, 1])),
+        )
     return dataset
+
+
+def _hold_out_client_tests(
+    dataset: FederatedDataset, fraction: float, rng: np.random.Generator
+) -> None:
+    """Give each client without a local test set a random ``fraction`` of its own data.
+
+    Federated evaluation (each client scores the global model on data only it holds)
+    needs such sets; clients that already have one (Synthetic, Shakespeare) keep it.
+    """
+    for i, client in enumerate(dataset.clients):
+        if client.test is not None or len(client.train) < 2:
+            continue
+        n_test = max(1, round(fraction * len(client.train)))
+        order = rng.permutation(len(client.train))
+        dataset.clients[i] = ClientData(
+            client.client_id,
+            client.name,
+            client.train.subset(np.sort(order[n_test:])),
+            client.train.subset(np.sort(order[:n_test])),
+        )

@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedloom import __version__
 from fedloom.client.trainer import LocalTrainer
 from fedloom.config import RunConfig, config_from_dict
 from fedloom.data import build_federated_dataset
-from fedloom.data.base import ClientData, FederatedDataset
+from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.messages import FitTask
+from fedloom.seeding import EVAL_SUBSET, derive_rng
 from fedloom.server.loop import ClientExecutor, FederatedServer
 from fedloom.server.metrics import run_metrics
 from fedloom.store import RunStore
@@ -36,6 +38,8 @@ def make_executor(cfg: RunConfig, trainer: LocalTrainer) -> ClientExecutor:
         return ProcessPoolExecutor(
             cfg, trainer.data.client_sizes().tolist(), workers=cfg.engine.workers
         )
+    if cfg.engine.torch_threads is not None:
+        torch.set_num_threads(cfg.engine.torch_threads)
     return InProcessExecutor(trainer)
 
 
@@ -59,6 +63,7 @@ def run_simulation(
         store = RunStore.create(out_dir, cfg.to_dict(), __version__)
         _write_data_summary(data, out_dir)
     trainer = LocalTrainer(cfg, data)
+    test_set = central_test_set(data, cfg)
     started = time.perf_counter()
     wall_before = float(store.get_meta("wall_s", 0.0))
     executor = make_executor(cfg, trainer)
@@ -68,7 +73,7 @@ def run_simulation(
             executor=executor,
             initial_weights=trainer.initial_vector(),
             num_clients=data.num_clients,
-            central_evaluator=lambda v: trainer.evaluate(data.test, v, cfg.eval.batch_size),
+            central_evaluator=lambda v: trainer.evaluate(test_set, v, cfg.eval.batch_size),
             eval_clients=[c.client_id for c in data.clients if c.test is not None and len(c.test)],
             store=store,
         )
@@ -86,6 +91,15 @@ def run_simulation(
     summary = write_outputs(store, out_dir, cfg, data.num_clients, server.state.participation)
     store.close()
     return summary
+
+
+def central_test_set(data: FederatedDataset, cfg: RunConfig) -> ArrayDataset:
+    """The server's test set, or a fixed random subset of ``eval.max_examples`` of it."""
+    limit = cfg.eval.max_examples
+    if limit is None or len(data.test) <= limit:
+        return data.test
+    index = np.sort(derive_rng(cfg.seed, EVAL_SUBSET).choice(len(data.test), limit, replace=False))
+    return data.test.subset(index)
 
 
 def write_outputs(
@@ -168,7 +182,9 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     w0 = trainer.initial_vector()
     result = trainer.fit(FitTask(0, 1), w0)
     assert result.delta is not None
-    loss, acc = trainer.evaluate(data.test, w0 + result.delta, cfg.eval.batch_size)
+    loss, acc = trainer.evaluate(
+        central_test_set(data, cfg), w0 + result.delta, cfg.eval.batch_size
+    )
     return {
         "accuracy": acc,
         "loss": loss,

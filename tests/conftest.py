@@ -1,0 +1,22 @@
+"""Shared test settings.
+
+One torch thread per process: the suite runs on 2-core CI machines next to pool-engine
+worker processes, and oversubscribed OpenMP threads spin instead of working.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` beside the project; tests that need it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data directory {SHARED_DATA} is absent")
+    return SHARED_DATA

@@ -1,0 +1,35 @@
+"""Every example config validates and runs a short job; the digits example is the default."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedloom.config import load_config
+from fedloom.engine.simulation import run_simulation
+
+from .conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+NEEDS_SHARED = {"mnist_shards.toml", "shakespeare.toml"}
+
+
+def test_digits_example_is_the_embedded_default() -> None:
+    assert load_config(ROOT / "examples" / "digits.toml") == load_config(None)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_runs_two_rounds(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if path.name in NEEDS_SHARED and not SHARED_DATA.is_dir():
+        pytest.skip(f"{path.name} needs {SHARED_DATA}")
+    monkeypatch.chdir(ROOT)  # example data paths are relative to the repository root
+    cfg = load_config(path, ["rounds=2", "client.epochs=1"])
+    if cfg.client.steps is not None:
+        cfg.client.steps = 2
+    summary = run_simulation(cfg, tmp_path / "run")
+    assert summary["rounds_completed"] == 2
+    assert summary["final"]["accuracy"] is not None
+    assert os.path.exists(tmp_path / "run" / "accuracy.png")
