@@ -17,7 +17,9 @@ install: $(STAMP)
 
 ## Run the default federated job (digits, 20 non-IID clients, FedAvg, 30 rounds).
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(BIN)/fedloom run --out runs/demo
+	$(BIN)/fedloom centralized --out runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

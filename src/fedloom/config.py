@@ -113,13 +113,15 @@ class EvalConfig(_Section):
 class EngineConfig(_Section):
     """Where clients run. ``workers = 0`` means one per CPU core.
 
-    ``torch_threads`` unset means one intra-op thread per pool worker (parallelism comes
-    from the processes) and torch's own default for the in-process engine.
+    ``torch_threads`` is the intra-op thread count of each process that trains. One is
+    the default: simulated clients are small, parallelism comes from pool processes,
+    and several spinning OpenMP threads on a busy machine slow training down by an
+    order of magnitude. Raise it for large models on the in-process engine.
     """
 
     name: Literal["inprocess", "pool"] = "inprocess"
     workers: int = Field(0, ge=0)
-    torch_threads: int | None = Field(None, ge=1)
+    torch_threads: int = Field(1, ge=1)
 
 
 STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {

@@ -44,7 +44,7 @@ def _worker_main(conn: Connection, cfg_json: str) -> None:
         from fedloom.data import build_federated_dataset
 
         cfg = config_from_json(cfg_json)
-        torch.set_num_threads(cfg.engine.torch_threads or 1)
+        torch.set_num_threads(cfg.engine.torch_threads)
         trainer = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
         size = trainer.num_parameters
     except Exception:

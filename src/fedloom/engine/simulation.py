@@ -34,12 +34,11 @@ RoundCallback = Callable[[dict[str, Any]], None]
 
 
 def make_executor(cfg: RunConfig, trainer: LocalTrainer) -> ClientExecutor:
+    torch.set_num_threads(cfg.engine.torch_threads)
     if cfg.engine.name == "pool":
         return ProcessPoolExecutor(
             cfg, trainer.data.client_sizes().tolist(), workers=cfg.engine.workers
         )
-    if cfg.engine.torch_threads is not None:
-        torch.set_num_threads(cfg.engine.torch_threads)
     return InProcessExecutor(trainer)
 
 
@@ -161,6 +160,7 @@ def centralized_epochs(cfg: RunConfig) -> int:
 
 def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     """Train the same model on all clients' data pooled together, with the same budget."""
+    torch.set_num_threads(cfg.engine.torch_threads)
     data = build_federated_dataset(cfg.data, cfg.seed)
     pooled = FederatedDataset(
         name=data.name,
