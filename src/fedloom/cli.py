@@ -103,14 +103,22 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         out_dir = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with _progress(console) as progress:
-        summary = run_simulation(
-            cfg,
-            out_dir,
-            resume=args.resume is not None,
-            on_start=progress.start,
-            on_round=progress.update,
+    try:
+        with _progress(console) as progress:
+            summary = run_simulation(
+                cfg,
+                out_dir,
+                resume=args.resume is not None,
+                on_start=progress.start,
+                on_round=progress.update,
+            )
+    except KeyboardInterrupt:
+        print(
+            f"fedloom: interrupted; completed rounds are kept. Continue with: "
+            f"fedloom run --resume {out_dir}",
+            file=sys.stderr,
         )
+        return 130
     console.print(summary_table(summary))
     console.print(f"run directory: {out_dir}")
     return 0

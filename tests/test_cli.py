@@ -1,0 +1,101 @@
+"""The `fedloom` command end to end: run, resume, centralized baseline, report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedloom.cli import main
+
+FAST = ["--set", "rounds=3", "--set", "client.epochs=1", "--set", "data.num_clients=5"]
+
+
+def test_run_report_and_centralized(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["run", *FAST, "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "Rounds completed" in out and str(run) in out
+
+    assert main(["centralized", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "centralized accuracy" in out and "gap to centralized" in out
+    summary = json.loads((run / "summary.json").read_text())
+    metrics = summary["metrics"]
+    assert (
+        metrics["centralized_accuracy"]
+        == json.loads((run / "centralized.json").read_text())["accuracy"]
+    )
+    assert metrics["accuracy_gap"] == pytest.approx(
+        metrics["centralized_accuracy"] - summary["final"]["accuracy"]
+    )
+
+    (run / "accuracy.png").unlink()
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert (run / "accuracy.png").exists() and "Gap to centralized" in out
+
+
+def test_refuses_to_overwrite_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["run", *FAST, "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["run", *FAST, "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume" in err
+
+
+def test_resume_rejects_config_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--resume", str(tmp_path), "--set", "rounds=3"]) == 2
+    assert "--resume continues a run" in capsys.readouterr().err
+
+
+def test_sigint_then_resume_in_real_processes(tmp_path: Path) -> None:
+    """Interrupt a real `fedloom run` mid-run, then resume it to the same rounds."""
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedloom.cli",
+        "run",
+        "--set",
+        "rounds=40",
+        "--set",
+        "data.num_clients=5",
+        "--out",
+        str(run),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and not list(
+            (run / "checkpoints").glob("*.safetensors") if (run / "checkpoints").exists() else []
+        ):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == 130 and "fedloom run --resume" in err and "Traceback" not in err
+    done = subprocess.run(
+        [sys.executable, "-m", "fedloom.cli", "run", "--resume", str(run)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    history = json.loads((run / "summary.json").read_text())["history"]
+    assert [r["round"] for r in history] == list(range(1, 41))
