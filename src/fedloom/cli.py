@@ -33,6 +33,7 @@ from fedloom.data.base import FederatedDataset
 from fedloom.store import RunStore, RunStoreError
 
 EXIT_USER_ERROR = 2
+DEPLOY_COMMANDS = ("server", "client", "certs", "token")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +57,44 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="re-draw plots and print the tables of a run")
     report.add_argument("run_dir", type=Path)
+
+    server = sub.add_parser("server", help="serve an experiment to real client processes")
+    _add_config_args(server)
+    server.add_argument("--address", default="127.0.0.1:8443", help="HOST:PORT (port 0: any free)")
+    server.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
+    server.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    server.add_argument("--client-ca", type=Path, help="require client certificates from this CA")
+    server.add_argument("--tokens", type=Path, help="hashed bearer tokens (see 'fedloom token')")
+    server.add_argument("--insecure", action="store_true", help="allow plaintext off loopback")
+    server.add_argument("--out", type=Path, help="run directory (default: runs/NAME-TIMESTAMP)")
+    server.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    server.add_argument("-v", "--verbose", action="store_true", help="log every round")
+
+    client = sub.add_parser("client", help="train on this machine's data for a fedloom server")
+    client.add_argument("--server", required=True, help="HOST:PORT of the fedloom server")
+    client.add_argument("--root-cert", type=Path, help="CA certificate that signed the server's")
+    client.add_argument("--token", help="bearer token (or set FEDLOOM_TOKEN)")
+    client.add_argument("--cert", type=Path, help="client certificate for mutual TLS")
+    client.add_argument("--key", type=Path, help="client private key for mutual TLS")
+    client.add_argument("--insecure", action="store_true", help="plaintext (loopback trials)")
+    client.add_argument(
+        "--partition",
+        type=int,
+        default=-1,
+        help="train on partition K of the experiment's built-in data (trials)",
+    )
+    client.add_argument("--name", default="client", help="a label for the server's logs")
+    client.add_argument("--max-wait", type=float, default=300.0, help="give up after S seconds")
+    client.add_argument("-v", "--verbose", action="store_true")
+
+    certs = sub.add_parser("certs", help="make a development CA, server and client certificates")
+    certs.add_argument("out_dir", type=Path)
+    certs.add_argument("--hosts", default="localhost,127.0.0.1", help="server names/IPs")
+    certs.add_argument("--clients", default="client-0,client-1,client-2", help="client names")
+
+    token = sub.add_parser("token", help="create a client token and store its hash")
+    token.add_argument("name")
+    token.add_argument("--tokens", type=Path, required=True, help="the server's tokens file")
     return parser
 
 
@@ -83,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args, console)
         if args.command == "centralized":
             return _cmd_centralized(args, console)
+        if args.command in DEPLOY_COMMANDS:
+            from fedloom.cli_deploy import run_deploy_command
+
+            return run_deploy_command(args, console)
         return _cmd_report(args, console)
     except (ConfigError, RunStoreError) as err:
         print(f"fedloom: error: {err}", file=sys.stderr)

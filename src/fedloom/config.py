@@ -124,6 +124,18 @@ class EngineConfig(_Section):
     torch_threads: int = Field(1, ge=1)
 
 
+class DeployConfig(_Section):
+    """Limits of a real deployment (``fedloom server``); ignored in simulation."""
+
+    round_timeout_s: float = Field(600.0, gt=0.0)
+    heartbeat_interval_s: float = Field(1.0, gt=0.0)
+    heartbeat_timeout_s: float = Field(10.0, gt=0.0)
+    poll_timeout_s: float = Field(5.0, gt=0.0)
+    chunk_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    wait_for_clients_s: float = Field(300.0, gt=0.0)
+    max_workers: int = Field(256, ge=4)
+
+
 STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
     # McMahan et al. 2017: weighted mean, plain server step with lr 1. FedAvg as published
     # drops devices that do not finish E epochs (Li et al. 2020, Section 5.2).
@@ -159,6 +171,7 @@ class RunConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> RunConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,12 @@ class InProcessExecutor:
         return [
             run_safely(partial(self.trainer.evaluate_client, t, global_vector), t) for t in tasks
         ]
+
+    def available_clients(self) -> None:
+        return None
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         return None

@@ -213,6 +213,12 @@ class ProcessPoolExecutor:
     def _alive(self) -> list[_Worker]:
         return [w for w in self.workers if w.alive]
 
+    def available_clients(self) -> None:
+        return None
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {}
+
     def close(self) -> None:
         for w in self.workers:
             if w.alive:

@@ -42,6 +42,9 @@ def make_executor(cfg: RunConfig, trainer: LocalTrainer) -> ClientExecutor:
     return InProcessExecutor(trainer)
 
 
+ExecutorFactory = Callable[[RunConfig, LocalTrainer], ClientExecutor]
+
+
 def run_simulation(
     cfg: RunConfig,
     out_dir: Path,
@@ -54,6 +57,22 @@ def run_simulation(
     With ``resume=True`` the configuration stored in ``out_dir`` is used, rounds after
     the last checkpoint are discarded, and training continues from that checkpoint.
     """
+    return run_federation(cfg, out_dir, make_executor, resume, on_start, on_round)
+
+
+def run_federation(
+    cfg: RunConfig,
+    out_dir: Path,
+    executor_factory: ExecutorFactory,
+    resume: bool = False,
+    on_start: Callable[[RunConfig, FederatedDataset, int], None] | None = None,
+    on_round: RoundCallback | None = None,
+) -> dict[str, Any]:
+    """The run every runtime shares: store, server state, rounds, outputs.
+
+    Only ``executor_factory`` differs between runtimes (in-process, pool, gRPC
+    deployment), which is what makes their results comparable.
+    """
     store = RunStore.open(out_dir) if resume else None
     if store is not None:
         cfg = config_from_dict(store.config())
@@ -65,7 +84,7 @@ def run_simulation(
     test_set = central_test_set(data, cfg)
     started = time.perf_counter()
     wall_before = float(store.get_meta("wall_s", 0.0))
-    executor = make_executor(cfg, trainer)
+    executor = executor_factory(cfg, trainer)
     try:
         server = FederatedServer(
             cfg,

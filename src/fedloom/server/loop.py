@@ -40,6 +40,14 @@ class ClientExecutor(Protocol):
         self, tasks: Sequence[EvalTask], global_vector: np.ndarray
     ) -> list[EvalResult | ClientFailure]: ...
 
+    def available_clients(self) -> Sequence[int] | None:
+        """Client ids that can be sampled now, or None when every client always can."""
+        ...
+
+    def round_metrics(self) -> dict[str, Any]:
+        """Engine-specific counters for the round record (e.g. rejected messages)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -116,12 +124,7 @@ class FederatedServer:
     def run_round(self, rnd: int) -> dict[str, Any]:
         cfg, state = self.cfg, self.state
         started = time.perf_counter()
-        sampled = sample_clients(
-            self.num_clients,
-            cfg.server.fraction_fit,
-            cfg.server.min_fit_clients,
-            derive_rng(cfg.seed, SAMPLING, rnd),
-        )
+        sampled = self._sample(rnd)
         tasks = [FitTask(int(c), rnd, cfg.server.drop_stragglers) for c in sampled]
         outcomes = self.executor.fit(tasks, state.weights)
 
@@ -178,6 +181,7 @@ class FederatedServer:
             "bytes_up": sum(encoded_nbytes(u.delta) for u in updates if u.delta is not None),
             "epsilon": None,
         }
+        record.update(self.executor.round_metrics())
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             record.update(self._evaluate(rnd))
         record["round_s"] = time.perf_counter() - started
@@ -188,6 +192,25 @@ class FederatedServer:
             if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
                 self.store.save_checkpoint(state.checkpoint(cfg.seed))
         return record
+
+    def _sample(self, rnd: int) -> np.ndarray:
+        """Sample among the clients the engine can reach (all of them in simulation).
+
+        When every client is available the draw is identical to sampling from
+        ``range(num_clients)``, so a deployment samples exactly as the simulation does.
+        """
+        cfg = self.cfg
+        available = self.executor.available_clients()
+        pool = np.arange(self.num_clients) if available is None else np.asarray(available)
+        if len(pool) == 0:
+            return np.zeros(0, dtype=np.int64)
+        index = sample_clients(
+            len(pool),
+            cfg.server.fraction_fit,
+            cfg.server.min_fit_clients,
+            derive_rng(cfg.seed, SAMPLING, rnd),
+        )
+        return pool[index].astype(np.int64)
 
     def _evaluate(self, rnd: int) -> dict[str, Any]:
         out: dict[str, Any] = {}

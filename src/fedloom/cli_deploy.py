@@ -1,0 +1,149 @@
+"""The deployment half of the ``fedloom`` command: server, client, certs, token.
+
+Kept apart from :mod:`fedloom.cli` so the simulation commands never import gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from fedloom.config import ConfigError, load_config
+
+EXIT_USER_ERROR = 2
+
+
+def run_deploy_command(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "server":
+        return _cmd_server(args, console)
+    if args.command == "client":
+        return _cmd_client(args)
+    if args.command == "certs":
+        return _cmd_certs(args, console)
+    return _cmd_token(args)
+
+
+def _cmd_server(args: argparse.Namespace, console: Console) -> int:
+    from fedloom.engine.deploy import ServerSecurity, run_server
+    from fedloom.engine.grpc.auth import TokenFileError
+    from fedloom.report import summary_table
+
+    if args.resume is not None:
+        if args.config is not None or args.overrides or args.out is not None:
+            raise ConfigError(
+                "--resume continues a run with its stored config; drop CONFIG, --set and --out"
+            )
+        cfg = load_config(None)
+        out_dir: Path = args.resume
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out_dir = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sec = ServerSecurity(args.tls_cert, args.tls_key, args.client_ca, args.tokens, args.insecure)
+    host = args.address.rsplit(":", 1)[0]
+
+    def listening(port: int) -> None:
+        print(f"fedloom server listening on {host}:{port}", flush=True)
+
+    def round_done(record: dict[str, object]) -> None:
+        acc = record.get("accuracy")
+        acc_text = f"accuracy {acc:.4f}" if isinstance(acc, float) else "accuracy —"
+        print(
+            f"round {record['round']}: {acc_text}, clients "
+            f"{record['clients_succeeded']}/{record['clients_sampled']}, "
+            f"rejected messages {record.get('rejected_messages', 0)}",
+            flush=True,
+        )
+
+    try:
+        summary = run_server(
+            cfg,
+            out_dir,
+            args.address,
+            sec,
+            resume=args.resume is not None,
+            on_round=round_done,
+            on_listening=listening,
+        )
+    except TokenFileError as err:
+        raise ConfigError(str(err)) from None
+    except TimeoutError as err:
+        print(f"fedloom: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        print(f"fedloom: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(
+            f"fedloom: interrupted; completed rounds are kept. Continue with: "
+            f"fedloom server --resume {out_dir} --address {args.address} ...",
+            file=sys.stderr,
+        )
+        return 130
+    console.print(summary_table(summary))
+    console.print(f"run directory: {out_dir}")
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from fedloom.engine.grpc.client import BuiltinApp, ClientRefusedError, Credentials, run_client
+
+    if args.partition < 0:
+        raise ConfigError("pass --partition K to train on partition K of the experiment's data")
+    if (args.cert is None) != (args.key is None):
+        raise ConfigError("--cert and --key go together; pass both")
+    for path in (args.root_cert, args.cert, args.key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"file '{path}' does not exist; check the path")
+    token = args.token or os.environ.get("FEDLOOM_TOKEN", "")
+    creds = Credentials(args.root_cert, args.cert, args.key, token, args.insecure)
+    if not args.insecure and args.root_cert is None:
+        logging.getLogger("fedloom.client").info("verifying the server against system CAs")
+    stop = threading.Event()
+    try:
+        done = run_client(
+            args.server,
+            BuiltinApp,
+            creds,
+            partition=args.partition,
+            name=args.name,
+            max_wait_s=args.max_wait,
+            stop=stop,
+        )
+    except ClientRefusedError as err:
+        print(f"fedloom: refused by the server: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ConnectionError as err:
+        print(f"fedloom: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        stop.set()
+        return 130
+    print(f"run over; this client completed {done} tasks", flush=True)
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace, console: Console) -> int:
+    from fedloom.engine.grpc.certs import make_dev_certs
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    for path in make_dev_certs(args.out_dir, hosts, clients):
+        console.print(str(path))
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from fedloom.engine.grpc.auth import TokenFileError, add_token
+
+    try:
+        print(add_token(args.tokens, args.name))
+    except TokenFileError as err:
+        raise ConfigError(str(err)) from None
+    return 0

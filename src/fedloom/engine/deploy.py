@@ -1,0 +1,154 @@
+"""``fedloom server``: the same run as the simulation, with clients in other processes.
+
+The run itself (store, rounds, checkpoints, resume, outputs) is
+:func:`fedloom.engine.simulation.run_federation`; this module only supplies the
+executor: a gRPC service that connected clients pull tasks from.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedloom.client.trainer import LocalTrainer
+from fedloom.config import ConfigError, RunConfig
+from fedloom.engine.grpc.auth import TokenStore
+from fedloom.engine.grpc.server import (
+    DeployOptions,
+    FederationServicer,
+    GrpcExecutor,
+    Registry,
+    start_grpc_server,
+)
+from fedloom.engine.simulation import RoundCallback, run_federation
+from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+
+log = logging.getLogger("fedloom.deploy")
+
+
+@dataclass
+class ServerSecurity:
+    """TLS material and client authentication for ``fedloom server``."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    tokens: Path | None = None
+    insecure: bool = False
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+
+
+def server_credentials(address: str, sec: ServerSecurity) -> grpc.ServerCredentials | None:
+    """TLS unless explicitly insecure; plaintext is allowed silently only on loopback."""
+    if sec.tls_cert is None and sec.tls_key is None:
+        if sec.insecure or is_loopback(address):
+            if not is_loopback(address):
+                log.warning("serving PLAINTEXT on %s (--insecure)", address)
+            return None
+        raise ConfigError(
+            f"address {address} is not loopback: pass --tls-cert and --tls-key "
+            "(make them with 'fedloom certs DIR'), or --insecure to serve plaintext"
+        )
+    if sec.tls_cert is None or sec.tls_key is None:
+        raise ConfigError("--tls-cert and --tls-key go together; pass both")
+    for path in (sec.tls_cert, sec.tls_key, sec.client_ca):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"TLS file '{path}' does not exist; check the path")
+    assert sec.tls_cert is not None and sec.tls_key is not None
+    return grpc.ssl_server_credentials(
+        [(sec.tls_key.read_bytes(), sec.tls_cert.read_bytes())],
+        root_certificates=sec.client_ca.read_bytes() if sec.client_ca else None,
+        require_client_auth=sec.client_ca is not None,
+    )
+
+
+class DeploymentExecutor:
+    """Owns the gRPC server for the duration of the run; delegates to :class:`GrpcExecutor`."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        trainer: LocalTrainer,
+        address: str,
+        sec: ServerSecurity,
+        on_listening: Callable[[int], None] | None = None,
+    ) -> None:
+        d = cfg.deploy
+        self.options = DeployOptions(
+            round_timeout_s=d.round_timeout_s,
+            heartbeat_interval_s=d.heartbeat_interval_s,
+            heartbeat_timeout_s=d.heartbeat_timeout_s,
+            poll_timeout_s=d.poll_timeout_s,
+            chunk_bytes=d.chunk_bytes,
+            wait_for_clients_s=d.wait_for_clients_s,
+        )
+        self.min_clients = cfg.server.min_fit_clients
+        self.registry = Registry(
+            trainer.data.num_clients, trainer.num_parameters, cfg.model_dump_json()
+        )
+        tokens = TokenStore(sec.tokens) if sec.tokens is not None else None
+        servicer = FederationServicer(self.registry, self.options, tokens)
+        self.server, self.port = start_grpc_server(
+            servicer,
+            address,
+            server_credentials(address, sec),
+            max_workers=d.max_workers,
+            max_message_bytes=max(8 << 20, 2 * d.chunk_bytes),
+        )
+        log.info("listening on port %d", self.port)
+        if on_listening is not None:
+            on_listening(self.port)
+        self.inner = GrpcExecutor(self.registry, self.options)
+
+    def available_clients(self) -> Sequence[int]:
+        self.inner.wait_for_clients(self.min_clients)
+        return self.inner.available_clients()
+
+    def fit(
+        self, tasks: Sequence[FitTask], global_vector: np.ndarray
+    ) -> list[FitResult | ClientFailure]:
+        return self.inner.fit(tasks, global_vector)
+
+    def evaluate(
+        self, tasks: Sequence[EvalTask], global_vector: np.ndarray
+    ) -> list[EvalResult | ClientFailure]:
+        return self.inner.evaluate(tasks, global_vector)
+
+    def round_metrics(self) -> dict[str, Any]:
+        return self.inner.round_metrics()
+
+    def close(self) -> None:
+        """Tell every client the run is over (their next poll), then stop serving."""
+        self.inner.close()
+        deadline = time.monotonic() + self.options.poll_timeout_s + 2.0
+        while time.monotonic() < deadline and not self.registry.all_told_to_stop():
+            time.sleep(0.05)
+        self.server.stop(grace=2.0).wait(5.0)
+
+
+def run_server(
+    cfg: RunConfig,
+    out_dir: Path,
+    address: str,
+    sec: ServerSecurity,
+    resume: bool = False,
+    on_round: RoundCallback | None = None,
+    on_listening: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Serve the experiment to connecting clients until its last round; write the run dir."""
+
+    def factory(run_cfg: RunConfig, trainer: LocalTrainer) -> DeploymentExecutor:
+        return DeploymentExecutor(run_cfg, trainer, address, sec, on_listening)
+
+    return run_federation(cfg, out_dir, factory, resume=resume, on_round=on_round)

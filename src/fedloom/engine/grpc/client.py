@@ -1,0 +1,349 @@
+"""The deployment client: register, pull tasks, train locally, push results, keep alive.
+
+A client process reads only its own data. It learns the experiment (model, local
+training settings, seed) from the server at registration, so the same config drives
+simulation and deployment. It survives server restarts and network faults by
+re-registering with exponential backoff and jitter.
+
+Bring-your-own-model users implement :class:`ClientApp` (two methods) and call
+:func:`run_client` with a factory for it; the built-in models use :class:`BuiltinApp`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from fedloom.config import RunConfig, config_from_json
+from fedloom.engine.grpc import PROTOCOL_VERSION
+from fedloom.engine.grpc import fedloom_pb2 as pb
+from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
+from fedloom.params import WIRE_DTYPE, encode_vector
+
+log = logging.getLogger("fedloom.client")
+
+
+class ClientApp(Protocol):
+    """What a deployment client runs. ``delta`` in a FitResult is ``w_local - w_global``.
+
+    ``fit`` gets the round's global vector (float32, the server's ParamSpec order) and
+    returns the update and the number of examples it trained on; ``evaluate`` scores the
+    global vector on the client's local test data. Exceptions are reported to the
+    server with their traceback and the client keeps serving.
+    """
+
+    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult: ...
+
+    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult: ...
+
+
+AppFactory = Callable[[RunConfig, int], ClientApp]
+
+
+class ClientRefusedError(Exception):
+    """The server refused this client; the message is the server's one-line reason."""
+
+
+@dataclass
+class Credentials:
+    """How to reach the server: TLS roots, optional client certificate, optional token."""
+
+    root_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    token: str = ""
+    insecure: bool = False
+
+    def channel(self, address: str, max_message_bytes: int) -> grpc.Channel:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if self.insecure:
+            return grpc.insecure_channel(address, options=options)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.root_cert.read_bytes() if self.root_cert else None,
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        )
+        return grpc.secure_channel(address, creds, options=options)
+
+
+class Backoff:
+    """Exponential backoff with full jitter (the AWS architecture blog's scheme)."""
+
+    def __init__(self, initial_s: float = 0.2, max_s: float = 10.0) -> None:
+        self.initial_s, self.max_s = initial_s, max_s
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        cap = min(self.max_s, self.initial_s * (2**self.attempt))
+        self.attempt += 1
+        return random.uniform(0.0, cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class _Stub:
+    def __init__(self, channel: grpc.Channel) -> None:
+        ident: Callable[[bytes], bytes] = _identity
+        base = "/fedloom.v1.Federation/"
+        self.register = channel.unary_unary(base + "Register", ident, ident)
+        self.heartbeat = channel.unary_unary(base + "Heartbeat", ident, ident)
+        self.pull = channel.unary_stream(base + "PullTask", ident, ident)
+        self.push = channel.stream_unary(base + "PushResult", ident, ident)
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def run_client(
+    address: str,
+    make_app: AppFactory,
+    credentials: Credentials,
+    partition: int = -1,
+    name: str = "client",
+    num_examples: int = 0,
+    max_wait_s: float = 300.0,
+    chunk_bytes: int = 1 << 20,
+    stop: threading.Event | None = None,
+) -> int:
+    """Serve tasks until the server says the run is over; return the number of tasks done.
+
+    Raises :class:`ClientRefusedError` if the server refuses the registration, and
+    ``ConnectionError`` when the server stays unreachable for ``max_wait_s``.
+    """
+    stop = stop or threading.Event()
+    backoff = Backoff()
+    unreachable_since: float | None = None
+    app: ClientApp | None = None
+    app_key = ""
+    done = 0
+    max_msg = max(8 << 20, 2 * chunk_bytes)
+    while not stop.is_set():
+        channel = credentials.channel(address, max_msg)
+        stub = _Stub(channel)
+        try:
+            reply = pb.RegisterReply.FromString(
+                stub.register(
+                    pb.RegisterRequest(
+                        protocol_version=PROTOCOL_VERSION,
+                        token=credentials.token,
+                        partition=partition,
+                        name=name,
+                        num_examples=num_examples,
+                    ).SerializeToString(),
+                    timeout=15,
+                )
+            )
+            if not reply.accepted:
+                raise ClientRefusedError(reply.reason)
+            unreachable_since = None
+            backoff.reset()
+            if app is None or app_key != reply.config_json + str(reply.client_id):
+                app = make_app(config_from_json(reply.config_json), int(reply.client_id))
+                app_key = reply.config_json + str(reply.client_id)
+            log.info("registered as client %d", reply.client_id)
+            served, finished = _serve_session(stub, reply, app, chunk_bytes, stop)
+            done += served
+            if finished:
+                return done
+        except _BadTaskError as err:
+            log.warning("malformed task from the server (%s); registering again", err)
+            stop.wait(backoff.next_delay())
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise ClientRefusedError(str(err.details())) from None
+            if code == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(err):
+                raise ClientRefusedError(
+                    "TLS handshake failed: the server's certificate is not trusted by "
+                    "--root-cert (or the server refused this client's certificate)"
+                ) from None
+            now = time.monotonic()
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since > max_wait_s:
+                raise ConnectionError(
+                    f"server {address} unreachable for {max_wait_s:.0f} s ({code.name}); "
+                    "check the address and that the server is running"
+                ) from None
+            delay = backoff.next_delay()
+            log.info("server unavailable (%s); retrying in %.2f s", code.name, delay)
+            stop.wait(delay)
+        finally:
+            channel.close()
+    return done
+
+
+def _is_tls_failure(err: grpc.RpcError) -> bool:
+    text = str(err.details()).lower()
+    return "ssl" in text or "handshake" in text or "certificate" in text
+
+
+class _BadTaskError(Exception):
+    """The server sent a task this client cannot parse."""
+
+
+def _serve_session(
+    stub: _Stub, reply: pb.RegisterReply, app: ClientApp, chunk_bytes: int, stop: threading.Event
+) -> tuple[int, bool]:
+    """Pull and run tasks for one session: (tasks done, whether the run is over).
+
+    Returns early, run not over, when the server forgets the session (a restart), so
+    the caller registers again. Network faults propagate as ``grpc.RpcError``.
+    """
+    session = reply.session_id
+    alive = threading.Event()
+    beat = threading.Thread(
+        target=_heartbeat_loop,
+        args=(stub, session, reply.heartbeat_interval_s, alive),
+        daemon=True,
+    )
+    beat.start()
+    done = 0
+    try:
+        while not stop.is_set() and not alive.is_set():
+            header, vector = _pull(stub, session, int(reply.vector_size))
+            if header.kind == pb.TASK_IDLE:
+                continue
+            if header.kind == pb.TASK_STOP:
+                log.info("the server ended the run")
+                return done, True
+            assert vector is not None
+            _push(stub, session, header, _run_task(app, header, vector), chunk_bytes)
+            done += 1
+        return done, False
+    finally:
+        alive.set()
+
+
+def _heartbeat_loop(stub: _Stub, session: str, interval: float, ended: threading.Event) -> None:
+    while not ended.wait(interval):
+        try:
+            reply = pb.HeartbeatReply.FromString(
+                stub.heartbeat(
+                    pb.HeartbeatRequest(session_id=session).SerializeToString(), timeout=5
+                )
+            )
+            if not reply.known:
+                ended.set()  # the server forgot us (restart): register again
+        except grpc.RpcError:
+            continue
+
+
+def _pull(stub: _Stub, session: str, size: int) -> tuple[pb.TaskHeader, np.ndarray | None]:
+    stream: Iterator[bytes] = stub.pull(
+        pb.PullRequest(session_id=session).SerializeToString(), timeout=120
+    )
+    header: pb.TaskHeader | None = None
+    buf = bytearray()
+    for raw in stream:
+        try:
+            msg = pb.TaskMessage.FromString(raw)
+        except DecodeError as err:
+            raise _BadTaskError("unparseable task message") from err
+        if msg.WhichOneof("part") == "header":
+            header = msg.header
+        else:
+            buf += msg.chunk
+    if header is None:
+        raise _BadTaskError("task stream without a header")
+    if header.kind not in (pb.TASK_FIT, pb.TASK_EVALUATE):
+        return header, None
+    if header.vector_size != size or len(buf) != size * WIRE_DTYPE.itemsize:
+        raise _BadTaskError(
+            f"task vector has {len(buf)} bytes, expected {size * WIRE_DTYPE.itemsize}"
+        )
+    return header, np.frombuffer(bytes(buf), dtype=WIRE_DTYPE).astype(np.float32)
+
+
+def _run_task(
+    app: ClientApp, header: pb.TaskHeader, vector: np.ndarray
+) -> tuple[pb.ResultHeader, bytes]:
+    """Run one task; a failure becomes an error header carrying the traceback."""
+    head = pb.ResultHeader(task_id=header.task_id, round=header.round)
+    try:
+        if header.kind == pb.TASK_FIT:
+            task = FitTask(int(header.client_id), int(header.round), header.drop_stragglers)
+            res = app.fit(task, vector)
+            head.num_examples = res.num_examples
+            head.straggler = res.straggler
+            head.metrics_json = json.dumps(res.metrics)
+            if res.delta is None:
+                head.straggler = True
+                return head, b""
+            head.has_vector = True
+            head.vector_size = int(res.delta.size)
+            return head, encode_vector(res.delta)
+        ev = app.evaluate(EvalTask(int(header.client_id), int(header.round)), vector)
+        head.num_examples = ev.num_examples
+        head.metrics_json = json.dumps({"loss": ev.loss, "accuracy": ev.accuracy})
+        return head, b""
+    except Exception as exc:  # reported to the server, never raised
+        log.exception("task %s failed", header.task_id)
+        failed = pb.ResultHeader(task_id=header.task_id, round=header.round)
+        failed.error = f"{type(exc).__name__}: {exc}"
+        failed.metrics_json = json.dumps({"traceback": traceback.format_exc()})
+        return failed, b""
+
+
+def _push(
+    stub: _Stub,
+    session: str,
+    header: pb.TaskHeader,
+    result: tuple[pb.ResultHeader, bytes],
+    chunk_bytes: int,
+) -> None:
+    head, payload = result
+    head.session_id = session
+
+    def messages() -> Iterator[bytes]:
+        yield pb.ResultMessage(header=head).SerializeToString()
+        view = memoryview(payload)
+        for start in range(0, len(view), chunk_bytes):
+            yield pb.ResultMessage(
+                chunk=bytes(view[start : start + chunk_bytes])
+            ).SerializeToString()
+
+    reply = pb.PushReply.FromString(stub.push(messages(), timeout=max(60.0, header.deadline_s)))
+    if not reply.accepted:
+        log.warning("server rejected the result of task %s: %s", header.task_id, reply.reason)
+
+
+class BuiltinApp:
+    """A client of a built-in data set: the partition ``client_id`` of the config's data."""
+
+    def __init__(self, cfg: RunConfig, client_id: int) -> None:
+        import torch
+
+        from fedloom.client.trainer import LocalTrainer
+        from fedloom.data import build_federated_dataset
+
+        torch.set_num_threads(cfg.engine.torch_threads)
+        data = build_federated_dataset(cfg.data, cfg.seed)
+        if not 0 <= client_id < data.num_clients:
+            raise ClientRefusedError(
+                f"partition {client_id} does not exist (0..{data.num_clients - 1})"
+            )
+        self.trainer = LocalTrainer(cfg, data)
+        self.client_id = client_id
+
+    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
+        return self.trainer.fit(task, global_vector)
+
+    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
+        return self.trainer.evaluate_client(task, global_vector)

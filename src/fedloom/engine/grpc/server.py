@@ -1,0 +1,536 @@
+"""The deployment server: gRPC service, client sessions, and the executor the round loop uses.
+
+The round loop (:class:`fedloom.server.loop.FederatedServer`) is the same one the
+simulation uses; :class:`GrpcExecutor` is just another :class:`ClientExecutor`. It puts
+tasks in the queues of connected clients' sessions, and waits for results until the
+round deadline. Clients pull tasks (long poll) and push results, so the server never
+dials out and clients behind NAT work.
+
+Everything that arrives is untrusted. Handlers receive raw bytes and parse them
+themselves, so a malformed message is *our* rejection (logged and counted by reason)
+rather than an opaque gRPC error; vectors are length-checked and must be finite; a
+result must match a task that is open, assigned to the sender's session, and not yet
+answered. Every rejection leaves the round and the other results untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from fedloom.engine.grpc import PROTOCOL_VERSION
+from fedloom.engine.grpc import fedloom_pb2 as pb
+from fedloom.engine.grpc.auth import TokenStore
+from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.params import WIRE_DTYPE, encode_vector
+
+log = logging.getLogger("fedloom.deploy")
+
+SERVICE = "fedloom.v1.Federation"
+Outcome = FitResult | EvalResult | ClientFailure
+
+
+@dataclass
+class DeployOptions:
+    """Timing and size limits of the deployment (see ``[deploy]`` in the run config)."""
+
+    round_timeout_s: float = 600.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0
+    poll_timeout_s: float = 5.0
+    chunk_bytes: int = 1 << 20
+    wait_for_clients_s: float = 300.0
+
+
+@dataclass
+class OpenTask:
+    task_id: str
+    task: FitTask | EvalTask
+    session_id: str
+    payload: bytes
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
+    delivered: bool = False
+
+
+@dataclass
+class Session:
+    session_id: str
+    client_id: int
+    name: str
+    last_seen: float
+    alive: bool = True
+    tasks: queue.Queue[OpenTask] = field(default_factory=queue.Queue)
+
+
+class Registry:
+    """Sessions and open tasks, shared by the gRPC handlers and the executor."""
+
+    def __init__(self, num_clients: int, vector_size: int, config_json: str) -> None:
+        self.num_clients = num_clients
+        self.vector_size = vector_size
+        self.config_json = config_json
+        self.lock = threading.Lock()
+        self.sessions: dict[str, Session] = {}
+        self.by_client: dict[int, str] = {}
+        self.open_tasks: dict[str, OpenTask] = {}
+        self.rejections: Counter[str] = Counter()
+        self.stopping = False
+        self.told_to_stop: set[str] = set()
+
+    def reject(self, reason: str, detail: str) -> None:
+        with self.lock:
+            self.rejections[reason] += 1
+        log.warning("rejected (%s): %s", reason, detail)
+
+    def all_told_to_stop(self) -> bool:
+        with self.lock:
+            alive = {s.session_id for s in self.sessions.values() if s.alive}
+            return alive <= self.told_to_stop
+
+    def alive_clients(self) -> list[int]:
+        with self.lock:
+            return sorted(c for c, s in self.by_client.items() if self.sessions[s].alive)
+
+    def add_session(self, client_id: int, name: str) -> Session:
+        with self.lock:
+            old = self.by_client.get(client_id)
+            if old is not None:
+                self._kill(self.sessions[old], "replaced by a new registration")
+            session = Session(secrets.token_hex(16), client_id, name, time.monotonic())
+            self.sessions[session.session_id] = session
+            self.by_client[client_id] = session.session_id
+            return session
+
+    def free_client_id(self) -> int | None:
+        with self.lock:
+            taken = {c for c, s in self.by_client.items() if self.sessions[s].alive}
+        return next((c for c in range(self.num_clients) if c not in taken), None)
+
+    def touch(self, session_id: str) -> Session | None:
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None or not session.alive:
+                return None
+            session.last_seen = time.monotonic()
+            return session
+
+    def reap(self, timeout_s: float) -> None:
+        """Declare dead the sessions whose heartbeats stopped; fail their open tasks."""
+        now = time.monotonic()
+        with self.lock:
+            for session in self.sessions.values():
+                if session.alive and now - session.last_seen > timeout_s:
+                    self._kill(session, f"no heartbeat for {timeout_s:.0f} s")
+
+    def _kill(self, session: Session, why: str) -> None:
+        session.alive = False
+        log.warning("client %d (%s) lost: %s", session.client_id, session.name, why)
+        for ot in self.open_tasks.values():
+            if ot.session_id == session.session_id and not ot.done.is_set():
+                ot.outcome = ClientFailure(
+                    ot.task.client_id, ot.task.round, f"client lost: {why}", ""
+                )
+                ot.done.set()
+
+
+class FederationServicer:
+    """Request handlers. Each takes raw bytes and returns raw bytes."""
+
+    def __init__(
+        self, registry: Registry, options: DeployOptions, tokens: TokenStore | None
+    ) -> None:
+        self.registry = registry
+        self.options = options
+        self.tokens = tokens
+
+    # --- Register / Heartbeat -------------------------------------------------------------
+
+    def register(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        reg = self.registry
+        try:
+            req = pb.RegisterRequest.FromString(raw)
+        except DecodeError:
+            reg.reject("malformed", "unparseable RegisterRequest")
+            return _refuse("malformed RegisterRequest")
+        if req.protocol_version != PROTOCOL_VERSION:
+            reason = (
+                f"protocol version {req.protocol_version} is not supported by this server "
+                f"(it speaks {PROTOCOL_VERSION}); install the matching fedloom version"
+            )
+            reg.reject("protocol_version", reason)
+            return _refuse(reason)
+        name = req.name or "client"
+        if self.tokens is not None:
+            owner = self.tokens.check(req.token)
+            if owner is None:
+                reason = "token refused: unknown or revoked; ask the operator for a valid token"
+                reg.reject("bad_token", f"{name} from {context.peer()}: {reason}")
+                return _refuse(reason)
+            name = owner
+        else:
+            name = _mtls_name(context) or name
+        client_id = req.partition if req.partition >= 0 else reg.free_client_id()
+        if client_id is None or not 0 <= client_id < reg.num_clients:
+            reason = f"client id {req.partition} is outside 0..{reg.num_clients - 1}"
+            reg.reject("bad_client_id", reason)
+            return _refuse(reason)
+        session = reg.add_session(int(client_id), name)
+        log.info("client %d registered as '%s' from %s", client_id, name, context.peer())
+        return pb.RegisterReply(
+            accepted=True,
+            session_id=session.session_id,
+            client_id=int(client_id),
+            config_json=reg.config_json,
+            vector_size=reg.vector_size,
+            heartbeat_interval_s=self.options.heartbeat_interval_s,
+        ).SerializeToString()
+
+    def heartbeat(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            req = pb.HeartbeatRequest.FromString(raw)
+        except DecodeError:
+            self.registry.reject("malformed", "unparseable HeartbeatRequest")
+            return pb.HeartbeatReply(known=False).SerializeToString()
+        return pb.HeartbeatReply(
+            known=self.registry.touch(req.session_id) is not None
+        ).SerializeToString()
+
+    # --- PullTask ---------------------------------------------------------------------
+
+    def pull_task(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        reg = self.registry
+        try:
+            req = pb.PullRequest.FromString(raw)
+        except DecodeError:
+            reg.reject("malformed", "unparseable PullRequest")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed PullRequest")
+        session = reg.touch(req.session_id)
+        if session is None:
+            reg.reject("unknown_session", f"PullTask from {context.peer()}")
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; register again")
+            return
+        deadline = time.monotonic() + self.options.poll_timeout_s
+        while True:
+            if reg.stopping:
+                with reg.lock:
+                    reg.told_to_stop.add(session.session_id)
+                yield _task_header(pb.TASK_STOP)
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not context.is_active():
+                yield _task_header(pb.TASK_IDLE)
+                return
+            try:
+                ot = session.tasks.get(timeout=min(remaining, 0.25))
+            except queue.Empty:
+                continue
+            if ot.done.is_set():  # expired or failed while queued
+                continue
+            ot.delivered = True
+            yield from self._stream_task(ot)
+            return
+
+    def _stream_task(self, ot: OpenTask) -> Iterator[bytes]:
+        task = ot.task
+        kind = pb.TASK_FIT if isinstance(task, FitTask) else pb.TASK_EVALUATE
+        yield pb.TaskMessage(
+            header=pb.TaskHeader(
+                kind=kind,
+                task_id=ot.task_id,
+                round=task.round,
+                client_id=task.client_id,
+                vector_size=self.registry.vector_size,
+                drop_stragglers=isinstance(task, FitTask) and task.drop_stragglers,
+                deadline_s=self.options.round_timeout_s,
+            )
+        ).SerializeToString()
+        step = self.options.chunk_bytes
+        view = memoryview(ot.payload)
+        for start in range(0, len(view), step):
+            yield pb.TaskMessage(chunk=bytes(view[start : start + step])).SerializeToString()
+
+    # --- PushResult -------------------------------------------------------------------
+
+    def push_result(self, raws: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        reg = self.registry
+        try:
+            first = pb.ResultMessage.FromString(next(raws))
+        except (DecodeError, StopIteration):
+            return self._refuse_result("malformed", "unparseable or empty result stream")
+        if first.WhichOneof("part") != "header":
+            return self._refuse_result("malformed", "result stream does not start with a header")
+        head = first.header
+        with reg.lock:
+            ot = reg.open_tasks.get(head.task_id)
+            session = reg.sessions.get(head.session_id)
+        if session is None or not session.alive:
+            return self._refuse_result("unknown_session", f"result for task '{head.task_id[:40]}'")
+        session.last_seen = time.monotonic()
+        if ot is None:
+            return self._refuse_result("task_not_open", f"task '{head.task_id[:40]}' is not open")
+        if ot.session_id != session.session_id:
+            return self._refuse_result(
+                "wrong_session", f"task {ot.task_id} belongs to another client"
+            )
+        if head.round != ot.task.round:
+            return self._refuse_result(
+                "stale_round", f"result for round {head.round}, task is round {ot.task.round}"
+            )
+        if ot.done.is_set():
+            return self._refuse_result(
+                "duplicate", f"task {ot.task_id} already answered or expired"
+            )
+        try:
+            outcome = self._read_outcome(ot, head, raws)
+        except _RejectedError as rej:
+            return self._refuse_result(rej.reason, rej.detail)
+        with reg.lock:
+            if ot.done.is_set():
+                return self._refuse_result("duplicate", f"task {ot.task_id} already answered")
+            ot.outcome = outcome
+            ot.done.set()
+        return pb.PushReply(accepted=True).SerializeToString()
+
+    def _read_outcome(self, ot: OpenTask, head: Any, raws: Iterator[bytes]) -> Outcome:
+        task = ot.task
+        try:
+            metrics = json.loads(head.metrics_json) if head.metrics_json else {}
+        except json.JSONDecodeError:
+            raise _RejectedError("malformed", "metrics_json is not JSON") from None
+        if not isinstance(metrics, dict):
+            raise _RejectedError("malformed", "metrics_json is not an object")
+        if head.error:
+            _drain(raws, limit=0)
+            tb = metrics.get("traceback", "")
+            return ClientFailure(task.client_id, task.round, head.error[:2000], str(tb)[:20000])
+        if head.num_examples < 0:
+            raise _RejectedError("bad_value", f"num_examples {head.num_examples} is negative")
+        if isinstance(task, EvalTask):
+            _drain(raws, limit=0)
+            loss: Any = metrics.get("loss")
+            acc: Any = metrics.get("accuracy")
+            if not (_finite_number(loss) and _finite_number(acc)):
+                raise _RejectedError("bad_value", "evaluation loss/accuracy missing or not finite")
+            return EvalResult(
+                task.client_id, task.round, int(head.num_examples), float(loss), float(acc)
+            )
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        if not head.has_vector:
+            _drain(raws, limit=0)
+            if not head.straggler:
+                raise _RejectedError("missing_vector", "a training result without an update")
+            return FitResult(task.client_id, task.round, None, int(head.num_examples), True, clean)
+        expected = self.registry.vector_size * WIRE_DTYPE.itemsize
+        if head.vector_size != self.registry.vector_size:
+            raise _RejectedError(
+                "wrong_shape",
+                f"vector size {head.vector_size}, expected {self.registry.vector_size}",
+            )
+        buf = bytearray()
+        for raw in raws:
+            try:
+                msg = pb.ResultMessage.FromString(raw)
+            except DecodeError:
+                raise _RejectedError("malformed", "unparseable result chunk") from None
+            if msg.WhichOneof("part") != "chunk":
+                raise _RejectedError("malformed", "a second header inside a result stream")
+            if len(buf) + len(msg.chunk) > expected:
+                raise _RejectedError("oversized", f"update exceeds {expected} bytes")
+            buf += msg.chunk
+        if len(buf) != expected:
+            raise _RejectedError("truncated", f"update has {len(buf)} bytes, expected {expected}")
+        delta = np.frombuffer(bytes(buf), dtype=WIRE_DTYPE).astype(np.float32)
+        if not np.all(np.isfinite(delta)):
+            raise _RejectedError("not_finite", "update contains NaN or Inf")
+        return FitResult(
+            task.client_id, task.round, delta, int(head.num_examples), bool(head.straggler), clean
+        )
+
+    def _refuse_result(self, reason: str, detail: str) -> bytes:
+        self.registry.reject(reason, detail)
+        return pb.PushReply(accepted=False, reason=f"{reason}: {detail}").SerializeToString()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        ident = _identity
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Register": grpc.unary_unary_rpc_method_handler(self.register, ident, ident),
+                "Heartbeat": grpc.unary_unary_rpc_method_handler(self.heartbeat, ident, ident),
+                "PullTask": grpc.unary_stream_rpc_method_handler(self.pull_task, ident, ident),
+                "PushResult": grpc.stream_unary_rpc_method_handler(self.push_result, ident, ident),
+            },
+        )
+
+
+class _RejectedError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _finite_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+    )
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _drain(raws: Iterator[bytes], limit: int) -> None:
+    for count, _ in enumerate(raws, start=1):
+        if count > limit:
+            raise _RejectedError("oversized", "unexpected chunks after a vector-less result")
+
+
+def _refuse(reason: str) -> bytes:
+    return pb.RegisterReply(accepted=False, reason=reason).SerializeToString()
+
+
+def _task_header(kind: int) -> bytes:
+    return pb.TaskMessage(header=pb.TaskHeader(kind=kind)).SerializeToString()  # type: ignore[arg-type]
+
+
+def _mtls_name(context: grpc.ServicerContext) -> str | None:
+    auth = context.auth_context()
+    names = auth.get("x509_common_name") or []
+    return names[0].decode() if names else None
+
+
+class GrpcExecutor:
+    """A :class:`~fedloom.server.loop.ClientExecutor` over connected client processes."""
+
+    def __init__(self, registry: Registry, options: DeployOptions) -> None:
+        self.registry = registry
+        self.options = options
+        self._reported: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
+        self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(min(1.0, self.options.heartbeat_timeout_s / 4)):
+            self.registry.reap(self.options.heartbeat_timeout_s)
+
+    def available_clients(self) -> list[int]:
+        return self.registry.alive_clients()
+
+    def wait_for_clients(self, count: int) -> None:
+        """Block until ``count`` clients are connected, or raise after the configured wait."""
+        deadline = time.monotonic() + self.options.wait_for_clients_s
+        while len(self.registry.alive_clients()) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(self.registry.alive_clients())} of the {count} clients needed "
+                    f"connected within {self.options.wait_for_clients_s:.0f} s; start more "
+                    "clients or lower server.min_fit_clients"
+                )
+            time.sleep(0.05)
+
+    def fit(
+        self, tasks: Sequence[FitTask], global_vector: np.ndarray
+    ) -> list[FitResult | ClientFailure]:
+        return [o for o in self._run(tasks, global_vector) if not isinstance(o, EvalResult)]
+
+    def evaluate(
+        self, tasks: Sequence[EvalTask], global_vector: np.ndarray
+    ) -> list[EvalResult | ClientFailure]:
+        return [o for o in self._run(tasks, global_vector) if not isinstance(o, FitResult)]
+
+    def _run(self, tasks: Sequence[FitTask | EvalTask], global_vector: np.ndarray) -> list[Outcome]:
+        reg = self.registry
+        payload = encode_vector(global_vector)
+        opened: list[OpenTask | Outcome] = []
+        for task in tasks:
+            with reg.lock:
+                sid = reg.by_client.get(task.client_id)
+                session = reg.sessions.get(sid) if sid is not None else None
+                if session is None or not session.alive:
+                    opened.append(
+                        ClientFailure(task.client_id, task.round, "client not connected", "")
+                    )
+                    continue
+                ot = OpenTask(secrets.token_hex(16), task, session.session_id, payload)
+                reg.open_tasks[ot.task_id] = ot
+            session.tasks.put(ot)
+            opened.append(ot)
+        deadline = time.monotonic() + self.options.round_timeout_s
+        outcomes: list[Outcome] = []
+        for item in opened:
+            if not isinstance(item, OpenTask):
+                outcomes.append(item)
+                continue
+            item.done.wait(max(0.0, deadline - time.monotonic()))
+            with reg.lock:
+                reg.open_tasks.pop(item.task_id, None)
+                if not item.done.is_set():
+                    item.done.set()  # closes the task: a late result is rejected
+                    item.outcome = None
+            outcomes.append(self._finish(item))
+        return outcomes
+
+    def _finish(self, ot: OpenTask) -> Outcome:
+        task = ot.task
+        if ot.outcome is not None:
+            return ot.outcome
+        log.warning("client %d missed the round %d deadline", task.client_id, task.round)
+        with self.registry.lock:
+            self.registry.rejections["deadline_missed"] += 1
+        if isinstance(task, FitTask):
+            return FitResult(task.client_id, task.round, None, 0, straggler=True)
+        return ClientFailure(task.client_id, task.round, "missed the round deadline", "")
+
+    def round_metrics(self) -> dict[str, Any]:
+        """Rejections since the last call, by reason, for the round record."""
+        with self.registry.lock:
+            now = Counter(self.registry.rejections)
+        delta = now - self._reported
+        self._reported = now
+        return {"rejected_messages": sum(delta.values()), "rejected_by_reason": dict(delta)}
+
+    def close(self) -> None:
+        self.registry.stopping = True
+        self._stop.set()
+
+
+def start_grpc_server(
+    servicer: FederationServicer,
+    address: str,
+    credentials: grpc.ServerCredentials | None,
+    max_workers: int = 64,
+    max_message_bytes: int = 8 << 20,
+) -> tuple[grpc.Server, int]:
+    """Start serving; returns the server and the bound port (``:0`` picks a free one)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+        maximum_concurrent_rpcs=max_workers * 4,
+    )
+    server.add_generic_rpc_handlers((servicer.handler(),))
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}; is the address valid and the port free?")
+    server.start()
+    return server, port
