@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import socket
 import threading
 import time
 import traceback
@@ -133,6 +134,7 @@ def run_client(
     app: ClientApp | None = None
     app_key = ""
     done = 0
+    closed_streak = 0
     max_msg = max(8 << 20, 2 * chunk_bytes)
     while not stop.is_set():
         channel = credentials.channel(address, max_msg)
@@ -174,6 +176,14 @@ def run_client(
                     "TLS handshake failed: the server's certificate is not trusted by "
                     "--root-cert (or the server refused this client's certificate)"
                 ) from None
+            closed_streak = (
+                closed_streak + 1 if _closed_by_tls_peer(err, credentials, address) else 0
+            )
+            if closed_streak >= 3:
+                raise ClientRefusedError(
+                    "TLS handshake failed: the server closes every TLS connection from this "
+                    "client; it probably requires a client certificate (pass --cert and --key)"
+                ) from None
             now = time.monotonic()
             unreachable_since = unreachable_since or now
             if now - unreachable_since > max_wait_s:
@@ -192,6 +202,20 @@ def run_client(
 def _is_tls_failure(err: grpc.RpcError) -> bool:
     text = str(err.details()).lower()
     return "ssl" in text or "handshake" in text or "certificate" in text
+
+
+def _closed_by_tls_peer(err: grpc.RpcError, credentials: Credentials, address: str) -> bool:
+    """A server that accepts TCP but closes the TLS socket: mutual TLS without our cert."""
+    if credentials.insecure or credentials.cert is not None:
+        return False
+    if "socket closed" not in str(err.details()).lower():
+        return False
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 class _BadTaskError(Exception):

@@ -205,9 +205,10 @@ class FederationServicer:
         except DecodeError:
             self.registry.reject("malformed", "unparseable HeartbeatRequest")
             return pb.HeartbeatReply(known=False).SerializeToString()
-        return pb.HeartbeatReply(
-            known=self.registry.touch(req.session_id) is not None
-        ).SerializeToString()
+        known = self.registry.touch(req.session_id) is not None
+        if not known:
+            self.registry.reject("unknown_session", f"heartbeat from {context.peer()}")
+        return pb.HeartbeatReply(known=known).SerializeToString()
 
     # --- PullTask ---------------------------------------------------------------------
 

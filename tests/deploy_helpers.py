@@ -1,0 +1,116 @@
+"""Process helpers for the deployment tests: start servers and clients, read their output.
+
+Also runnable as ``python -m tests.deploy_helpers`` to start a *slow* client (a built-in
+client whose every task sleeps first): the straggler and kill-mid-round drills need
+one, and the real CLI client has no such knob on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """A child process whose combined output is collected by a reader thread."""
+
+    def __init__(self, args: list[str]) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.popen = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = regex.search(line)
+                if m:
+                    return m
+            if self.popen.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"'{pattern}' not seen within {timeout} s; output:\n{self.output}")
+
+    def wait(self, timeout: float = 120.0) -> int:
+        code = self.popen.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
+def fedloom(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedloom.cli", *args]
+
+
+def slow_client(delay_s: float, *args: str) -> list[str]:
+    return [sys.executable, "-m", "tests.deploy_helpers", "--delay", str(delay_s), *args]
+
+
+def _slow_main() -> int:
+    from fedloom.config import RunConfig
+    from fedloom.engine.grpc.client import BuiltinApp, Credentials, run_client
+    from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--delay", type=float, required=True)
+    p.add_argument("--server", required=True)
+    p.add_argument("--root-cert", type=Path)
+    p.add_argument("--token", default="")
+    p.add_argument("--partition", type=int, required=True)
+    p.add_argument("--insecure", action="store_true")
+    args = p.parse_args()
+
+    class SlowApp(BuiltinApp):
+        def __init__(self, cfg: RunConfig, client_id: int) -> None:
+            super().__init__(cfg, client_id)
+
+        def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
+            time.sleep(args.delay)
+            return super().fit(task, global_vector)
+
+        def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
+            return super().evaluate(task, global_vector)
+
+    creds = Credentials(root_cert=args.root_cert, token=args.token, insecure=args.insecure)
+    done = run_client(args.server, SlowApp, creds, partition=args.partition, max_wait_s=60)
+    print(f"run over; this client completed {done} tasks", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_slow_main())

@@ -1,0 +1,257 @@
+"""The real deployment, with real processes on 127.0.0.1: TLS, tokens, faults, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedloom.config import load_config
+from fedloom.engine.grpc.auth import add_token
+from fedloom.engine.grpc.certs import make_dev_certs
+from fedloom.engine.simulation import run_simulation
+from fedloom.store import RunStore
+
+from .deploy_helpers import Proc, fedloom, free_port, slow_client
+
+FAST = [
+    "client.epochs=1",
+    "deploy.heartbeat_interval_s=0.5",
+    "deploy.heartbeat_timeout_s=3",
+    "deploy.poll_timeout_s=1",
+    "deploy.wait_for_clients_s=90",
+]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | list[str]]:
+    base = tmp_path_factory.mktemp("pki")
+    make_dev_certs(base / "certs", ["localhost", "127.0.0.1"], ["client-0"])
+    make_dev_certs(base / "other", ["localhost", "127.0.0.1"], [])  # an untrusted CA
+    tokens = base / "tokens.txt"
+    names = [add_token(tokens, f"client-{i}") for i in range(4)]
+    return {"dir": base, "tokens": tokens, "plain": names}
+
+
+@pytest.fixture
+def procs() -> Iterator[Callable[[list[str]], Proc]]:
+    started: list[Proc] = []
+
+    def start(args: list[str]) -> Proc:
+        p = Proc(args)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()
+
+
+def _server_args(pki: dict, out: Path, overrides: list[str], port: int = 0) -> list[str]:
+    certs = Path(pki["dir"]) / "certs"
+    sets = [a for o in overrides for a in ("--set", o)]
+    return fedloom(
+        "server",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--tls-cert",
+        str(certs / "server.pem"),
+        "--tls-key",
+        str(certs / "server.key"),
+        "--tokens",
+        str(pki["tokens"]),
+        "--out",
+        str(out),
+        *sets,
+    )
+
+
+def _client_args(pki: dict, port: int, i: int, token: str | None = None) -> list[str]:
+    certs = Path(pki["dir"]) / "certs"
+    return [
+        "--server",
+        f"localhost:{port}",
+        "--root-cert",
+        str(certs / "ca.pem"),
+        "--token",
+        token if token is not None else pki["plain"][i],
+        "--partition",
+        str(i),
+    ]
+
+
+def _port(server: Proc) -> int:
+    return int(server.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+
+
+def _history(out: Path) -> list[dict]:
+    return json.loads((out / "summary.json").read_text())["history"]
+
+
+def test_tls_tokens_three_clients_equal_simulation(pki: dict, procs, tmp_path: Path) -> None:
+    overrides = ["rounds=3", "data.num_clients=3", "server.min_fit_clients=3", *FAST]
+    server = procs(_server_args(pki, tmp_path / "deploy", overrides))
+    port = _port(server)
+    clients = [procs(fedloom("client", *_client_args(pki, port, i))) for i in range(3)]
+    assert server.wait(180) == 0, server.output
+    for c in clients:
+        assert c.wait(60) == 0, c.output
+        assert "completed 3 tasks" in c.output
+
+    with RunStore.open(tmp_path / "deploy") as store:
+        ckpt = store.latest_checkpoint()
+    assert ckpt is not None and ckpt.round == 3
+    run_simulation(load_config(None, overrides), tmp_path / "sim")
+    with RunStore.open(tmp_path / "sim") as store:
+        sim = store.latest_checkpoint()
+    assert sim is not None
+    np.testing.assert_allclose(ckpt.tensors["global"], sim.tensors["global"], atol=1e-6)
+    deploy_hist, sim_hist = _history(tmp_path / "deploy"), _history(tmp_path / "sim")
+    assert [r["accuracy"] for r in deploy_hist] == pytest.approx([r["accuracy"] for r in sim_hist])
+
+
+def test_client_killed_mid_round_does_not_stop_it(pki: dict, procs, tmp_path: Path) -> None:
+    overrides = ["rounds=4", "data.num_clients=4", "server.min_fit_clients=3", *FAST]
+    server = procs(_server_args(pki, tmp_path / "run", overrides))
+    port = _port(server)
+    clients = [procs(slow_client(1.5, *_client_args(pki, port, i))) for i in range(4)]
+    server.wait_for(r"^round 1:", timeout=120)
+    os.kill(clients[3].popen.pid, signal.SIGKILL)  # round 2 is under way: all four train
+    assert server.wait(180) == 0, server.output
+    history = _history(tmp_path / "run")
+    assert [r["round"] for r in history] == [1, 2, 3, 4]
+    assert history[1]["clients_failed"] == 1 and history[1]["clients_succeeded"] == 3
+    assert all(r["clients_sampled"] == 3 for r in history[2:])  # the dead client is not sampled
+    with RunStore.open(tmp_path / "run") as store:
+        assert any("client lost" in f["error"] for f in store.failures(2))
+
+
+def test_straggler_beyond_deadline_is_excluded_and_counted(
+    pki: dict, procs, tmp_path: Path
+) -> None:
+    overrides = [
+        "rounds=2",
+        "data.num_clients=3",
+        "server.min_fit_clients=3",
+        "deploy.round_timeout_s=4",
+        *FAST,
+    ]
+    server = procs(_server_args(pki, tmp_path / "run", overrides))
+    port = _port(server)
+    for i in range(2):
+        procs(fedloom("client", *_client_args(pki, port, i)))
+    procs(slow_client(8.0, *_client_args(pki, port, 2)))
+    assert server.wait(180) == 0, server.output
+    history = _history(tmp_path / "run")
+    for rec in history:
+        assert rec["stragglers_dropped"] == 1 and rec["clients_succeeded"] == 2
+    assert history[1]["rejected_by_reason"].get("deadline_missed", 0) >= 1
+
+
+def test_server_killed_after_round_2_resumes_to_round_5(pki: dict, procs, tmp_path: Path) -> None:
+    overrides = ["rounds=5", "data.num_clients=3", "server.min_fit_clients=3", *FAST]
+    port = free_port()
+    out = tmp_path / "run"
+    server = procs(_server_args(pki, out, overrides, port))
+    _port(server)
+    clients = [procs(slow_client(0.5, *_client_args(pki, port, i))) for i in range(3)]
+    server.wait_for(r"^round 2:", timeout=120)
+    server.kill()
+    certs = Path(pki["dir"]) / "certs"
+    resumed = procs(
+        fedloom(
+            "server",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--tls-cert",
+            str(certs / "server.pem"),
+            "--tls-key",
+            str(certs / "server.key"),
+            "--tokens",
+            str(pki["tokens"]),
+            "--resume",
+            str(out),
+        )
+    )
+    assert resumed.wait(240) == 0, resumed.output
+    history = _history(out)
+    assert [r["round"] for r in history] == [1, 2, 3, 4, 5]
+    for c in clients:
+        assert c.wait(60) == 0, c.output
+
+
+def test_wrong_token_is_refused_with_a_clear_message(pki: dict, procs, tmp_path: Path) -> None:
+    server = procs(_server_args(pki, tmp_path / "run", ["rounds=1", *FAST]))
+    port = _port(server)
+    bad = procs(fedloom("client", *_client_args(pki, port, 0, token="not-a-token")))
+    assert bad.wait(60) == 2
+    assert "refused by the server: token refused" in bad.output
+    server.wait_for(r"rejected \(bad_token\)")
+    assert server.popen.poll() is None  # the server goes on
+
+
+def test_untrusted_server_certificate_is_refused(pki: dict, procs, tmp_path: Path) -> None:
+    server = procs(_server_args(pki, tmp_path / "run", ["rounds=1", *FAST]))
+    port = _port(server)
+    args = _client_args(pki, port, 0)
+    args[args.index("--root-cert") + 1] = str(Path(pki["dir"]) / "other" / "ca.pem")
+    bad = procs(fedloom("client", *args, "--max-wait", "20"))
+    assert bad.wait(60) == 2
+    assert "TLS handshake failed" in bad.output and "Traceback" not in bad.output
+
+
+def test_mutual_tls_requires_a_client_certificate(pki: dict, procs, tmp_path: Path) -> None:
+    certs = Path(pki["dir"]) / "certs"
+    server = procs(
+        fedloom(
+            "server",
+            "--address",
+            "127.0.0.1:0",
+            "--tls-cert",
+            str(certs / "server.pem"),
+            "--tls-key",
+            str(certs / "server.key"),
+            "--client-ca",
+            str(certs / "ca.pem"),
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "rounds=1",
+            "--set",
+            "data.num_clients=1",
+            "--set",
+            "server.min_fit_clients=1",
+            *[a for o in FAST for a in ("--set", o)],
+        )
+    )
+    port = _port(server)
+    common = [
+        "--server",
+        f"localhost:{port}",
+        "--root-cert",
+        str(certs / "ca.pem"),
+        "--partition",
+        "0",
+        "--max-wait",
+        "20",
+    ]
+    anonymous = procs(fedloom("client", *common))
+    assert anonymous.wait(60) == 2
+    assert "requires a client certificate" in anonymous.output, anonymous.output
+    good = procs(
+        fedloom(
+            "client",
+            *common,
+            "--cert",
+            str(certs / "client-0.pem"),
+            "--key",
+            str(certs / "client-0.key"),
+        )
+    )
+    assert good.wait(120) == 0, good.output
+    assert server.wait(60) == 0

@@ -1,0 +1,200 @@
+"""Over a thousand hostile messages at a running server: each rejected and counted."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedloom.config import load_config
+from fedloom.engine.grpc import PROTOCOL_VERSION
+from fedloom.engine.grpc import fedloom_pb2 as pb
+from fedloom.engine.grpc.auth import TokenStore, add_token
+from fedloom.engine.grpc.client import BuiltinApp, Credentials, _Stub, run_client
+from fedloom.engine.grpc.server import (
+    DeployOptions,
+    FederationServicer,
+    GrpcExecutor,
+    Registry,
+    start_grpc_server,
+)
+from fedloom.messages import FitResult, FitTask
+
+
+def _header(**kw: object) -> bytes:
+    return pb.ResultMessage(header=pb.ResultHeader(**kw)).SerializeToString()  # type: ignore[arg-type]
+
+
+def _chunk(data: bytes) -> bytes:
+    return pb.ResultMessage(chunk=data).SerializeToString()
+
+
+def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.num_clients=2", "client.epochs=1"])
+    from fedloom.client.trainer import LocalTrainer
+    from fedloom.data import build_federated_dataset
+
+    size = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed)).num_parameters
+    token = add_token(tmp_path / "tokens.txt", "hospital-a")
+    options = DeployOptions(
+        round_timeout_s=60, heartbeat_timeout_s=30, poll_timeout_s=1, chunk_bytes=4096
+    )
+    registry = Registry(2, size, cfg.model_dump_json())
+    servicer = FederationServicer(registry, options, TokenStore(tmp_path / "tokens.txt"))
+    server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=16)
+    executor = GrpcExecutor(registry, options)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = _Stub(channel)
+    rng = np.random.default_rng(0)
+    try:
+        reply = pb.RegisterReply.FromString(
+            stub.register(
+                pb.RegisterRequest(
+                    protocol_version=PROTOCOL_VERSION, token=token, partition=0
+                ).SerializeToString()
+            )
+        )
+        assert reply.accepted
+        sid = reply.session_id
+        w0 = np.zeros(size, np.float32)
+        outcome: list[object] = []
+        fit = threading.Thread(target=lambda: outcome.extend(executor.fit([FitTask(0, 1)], w0)))
+        fit.start()
+        msgs = list(stub.pull(pb.PullRequest(session_id=sid).SerializeToString()))
+        header = pb.TaskMessage.FromString(msgs[0]).header
+        assert header.kind == pb.TASK_FIT and len(msgs) > 2  # chunked: 4 KiB chunks
+        task_id = header.task_id
+        good = {
+            "session_id": sid,
+            "task_id": task_id,
+            "round": 1,
+            "num_examples": 10,
+            "has_vector": True,
+            "vector_size": size,
+            "metrics_json": "{}",
+        }
+        delta = rng.normal(size=size).astype("<f4")
+        payload = delta.tobytes()
+
+        def push(messages: list[bytes]) -> pb.PushReply:
+            return pb.PushReply.FromString(stub.push(iter(messages)))
+
+        def random_bytes() -> bytes:
+            return rng.bytes(int(rng.integers(1, 200)))
+
+        sent = 0
+        for _ in range(200):
+            r = pb.RegisterReply.FromString(stub.register(random_bytes()))
+            assert not r.accepted
+            sent += 1
+        for _ in range(100):
+            hb = pb.HeartbeatReply.FromString(stub.heartbeat(random_bytes()))
+            assert not hb.known
+            sent += 1
+        for _ in range(100):
+            with pytest.raises(grpc.RpcError):
+                list(stub.pull(random_bytes()))
+            sent += 1
+        hostile: list[list[bytes]] = []
+        hostile += [[random_bytes()] for _ in range(100)]
+        hostile += [[_chunk(payload[:64]), _header(**good)] for _ in range(50)]  # chunk first
+        hostile += [
+            [_header(**{**good, "vector_size": size + 1}), _chunk(payload)] for _ in range(50)
+        ]  # wrong shape
+        hostile += [[_header(**good), _chunk(payload[: len(payload) // 2])] for _ in range(50)]
+        hostile += [[_header(**good), _chunk(payload), _chunk(b"\0" * 8)] for _ in range(50)]
+        nan = delta.copy()
+        nan[7] = np.nan
+        hostile += [[_header(**good), _chunk(nan.tobytes())] for _ in range(50)]
+        inf = delta.copy()
+        inf[-1] = np.inf
+        hostile += [[_header(**good), _chunk(inf.tobytes())] for _ in range(50)]
+        hostile += [[_header(**{**good, "round": 0}), _chunk(payload)] for _ in range(50)]
+        hostile += [[_header(**{**good, "task_id": "f" * 32}), _chunk(payload)] for _ in range(50)]
+        hostile += [
+            [_header(**{**good, "session_id": "0" * 32}), _chunk(payload)] for _ in range(50)
+        ]
+        hostile += [
+            [_header(**{**good, "metrics_json": "{not json"}), _chunk(payload)] for _ in range(50)
+        ]
+        hostile += [[_header(**good), _header(**good)] for _ in range(50)]
+        hostile += [[_header(**{**good, "has_vector": False})] for _ in range(50)]
+        hostile += [[_header(**{**good, "num_examples": -5}), _chunk(payload)] for _ in range(50)]
+        for messages in hostile:
+            assert not push(messages).accepted
+            sent += 1
+        assert registry.rejections.total() == sent
+
+        assert push([_header(**good), _chunk(payload[:5000]), _chunk(payload[5000:])]).accepted
+        for _ in range(50):  # replays of the accepted result
+            assert not push([_header(**good), _chunk(payload)]).accepted
+            sent += 1
+        fit.join(30)
+        assert len(outcome) == 1 and isinstance(outcome[0], FitResult)
+        np.testing.assert_array_equal(outcome[0].delta, delta)
+        assert sent >= 1000
+        assert registry.rejections.total() == sent
+        counts = registry.rejections
+        for reason in (
+            "malformed",
+            "wrong_shape",
+            "truncated",
+            "oversized",
+            "not_finite",
+            "stale_round",
+            "task_not_open",
+            "unknown_session",
+            "missing_vector",
+            "bad_value",
+        ):
+            assert counts[reason] > 0, reason
+        assert json.dumps(executor.round_metrics())  # reported with the round
+
+        # A normal client still completes a round afterwards.
+        stop = threading.Event()
+        done: list[int] = []
+        client = threading.Thread(
+            target=lambda: done.append(
+                run_client(
+                    f"127.0.0.1:{port}",
+                    BuiltinApp,
+                    Credentials(token=token, insecure=True),
+                    partition=1,
+                    chunk_bytes=4096,
+                    stop=stop,
+                )
+            )
+        )
+        client.start()
+        executor.wait_for_clients(2)
+        results = executor.fit([FitTask(1, 2)], w0)
+        assert isinstance(results[0], FitResult) and results[0].delta is not None
+        assert np.all(np.isfinite(results[0].delta))
+        executor.close()
+        client.join(30)
+        assert done == [1]
+    finally:
+        executor.close()
+        channel.close()
+        server.stop(0).wait(5)
+
+
+def test_protocol_version_mismatch_is_refused(tmp_path: Path) -> None:
+    registry = Registry(1, 4, "{}")
+    servicer = FederationServicer(registry, DeployOptions(), None)
+    server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=4)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = pb.RegisterReply.FromString(
+                _Stub(channel).register(
+                    pb.RegisterRequest(protocol_version=PROTOCOL_VERSION + 1).SerializeToString()
+                )
+            )
+        assert not reply.accepted and "protocol version" in reply.reason
+        assert registry.rejections["protocol_version"] == 1
+    finally:
+        server.stop(0).wait(5)
