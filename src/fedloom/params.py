@@ -121,7 +121,8 @@ def decode_vector(data: bytes | bytearray | memoryview, expected_size: int) -> n
         raise ValueError(
             f"vector payload has {len(data)} bytes, expected {expected_size * WIRE_DTYPE.itemsize}"
         )
-    return np.frombuffer(data, dtype=WIRE_DTYPE).astype(np.float32, copy=False)
+    # A copy: frombuffer views are read-only, and receivers (torch.from_numpy) need writable.
+    return np.frombuffer(data, dtype=WIRE_DTYPE).astype(np.float32)
 
 
 def encoded_nbytes(vector: np.ndarray) -> int:

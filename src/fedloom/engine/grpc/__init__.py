@@ -1,8 +1,11 @@
 """The real deployment: a gRPC server that runs the rounds and client processes that train.
 
-``fedloom_pb2*.py`` are generated from ``fedloom.proto`` and committed; regenerate with
-``python -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src
---pyi_out=src src/fedloom/engine/grpc/fedloom.proto`` after changing the protocol.
+``fedloom_pb2.py/.pyi`` are generated from ``fedloom.proto`` and committed. They are
+generated with grpcio-tools 1.62.3 (protobuf 4.25 gencode) on purpose: that code runs on
+every protobuf runtime from 4.25 to 7.x, so fedloom installs next to packages that pin
+an older protobuf (Flower needs < 7). Regenerate after changing the protocol with, in a
+scratch venv: ``pip install grpcio-tools==1.62.3`` then ``python -m grpc_tools.protoc
+-I src --python_out=src --pyi_out=src src/fedloom/engine/grpc/fedloom.proto``.
 """
 
 PROTOCOL_VERSION = 1

@@ -1,8 +1,7 @@
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -47,7 +46,7 @@ class RegisterReply(_message.Message):
     config_json: str
     vector_size: int
     heartbeat_interval_s: float
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., session_id: _Optional[str] = ..., client_id: _Optional[int] = ..., config_json: _Optional[str] = ..., vector_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, accepted: bool = ..., reason: _Optional[str] = ..., session_id: _Optional[str] = ..., client_id: _Optional[int] = ..., config_json: _Optional[str] = ..., vector_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -59,7 +58,7 @@ class HeartbeatReply(_message.Message):
     __slots__ = ("known",)
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    def __init__(self, known: bool = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -83,7 +82,7 @@ class TaskHeader(_message.Message):
     vector_size: int
     drop_stragglers: bool
     deadline_s: float
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., vector_size: _Optional[int] = ..., drop_stragglers: _Optional[bool] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., vector_size: _Optional[int] = ..., drop_stragglers: bool = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -113,7 +112,7 @@ class ResultHeader(_message.Message):
     vector_size: int
     metrics_json: str
     error: str
-    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., straggler: _Optional[bool] = ..., has_vector: _Optional[bool] = ..., vector_size: _Optional[int] = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., straggler: bool = ..., has_vector: bool = ..., vector_size: _Optional[int] = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -129,4 +128,4 @@ class PushReply(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, accepted: bool = ..., reason: _Optional[str] = ...) -> None: ...
