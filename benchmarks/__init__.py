@@ -1,0 +1,1 @@
+"""Benchmarks for fedloom (run as scripts; see benchmarks/README.md)."""
