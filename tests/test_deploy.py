@@ -255,3 +255,76 @@ def test_mutual_tls_requires_a_client_certificate(pki: dict, procs, tmp_path: Pa
     )
     assert good.wait(120) == 0, good.output
     assert server.wait(60) == 0
+
+
+def _site_files(tmp_path: Path) -> list[Path]:
+    import csv
+
+    rows = list(csv.reader((Path(__file__).parents[1] / "examples/data/hospitals.csv").open()))
+    paths = []
+    for site in ("north", "south"):
+        path = tmp_path / f"{site}.csv"
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(rows[0])
+            w.writerows(r for r in rows[1:] if r[0] == site)
+        paths.append(path)
+    return paths
+
+
+def test_clients_train_on_their_own_csv_files(procs, tmp_path: Path) -> None:
+    sites = _site_files(tmp_path)
+    sets = ["rounds=2", "server.min_fit_clients=2", "eval.federated=true", *FAST]
+    server = procs(
+        fedloom(
+            "server",
+            "examples/csv_hospitals.toml",
+            "--address",
+            "127.0.0.1:0",
+            "--out",
+            str(tmp_path / "run"),
+            *[a for o in sets for a in ("--set", o)],
+        )
+    )
+    port = _port(server)
+    clients = [
+        procs(fedloom("client", "--server", f"127.0.0.1:{port}", "--insecure", "--data", str(p)))
+        for p in sites
+    ]
+    assert server.wait(180) == 0, server.output
+    for c in clients:
+        assert c.wait(60) == 0, c.output
+    history = _history(tmp_path / "run")
+    assert all(r["clients_succeeded"] == 2 for r in history)
+    assert history[-1]["fed_accuracy"] is not None and history[-1]["accuracy"] > 0.7
+
+
+def test_own_csv_needs_pinned_classes(procs, tmp_path: Path) -> None:
+    sites = _site_files(tmp_path)
+    example = (Path(__file__).parents[1] / "examples/csv_hospitals.toml").read_text()
+    unpinned = tmp_path / "unpinned.toml"
+    unpinned.write_text("\n".join(x for x in example.splitlines() if not x.startswith("classes")))
+    root = Path(__file__).parents[1]
+    sets = [
+        "rounds=1",
+        "server.min_fit_clients=1",
+        "deploy.wait_for_clients_s=30",
+        f"data.path='{root / 'examples/data/hospitals.csv'}'",
+    ]
+    server = procs(
+        fedloom(
+            "server",
+            str(unpinned),
+            "--address",
+            "127.0.0.1:0",
+            "--out",
+            str(tmp_path / "run"),
+            *[a for o in sets for a in ("--set", o)],
+        )
+    )
+    port = _port(server)
+    client = procs(
+        fedloom("client", "--server", f"127.0.0.1:{port}", "--insecure", "--data", str(sites[0]))
+    )
+    assert client.wait(60) == 2
+    assert "does not pin data.classes" in client.output, client.output

@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
         default=-1,
         help="train on partition K of the experiment's built-in data (trials)",
     )
+    client.add_argument(
+        "--data",
+        type=Path,
+        help="train on this local file or directory, in the experiment's data format",
+    )
     client.add_argument("--name", default="client", help="a label for the server's logs")
     client.add_argument("--max-wait", type=float, default=300.0, help="give up after S seconds")
     client.add_argument("-v", "--verbose", action="store_true")

@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -92,10 +93,22 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from fedloom.engine.grpc.client import BuiltinApp, ClientRefusedError, Credentials, run_client
+    from fedloom.engine.grpc.client import (
+        AppFactory,
+        BuiltinApp,
+        ClientRefusedError,
+        Credentials,
+        OwnDataApp,
+        run_client,
+    )
 
-    if args.partition < 0:
-        raise ConfigError("pass --partition K to train on partition K of the experiment's data")
+    if (args.partition < 0) == (args.data is None):
+        raise ConfigError(
+            "pass either --data PATH (this machine's data) or --partition K "
+            "(partition K of the experiment's built-in data, for trials)"
+        )
+    if args.data is not None and not args.data.exists():
+        raise ConfigError(f"--data '{args.data}' does not exist; check the path")
     if (args.cert is None) != (args.key is None):
         raise ConfigError("--cert and --key go together; pass both")
     for path in (args.root_cert, args.cert, args.key):
@@ -107,9 +120,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
         logging.getLogger("fedloom.client").info("verifying the server against system CAs")
     stop = threading.Event()
     try:
+        make_app: AppFactory = (
+            BuiltinApp if args.data is None else partial(OwnDataApp, data_path=args.data)
+        )
         done = run_client(
             args.server,
-            BuiltinApp,
+            make_app,
             creds,
             partition=args.partition,
             name=args.name,

@@ -53,6 +53,9 @@ class DataConfig(_Section):
     #: evaluation on data sets that have no per-client test split of their own.
     client_test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     label_column: str | None = None
+    #: The CSV label values in class-id order. Pin them when clients read their own files,
+    #: so a site that lacks a class still maps every label to the same id.
+    classes: list[str] | None = None
     key_column: str | None = None
     seq_len: int = Field(80, ge=1)
     max_clients: int | None = Field(None, ge=1)
@@ -83,8 +86,16 @@ class ClientConfig(_Section):
 
 
 class ServerConfig(_Section):
-    """Sampling, aggregation and the server optimizer (Reddi et al. 2021, Algorithm 2)."""
+    """Sampling, aggregation and the server optimizer (Reddi et al. 2021, Algorithm 2).
 
+    ``sampling = "fixed"`` takes ``max(min_fit_clients, round(fraction_fit · N))`` clients
+    uniformly without replacement; ``"poisson"`` takes each client independently with
+    probability ``fraction_fit`` (so a round's size varies and may be 0), the sampling
+    that DP-FedAvg's privacy analysis amplifies best (McMahan et al. 2018);
+    ``min_fit_clients`` applies to fixed-size sampling only.
+    """
+
+    sampling: Literal["fixed", "poisson"] = "fixed"
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0)
     min_fit_clients: int = Field(2, ge=1)
     min_aggregate_clients: int = Field(1, ge=1)
@@ -108,6 +119,40 @@ class EvalConfig(_Section):
     #: Evaluate centrally on a fixed random subset of at most this many test examples
     #: (large text test sets make every evaluation cost more than a round).
     max_examples: int | None = Field(None, ge=1)
+
+
+class PrivacyConfig(_Section):
+    """Central (user-level) differential privacy: DP-FedAvg (McMahan et al. 2018).
+
+    With ``mechanism = "central"`` every client clips its update to L2 norm
+    ``clipping_norm`` (C) and the server adds Gaussian noise of standard deviation z·C to
+    the sum, divided by the expected number of clients per round. z is
+    ``noise_multiplier``, or is calibrated before training so that ``rounds`` rounds cost
+    at most ``target_epsilon`` at ``delta``. ε after every round comes from
+    ``dp-accounting``'s RDP or PLD accountant (``accountant``). ``max_epsilon`` stops the
+    run before a round that would exceed it.
+
+    ``adaptive_clipping`` lets C track the ``target_quantile`` of the update norms
+    (Andrew et al. 2021), moving it by ``clip_lr`` per round from a count of unclipped
+    updates noised with ``clipped_count_stddev`` (default: expected clients / 20).
+
+    ``secure_noise`` draws the noise from the OS CSPRNG (see ``fedloom.privacy.noise``);
+    it is off by default in simulation, where a seeded generator makes runs replayable,
+    and a real deployment will default it to on.
+    """
+
+    mechanism: Literal["none", "central"] = "none"
+    clipping_norm: float = Field(1.0, gt=0.0)
+    noise_multiplier: float | None = Field(None, gt=0.0)
+    target_epsilon: float | None = Field(None, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_epsilon: float | None = Field(None, gt=0.0)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    adaptive_clipping: bool = False
+    target_quantile: float = Field(0.5, gt=0.0, lt=1.0)
+    clip_lr: float = Field(0.2, gt=0.0)
+    clipped_count_stddev: float | None = Field(None, gt=0.0)
+    secure_noise: bool = False
 
 
 class EngineConfig(_Section):
@@ -151,6 +196,12 @@ STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
     "fedadam": {"server": {"optimizer": "adam", "lr": 0.01}},
     "fedyogi": {"server": {"optimizer": "yogi", "lr": 0.01}},
     "fedadagrad": {"server": {"optimizer": "adagrad", "lr": 0.01}},
+    # McMahan et al. 2018 (DP-FedAvg): Poisson-sampled clients clip their updates, the
+    # server adds Gaussian noise to the sum and takes a plain step with lr 1.
+    "dp-fedavg": {
+        "privacy": {"mechanism": "central"},
+        "server": {"optimizer": "sgd", "lr": 1.0, "sampling": "poisson"},
+    },
 }
 
 
@@ -160,9 +211,10 @@ class RunConfig(_Section):
     name: str = "fedloom"
     seed: int = 0
     rounds: int = Field(30, ge=1)
-    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] | None = (
-        "fedavg"
-    )
+    strategy: (
+        Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "dp-fedavg"]
+        | None
+    ) = "fedavg"
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
     checkpoint_every: int = Field(1, ge=1)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -171,6 +223,7 @@ class RunConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @model_validator(mode="after")
@@ -187,15 +240,64 @@ class RunConfig(_Section):
 
 
 def apply_strategy(cfg: RunConfig) -> RunConfig:
-    """Fill in the stage settings a strategy implies, keeping every value the user set."""
-    if cfg.strategy is None:
-        return cfg
-    for section_name, defaults in STRATEGIES[cfg.strategy].items():
-        section: _Section = getattr(cfg, section_name)
-        for key, value in defaults.items():
-            if key not in section.model_fields_set:
-                setattr(section, key, value)
+    """Fill in the stage settings a strategy implies, keeping every value the user set.
+
+    Then checks the combinations that depend on the result (the privacy settings: a
+    strategy such as ``dp-fedavg`` switches the mechanism on).
+    """
+    if cfg.strategy is not None:
+        for section_name, defaults in STRATEGIES[cfg.strategy].items():
+            section: _Section = getattr(cfg, section_name)
+            for key, value in defaults.items():
+                if key not in section.model_fields_set:
+                    setattr(section, key, value)
+    check_privacy(cfg)
     return cfg
+
+
+def check_privacy(cfg: RunConfig) -> None:
+    """Cross-field rules of the ``privacy`` section; a violation is a one-line ConfigError.
+
+    Judged on values, not on which keys were written, so a config stored in a run
+    directory (every key explicit) validates exactly as the original did.
+    """
+    p = cfg.privacy
+    if p.mechanism == "none":
+        stray = [
+            key
+            for key, is_set in (
+                ("noise_multiplier", p.noise_multiplier is not None),
+                ("target_epsilon", p.target_epsilon is not None),
+                ("max_epsilon", p.max_epsilon is not None),
+                ("adaptive_clipping", p.adaptive_clipping),
+            )
+            if is_set
+        ]
+        if stray:
+            raise ConfigError(
+                f"privacy.{stray[0]} is set but privacy.mechanism is 'none'; set "
+                "privacy.mechanism = 'central' (or strategy = 'dp-fedavg') to train with DP"
+            )
+        return
+    if p.noise_multiplier is None and p.target_epsilon is None:
+        raise ConfigError(
+            "central DP needs privacy.noise_multiplier or privacy.target_epsilon; set one"
+        )
+    if p.noise_multiplier is not None and p.target_epsilon is not None:
+        raise ConfigError(
+            "set privacy.noise_multiplier or privacy.target_epsilon, not both "
+            "(target_epsilon calibrates the noise multiplier)"
+        )
+    if p.accountant == "pld" and cfg.server.sampling != "poisson":
+        raise ConfigError(
+            "privacy.accountant = 'pld' needs server.sampling = 'poisson' (dp-accounting's "
+            "PLD accountant has no fixed-size sampling); use privacy.accountant = 'rdp'"
+        )
+    if p.adaptive_clipping and cfg.engine.name == "pool":
+        raise ConfigError(
+            "privacy.adaptive_clipping needs engine.name = 'inprocess': the pool engine does "
+            "not yet send clients the per-round clipping norm"
+        )
 
 
 def _format_validation_error(err: ValidationError) -> str:

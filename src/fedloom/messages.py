@@ -21,6 +21,10 @@ class FitTask:
     #: True when the server discards stragglers' partial work (FedAvg as published), so a
     #: client that the systems model marks as a straggler need not compute at all.
     drop_stragglers: bool = False
+    #: Central DP (``privacy.mechanism = "central"``): the L2 norm the client must clip its
+    #: update to this round. None means the configured ``privacy.clipping_norm``, which is
+    #: right unless adaptive clipping moves C from round to round.
+    clip_norm: float | None = None
 
 
 @dataclass

@@ -18,6 +18,9 @@ SAMPLING = 3
 SHUFFLE = 4
 STRAGGLER = 5
 EVAL_SUBSET = 6
+#: Gaussian noise of differential privacy in simulation (``privacy.secure_noise = false``);
+#: keyed by (seed, DP_NOISE, round, stream), see ``fedloom.privacy.noise``.
+DP_NOISE = 7
 
 
 def derive_seed(*key: int) -> int:

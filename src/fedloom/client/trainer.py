@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from fedloom.client.models import build_model
 from fedloom.config import ClientConfig, RunConfig
-from fedloom.data.base import ArrayDataset, FederatedDataset
+from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
 from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import FlatBinding, bind_flat_parameters
+from fedloom.privacy.central import clip_update
 from fedloom.seeding import SHUFFLE, STRAGGLER, derive_rng, torch_generator
 
 
@@ -65,6 +66,8 @@ class LocalTrainer:
     def __init__(self, cfg: RunConfig, data: FederatedDataset) -> None:
         self.cfg = cfg
         self.data = data
+        #: Set when this process holds only its own data (a deployment client).
+        self.own_data: ClientData | None = None
         self.binding: FlatBinding = bind_flat_parameters(build_model(cfg.model, data, cfg.seed))
         self.model = self.binding.module
         self._global = torch.empty_like(self.binding.weights)
@@ -74,13 +77,23 @@ class LocalTrainer:
     def num_parameters(self) -> int:
         return self.binding.spec.size
 
+    def client_data(self, client_id: int) -> ClientData:
+        """The data of client ``client_id``: its partition of the run's data set.
+
+        A deployment client that reads its own files serves its single data set for
+        whatever id the server assigned it.
+        """
+        if self.own_data is not None:
+            return self.own_data
+        return self.data.clients[client_id]
+
     def initial_vector(self) -> np.ndarray:
         """The deterministic initial global model (same in every process)."""
         return self.binding.vector()
 
     def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
         """Run local SGD from ``global_vector``; return ``delta = w_local - w_global``."""
-        train = self.data.clients[task.client_id].train
+        train = self.client_data(task.client_id).train
         cc = self.cfg.client
         plan = plan_work(cc, self.cfg.seed, task, len(train))
         if plan.straggler and task.drop_stragglers:
@@ -114,9 +127,36 @@ class LocalTrainer:
             epoch += 1
         delta = (w - w0).numpy().copy()
         metrics = {"train_loss": float(loss_sum) / max(steps, 1), "steps": float(steps)}
+        if self.cfg.privacy.mechanism == "central":
+            delta = self._encode_private(delta, task, metrics)
         return FitResult(
             task.client_id, task.round, delta, len(train), straggler=plan.straggler, metrics=metrics
         )
+
+    def _encode_private(
+        self, delta: np.ndarray, task: FitTask, metrics: dict[str, float]
+    ) -> np.ndarray:
+        """Clip the update before it leaves the client (central DP, McMahan et al. 2018).
+
+        Clipping belongs to the client's update encoding, not to the server: the server
+        then only ever sees bounded updates, and the step composes with secure
+        aggregation, where the server sees only the sum. The metrics carry the clipped-count
+        bit b = 1[‖Δ‖ ≤ C] that adaptive clipping aggregates with noise (Andrew et al.
+        2021), and the pre-clip norm as a simulation diagnostic the server does not use.
+        """
+        privacy = self.cfg.privacy
+        clip_norm = task.clip_norm
+        if clip_norm is None:
+            if privacy.adaptive_clipping:
+                raise RuntimeError(
+                    "adaptive clipping needs the round's clipping norm in the task, and this "
+                    "engine did not send one"
+                )
+            clip_norm = privacy.clipping_norm
+        clipped = clip_update(delta, clip_norm)
+        metrics["update_norm"] = clipped.norm
+        metrics["below_clip"] = 1.0 if clipped.below_clip else 0.0
+        return clipped.delta
 
     @staticmethod
     def _sgd_step(
@@ -155,7 +195,7 @@ class LocalTrainer:
         return loss_sum / n, correct / n
 
     def evaluate_client(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
-        test = self.data.clients[task.client_id].test
+        test = self.client_data(task.client_id).test
         if test is None or len(test) == 0:
             return EvalResult(task.client_id, task.round, 0, 0.0, 0.0)
         loss, acc = self.evaluate(test, global_vector, self.cfg.eval.batch_size)

@@ -193,8 +193,14 @@ def _label_order(values: set[str]) -> list[str]:
     return sorted(values)
 
 
-def encode_labels(table: Table, column: str) -> tuple[np.ndarray, list[str]]:
-    """Labels as int64 ``0..C-1`` and the class names in id order."""
+def encode_labels(
+    table: Table, column: str, pinned: list[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Labels as int64 ``0..C-1`` and the class names in id order.
+
+    ``pinned`` (``data.classes``) fixes the order; otherwise it is derived from the values
+    present, which is only safe when one party sees every class.
+    """
     cells = table.columns[column]
     blank = next((i for i, c in enumerate(cells) if not c), None)
     if blank is not None:
@@ -202,6 +208,15 @@ def encode_labels(table: Table, column: str) -> tuple[np.ndarray, list[str]]:
             f"label column '{column}' is blank at line {table.lines[blank]} of '{table.path}'; "
             "fill it in or drop the row"
         )
+    if pinned is not None:
+        unknown = sorted(set(cells) - set(pinned))
+        if unknown:
+            raise ConfigError(
+                f"label column '{column}' of '{table.path}' has values {unknown[:5]} that "
+                f"are not in data.classes {pinned}; add them or fix the file"
+            )
+        index = {c: i for i, c in enumerate(pinned)}
+        return np.asarray([index[c] for c in cells], dtype=np.int64), list(pinned)
     classes = _label_order(set(cells))
     if len(classes) < 2:
         raise ConfigError(
@@ -264,7 +279,7 @@ def build_csv(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
     features = [h for h in table.header if h not in (label, key)]
     if not features:
         raise ConfigError(f"CSV '{table.path}' has no feature columns besides the label and key")
-    y, classes = encode_labels(table, label)
+    y, classes = encode_labels(table, label, cfg.classes)
     train_idx, test_idx = stratified_split(y, cfg.test_fraction, rng)
     data = ArrayDataset(encode_features(table, features, train_idx), y)
     train = data.subset(train_idx)

@@ -149,6 +149,12 @@ def write_outputs(
         "metrics": metrics,
         "history": history,
     }
+    # Central DP: the privacy ledger (ε, δ, q, z, T, C, accountant) and, when the privacy
+    # budget ended the run early, why. Absent from runs without DP.
+    for key in ("privacy", "stopped_reason"):
+        value = store.get_meta(key)
+        if value is not None:
+            summary[key] = value
     store.write_summary(summary)
     store.write_history_csv()
     plot_accuracy(
@@ -196,6 +202,8 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     central_cfg.client.steps = None
     central_cfg.client.straggler_fraction = 0.0
     central_cfg.client.proximal_mu = 0.0
+    # The baseline is non-private training on pooled data: no client-side clipping.
+    central_cfg.privacy.mechanism = "none"
     trainer = LocalTrainer(central_cfg, pooled)
     started = time.perf_counter()
     w0 = trainer.initial_vector()

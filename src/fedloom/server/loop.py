@@ -5,6 +5,15 @@ engine) and an optional central evaluator, both handed in by whoever wires the r
 Failed clients come back as :class:`~fedloom.messages.ClientFailure` records: the loop
 logs and stores them and decides from the configured minimums whether the round's
 update is applied. It never waits on anything itself, so it cannot hang.
+
+With central differential privacy (``privacy.mechanism = "central"``) the aggregation
+step is DP-FedAvg's instead of the weighted mean: the clients have clipped their updates
+(the task tells them the clipping norm), the loop checks that they did, and
+:class:`~fedloom.privacy.central.CentralDP` adds noise to the sum, divides by the expected
+number of clients and counts the round in its accountant. Every round then aggregates,
+whatever the number of usable updates (even none): skipping a round because few clients
+answered would make the release depend on who took part, outside what the accountant
+analyses. The server optimizer applies the result as usual (post-processing).
 """
 
 from __future__ import annotations
@@ -17,13 +26,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedloom.config import RunConfig
+from fedloom.config import ConfigError, RunConfig
 from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import encoded_nbytes
+from fedloom.privacy.central import CentralDP
 from fedloom.seeding import SAMPLING, derive_rng
 from fedloom.server.aggregate import weighted_mean
 from fedloom.server.optimizers import ServerOptimizer, make_server_optimizer
-from fedloom.server.sampling import sample_clients
+from fedloom.server.sampling import expected_clients_per_round, select_clients
 from fedloom.store import Checkpoint, RunStore
 
 log = logging.getLogger("fedloom.server")
@@ -63,16 +73,22 @@ class ServerState:
     optimizer: ServerOptimizer
     participation: np.ndarray  # per client: rounds whose aggregate included its update
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: Central DP's server state (clipping norm, privacy ledger), None without DP.
+    privacy: CentralDP | None = None
 
     def checkpoint(self, seed: int) -> Checkpoint:
         tensors = {"global": self.weights, "participation": self.participation}
         tensors.update({f"opt/{k}": v for k, v in self.optimizer.state().items()})
-        meta = {
+        meta: dict[str, Any] = {
             "round": self.round,
             "optimizer": self.optimizer.name,
             # All randomness is derived from (seed, purpose, round, client); see seeding.py.
             "rng": {"scheme": "SeedSequence(seed, purpose, round, client)", "seed": seed},
         }
+        if self.privacy is not None:
+            # The ledger (z, rounds) and the adaptive clipping norm: ε and C of a resumed
+            # run continue exactly where they were.
+            meta["privacy"] = self.privacy.checkpoint_meta()
         return Checkpoint(round=self.round, tensors=tensors, meta=meta)
 
 
@@ -95,13 +111,45 @@ class FederatedServer:
         self.central_evaluator = central_evaluator
         self.eval_clients = list(eval_clients)
         self.store = store
+        #: Why the run ended before ``cfg.rounds`` (the privacy budget), else None.
+        self.stopped_reason: str | None = None
         size = initial_weights.shape[0]
         self.state = ServerState(
             round=0,
             weights=initial_weights.astype(np.float32, copy=True),
             optimizer=make_server_optimizer(cfg.server, size),
             participation=np.zeros(num_clients, dtype=np.int64),
+            privacy=self._make_privacy() if cfg.privacy.mechanism == "central" else None,
         )
+
+    @property
+    def privacy(self) -> CentralDP | None:
+        return self.state.privacy
+
+    def _make_privacy(self) -> CentralDP:
+        """Central DP for this run; calibrates z before training when given a target ε."""
+        from fedloom.privacy.accounting import ClientSampling
+
+        cfg = self.cfg
+        sampling = ClientSampling(
+            cfg.server.sampling,
+            self.num_clients,
+            expected_clients_per_round(cfg.server, self.num_clients),
+        )
+        dp = CentralDP.from_config(cfg.privacy, sampling, cfg.rounds, cfg.seed)
+        if dp.calibrated_for is not None:
+            log.info(
+                "privacy: noise multiplier z = %.4f calibrated for ε = %g at δ = %g over %d "
+                "rounds (%s sampling, q = %.4g, %s accountant)",
+                dp.noise_multiplier,
+                dp.calibrated_for,
+                cfg.privacy.delta,
+                cfg.rounds,
+                sampling.scheme,
+                sampling.rate,
+                cfg.privacy.accountant,
+            )
+        return dp
 
     def restore(self, ckpt: Checkpoint, history: list[dict[str, Any]]) -> None:
         """Continue from a checkpoint: weights, optimizer state, participation, history."""
@@ -112,20 +160,51 @@ class FederatedServer:
             {k.removeprefix("opt/"): v for k, v in ckpt.tensors.items() if k.startswith("opt/")}
         )
         self.state.history = [r for r in history if r["round"] <= ckpt.round]
+        if self.privacy is not None:
+            meta = ckpt.meta.get("privacy")
+            if not isinstance(meta, dict):
+                raise ConfigError(
+                    f"checkpoint of round {ckpt.round} has no privacy ledger; it was not "
+                    "written by a central-DP run, so this run cannot resume from it"
+                )
+            previous = self.store.get_meta("privacy") if self.store is not None else None
+            rounds_run = previous.get("rounds") if isinstance(previous, dict) else None
+            self.privacy.restore(meta, rounds_run)
 
     def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerState:
-        """Run the remaining rounds up to ``cfg.rounds``."""
+        """Run the remaining rounds up to ``cfg.rounds``, or until the privacy budget is spent.
+
+        With ``privacy.max_epsilon`` the loop stops *before* a round whose ε would exceed
+        it, logs one line saying so, and records it (``stopped_reason`` in the run store).
+        """
+        self._record_ledger()
         while self.state.round < self.cfg.rounds:
+            reason = self.privacy.next_round_exceeds_budget() if self.privacy else None
+            if reason is not None:
+                self._stop(reason)
+                break
             record = self.run_round(self.state.round + 1)
             if on_round is not None:
                 on_round(record)
         return self.state
 
+    def _stop(self, reason: str) -> None:
+        log.warning("%s", reason)
+        self.stopped_reason = reason
+        if self.store is not None:
+            self.store.set_meta("stopped_reason", reason)
+
+    def _record_ledger(self) -> None:
+        if self.privacy is not None and self.store is not None:
+            self.store.set_meta("privacy", self.privacy.ledger())
+
     def run_round(self, rnd: int) -> dict[str, Any]:
         cfg, state = self.cfg, self.state
         started = time.perf_counter()
         sampled = self._sample(rnd)
-        tasks = [FitTask(int(c), rnd, cfg.server.drop_stragglers) for c in sampled]
+        dp = self.privacy
+        clip_norm = dp.clip_norm if dp is not None else None
+        tasks = [FitTask(int(c), rnd, cfg.server.drop_stragglers, clip_norm) for c in sampled]
         outcomes = self.executor.fit(tasks, state.weights)
 
         updates: list[FitResult] = []
@@ -138,6 +217,8 @@ class FederatedServer:
                 dropped += 1
             elif not np.all(np.isfinite(out.delta)):
                 failures.append(ClientFailure(out.client_id, rnd, "update contains NaN or Inf", ""))
+            elif dp is not None and (why := _dp_reject(dp, out, dp.clip_norm)):
+                failures.append(ClientFailure(out.client_id, rnd, why, ""))
             else:
                 updates.append(out)
         updates.sort(key=lambda r: r.client_id)
@@ -148,8 +229,19 @@ class FederatedServer:
             if self.store is not None:
                 self.store.record_failure(rnd, f.client_id, f.error, f.traceback)
 
-        aggregated = len(updates) >= cfg.server.min_aggregate_clients
-        if aggregated:
+        dp_fields: dict[str, Any] = {}
+        aggregated = dp is not None or len(updates) >= cfg.server.min_aggregate_clients
+        if dp is not None:
+            update, dp_fields = dp.aggregate(
+                rnd,
+                [u.delta for u in updates if u.delta is not None],
+                [u.metrics.get("below_clip", 0.0) for u in updates],
+                state.weights.shape[0],
+            )
+            state.weights = state.optimizer.step(state.weights, update)
+            for u in updates:
+                state.participation[u.client_id] += 1
+        elif aggregated:
             update = weighted_mean(
                 [u.delta for u in updates if u.delta is not None], [u.num_examples for u in updates]
             )
@@ -181,15 +273,19 @@ class FederatedServer:
             "bytes_up": sum(encoded_nbytes(u.delta) for u in updates if u.delta is not None),
             "epsilon": None,
         }
+        record.update(dp_fields)
         record.update(self.executor.round_metrics())
-        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+        # The run's last round: the configured number, or the last the privacy budget allows.
+        last = rnd == cfg.rounds or (dp is not None and dp.next_round_exceeds_budget() is not None)
+        if rnd % cfg.eval.every == 0 or last:
             record.update(self._evaluate(rnd))
         record["round_s"] = time.perf_counter() - started
         state.round = rnd
         state.history.append(record)
         if self.store is not None:
             self.store.record_round(record)
-            if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
+            self._record_ledger()
+            if rnd % cfg.checkpoint_every == 0 or last:
                 self.store.save_checkpoint(state.checkpoint(cfg.seed))
         return record
 
@@ -204,20 +300,19 @@ class FederatedServer:
         pool = np.arange(self.num_clients) if available is None else np.asarray(available)
         if len(pool) == 0:
             return np.zeros(0, dtype=np.int64)
-        index = sample_clients(
-            len(pool),
-            cfg.server.fraction_fit,
-            cfg.server.min_fit_clients,
-            derive_rng(cfg.seed, SAMPLING, rnd),
-        )
+        index = select_clients(cfg.server, len(pool), derive_rng(cfg.seed, SAMPLING, rnd))
         return pool[index].astype(np.int64)
 
     def _evaluate(self, rnd: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.cfg.eval.centralized and self.central_evaluator is not None:
             out["loss"], out["accuracy"] = self.central_evaluator(self.state.weights)
-        if self.cfg.eval.federated and self.eval_clients:
-            tasks = [EvalTask(c, rnd) for c in self.eval_clients]
+        # In a deployment the clients that are connected evaluate on their own local test
+        # data (the server cannot know who has any); in simulation, those with test sets.
+        available = self.executor.available_clients()
+        evaluators = self.eval_clients if available is None else list(available)
+        if self.cfg.eval.federated and evaluators:
+            tasks = [EvalTask(c, rnd) for c in evaluators]
             results = [
                 r
                 for r in self.executor.evaluate(tasks, self.state.weights)
@@ -228,6 +323,15 @@ class FederatedServer:
                 out["fed_loss"] = sum(r.loss * r.num_examples for r in results) / n
                 out["fed_accuracy"] = sum(r.accuracy * r.num_examples for r in results) / n
         return out
+
+
+def _dp_reject(dp: CentralDP, result: FitResult, clip_norm: float) -> str | None:
+    """Why a client's update must not enter the DP sum (None when it may)."""
+    assert result.delta is not None
+    why = dp.check_update(result.delta, clip_norm)
+    if why is None and dp.adaptive is not None and "below_clip" not in result.metrics:
+        why = "the client did not report the clipped-count bit that adaptive clipping needs"
+    return why
 
 
 def _weighted_train_loss(updates: list[FitResult]) -> float | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedloom.config import ServerConfig
+
 
 def clients_per_round(num_clients: int, fraction: float, min_clients: int) -> int:
     """``max(min_clients, round(fraction * n))``, never more than ``n``."""
@@ -20,3 +22,30 @@ def sample_clients(
     """
     k = clients_per_round(num_clients, fraction, min_clients)
     return np.sort(rng.choice(num_clients, size=k, replace=False)).astype(np.int64)
+
+
+def poisson_sample_clients(num_clients: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Poisson sampling: each client takes part independently with probability ``rate``.
+
+    The sampling of DP-FedAvg (McMahan et al. 2018, Algorithm 1: "C^t ← (sample users
+    with probability q)"), whose privacy amplification the accountant's
+    ``PoissonSampledDpEvent`` describes. The round's size is Binomial(N, q) and may be 0.
+    Sorted ids, like :func:`sample_clients`.
+    """
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"sampling rate must be in (0, 1], got {rate}")
+    return np.flatnonzero(rng.random(num_clients) < rate).astype(np.int64)
+
+
+def select_clients(cfg: ServerConfig, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+    """The round's clients under ``server.sampling`` ("fixed" or "poisson")."""
+    if cfg.sampling == "poisson":
+        return poisson_sample_clients(num_clients, cfg.fraction_fit, rng)
+    return sample_clients(num_clients, cfg.fraction_fit, cfg.min_fit_clients, rng)
+
+
+def expected_clients_per_round(cfg: ServerConfig, num_clients: int) -> float:
+    """k for fixed-size sampling, q·N for Poisson sampling (``min_fit_clients`` unused)."""
+    if cfg.sampling == "poisson":
+        return cfg.fraction_fit * num_clients
+    return float(clients_per_round(num_clients, cfg.fraction_fit, cfg.min_fit_clients))

@@ -159,6 +159,13 @@ def run_client(
             if app is None or app_key != reply.config_json + str(reply.client_id):
                 app = make_app(config_from_json(reply.config_json), int(reply.client_id))
                 app_key = reply.config_json + str(reply.client_id)
+                size = getattr(app, "num_parameters", reply.vector_size)
+                if size != reply.vector_size:
+                    raise ClientRefusedError(
+                        f"this client's data give a model with {size} parameters but the "
+                        f"server's has {reply.vector_size}; the local file must have the "
+                        "experiment's features and classes"
+                    )
             log.info("registered as client %d", reply.client_id)
             served, finished = _serve_session(stub, reply, app, chunk_bytes, stop)
             done += served
@@ -171,6 +178,14 @@ def run_client(
             code = err.code()
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise ClientRefusedError(str(err.details())) from None
+            if (
+                code == grpc.StatusCode.UNAVAILABLE
+                and "wrong_version_number" in str(err.details()).lower()
+            ):
+                raise ClientRefusedError(
+                    "the server speaks plaintext, not TLS: pass --insecure for a loopback "
+                    "trial, or start the server with --tls-cert and --tls-key"
+                ) from None
             if code == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(err):
                 raise ClientRefusedError(
                     "TLS handshake failed: the server's certificate is not trusted by "
@@ -365,6 +380,44 @@ class BuiltinApp:
             )
         self.trainer = LocalTrainer(cfg, data)
         self.client_id = client_id
+
+    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
+        return self.trainer.fit(task, global_vector)
+
+    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
+        return self.trainer.evaluate_client(task, global_vector)
+
+
+class OwnDataApp:
+    """A client that trains on its own file: the experiment's data format, read locally.
+
+    The server's config names the format (``data.name``: csv, mnist, shakespeare, ...)
+    and its options (``label_column`` ...); ``data_path`` replaces ``data.path``. The
+    file is split into local train and test parts (``data.test_fraction``); the test
+    part serves federated evaluation. Nothing read here leaves the process.
+    """
+
+    def __init__(self, cfg: RunConfig, client_id: int, data_path: Path) -> None:
+        import torch
+
+        from fedloom.client.trainer import LocalTrainer
+        from fedloom.data import build_federated_dataset
+        from fedloom.data.base import ClientData
+
+        torch.set_num_threads(cfg.engine.torch_threads)
+        if cfg.data.name == "csv" and cfg.data.classes is None:
+            raise ClientRefusedError(
+                "the experiment does not pin data.classes, so this site's labels could map "
+                "to different class ids than other sites'; ask the operator to set it"
+            )
+        local_cfg = cfg.data.model_copy(update={"path": str(data_path), "num_clients": 1})
+        if local_cfg.partition != "natural":
+            local_cfg = local_cfg.model_copy(update={"partition": "iid"})
+        local = build_federated_dataset(local_cfg, cfg.seed)
+        trainer = LocalTrainer(cfg, local)
+        trainer.own_data = ClientData(client_id, str(data_path), local.pooled_train(), local.test)
+        self.trainer = trainer
+        self.num_parameters = trainer.num_parameters
 
     def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
         return self.trainer.fit(task, global_vector)
