@@ -93,8 +93,20 @@ def _history(out: Path) -> list[dict]:
     return json.loads((out / "summary.json").read_text())["history"]
 
 
-def test_tls_tokens_three_clients_equal_simulation(pki: dict, procs, tmp_path: Path) -> None:
-    overrides = ["rounds=3", "data.num_clients=3", "server.min_fit_clients=3", *FAST]
+DP = [
+    "strategy=dp-fedavg",
+    "privacy.noise_multiplier=0.3",
+    "privacy.adaptive_clipping=true",
+    "privacy.clipped_count_stddev=1.0",
+    "server.sampling=fixed",
+]
+
+
+@pytest.mark.parametrize("extra", [[], DP], ids=["fedavg", "dp-fedavg-adaptive"])
+def test_tls_tokens_three_clients_equal_simulation(
+    pki: dict, procs, tmp_path: Path, extra: list[str]
+) -> None:
+    overrides = ["rounds=3", "data.num_clients=3", "server.min_fit_clients=3", *FAST, *extra]
     server = procs(_server_args(pki, tmp_path / "deploy", overrides))
     port = _port(server)
     clients = [procs(fedloom("client", *_client_args(pki, port, i))) for i in range(3)]

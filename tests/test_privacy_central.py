@@ -517,3 +517,29 @@ def test_digits_learns_under_central_dp_with_epsilon_8(tmp_path: Path) -> None:
     assert np.mean([r["clients_sampled"] for r in history]) >= 100
     assert history[-1]["epsilon"] <= 8.0 and summary["privacy"]["delta"] == 1e-5
     assert summary["final"]["accuracy"] >= 0.90
+
+
+def test_adaptive_clipping_on_the_pool_equals_inprocess(tmp_path: Path) -> None:
+    """The pool forwards each round's clipping norm, so adaptive clipping runs there too."""
+    from fedloom.engine.simulation import run_simulation
+    from fedloom.store import RunStore
+
+    base = [
+        "rounds=3",
+        "data.num_clients=12",
+        "client.epochs=1",
+        "strategy=dp-fedavg",
+        "privacy.noise_multiplier=0.5",
+        "privacy.adaptive_clipping=true",
+        "privacy.clipped_count_stddev=2.0",
+    ]
+    runs = {}
+    for name, extra in (("inproc", []), ("pool", ["engine.name=pool", "engine.workers=2"])):
+        summary = run_simulation(load_config(None, [*base, *extra]), tmp_path / name)
+        with RunStore.open(tmp_path / name) as store:
+            ckpt = store.latest_checkpoint()
+        assert ckpt is not None
+        runs[name] = (summary, ckpt.tensors["global"])
+    clips = [[r["clip_norm"] for r in runs[n][0]["history"]] for n in runs]
+    assert clips[0] == pytest.approx(clips[1]) and len(set(clips[0])) > 1  # C adapts
+    np.testing.assert_allclose(runs["pool"][1], runs["inproc"][1], atol=1e-5)

@@ -293,11 +293,6 @@ def check_privacy(cfg: RunConfig) -> None:
             "privacy.accountant = 'pld' needs server.sampling = 'poisson' (dp-accounting's "
             "PLD accountant has no fixed-size sampling); use privacy.accountant = 'rdp'"
         )
-    if p.adaptive_clipping and cfg.engine.name == "pool":
-        raise ConfigError(
-            "privacy.adaptive_clipping needs engine.name = 'inprocess': the pool engine does "
-            "not yet send clients the per-round clipping norm"
-        )
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -63,7 +63,7 @@ def _worker_main(conn: Connection, cfg_json: str) -> None:
         if kind == "weights":
             vector = decode_vector(conn.recv_bytes(), size)
         elif kind == "fit":
-            task = FitTask(msg[1], msg[2], msg[3])
+            task = FitTask(msg[1], msg[2], msg[3], msg[4])
             out = run_safely(partial(trainer.fit, task, vector), task)
             _send_outcome(conn, out)
         elif kind == "eval":
@@ -172,7 +172,13 @@ class ProcessPoolExecutor:
     def _dispatch(self, i: int, pending: deque[Task], inflight: dict[int, Task]) -> None:
         task = pending.popleft()
         if isinstance(task, FitTask):
-            msg: tuple[Any, ...] = ("fit", task.client_id, task.round, task.drop_stragglers)
+            msg: tuple[Any, ...] = (
+                "fit",
+                task.client_id,
+                task.round,
+                task.drop_stragglers,
+                task.clip_norm,
+            )
         else:
             msg = ("eval", task.client_id, task.round)
         if self._send(self.workers[i], msg):

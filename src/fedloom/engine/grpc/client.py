@@ -317,11 +317,12 @@ def _run_task(
     head = pb.ResultHeader(task_id=header.task_id, round=header.round)
     try:
         if header.kind == pb.TASK_FIT:
-            task = FitTask(int(header.client_id), int(header.round), header.drop_stragglers)
+            clip = header.clip_norm if header.HasField("clip_norm") else None
+            task = FitTask(int(header.client_id), int(header.round), header.drop_stragglers, clip)
             res = app.fit(task, vector)
             head.num_examples = res.num_examples
             head.straggler = res.straggler
-            head.metrics_json = json.dumps(res.metrics)
+            head.metrics_json = json.dumps(_shareable(res.metrics))
             if res.delta is None:
                 head.straggler = True
                 return head, b""
@@ -338,6 +339,15 @@ def _run_task(
         failed.error = f"{type(exc).__name__}: {exc}"
         failed.metrics_json = json.dumps({"traceback": traceback.format_exc()})
         return failed, b""
+
+
+#: Metrics a client keeps to itself: the pre-clip update norm is outside what central
+#: DP accounts for, so it never leaves the machine.
+PRIVATE_METRICS = frozenset({"update_norm"})
+
+
+def _shareable(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k not in PRIVATE_METRICS}
 
 
 def _push(

@@ -11,10 +11,12 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_FIT: _ClassVar[TaskKind]
     TASK_EVALUATE: _ClassVar[TaskKind]
     TASK_STOP: _ClassVar[TaskKind]
+    TASK_SECAGG: _ClassVar[TaskKind]
 TASK_IDLE: TaskKind
 TASK_FIT: TaskKind
 TASK_EVALUATE: TaskKind
 TASK_STOP: TaskKind
+TASK_SECAGG: TaskKind
 
 class RegisterRequest(_message.Message):
     __slots__ = ("protocol_version", "token", "partition", "name", "num_examples")
@@ -67,7 +69,7 @@ class PullRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "task_id", "round", "client_id", "vector_size", "drop_stragglers", "deadline_s")
+    __slots__ = ("kind", "task_id", "round", "client_id", "vector_size", "drop_stragglers", "deadline_s", "clip_norm", "secure", "secagg_stage", "payload_size")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +77,10 @@ class TaskHeader(_message.Message):
     VECTOR_SIZE_FIELD_NUMBER: _ClassVar[int]
     DROP_STRAGGLERS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_STAGE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     task_id: str
     round: int
@@ -82,7 +88,11 @@ class TaskHeader(_message.Message):
     vector_size: int
     drop_stragglers: bool
     deadline_s: float
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., vector_size: _Optional[int] = ..., drop_stragglers: bool = ..., deadline_s: _Optional[float] = ...) -> None: ...
+    clip_norm: float
+    secure: bool
+    secagg_stage: int
+    payload_size: int
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., vector_size: _Optional[int] = ..., drop_stragglers: bool = ..., deadline_s: _Optional[float] = ..., clip_norm: _Optional[float] = ..., secure: bool = ..., secagg_stage: _Optional[int] = ..., payload_size: _Optional[int] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -93,7 +103,7 @@ class TaskMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("session_id", "task_id", "round", "num_examples", "straggler", "has_vector", "vector_size", "metrics_json", "error")
+    __slots__ = ("session_id", "task_id", "round", "num_examples", "straggler", "has_vector", "vector_size", "metrics_json", "error", "payload_size")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +113,7 @@ class ResultHeader(_message.Message):
     VECTOR_SIZE_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     task_id: str
     round: int
@@ -112,7 +123,8 @@ class ResultHeader(_message.Message):
     vector_size: int
     metrics_json: str
     error: str
-    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., straggler: bool = ..., has_vector: bool = ..., vector_size: _Optional[int] = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    payload_size: int
+    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., straggler: bool = ..., has_vector: bool = ..., vector_size: _Optional[int] = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., payload_size: _Optional[int] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")

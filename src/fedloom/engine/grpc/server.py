@@ -257,6 +257,7 @@ class FederationServicer:
                 vector_size=self.registry.vector_size,
                 drop_stragglers=isinstance(task, FitTask) and task.drop_stragglers,
                 deadline_s=self.options.round_timeout_s,
+                clip_norm=task.clip_norm if isinstance(task, FitTask) else None,
             )
         ).SerializeToString()
         step = self.options.chunk_bytes
