@@ -93,7 +93,22 @@ def _slow_main() -> int:
     p.add_argument("--token", default="")
     p.add_argument("--partition", type=int, required=True)
     p.add_argument("--insecure", action="store_true")
+    p.add_argument("--secagg-stall", default="", help="stage at which to announce and stall")
     args = p.parse_args()
+
+    if args.secagg_stall:
+        from fedloom.privacy.secagg import Stage
+        from fedloom.privacy.secagg.transport import SecAggParticipant
+
+        original = SecAggParticipant.respond
+
+        def stalling(self: SecAggParticipant, stage: Stage, payload: bytes) -> bytes:
+            if stage.value == args.secagg_stall:
+                print(f"secagg stage {stage.value} reached", flush=True)
+                time.sleep(60)
+            return original(self, stage, payload)
+
+        SecAggParticipant.respond = stalling  # type: ignore[method-assign]
 
     class SlowApp(BuiltinApp):
         def __init__(self, cfg: RunConfig, client_id: int) -> None:
@@ -106,6 +121,9 @@ def _slow_main() -> int:
         def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
             return super().evaluate(task, global_vector)
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
     creds = Credentials(root_cert=args.root_cert, token=args.token, insecure=args.insecure)
     done = run_client(args.server, SlowApp, creds, partition=args.partition, max_wait_s=60)
     print(f"run over; this client completed {done} tasks", flush=True)

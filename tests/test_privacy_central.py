@@ -220,12 +220,7 @@ def test_dp_fedavg_strategy_turns_on_central_dp_with_poisson_sampling() -> None:
             "server.sampling = 'poisson'",
         ),
         (
-            [
-                "strategy=dp-fedavg",
-                "privacy.noise_multiplier=1",
-                "privacy.adaptive_clipping=true",
-                "engine.name=pool",
-            ],
+            ["privacy.secure_aggregation=secagg+", "engine.name=pool"],
             "engine.name = 'inprocess'",
         ),
         (["privacy.delta=1.5"], "config key 'privacy.delta'"),
@@ -275,6 +270,9 @@ class _FixedUpdates:
         return []
 
     def available_clients(self) -> None:
+        return None
+
+    def connected_clients(self) -> None:
         return None
 
     def round_metrics(self) -> dict[str, Any]:

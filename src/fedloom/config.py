@@ -153,6 +153,12 @@ class PrivacyConfig(_Section):
     clip_lr: float = Field(0.2, gt=0.0)
     clipped_count_stddev: float | None = Field(None, gt=0.0)
     secure_noise: bool = False
+    #: "secagg+": the server learns only the sum of the updates (Bell et al. 2020);
+    #: updates are unweighted (each client counts once) and, without central DP,
+    #: clipped per coordinate to ``secagg_clip_range`` before quantization.
+    secure_aggregation: Literal["none", "secagg+"] = "none"
+    secagg_clip_range: float = Field(1.0, gt=0.0)
+    secagg_quantization_bits: int = Field(16, ge=2, le=24)
 
 
 class EngineConfig(_Section):
@@ -262,6 +268,11 @@ def check_privacy(cfg: RunConfig) -> None:
     directory (every key explicit) validates exactly as the original did.
     """
     p = cfg.privacy
+    if p.secure_aggregation != "none" and cfg.engine.name == "pool":
+        raise ConfigError(
+            "privacy.secure_aggregation runs on engine.name = 'inprocess' or in a deployment "
+            "(fedloom server), not on the pool engine"
+        )
     if p.mechanism == "none":
         stray = [
             key

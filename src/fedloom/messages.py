@@ -25,6 +25,9 @@ class FitTask:
     #: update to this round. None means the configured ``privacy.clipping_norm``, which is
     #: right unless adaptive clipping moves C from round to round.
     clip_norm: float | None = None
+    #: Secure aggregation: the client keeps its update for the protocol that follows
+    #: instead of returning it, and answers with metadata only.
+    secure: bool = False
 
 
 @dataclass
@@ -37,6 +40,8 @@ class FitResult:
     num_examples: int
     straggler: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The client holds ``delta`` for secure aggregation (``delta`` is None here).
+    held: bool = False
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from fedloom.engine.grpc.server import (
 )
 from fedloom.engine.simulation import RoundCallback, run_federation
 from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.privacy.secagg import SecAggConfig
+from fedloom.privacy.secagg.transport import SecureSum
 
 log = logging.getLogger("fedloom.deploy")
 
@@ -115,6 +117,9 @@ class DeploymentExecutor:
         self.inner.wait_for_clients(self.min_clients)
         return self.inner.available_clients()
 
+    def connected_clients(self) -> Sequence[int]:
+        return self.inner.available_clients()
+
     def fit(
         self, tasks: Sequence[FitTask], global_vector: np.ndarray
     ) -> list[FitResult | ClientFailure]:
@@ -127,6 +132,11 @@ class DeploymentExecutor:
 
     def round_metrics(self) -> dict[str, Any]:
         return self.inner.round_metrics()
+
+    def secure_sum(
+        self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
+    ) -> SecureSum:
+        return self.inner.secure_sum(rnd, client_ids, vector_length, config)
 
     def close(self) -> None:
         """Tell every client the run is over (their next poll), then stop serving."""

@@ -7,6 +7,7 @@ overhead, so it is also the reference every other engine is compared against.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -15,16 +16,42 @@ import numpy as np
 from fedloom.client.safety import run_safely
 from fedloom.client.trainer import LocalTrainer
 from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.privacy.secagg import SecAggConfig
+from fedloom.privacy.secagg.transport import (
+    SecAggParticipant,
+    SecureSum,
+    exchange_in_process,
+    serve_secagg_round,
+)
 
 
 class InProcessExecutor:
     def __init__(self, trainer: LocalTrainer) -> None:
         self.trainer = trainer
+        self._held: dict[tuple[int, int], np.ndarray] = {}
 
     def fit(
         self, tasks: Sequence[FitTask], global_vector: np.ndarray
     ) -> list[FitResult | ClientFailure]:
-        return [run_safely(partial(self.trainer.fit, t, global_vector), t) for t in tasks]
+        out = [run_safely(partial(self.trainer.fit, t, global_vector), t) for t in tasks]
+        return [self._hold(r) if t.secure else r for t, r in zip(tasks, out, strict=True)]
+
+    def _hold(self, result: FitResult | ClientFailure) -> FitResult | ClientFailure:
+        """Keep a secure-aggregation update on the 'client' side, as a deployment does."""
+        if isinstance(result, ClientFailure) or result.delta is None:
+            return result
+        self._held[(result.round, result.client_id)] = result.delta
+        return replace(result, delta=None, held=True)
+
+    def secure_sum(
+        self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
+    ) -> SecureSum:
+        """SecAgg+ among simulated clients; every message goes through its byte encoding."""
+        participants = {c: SecAggParticipant(c, self._held.pop((rnd, c))) for c in client_ids}
+        self._held = {k: v for k, v in self._held.items() if k[0] > rnd}
+        return serve_secagg_round(
+            client_ids, vector_length, config, exchange_in_process(participants)
+        )
 
     def evaluate(
         self, tasks: Sequence[EvalTask], global_vector: np.ndarray
@@ -34,6 +61,9 @@ class InProcessExecutor:
         ]
 
     def available_clients(self) -> None:
+        return None
+
+    def connected_clients(self) -> None:
         return None
 
     def round_metrics(self) -> dict[str, Any]:

@@ -28,6 +28,8 @@ import numpy as np
 from fedloom.config import RunConfig
 from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import decode_vector, encode_vector
+from fedloom.privacy.secagg import SecAggConfig
+from fedloom.privacy.secagg.transport import SecureSum
 
 Task = FitTask | EvalTask
 Outcome = FitResult | EvalResult | ClientFailure
@@ -222,8 +224,18 @@ class ProcessPoolExecutor:
     def available_clients(self) -> None:
         return None
 
+    def connected_clients(self) -> None:
+        return None
+
     def round_metrics(self) -> dict[str, Any]:
         return {}
+
+    def secure_sum(
+        self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
+    ) -> SecureSum:
+        raise NotImplementedError(
+            "secure aggregation is not available on the pool engine (the config refuses it)"
+        )
 
     def close(self) -> None:
         for w in self.workers:

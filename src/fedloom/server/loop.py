@@ -30,6 +30,8 @@ from fedloom.config import ConfigError, RunConfig
 from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import encoded_nbytes
 from fedloom.privacy.central import CentralDP
+from fedloom.privacy.secagg import RoundAbortedError, SecAggConfig
+from fedloom.privacy.secagg.transport import SecureSum
 from fedloom.seeding import SAMPLING, derive_rng
 from fedloom.server.aggregate import weighted_mean
 from fedloom.server.optimizers import ServerOptimizer, make_server_optimizer
@@ -51,11 +53,21 @@ class ClientExecutor(Protocol):
     ) -> list[EvalResult | ClientFailure]: ...
 
     def available_clients(self) -> Sequence[int] | None:
-        """Client ids that can be sampled now, or None when every client always can."""
+        """Client ids to sample from (None: every client). May wait for enough clients."""
+        ...
+
+    def connected_clients(self) -> Sequence[int] | None:
+        """Clients reachable right now, without waiting (None: all of them)."""
         ...
 
     def round_metrics(self) -> dict[str, Any]:
         """Engine-specific counters for the round record (e.g. rejected messages)."""
+        ...
+
+    def secure_sum(
+        self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
+    ) -> SecureSum:
+        """Run SecAgg+ among clients holding their round-``rnd`` updates; the sum only."""
         ...
 
     def close(self) -> None: ...
@@ -204,7 +216,10 @@ class FederatedServer:
         sampled = self._sample(rnd)
         dp = self.privacy
         clip_norm = dp.clip_norm if dp is not None else None
-        tasks = [FitTask(int(c), rnd, cfg.server.drop_stragglers, clip_norm) for c in sampled]
+        secure = cfg.privacy.secure_aggregation != "none"
+        tasks = [
+            FitTask(int(c), rnd, cfg.server.drop_stragglers, clip_norm, secure) for c in sampled
+        ]
         outcomes = self.executor.fit(tasks, state.weights)
 
         updates: list[FitResult] = []
@@ -213,6 +228,8 @@ class FederatedServer:
         for out in outcomes:
             if isinstance(out, ClientFailure):
                 failures.append(out)
+            elif out.held:
+                updates.append(out)
             elif out.delta is None:
                 dropped += 1
             elif not np.all(np.isfinite(out.delta)):
@@ -231,10 +248,25 @@ class FederatedServer:
 
         dp_fields: dict[str, Any] = {}
         aggregated = dp is not None or len(updates) >= cfg.server.min_aggregate_clients
-        if dp is not None:
+        secure_fields: dict[str, Any] = {}
+        if secure and aggregated:
+            updates, secure_fields = self._secure_aggregate(rnd, updates, clip_norm)
+            aggregated = dp is not None or bool(updates)
+        if secure and aggregated and dp is None:
+            state.weights = state.optimizer.step(
+                state.weights, secure_fields.pop("_sum") / max(len(updates), 1)
+            )
+            for u in updates:
+                state.participation[u.client_id] += 1
+        elif dp is not None:
+            clipped = (
+                [secure_fields.pop("_sum")]
+                if secure and updates  # the sum is all there is
+                else [u.delta for u in updates if u.delta is not None]
+            )
             update, dp_fields = dp.aggregate(
                 rnd,
-                [u.delta for u in updates if u.delta is not None],
+                clipped,
                 [u.metrics.get("below_clip", 0.0) for u in updates],
                 state.weights.shape[0],
             )
@@ -273,6 +305,8 @@ class FederatedServer:
             "bytes_up": sum(encoded_nbytes(u.delta) for u in updates if u.delta is not None),
             "epsilon": None,
         }
+        secure_fields.pop("_sum", None)
+        record.update(secure_fields)
         record.update(dp_fields)
         record.update(self.executor.round_metrics())
         # The run's last round: the configured number, or the last the privacy budget allows.
@@ -288,6 +322,35 @@ class FederatedServer:
             if rnd % cfg.checkpoint_every == 0 or last:
                 self.store.save_checkpoint(state.checkpoint(cfg.seed))
         return record
+
+    def _secure_aggregate(
+        self, rnd: int, held: list[FitResult], clip_norm: float | None
+    ) -> tuple[list[FitResult], dict[str, Any]]:
+        """SecAgg+ over the clients holding updates: (contributors, record fields + sum).
+
+        Coordinates are clipped to the central-DP clipping norm when there is one (an
+        L2-clipped vector has no larger coordinate, so nothing more is lost), else to
+        ``privacy.secagg_clip_range``. An aborted round aggregates nothing.
+        """
+        p = self.cfg.privacy
+        config = SecAggConfig(
+            clip_range=clip_norm if clip_norm is not None else p.secagg_clip_range,
+            quantization_bits=p.secagg_quantization_bits,
+        )
+        ids = [u.client_id for u in held]
+        try:
+            result = self.executor.secure_sum(rnd, ids, self.state.weights.shape[0], config)
+        except RoundAbortedError as err:
+            log.warning("round %d: secure aggregation aborted: %s", rnd, err)
+            return [], {"secagg_aborted": str(err), "_sum": None}
+        contributors = set(result.contributors)
+        fields = {
+            "secagg_contributors": len(contributors),
+            "secagg_bytes_up": result.bytes_up,
+            "secagg_bytes_down": result.bytes_down,
+            "_sum": result.sum,
+        }
+        return [u for u in held if u.client_id in contributors], fields
 
     def _sample(self, rnd: int) -> np.ndarray:
         """Sample among the clients the engine can reach (all of them in simulation).
@@ -309,7 +372,7 @@ class FederatedServer:
             out["loss"], out["accuracy"] = self.central_evaluator(self.state.weights)
         # In a deployment the clients that are connected evaluate on their own local test
         # data (the server cannot know who has any); in simulation, those with test sets.
-        available = self.executor.available_clients()
+        available = self.executor.connected_clients()
         evaluators = self.eval_clients if available is None else list(available)
         if self.cfg.eval.federated and evaluators:
             tasks = [EvalTask(c, rnd) for c in evaluators]

@@ -32,6 +32,8 @@ from fedloom.engine.grpc import PROTOCOL_VERSION
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import WIRE_DTYPE, encode_vector
+from fedloom.privacy.secagg import STAGES, Stage
+from fedloom.privacy.secagg.transport import SecAggParticipant
 
 log = logging.getLogger("fedloom.client")
 
@@ -254,16 +256,21 @@ def _serve_session(
     )
     beat.start()
     done = 0
+    held: dict[int, SecAggParticipant] = {}  # round -> update kept for secure aggregation
     try:
         while not stop.is_set() and not alive.is_set():
-            header, vector = _pull(stub, session, int(reply.vector_size))
+            header, payload = _pull(stub, session, int(reply.vector_size))
             if header.kind == pb.TASK_IDLE:
                 continue
             if header.kind == pb.TASK_STOP:
                 log.info("the server ended the run")
                 return done, True
-            assert vector is not None
-            _push(stub, session, header, _run_task(app, header, vector), chunk_bytes)
+            if header.kind == pb.TASK_SECAGG:
+                result = _run_secagg_stage(held, header, payload)
+            else:
+                vector = np.frombuffer(payload, dtype=WIRE_DTYPE)
+                result = _run_task(app, header, vector, held)
+            _push(stub, session, header, result, chunk_bytes)
             done += 1
         return done, False
     finally:
@@ -284,12 +291,18 @@ def _heartbeat_loop(stub: _Stub, session: str, interval: float, ended: threading
             continue
 
 
-def _pull(stub: _Stub, session: str, size: int) -> tuple[pb.TaskHeader, np.ndarray | None]:
+def _pull(stub: _Stub, session: str, size: int) -> tuple[pb.TaskHeader, bytearray]:
+    """One task: its header and payload (the global vector, or a secure-aggregation message).
+
+    Chunks are written into one buffer of the announced size, so a large model is
+    received with a single copy and stays writable for the trainer.
+    """
     stream: Iterator[bytes] = stub.pull(
         pb.PullRequest(session_id=session).SerializeToString(), timeout=120
     )
     header: pb.TaskHeader | None = None
     buf = bytearray()
+    filled = 0
     for raw in stream:
         try:
             msg = pb.TaskMessage.FromString(raw)
@@ -297,34 +310,82 @@ def _pull(stub: _Stub, session: str, size: int) -> tuple[pb.TaskHeader, np.ndarr
             raise _BadTaskError("unparseable task message") from err
         if msg.WhichOneof("part") == "header":
             header = msg.header
-        else:
-            buf += msg.chunk
+            buf = bytearray(_expected_payload(header, size))
+            continue
+        chunk = msg.chunk
+        if header is None or filled + len(chunk) > len(buf):
+            raise _BadTaskError("task payload larger than announced")
+        buf[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
     if header is None:
         raise _BadTaskError("task stream without a header")
-    if header.kind not in (pb.TASK_FIT, pb.TASK_EVALUATE):
-        return header, None
-    if header.vector_size != size or len(buf) != size * WIRE_DTYPE.itemsize:
-        raise _BadTaskError(
-            f"task vector has {len(buf)} bytes, expected {size * WIRE_DTYPE.itemsize}"
-        )
-    return header, np.frombuffer(bytes(buf), dtype=WIRE_DTYPE).astype(np.float32)
+    if filled != len(buf):
+        raise _BadTaskError(f"task payload has {filled} bytes, expected {len(buf)}")
+    if header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE) and header.vector_size != size:
+        raise _BadTaskError(f"task vector size {header.vector_size}, expected {size}")
+    return header, buf
+
+
+def _expected_payload(header: pb.TaskHeader, size: int) -> int:
+    if header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE):
+        return size * WIRE_DTYPE.itemsize
+    if header.kind == pb.TASK_SECAGG:
+        if not 0 < header.payload_size <= 8 * size + (1 << 20):
+            raise _BadTaskError(f"secure-aggregation payload of {header.payload_size} bytes")
+        return int(header.payload_size)
+    return 0
+
+
+def _run_secagg_stage(
+    held: dict[int, SecAggParticipant], header: pb.TaskHeader, payload: bytearray
+) -> tuple[pb.ResultHeader, bytes]:
+    """Answer one secure-aggregation stage with the update held since this round's fit."""
+    head = pb.ResultHeader(task_id=header.task_id, round=header.round)
+    participant = held.get(header.round)
+    try:
+        if participant is None:
+            raise ValueError(f"no update held for round {header.round}")
+        stage = STAGES[header.secagg_stage]
+        reply = participant.respond(stage, bytes(payload))
+    except Exception as exc:  # reported to the server, which counts this client as dropped
+        head.error = f"{type(exc).__name__}: {exc}"
+        return head, b""
+    if stage is Stage.UNMASKING:
+        held.pop(header.round, None)
+    head.payload_size = len(reply)
+    return head, reply
 
 
 def _run_task(
-    app: ClientApp, header: pb.TaskHeader, vector: np.ndarray
+    app: ClientApp,
+    header: pb.TaskHeader,
+    vector: np.ndarray,
+    held: dict[int, SecAggParticipant],
 ) -> tuple[pb.ResultHeader, bytes]:
     """Run one task; a failure becomes an error header carrying the traceback."""
     head = pb.ResultHeader(task_id=header.task_id, round=header.round)
     try:
         if header.kind == pb.TASK_FIT:
             clip = header.clip_norm if header.HasField("clip_norm") else None
-            task = FitTask(int(header.client_id), int(header.round), header.drop_stragglers, clip)
+            task = FitTask(
+                int(header.client_id),
+                int(header.round),
+                header.drop_stragglers,
+                clip,
+                header.secure,
+            )
             res = app.fit(task, vector)
             head.num_examples = res.num_examples
             head.straggler = res.straggler
             head.metrics_json = json.dumps(_shareable(res.metrics))
             if res.delta is None:
                 head.straggler = True
+                return head, b""
+            if header.secure:
+                for old_round in [r for r in held if r < header.round]:
+                    del held[old_round]
+                held[header.round] = SecAggParticipant(int(header.client_id), res.delta)
+                head.held = True
                 return head, b""
             head.has_vector = True
             head.vector_size = int(res.delta.size)

@@ -103,7 +103,7 @@ class TaskMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("session_id", "task_id", "round", "num_examples", "straggler", "has_vector", "vector_size", "metrics_json", "error", "payload_size")
+    __slots__ = ("session_id", "task_id", "round", "num_examples", "straggler", "has_vector", "vector_size", "metrics_json", "error", "payload_size", "held")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class ResultHeader(_message.Message):
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     task_id: str
     round: int
@@ -124,7 +125,8 @@ class ResultHeader(_message.Message):
     metrics_json: str
     error: str
     payload_size: int
-    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., straggler: bool = ..., has_vector: bool = ..., vector_size: _Optional[int] = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., payload_size: _Optional[int] = ...) -> None: ...
+    held: bool
+    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., straggler: bool = ..., has_vector: bool = ..., vector_size: _Optional[int] = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., payload_size: _Optional[int] = ..., held: bool = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")

@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,11 +36,33 @@ from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.auth import TokenStore
 from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import WIRE_DTYPE, encode_vector
+from fedloom.privacy.secagg import STAGES, SecAggConfig, Stage
+from fedloom.privacy.secagg.transport import SecureSum, serve_secagg_round
 
 log = logging.getLogger("fedloom.deploy")
 
 SERVICE = "fedloom.v1.Federation"
-Outcome = FitResult | EvalResult | ClientFailure
+
+
+@dataclass(frozen=True)
+class SecAggTask:
+    """One secure-aggregation stage for one client: deliver ``payload``, await the reply."""
+
+    client_id: int
+    round: int
+    stage: int  # index into fedloom.privacy.secagg.STAGES
+    payload: bytes
+
+
+@dataclass
+class SecAggReply:
+    client_id: int
+    round: int
+    payload: bytes
+
+
+Task = FitTask | EvalTask | SecAggTask
+Outcome = FitResult | EvalResult | SecAggReply | ClientFailure
 
 
 @dataclass
@@ -58,7 +80,7 @@ class DeployOptions:
 @dataclass
 class OpenTask:
     task_id: str
-    task: FitTask | EvalTask
+    task: Task
     session_id: str
     payload: bytes
     done: threading.Event = field(default_factory=threading.Event)
@@ -247,19 +269,26 @@ class FederationServicer:
 
     def _stream_task(self, ot: OpenTask) -> Iterator[bytes]:
         task = ot.task
-        kind = pb.TASK_FIT if isinstance(task, FitTask) else pb.TASK_EVALUATE
-        yield pb.TaskMessage(
-            header=pb.TaskHeader(
-                kind=kind,
-                task_id=ot.task_id,
-                round=task.round,
-                client_id=task.client_id,
-                vector_size=self.registry.vector_size,
-                drop_stragglers=isinstance(task, FitTask) and task.drop_stragglers,
-                deadline_s=self.options.round_timeout_s,
-                clip_norm=task.clip_norm if isinstance(task, FitTask) else None,
-            )
-        ).SerializeToString()
+        header = pb.TaskHeader(
+            task_id=ot.task_id,
+            round=task.round,
+            client_id=task.client_id,
+            vector_size=self.registry.vector_size,
+            deadline_s=self.options.round_timeout_s,
+        )
+        if isinstance(task, FitTask):
+            header.kind = pb.TASK_FIT
+            header.drop_stragglers = task.drop_stragglers
+            header.secure = task.secure
+            if task.clip_norm is not None:
+                header.clip_norm = task.clip_norm
+        elif isinstance(task, EvalTask):
+            header.kind = pb.TASK_EVALUATE
+        else:
+            header.kind = pb.TASK_SECAGG
+            header.secagg_stage = task.stage
+            header.payload_size = len(ot.payload)
+        yield pb.TaskMessage(header=header).SerializeToString()
         step = self.options.chunk_bytes
         view = memoryview(ot.payload)
         for start in range(0, len(view), step):
@@ -330,7 +359,16 @@ class FederationServicer:
             return EvalResult(
                 task.client_id, task.round, int(head.num_examples), float(loss), float(acc)
             )
+        if isinstance(task, SecAggTask):
+            return SecAggReply(task.client_id, task.round, self._read_payload(head, raws))
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        if head.held:
+            _drain(raws, limit=0)
+            if not task.secure:
+                raise _RejectedError("unexpected_held", "a held update for a non-secure task")
+            return FitResult(
+                task.client_id, task.round, None, int(head.num_examples), False, clean, held=True
+            )
         if not head.has_vector:
             _drain(raws, limit=0)
             if not head.straggler:
@@ -361,6 +399,31 @@ class FederationServicer:
         return FitResult(
             task.client_id, task.round, delta, int(head.num_examples), bool(head.straggler), clean
         )
+
+    def _read_payload(self, head: Any, raws: Iterator[bytes]) -> bytes:
+        """A secure-aggregation reply: exactly ``payload_size`` bytes, bounded in size.
+
+        The largest legitimate reply is a masked vector of ``vector_size`` integers of up
+        to 8 bytes each plus small framing; anything claiming more is refused unread.
+        """
+        limit = 8 * self.registry.vector_size + (1 << 20)
+        size = int(head.payload_size)
+        if not 0 < size <= limit:
+            raise _RejectedError("oversized", f"secure-aggregation payload of {size} bytes")
+        buf = bytearray()
+        for raw in raws:
+            try:
+                msg = pb.ResultMessage.FromString(raw)
+            except DecodeError:
+                raise _RejectedError("malformed", "unparseable result chunk") from None
+            if msg.WhichOneof("part") != "chunk":
+                raise _RejectedError("malformed", "a second header inside a result stream")
+            if len(buf) + len(msg.chunk) > size:
+                raise _RejectedError("oversized", f"payload exceeds {size} bytes")
+            buf += msg.chunk
+        if len(buf) != size:
+            raise _RejectedError("truncated", f"payload has {len(buf)} bytes, expected {size}")
+        return bytes(buf)
 
     def _refuse_result(self, reason: str, detail: str) -> bytes:
         self.registry.reject(reason, detail)
@@ -448,18 +511,43 @@ class GrpcExecutor:
     def fit(
         self, tasks: Sequence[FitTask], global_vector: np.ndarray
     ) -> list[FitResult | ClientFailure]:
-        return [o for o in self._run(tasks, global_vector) if not isinstance(o, EvalResult)]
+        payload = encode_vector(global_vector)
+        out = self._run(tasks, [payload] * len(tasks))
+        return [o for o in out if isinstance(o, FitResult | ClientFailure)]
 
     def evaluate(
         self, tasks: Sequence[EvalTask], global_vector: np.ndarray
     ) -> list[EvalResult | ClientFailure]:
-        return [o for o in self._run(tasks, global_vector) if not isinstance(o, FitResult)]
-
-    def _run(self, tasks: Sequence[FitTask | EvalTask], global_vector: np.ndarray) -> list[Outcome]:
-        reg = self.registry
         payload = encode_vector(global_vector)
+        out = self._run(tasks, [payload] * len(tasks))
+        return [o for o in out if isinstance(o, EvalResult | ClientFailure)]
+
+    def secure_sum(
+        self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
+    ) -> SecureSum:
+        """SecAgg+ with connected clients: each stage is a task per client, with deadline.
+
+        A client that fails, dies or misses the deadline at a stage is a dropout there,
+        which the protocol recovers from (or aborts the round, naming the cause).
+        """
+
+        def exchange(stage: Stage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+            index = STAGES.index(stage)
+            tasks = [SecAggTask(c, rnd, index, data) for c, data in outgoing.items()]
+            replies: dict[int, bytes] = {}
+            for out in self._run(tasks, [t.payload for t in tasks]):
+                if isinstance(out, SecAggReply):
+                    replies[out.client_id] = out.payload
+                else:
+                    log.warning("secagg %s: client %d dropped out", stage, out.client_id)
+            return replies
+
+        return serve_secagg_round(client_ids, vector_length, config, exchange)
+
+    def _run(self, tasks: Sequence[Task], payloads: Sequence[bytes]) -> list[Outcome]:
+        reg = self.registry
         opened: list[OpenTask | Outcome] = []
-        for task in tasks:
+        for task, payload in zip(tasks, payloads, strict=True):
             with reg.lock:
                 sid = reg.by_client.get(task.client_id)
                 session = reg.sessions.get(sid) if sid is not None else None

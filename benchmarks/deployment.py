@@ -1,0 +1,986 @@
+"""Deployment speed: fedloom's gRPC transport against raw sockets (the floor), on loopback.
+
+Run: ``python benchmarks/deployment.py`` (about 3 minutes on 2 idle cores; at most 8) or
+``--quick`` (10M parameters, 50 clients; under a minute). Everything runs on 127.0.0.1
+on free ports; every process, thread and socket the script starts is stopped before it
+exits. It prints one Markdown table (the README's deployment table) on stdout, progress
+on stderr.
+
+(a) **Transfer throughput.** One round with one client: the server sends a
+    100M-parameter float32 vector (400 MB) to the client, whose app returns the vector it
+    received as its update (no compute), and the server receives 400 MB back. Timed is
+    ``GrpcExecutor.fit`` in the server process, end to end (encode, stream, client
+    decode and encode, receive, length and finiteness checks): 800 MB moved. fedloom
+    runs with TLS (1 MiB chunks, the default, and 4 MiB) and, for reference, plaintext.
+    Contenders that show what the bytes cost without fedloom:
+
+    * **raw TCP socket (the floor)**: the same bytes server -> client -> server with
+      ``sendall`` / ``recv_into`` into buffers allocated before the clock starts;
+    * **raw TLS socket**: the same through Python's ``ssl`` with the same certificates;
+    * **bare grpcio streams over TLS** (the transport's floor): a server-streaming call
+      of pre-cut 1 MiB messages down and a client-streaming call of the same objects
+      back, copied once into a preallocated buffer; no protobuf, no fedloom code.
+
+    The receiving side is always a separate process that takes the whole vector before
+    sending it back, as a fedloom client does. Every contender does one untimed warm-up
+    copy, then N timed ones; the best is reported (and the median). Connection set-up
+    and TLS handshakes are outside every timing. Peak memory is VmHWM from
+    ``/proc/self/status`` above each process's RSS after its imports.
+(b) **Many clients.** One server process (``--role server``, measured alone: its
+    ``/proc`` VmRSS/VmHWM and CPU time) and N lightweight clients as threads, 50 per
+    client process (``run_client`` with an app that echoes a 10,000-parameter vector; no
+    torch work). Every round samples every client. Reported: rounds per second after one
+    warm-up round, server CPU per round, the server's memory before any client connects
+    and at its peak, its CPU while the clients only poll and send heartbeats, and every
+    failed client-round, rejected message and re-registration (signs of starvation).
+    The client processes share the same cores, so this is the whole system's rate.
+(c) **Protocol overhead.** The same one-client round through a byte-counting TCP proxy
+    (in the server process) between client and server: bytes in the TCP streams (TLS
+    records, HTTP/2 frames, gRPC and protobuf framing, plus the heartbeats and polls
+    during the round) divided by the raw vector bytes, down + up (2 x 4 bytes x
+    parameters). TCP/IP headers are not counted. Also the idle traffic of one connected
+    client (a heartbeat every 1 s, the long poll renewed every 5 s) and the connection
+    set-up bytes (TLS handshake, HTTP/2 preface, Register).
+
+Why it is fair: fedloom and the floors move the same bytes over the same loopback
+between two processes in the same order, with the same certificates, on the same
+machine in the same invocation, and the fedloom server runs with the ``[deploy]``
+defaults ``fedloom server`` uses (256 worker threads, 1 s heartbeats, 5 s long polls).
+The floors are what no protocol can beat here; the ratios say what fedloom's framing,
+chunking and copies cost on top. Both sides are Python, so are the floors' (the kernel
+and the TLS library do their copying; Python only loops). The 1-minute load average is
+printed because other work on the machine changes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from fedloom.config import RunConfig
+    from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
+
+HOST = "127.0.0.1"
+MB = 1e6
+MiB = 1 << 20
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parents[1]
+
+
+# --- /proc readings --------------------------------------------------------------------------
+
+
+def proc_memory(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in bytes, from ``/proc/PID/status``."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def proc_cpu_s(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- child processes -------------------------------------------------------------------------
+
+
+class Proc:
+    """A child process of this script; a reader thread collects its combined output."""
+
+    def __init__(self, role: str, args: Sequence[str]) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.popen = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--role", role, *args],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.role = role
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := regex.search(line):
+                    return m
+            if self.popen.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        tail = "\n".join(self.lines[-40:])
+        raise RuntimeError(f"{self.role}: '{pattern}' not seen within {timeout:.0f} s:\n{tail}")
+
+    def send(self, line: str) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(line + "\n")
+        self.popen.stdin.flush()
+
+    def wait(self, timeout: float) -> int:
+        code = self.popen.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+    def stop(self) -> None:
+        if self.popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.popen.stdin.close()
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+        self._reader.join(timeout=5)
+
+
+# --- raw socket floor ------------------------------------------------------------------------
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got, total = 0, len(view)
+    while got < total:
+        n = sock.recv_into(view[got:], min(total - got, 4 * MiB))
+        if n == 0:
+            raise ConnectionError(f"peer closed after {got} of {total} bytes")
+        got += n
+
+
+def raw_floor(payload: bytes, certs: Path | None, repeats: int) -> tuple[list[float], str]:
+    """Seconds per server → client → server copy of ``payload``; TLS when ``certs`` is set."""
+    back = bytearray(len(payload))
+    view = memoryview(back)
+    with socket.create_server((HOST, 0)) as listener:
+        listener.settimeout(60)
+        port = listener.getsockname()[1]
+        args = ["--port", str(port), "--nbytes", str(len(payload)), "--repeats", str(repeats)]
+        if certs is not None:
+            args += ["--ca", str(certs / "ca.pem")]
+        child = Proc("echo", args)
+        try:
+            raw, _ = listener.accept()
+            raw.settimeout(120)
+            conn: socket.socket = raw
+            cipher = "none"
+            if certs is not None:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
+                conn = ctx.wrap_socket(raw, server_side=True)
+                c = conn.cipher() if isinstance(conn, ssl.SSLSocket) else None
+                cipher = f"{c[1]} {c[0]}" if c else "?"
+            times = []
+            with conn:
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    conn.sendall(payload)
+                    recv_exact(conn, view)
+                    times.append(time.perf_counter() - t0)
+            if back != payload:
+                raise RuntimeError("raw copy returned different bytes")
+            if child.wait(60) != 0:
+                raise RuntimeError("echo child failed:\n" + "\n".join(child.lines[-20:]))
+            return times, cipher
+        finally:
+            child.stop()
+
+
+def _echo_main(args: argparse.Namespace) -> int:
+    buf = bytearray(args.nbytes)
+    view = memoryview(buf)
+    raw = socket.create_connection((HOST, args.port), timeout=60)
+    raw.settimeout(120)
+    conn: socket.socket = raw
+    if args.ca:
+        ctx = ssl.create_default_context(cafile=args.ca)
+        conn = ctx.wrap_socket(raw, server_hostname=HOST)
+    with conn:
+        for _ in range(args.repeats):
+            recv_exact(conn, view)
+            conn.sendall(view)
+    return 0
+
+
+# --- bare grpcio floor -----------------------------------------------------------------------
+
+GRPC_FLOOR = "/bench.Copy/"
+
+
+def grpc_floor(payload: bytes, certs: Path, chunk_bytes: int, repeats: int) -> list[float]:
+    """Seconds per round trip through bare grpcio streams over TLS, without fedloom.
+
+    What the transport costs when the application adds nothing: the server streams
+    pre-cut ``chunk_bytes`` messages (no protobuf, no per-round copy) and copies what comes
+    back into a preallocated buffer; the client (another process) keeps the chunks it
+    receives and streams the same objects back. Timed in the client, from the first
+    request to the last reply.
+    """
+    import grpc
+
+    view = memoryview(payload)
+    chunks = [bytes(view[i : i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
+    back = bytearray(len(payload))
+    back_view = memoryview(back)
+
+    def down(request: bytes, context: grpc.ServicerContext) -> Any:
+        yield from chunks
+
+    def up(requests: Any, context: grpc.ServicerContext) -> bytes:
+        off = 0
+        for c in requests:
+            back_view[off : off + len(c)] = c
+            off += len(c)
+        return str(off).encode()
+
+    ident = _identity
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Copy",
+        {
+            "Down": grpc.unary_stream_rpc_method_handler(down, ident, ident),
+            "Up": grpc.stream_unary_rpc_method_handler(up, ident, ident),
+        },
+    )
+    limit = max(8 << 20, 2 * chunk_bytes)
+    from concurrent import futures
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
+    )
+    server.add_generic_rpc_handlers((handler,))
+    creds = grpc.ssl_server_credentials(
+        [((certs / "server.key").read_bytes(), (certs / "server.pem").read_bytes())]
+    )
+    port = server.add_secure_port(f"{HOST}:0", creds)
+    server.start()
+    child = Proc(
+        "grpc-client",
+        [
+            "--port",
+            str(port),
+            "--ca",
+            str(certs / "ca.pem"),
+            "--repeats",
+            str(repeats),
+            "--nbytes",
+            str(len(payload)),
+            "--chunk-bytes",
+            str(chunk_bytes),
+        ],
+    )
+    try:
+        times = json.loads(child.wait_for(r"^TIMES (.*)$", 300).group(1))
+        child.wait(30)
+        if back != payload:
+            raise RuntimeError("bare grpcio copy returned different bytes")
+        return [float(t) for t in times]
+    finally:
+        child.stop()
+        server.stop(0).wait(5)
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _grpc_client_main(args: argparse.Namespace) -> int:
+    import grpc
+
+    limit = max(8 << 20, 2 * args.chunk_bytes)
+    creds = grpc.ssl_channel_credentials(root_certificates=Path(args.ca).read_bytes())
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ]
+    times = []
+    with grpc.secure_channel(f"{HOST}:{args.port}", creds, options=options) as channel:
+        down = channel.unary_stream(GRPC_FLOOR + "Down", _identity, _identity)
+        up = channel.stream_unary(GRPC_FLOOR + "Up", _identity, _identity)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            got = list(down(b"", timeout=120))
+            reply = up(iter(got), timeout=120)
+            times.append(time.perf_counter() - t0)
+            if int(reply) != args.nbytes:
+                raise RuntimeError(f"server got {int(reply)} of {args.nbytes} bytes")
+            del got
+    print("TIMES " + json.dumps(times), flush=True)
+    return 0
+
+
+# --- byte-counting proxy ---------------------------------------------------------------------
+
+
+class CountingProxy:
+    """Forwards 127.0.0.1:port → the target port, counting the bytes in each direction."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = (HOST, target_port)
+        self._listener = socket.create_server((HOST, 0))
+        self._listener.settimeout(0.2)
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self.up = 0  # client → server
+        self.down = 0  # server → client
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
+        self._threads[0].start()
+
+    def totals(self) -> tuple[int, int]:
+        with self._lock:
+            return self.down, self.up
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            try:
+                upstream = socket.create_connection(self._target, timeout=10)
+            except OSError:
+                conn.close()
+                continue
+            upstream.settimeout(None)
+            for s in (conn, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pumps = [
+                threading.Thread(target=self._pump, args=(conn, upstream, True), daemon=True),
+                threading.Thread(target=self._pump, args=(upstream, conn, False), daemon=True),
+            ]
+            with self._lock:
+                self._socks += [conn, upstream]
+                self._threads += pumps
+            for t in pumps:
+                t.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        buf = bytearray(1 << 18)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = src.recv_into(buf)
+                if n == 0:
+                    break
+                dst.sendall(view[:n])
+                with self._lock:
+                    if up:
+                        self.up += n
+                    else:
+                        self.down += n
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        with self._lock:
+            socks, threads = list(self._socks), list(self._threads)
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        for t in threads:
+            t.join(timeout=5)
+
+
+# --- fedloom server and clients (child processes) --------------------------------------------
+
+
+def _server_main(args: argparse.Namespace) -> int:
+    """Serve ``--rounds`` rounds of FitTasks to ``--clients`` clients; print a RESULT line."""
+    import numpy as np
+
+    from fedloom.config import DeployConfig, load_config
+    from fedloom.engine.deploy import ServerSecurity, server_credentials
+    from fedloom.engine.grpc.server import (
+        DeployOptions,
+        FederationServicer,
+        GrpcExecutor,
+        Registry,
+        start_grpc_server,
+    )
+    from fedloom.messages import FitResult, FitTask
+
+    logging.basicConfig(level=logging.WARNING, format="server %(levelname)s: %(message)s")
+    d = DeployConfig()
+    options = DeployOptions(
+        round_timeout_s=args.round_timeout_s,
+        heartbeat_interval_s=d.heartbeat_interval_s,
+        heartbeat_timeout_s=d.heartbeat_timeout_s,
+        poll_timeout_s=d.poll_timeout_s,
+        chunk_bytes=args.chunk_bytes,
+        wait_for_clients_s=args.wait_s,
+    )
+    max_workers = args.max_workers or d.max_workers
+    registry = Registry(args.clients, args.vector_size, load_config(None, []).model_dump_json())
+    address = f"{HOST}:0"
+    sec = ServerSecurity()
+    if args.certs:
+        certs = Path(args.certs)
+        sec = ServerSecurity(tls_cert=certs / "server.pem", tls_key=certs / "server.key")
+    servicer = FederationServicer(registry, options, None)
+    server, port = start_grpc_server(
+        servicer,
+        address,
+        server_credentials(address, sec),
+        max_workers=max_workers,
+        max_message_bytes=max(8 << 20, 2 * args.chunk_bytes),
+    )
+    executor = GrpcExecutor(registry, options)
+    proxy = CountingProxy(port) if args.proxy else None
+    result: dict[str, Any] = {"max_workers": max_workers}
+    try:
+        print(f"PORT {proxy.port if proxy else port}", flush=True)
+        result["rss_baseline"] = proc_memory()["VmRSS"]
+        t0 = time.perf_counter()
+        executor.wait_for_clients(args.clients)
+        result["connect_s"] = time.perf_counter() - t0
+        # Let every client settle into its first long poll before measuring traffic.
+        time.sleep(args.settle_s if args.proxy or args.idle_s > 0 else 0.2)
+        if proxy:
+            result["setup_bytes"] = sum(proxy.totals()) / args.clients
+        if args.idle_s > 0:
+            b0, c0, t0 = proxy.totals() if proxy else (0, 0), proc_cpu_s(), time.perf_counter()
+            time.sleep(args.idle_s)
+            b1, c1, t1 = proxy.totals() if proxy else (0, 0), proc_cpu_s(), time.perf_counter()
+            result["idle_cpu_frac"] = (c1 - c0) / (t1 - t0)
+            result["idle_bytes_per_s"] = (sum(b1) - sum(b0)) / (t1 - t0) / args.clients
+        vector = np.full(args.vector_size, 0.5, dtype=np.float32)
+        rounds: list[dict[str, float]] = []
+        for rnd in range(1, args.rounds + 1):
+            tasks = [FitTask(c, rnd) for c in range(args.clients)]
+            b0, c0 = proxy.totals() if proxy else (0, 0), proc_cpu_s()
+            t0 = time.perf_counter()
+            outcomes = executor.fit(tasks, vector)
+            seconds = time.perf_counter() - t0
+            cpu = proc_cpu_s() - c0
+            good = sum(
+                isinstance(o, FitResult)
+                and o.delta is not None
+                and o.delta.size == args.vector_size
+                and float(o.delta[-1]) == 0.5
+                for o in outcomes
+            )
+            del outcomes
+            row = {"seconds": seconds, "cpu_s": cpu, "ok": good}
+            if proxy:
+                time.sleep(0.3)  # the PushReply and the stream trailers
+                b1 = proxy.totals()
+                row["down"], row["up"] = b1[0] - b0[0], b1[1] - b0[1]
+            rounds.append(row)
+        result["rounds"] = rounds
+        mem = proc_memory()
+        result["rss_peak"], result["rss_end"] = mem["VmHWM"], mem["VmRSS"]
+        result["rejected"] = dict(registry.rejections)
+        result["sessions"] = len(registry.sessions)
+        del vector
+    finally:
+        executor.close()
+        deadline = time.monotonic() + options.poll_timeout_s + 2.0
+        while time.monotonic() < deadline and not registry.all_told_to_stop():
+            time.sleep(0.05)
+        server.stop(grace=2.0).wait(5.0)
+        if proxy:
+            proxy.close()
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+@dataclass
+class EchoApp:
+    """A client that returns the global vector it received as its update: no compute."""
+
+    cfg: RunConfig
+    client_id: int
+
+    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
+        from fedloom.messages import FitResult
+
+        return FitResult(task.client_id, task.round, global_vector, 1)
+
+    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
+        from fedloom.messages import EvalResult
+
+        return EvalResult(task.client_id, task.round, 1, 0.0, 1.0)
+
+
+def _clients_main(args: argparse.Namespace) -> int:
+    """Run ``--count`` clients as threads until the server ends the run; print a CLIENTS line."""
+    from fedloom.engine.grpc.client import Credentials, run_client
+
+    logging.basicConfig(level=logging.WARNING, format="client %(levelname)s: %(message)s")
+    address = sys.stdin.readline().strip() if args.server == "-" else args.server
+    if not address:
+        return 1  # the benchmark went away before the server started
+    baseline = proc_memory()["VmRSS"]
+    creds = Credentials(root_cert=Path(args.ca)) if args.ca else Credentials(insecure=True)
+    stop = threading.Event()
+    done: list[int] = []
+    errors: list[str] = []
+
+    def one(partition: int) -> None:
+        try:
+            done.append(
+                run_client(
+                    address,
+                    EchoApp,
+                    creds,
+                    partition=partition,
+                    name=f"bench-{partition}",
+                    num_examples=1,
+                    max_wait_s=60.0,
+                    chunk_bytes=args.chunk_bytes,
+                    stop=stop,
+                )
+            )
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [
+        threading.Thread(target=one, args=(args.first_id + i,), daemon=True)
+        for i in range(args.count)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + args.timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        stop.set()
+        for t in threads:
+            t.join(10)
+    mem = proc_memory()
+    print(
+        "CLIENTS "
+        + json.dumps(
+            {
+                "tasks": sum(done),
+                "errors": errors[:5],
+                "n_errors": len(errors),
+                "baseline": baseline,
+                "peak": mem["VmHWM"],
+            }
+        ),
+        flush=True,
+    )
+    return 0 if not errors else 1
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+@dataclass
+class FedloomRun:
+    """The server's RESULT plus what the client processes reported."""
+
+    server: dict[str, Any]
+    clients: list[dict[str, Any]]
+
+    @property
+    def rounds(self) -> list[dict[str, float]]:
+        return list(self.server["rounds"])
+
+
+def fedloom_run(
+    certs: Path | None,
+    *,
+    vector_size: int,
+    clients: int = 1,
+    client_procs: int = 1,
+    rounds: int = 1,
+    chunk_bytes: int = MiB,
+    proxy: bool = False,
+    idle_s: float = 0.0,
+    max_workers: int = 0,
+    timeout_s: float = 300.0,
+) -> FedloomRun:
+    """Start a server process and client processes, run the rounds, stop everything."""
+    server_args = [
+        "--vector-size",
+        str(vector_size),
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+        "--chunk-bytes",
+        str(chunk_bytes),
+        "--idle-s",
+        str(idle_s),
+        "--max-workers",
+        str(max_workers),
+        "--round-timeout-s",
+        str(timeout_s),
+    ]
+    if certs is not None:
+        server_args += ["--certs", str(certs)]
+    if proxy:
+        server_args.append("--proxy")
+    procs: list[Proc] = []
+    try:
+        # Client processes import while the server starts; they read its address from stdin.
+        server = Proc("server", server_args)
+        procs.append(server)
+        per = -(-clients // client_procs)
+        for first in range(0, clients, per):
+            args = [
+                "--server",
+                "-",
+                "--first-id",
+                str(first),
+                "--count",
+                str(min(per, clients - first)),
+                "--chunk-bytes",
+                str(chunk_bytes),
+                "--timeout-s",
+                str(timeout_s + 60),
+            ]
+            if certs is not None:
+                args += ["--ca", str(certs / "ca.pem")]
+            procs.append(Proc("clients", args))
+        port = int(server.wait_for(r"^PORT (\d+)$", 60).group(1))
+        for p in procs[1:]:
+            p.send(f"{HOST}:{port}")
+        result = json.loads(server.wait_for(r"^RESULT (.*)$", timeout_s + 60).group(1))
+        reports: list[dict[str, Any]] = []
+        for p in procs[1:]:
+            try:
+                reports.append(json.loads(p.wait_for(r"^CLIENTS (.*)$", 30).group(1)))
+            except RuntimeError:  # still retrying: the server stopped before telling it
+                reports.append({"hung": True, "tail": p.lines[-5:]})
+        server.wait(30)
+        return FedloomRun(result, reports)
+    finally:
+        for p in procs:
+            p.stop()
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / MB:,.0f} MB" if n >= 10 * MB else f"{n / MB:,.1f} MB"
+
+
+def machine_info() -> str:
+    import grpc
+    import numpy
+    from google.protobuf import __version__ as pb_version
+    from google.protobuf.internal import api_implementation
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, "
+        f"{mem:.1f} GiB RAM; Python {platform.python_version()}, grpcio {grpc.__version__}, "
+        f"protobuf {pb_version} ({api_implementation.Type()}), numpy {numpy.__version__}, "
+        f"{ssl.OPENSSL_VERSION}"
+    )
+
+
+class Table:
+    """A Markdown table, readable as plain text, ready for the README."""
+
+    def __init__(self, header: Sequence[str]) -> None:
+        self.rows: list[list[str]] = [list(header)]
+
+    def add(self, *cells: str) -> None:
+        self.rows.append(list(cells))
+
+    def render(self) -> str:
+        widths = [max(len(r[i]) for r in self.rows) for i in range(len(self.rows[0]))]
+        lines = []
+        for k, row in enumerate(self.rows):
+            lines.append(
+                "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+            )
+            if k == 0:
+                lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        return "\n".join(lines)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="10M parameters, 50 clients: < 1 min")
+    p.add_argument("--params", type=int, help="parameters for (a) (default 100M, quick 10M)")
+    p.add_argument("--clients", type=int, help="clients for (b) (default 200, quick 50)")
+    p.add_argument(
+        "--repeats", type=int, help="timed copies in (a) after a warm-up; best kept (3; quick 2)"
+    )
+    p.add_argument("--rounds", type=int, help="timed rounds in (b) (default 10, quick 5)")
+    p.add_argument("--max-workers", type=int, default=0, help="server threads (0: deploy default)")
+    # child roles
+    p.add_argument(
+        "--role", choices=["main", "server", "clients", "echo", "grpc-client"], default="main"
+    )
+    p.add_argument("--vector-size", type=int, default=0)
+    p.add_argument("--chunk-bytes", type=int, default=MiB)
+    p.add_argument("--certs", default="")
+    p.add_argument("--proxy", action="store_true")
+    p.add_argument("--idle-s", type=float, default=0.0)
+    p.add_argument("--settle-s", type=float, default=1.0)
+    p.add_argument("--wait-s", type=float, default=120.0)
+    p.add_argument("--round-timeout-s", type=float, default=300.0)
+    p.add_argument("--server", default="")
+    p.add_argument("--ca", default="")
+    p.add_argument("--first-id", type=int, default=0)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--nbytes", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.role == "server":
+        return _server_main(args)
+    if args.role == "clients":
+        return _clients_main(args)
+    if args.role == "echo":
+        return _echo_main(args)
+    if args.role == "grpc-client":
+        return _grpc_client_main(args)
+    return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fedloom.engine.grpc.certs import make_dev_certs
+    from fedloom.params import encode_vector
+
+    quick = args.quick
+    load_before = os.getloadavg()[0]
+    params = args.params or (10_000_000 if quick else 100_000_000)
+    n_clients = args.clients or (50 if quick else 200)
+    repeats = args.repeats or (2 if quick else 3)
+    rounds = args.rounds or (5 if quick else 10)
+    idle_s = 2.0 if quick else 10.0
+    raw = params * 4
+    started = time.perf_counter()
+    table = Table(["part", "what", "setting", "result", "vs floor / note"])
+
+    with tempfile.TemporaryDirectory(prefix="fedloom-bench-") as tmp:
+        certs = Path(tmp) / "certs"
+        make_dev_certs(certs, [HOST, "localhost"], [])
+
+        # (a) transfer throughput
+        payload = encode_vector(np.full(params, 0.5, dtype=np.float32))
+        moved = 2 * len(payload)
+
+        def speed(times: Sequence[float]) -> str:
+            best = min(times)
+            return (
+                f"{moved / MB / best:,.0f} MB/s ({best:.2f} s; "
+                f"median of {len(times)} {statistics.median(times):.2f} s)"
+            )
+
+        setting = f"{params / 1e6:,.0f}M params = {fmt_bytes(raw)} each way"
+        log(f"(a) raw TCP floor, {setting}")
+        # Every contender runs one untimed warm-up copy first (fresh buffers, TCP and
+        # HTTP/2 windows opening up), then ``repeats`` timed ones.
+        tcp_times, _ = raw_floor(payload, None, repeats + 1)
+        tcp_times = tcp_times[1:]
+        log("(a) raw TLS floor (Python ssl)")
+        tls_times, cipher = raw_floor(payload, certs, repeats + 1)
+        tls_times = tls_times[1:]
+        log("(a) bare grpcio floor (TLS, 1 MiB messages)")
+        grpc_times = grpc_floor(payload, certs, MiB, repeats + 1)[1:]
+        del payload
+        tcp, grpc_tls = min(tcp_times), min(grpc_times)
+        table.add("(a)", "raw TCP socket copy (the floor)", setting, speed(tcp_times), "floor")
+        table.add(
+            "(a)",
+            "raw TLS socket copy",
+            f"Python ssl, {cipher}",
+            speed(tls_times),
+            f"{tcp / min(tls_times):.2f} of raw TCP",
+        )
+        table.add(
+            "(a)",
+            "bare grpcio streams, TLS (transport floor)",
+            "1 MiB messages, no fedloom code",
+            speed(grpc_times),
+            f"{tcp / grpc_tls:.2f} of raw TCP",
+        )
+        variants = (
+            [(True, MiB), (False, MiB)] if quick else [(True, MiB), (True, 4 * MiB), (False, MiB)]
+        )
+        for tls, chunk in variants:
+            name = "TLS" if tls else "plaintext"
+            log(f"(a) fedloom gRPC {name}, chunk {chunk // MiB} MiB")
+            run = fedloom_run(
+                certs if tls else None,
+                vector_size=params,
+                rounds=repeats + 1,
+                chunk_bytes=chunk,
+                max_workers=args.max_workers,
+            )
+            if any(r["ok"] != 1 for r in run.rounds):
+                raise RuntimeError(f"(a) a round failed: {run.server}")
+            times = [r["seconds"] for r in run.rounds[1:]]
+            best = min(times)
+            s, c = run.server, run.clients[0]
+            vs = f"{tcp / best:.2f} of raw TCP"
+            if tls:
+                vs += f", {grpc_tls / best:.2f} of bare grpcio TLS"
+            table.add(
+                "(a)",
+                f"fedloom GrpcExecutor.fit, {name}",
+                f"chunk {chunk // MiB} MiB, 1 client process",
+                speed(times),
+                f"{vs}; peak RSS above start-up: server "
+                f"{(s['rss_peak'] - s['rss_baseline']) / raw:.1f}x, client "
+                f"{(c['peak'] - c['baseline']) / raw:.1f}x the vector",
+            )
+
+        # (b) many clients
+        procs = max(1, -(-n_clients // 50))
+        log(f"(b) {n_clients} clients in {procs} processes, {rounds} rounds + 1 warm-up")
+        run = fedloom_run(
+            certs,
+            vector_size=10_000,
+            clients=n_clients,
+            client_procs=procs,
+            rounds=rounds + 1,
+            idle_s=idle_s,
+            max_workers=args.max_workers,
+            timeout_s=120.0,
+        )
+        s = run.server
+        timed = run.rounds[1:]
+        total = sum(r["seconds"] for r in timed)
+        failed = sum(n_clients - r["ok"] for r in run.rounds)
+        setting = f"{n_clients} clients, TLS, 10k params, max_workers {s['max_workers']}"
+        table.add(
+            "(b)",
+            "rounds per second, all clients sampled",
+            setting,
+            f"{len(timed) / total:.2f} rounds/s (median round "
+            f"{statistics.median(r['seconds'] for r in timed):.2f} s)",
+            f"{n_clients * len(timed) / total:,.0f} client updates/s; "
+            f"server CPU {statistics.median(r['cpu_s'] for r in timed):.2f} s/round",
+        )
+        table.add(
+            "(b)",
+            "server memory (VmRSS)",
+            setting,
+            f"{s['rss_peak'] / MB:,.0f} MB peak",
+            f"{s['rss_baseline'] / MB:,.0f} MB before any client (imports + gRPC server); "
+            f"{(s['rss_peak'] - s['rss_baseline']) / n_clients / 1e3:,.0f} kB per client",
+        )
+        rejected = sum(s["rejected"].values())
+        table.add(
+            "(b)",
+            "server idle CPU, clients only polling",
+            f"{idle_s:.0f} s window",
+            f"{100 * s['idle_cpu_frac']:.0f} % of one core",
+            f"all {n_clients} connected in {s['connect_s']:.1f} s; failed client-rounds "
+            f"{failed}, rejected messages {rejected}, re-registrations "
+            f"{s['sessions'] - n_clients}",
+        )
+
+        # (c) protocol overhead
+        sizes = [1_000_000] if quick else [1_000_000, params]
+        cases = [(1_000_000, True), (1_000_000, False)] + [(n, True) for n in sizes[1:]]
+        idle_rates: dict[str, float] = {}
+        for size, tls in cases:
+            name = "TLS" if tls else "plaintext"
+            log(f"(c) overhead through a counting proxy: {size:,} params, {name}")
+            run = fedloom_run(
+                certs if tls else None,
+                vector_size=size,
+                rounds=1,
+                proxy=True,
+                idle_s=idle_s if size == 1_000_000 else 0.0,
+                max_workers=args.max_workers,
+            )
+            r = run.rounds[0]
+            vec = 4 * size
+            if size == 1_000_000:
+                idle_rates[name] = run.server["idle_bytes_per_s"]
+            table.add(
+                "(c)",
+                "wire bytes per round ÷ raw vector bytes",
+                f"{size / 1e6:,.0f}M params, {name}, chunk 1 MiB",
+                f"{(r['down'] + r['up']) / (2 * vec):.4f}",
+                f"down {r['down'] / vec:.4f}, up {r['up'] / vec:.4f}; "
+                f"{(r['down'] + r['up'] - 2 * vec) / 1e3:,.1f} kB above the raw bytes; "
+                f"connection set-up {run.server['setup_bytes'] / 1e3:,.1f} kB",
+            )
+        for name, rate in idle_rates.items():
+            table.add(
+                "(c)",
+                "idle traffic per connected client",
+                f"{name}, heartbeat 1 s, poll 5 s",
+                f"{rate:,.0f} B/s",
+                f"{rate * 3600 / MB:,.1f} MB per hour",
+            )
+
+    print(f"fedloom deployment benchmark ({'quick' if quick else 'full'}), loopback {HOST}")
+    print(f"machine: {machine_info()}")
+    print(
+        f"1-minute load average {load_before:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end; anything else running shares the cores"
+    )
+    print(table.render())
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Run SecAgg+ over any transport: the server side as a loop over stages, the client side
+as a responder to one stage message at a time.
+
+An engine supplies ``exchange(stage, {client: message bytes}) -> {client: reply bytes}``:
+it delivers each client its message and returns the replies that arrived in time.
+Clients that do not answer are dropouts, recovered by the protocol. A reply that does
+not decode, claims another sender, or breaks the protocol is treated as that client
+dropping (and logged): one bad client cannot abort the round unless it takes the
+survivors below the threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedloom.privacy.secagg.client import SecAggClient
+from fedloom.privacy.secagg.config import SecAggConfig, Stage
+from fedloom.privacy.secagg.errors import SecAggError
+from fedloom.privacy.secagg.messages import (
+    AdvertiseKeys,
+    KeyBroadcast,
+    MaskedInput,
+    Message,
+    RoundSetup,
+    ShareBundle,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from fedloom.privacy.secagg.server import SecAggResult, SecAggServer
+
+log = logging.getLogger("fedloom.secagg")
+
+Exchange = Callable[[Stage, Mapping[int, bytes]], dict[int, bytes]]
+
+
+@dataclass
+class SecureSum:
+    """What the server learns from a round: the sum, who contributed, and the traffic."""
+
+    sum: np.ndarray
+    contributors: tuple[int, ...]
+    bytes_up: int
+    bytes_down: int
+
+
+def _sender(message: Message) -> int:
+    if isinstance(message, AdvertiseKeys):
+        return message.keys.client_id
+    sender = getattr(message, "sender", None)
+    if not isinstance(sender, int):
+        raise SecAggError(f"{type(message).__name__} has no sender")
+    return sender
+
+
+def serve_secagg_round(
+    client_ids: Sequence[int],
+    vector_length: int,
+    config: SecAggConfig,
+    exchange: Exchange,
+) -> SecureSum:
+    """The server's side of one round. Raises ``RoundAbortedError`` if too few survive."""
+    server = SecAggServer(sorted(client_ids), vector_length, config)
+    setup = server.setup.to_bytes()
+    traffic = {"up": 0, "down": 0}
+
+    def collect(stage: Stage, outgoing: Mapping[int, bytes], kind: type[Message]) -> list[Message]:
+        accepted: list[Message] = []
+        traffic["down"] += sum(len(b) for b in outgoing.values())
+        replies = exchange(stage, outgoing)
+        traffic["up"] += sum(len(b) for b in replies.values())
+        for client, data in sorted(replies.items()):
+            try:
+                message = kind.from_bytes(data)
+                if _sender(message) != client:
+                    raise SecAggError(f"claims to come from client {_sender(message)}")
+            except (SecAggError, ValueError) as err:
+                log.warning("secagg %s: client %d's reply rejected: %s", stage, client, err)
+                continue
+            accepted.append(message)
+        return accepted
+
+    for m in collect(Stage.ADVERTISE_KEYS, dict.fromkeys(client_ids, setup), AdvertiseKeys):
+        _receive(server.receive_advertise_keys, m)
+    out = {c: b.to_bytes() for c, b in server.broadcast_keys().items()}
+    for m in collect(Stage.SHARE_KEYS, out, ShareKeys):
+        _receive(server.receive_share_keys, m)
+    out = {c: b.to_bytes() for c, b in server.route_shares().items()}
+    for m in collect(Stage.MASKED_INPUT, out, MaskedInput):
+        _receive(server.receive_masked_input, m)
+    out = {c: r.to_bytes() for c, r in server.unmask_requests().items()}
+    for m in collect(Stage.UNMASKING, out, UnmaskResponse):
+        _receive(server.receive_unmask_response, m)
+    result: SecAggResult = server.finalize()
+    return SecureSum(result.sum, tuple(result.contributors), traffic["up"], traffic["down"])
+
+
+def _receive(handler: Callable[..., None], message: Message) -> None:
+    try:
+        handler(message)
+    except SecAggError as err:
+        log.warning(
+            "secagg: %s from client %d rejected: %s", type(message).__name__, _sender(message), err
+        )
+
+
+@dataclass
+class SecAggParticipant:
+    """A client's side of one round: holds its update until the masked-input stage."""
+
+    client_id: int
+    update: np.ndarray
+    client: SecAggClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = SecAggClient(self.client_id)
+
+    def respond(self, stage: Stage, payload: bytes) -> bytes:
+        """Answer the server's message for ``stage`` (raises on a malformed message)."""
+        if stage is Stage.ADVERTISE_KEYS:
+            return self.client.advertise_keys(RoundSetup.from_bytes(payload)).to_bytes()
+        if stage is Stage.SHARE_KEYS:
+            return self.client.share_keys(KeyBroadcast.from_bytes(payload)).to_bytes()
+        if stage is Stage.MASKED_INPUT:
+            bundle = ShareBundle.from_bytes(payload)
+            return self.client.masked_input(bundle, self.update).to_bytes()
+        return self.client.unmask(UnmaskRequest.from_bytes(payload)).to_bytes()
+
+
+def exchange_in_process(participants: Mapping[int, SecAggParticipant]) -> Exchange:
+    """An exchange for simulation: every participant answers at once, in this process.
+
+    The messages still go through their byte encoding, so simulation exercises exactly
+    what a deployment sends.
+    """
+
+    def exchange(stage: Stage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+        return {c: participants[c].respond(stage, data) for c, data in outgoing.items()}
+
+    return exchange
