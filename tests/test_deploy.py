@@ -22,7 +22,7 @@ from .deploy_helpers import Proc, fedloom, free_port, slow_client
 FAST = [
     "client.epochs=1",
     "deploy.heartbeat_interval_s=0.5",
-    "deploy.heartbeat_timeout_s=3",
+    "deploy.heartbeat_timeout_s=6",
     "deploy.poll_timeout_s=1",
     "deploy.wait_for_clients_s=90",
 ]

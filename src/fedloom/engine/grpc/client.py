@@ -30,8 +30,9 @@ from google.protobuf.message import DecodeError
 from fedloom.config import RunConfig, config_from_json
 from fedloom.engine.grpc import PROTOCOL_VERSION
 from fedloom.engine.grpc import fedloom_pb2 as pb
+from fedloom.engine.grpc.chunks import encode_chunks
 from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
-from fedloom.params import WIRE_DTYPE, encode_vector
+from fedloom.params import WIRE_DTYPE
 from fedloom.privacy.secagg import STAGES, Stage
 from fedloom.privacy.secagg.transport import SecAggParticipant
 
@@ -135,7 +136,7 @@ def run_client(
     unreachable_since: float | None = None
     app: ClientApp | None = None
     app_key = ""
-    done = 0
+    tally = [0]  # tasks completed, across sessions (kept when a session ends by a fault)
     closed_streak = 0
     max_msg = max(8 << 20, 2 * chunk_bytes)
     while not stop.is_set():
@@ -169,10 +170,8 @@ def run_client(
                         "experiment's features and classes"
                     )
             log.info("registered as client %d", reply.client_id)
-            served, finished = _serve_session(stub, reply, app, chunk_bytes, stop)
-            done += served
-            if finished:
-                return done
+            if _serve_session(stub, reply, app, chunk_bytes, stop, tally):
+                return tally[0]
         except _BadTaskError as err:
             log.warning("malformed task from the server (%s); registering again", err)
             stop.wait(backoff.next_delay())
@@ -213,7 +212,7 @@ def run_client(
             stop.wait(delay)
         finally:
             channel.close()
-    return done
+    return tally[0]
 
 
 def _is_tls_failure(err: grpc.RpcError) -> bool:
@@ -240,9 +239,14 @@ class _BadTaskError(Exception):
 
 
 def _serve_session(
-    stub: _Stub, reply: pb.RegisterReply, app: ClientApp, chunk_bytes: int, stop: threading.Event
-) -> tuple[int, bool]:
-    """Pull and run tasks for one session: (tasks done, whether the run is over).
+    stub: _Stub,
+    reply: pb.RegisterReply,
+    app: ClientApp,
+    chunk_bytes: int,
+    stop: threading.Event,
+    tally: list[int],
+) -> bool:
+    """Pull and run tasks for one session, counting them in ``tally``; True: the run is over.
 
     Returns early, run not over, when the server forgets the session (a restart), so
     the caller registers again. Network faults propagate as ``grpc.RpcError``.
@@ -255,24 +259,33 @@ def _serve_session(
         daemon=True,
     )
     beat.start()
-    done = 0
     held: dict[int, SecAggParticipant] = {}  # round -> update kept for secure aggregation
+    busy = Backoff(initial_s=0.2, max_s=5.0)
     try:
         while not stop.is_set() and not alive.is_set():
-            header, payload = _pull(stub, session, int(reply.vector_size))
+            try:
+                header, payload = _pull(stub, session, int(reply.vector_size))
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                # The server is at its concurrent-call limit: keep the session, poll later.
+                stop.wait(busy.next_delay())
+                continue
+            busy.reset()
             if header.kind == pb.TASK_IDLE:
                 continue
             if header.kind == pb.TASK_STOP:
                 log.info("the server ended the run")
-                return done, True
+                return True
+            result: tuple[pb.ResultHeader, bytes | memoryview]
             if header.kind == pb.TASK_SECAGG:
                 result = _run_secagg_stage(held, header, payload)
             else:
                 vector = np.frombuffer(payload, dtype=WIRE_DTYPE)
                 result = _run_task(app, header, vector, held)
             _push(stub, session, header, result, chunk_bytes)
-            done += 1
-        return done, False
+            tally[0] += 1
+        return False
     finally:
         alive.set()
 
@@ -361,7 +374,7 @@ def _run_task(
     header: pb.TaskHeader,
     vector: np.ndarray,
     held: dict[int, SecAggParticipant],
-) -> tuple[pb.ResultHeader, bytes]:
+) -> tuple[pb.ResultHeader, bytes | memoryview]:
     """Run one task; a failure becomes an error header carrying the traceback."""
     head = pb.ResultHeader(task_id=header.task_id, round=header.round)
     try:
@@ -389,7 +402,7 @@ def _run_task(
                 return head, b""
             head.has_vector = True
             head.vector_size = int(res.delta.size)
-            return head, encode_vector(res.delta)
+            return head, np.ascontiguousarray(res.delta, dtype=WIRE_DTYPE).data
         ev = app.evaluate(EvalTask(int(header.client_id), int(header.round)), vector)
         head.num_examples = ev.num_examples
         head.metrics_json = json.dumps({"loss": ev.loss, "accuracy": ev.accuracy})
@@ -415,7 +428,7 @@ def _push(
     stub: _Stub,
     session: str,
     header: pb.TaskHeader,
-    result: tuple[pb.ResultHeader, bytes],
+    result: tuple[pb.ResultHeader, bytes | memoryview],
     chunk_bytes: int,
 ) -> None:
     head, payload = result
@@ -423,11 +436,7 @@ def _push(
 
     def messages() -> Iterator[bytes]:
         yield pb.ResultMessage(header=head).SerializeToString()
-        view = memoryview(payload)
-        for start in range(0, len(view), chunk_bytes):
-            yield pb.ResultMessage(
-                chunk=bytes(view[start : start + chunk_bytes])
-            ).SerializeToString()
+        yield from encode_chunks(payload, chunk_bytes)
 
     reply = pb.PushReply.FromString(stub.push(messages(), timeout=max(60.0, header.deadline_s)))
     if not reply.accepted:

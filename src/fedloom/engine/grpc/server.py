@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from fedloom.engine.grpc import PROTOCOL_VERSION
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.auth import TokenStore
+from fedloom.engine.grpc.chunks import ChunkError, encode_chunks, read_result_chunks
 from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import WIRE_DTYPE, encode_vector
 from fedloom.privacy.secagg import STAGES, SecAggConfig, Stage
@@ -289,10 +290,7 @@ class FederationServicer:
             header.secagg_stage = task.stage
             header.payload_size = len(ot.payload)
         yield pb.TaskMessage(header=header).SerializeToString()
-        step = self.options.chunk_bytes
-        view = memoryview(ot.payload)
-        for start in range(0, len(view), step):
-            yield pb.TaskMessage(chunk=bytes(view[start : start + step])).SerializeToString()
+        yield from encode_chunks(ot.payload, self.options.chunk_bytes)
 
     # --- PushResult -------------------------------------------------------------------
 
@@ -380,20 +378,7 @@ class FederationServicer:
                 "wrong_shape",
                 f"vector size {head.vector_size}, expected {self.registry.vector_size}",
             )
-        buf = bytearray()
-        for raw in raws:
-            try:
-                msg = pb.ResultMessage.FromString(raw)
-            except DecodeError:
-                raise _RejectedError("malformed", "unparseable result chunk") from None
-            if msg.WhichOneof("part") != "chunk":
-                raise _RejectedError("malformed", "a second header inside a result stream")
-            if len(buf) + len(msg.chunk) > expected:
-                raise _RejectedError("oversized", f"update exceeds {expected} bytes")
-            buf += msg.chunk
-        if len(buf) != expected:
-            raise _RejectedError("truncated", f"update has {len(buf)} bytes, expected {expected}")
-        delta = np.frombuffer(bytes(buf), dtype=WIRE_DTYPE).astype(np.float32)
+        delta = np.frombuffer(self._chunks(raws, expected), dtype=WIRE_DTYPE)
         if not np.all(np.isfinite(delta)):
             raise _RejectedError("not_finite", "update contains NaN or Inf")
         return FitResult(
@@ -410,20 +395,14 @@ class FederationServicer:
         size = int(head.payload_size)
         if not 0 < size <= limit:
             raise _RejectedError("oversized", f"secure-aggregation payload of {size} bytes")
-        buf = bytearray()
-        for raw in raws:
-            try:
-                msg = pb.ResultMessage.FromString(raw)
-            except DecodeError:
-                raise _RejectedError("malformed", "unparseable result chunk") from None
-            if msg.WhichOneof("part") != "chunk":
-                raise _RejectedError("malformed", "a second header inside a result stream")
-            if len(buf) + len(msg.chunk) > size:
-                raise _RejectedError("oversized", f"payload exceeds {size} bytes")
-            buf += msg.chunk
-        if len(buf) != size:
-            raise _RejectedError("truncated", f"payload has {len(buf)} bytes, expected {size}")
-        return bytes(buf)
+        return bytes(self._chunks(raws, size))
+
+    @staticmethod
+    def _chunks(raws: Iterator[bytes], size: int) -> bytearray:
+        try:
+            return read_result_chunks(raws, size)
+        except ChunkError as err:
+            raise _RejectedError(err.reason, str(err)) from None
 
     def _refuse_result(self, reason: str, detail: str) -> bytes:
         self.registry.reject(reason, detail)

@@ -1,0 +1,33 @@
+"""Hand-encoded chunks are exactly protobuf's encoding; reassembly is bounded and exact."""
+
+import numpy as np
+import pytest
+
+from fedloom.engine.grpc import fedloom_pb2 as pb
+from fedloom.engine.grpc.chunks import ChunkError, encode_chunks, read_result_chunks
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16384, 70000])
+def test_hand_encoded_chunks_equal_protobuf(size: int) -> None:
+    data = np.random.default_rng(size).bytes(size)
+    ours = list(encode_chunks(data, 4096))
+    theirs = [
+        pb.TaskMessage(chunk=data[i : i + 4096]).SerializeToString() for i in range(0, size, 4096)
+    ]
+    assert ours == theirs
+    assert b"".join(pb.ResultMessage.FromString(m).chunk for m in ours) == data
+
+
+def test_reassembly_is_exact_and_bounded() -> None:
+    data = np.arange(10_000, dtype="<f4").tobytes()
+    chunks = list(encode_chunks(data, 1000))
+    assert bytes(read_result_chunks(iter(chunks), len(data))) == data
+    with pytest.raises(ChunkError) as err:
+        read_result_chunks(iter(chunks), len(data) - 1)
+    assert err.value.reason == "oversized"
+    with pytest.raises(ChunkError) as err:
+        read_result_chunks(iter(chunks[:-1]), len(data))
+    assert err.value.reason == "truncated"
+    with pytest.raises(ChunkError) as err:
+        read_result_chunks(iter([b"\xff\xff"]), 4)
+    assert err.value.reason == "malformed"
