@@ -99,7 +99,21 @@ DP = [
     "privacy.adaptive_clipping=true",
     "privacy.clipped_count_stddev=1.0",
     "server.sampling=fixed",
+    "privacy.secure_noise=false",  # seeded noise, so the deployment can equal the simulation
 ]
+
+
+def test_deployment_draws_dp_noise_from_the_csprng_by_default(
+    pki: dict, procs, tmp_path: Path
+) -> None:
+    server = procs(
+        _server_args(
+            pki, tmp_path / "run", ["strategy=dp-fedavg", "privacy.noise_multiplier=1.0", *FAST]
+        )
+    )
+    _port(server)
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["privacy"]["secure_noise"] is True
 
 
 @pytest.mark.parametrize("extra", [[], DP], ids=["fedavg", "dp-fedavg-adaptive"])

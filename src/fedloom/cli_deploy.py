@@ -46,6 +46,13 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         out_dir = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (
+            cfg.privacy.mechanism == "central"
+            and "secure_noise" not in cfg.privacy.model_fields_set
+        ):
+            # Real people's data: DP noise from the OS CSPRNG unless explicitly turned off.
+            cfg.privacy.secure_noise = True
+            logging.getLogger("fedloom.deploy").info("privacy.secure_noise = true (deployment)")
     sec = ServerSecurity(args.tls_cert, args.tls_key, args.client_ca, args.tokens, args.insecure)
     host = args.address.rsplit(":", 1)[0]
 

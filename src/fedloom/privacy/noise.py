@@ -20,8 +20,8 @@ Two generators draw standard normal vectors for the DP mechanisms in
   2^(53·(2n-1)) = 2^159 instead of 2^53. Results are not reproducible, by design.
 
 Simulation defaults to the seeded generator because reproducibility is what a
-simulation is for. A real deployment (``fedloom server``) protects real people; its
-default will be the secure generator.
+simulation is for. A real deployment (``fedloom server``) protects real people: there
+the default is the secure generator, unless the config sets ``secure_noise = false``.
 """
 
 from __future__ import annotations
