@@ -137,20 +137,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
-def _cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from fedloom.engine.simulation import run_simulation
-    from fedloom.report import summary_table
+def config_and_run_dir(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """The config and run directory of ``run`` / ``server``: new, or ``--resume DIR``.
 
+    A resumed run uses the config stored in its directory (the returned one is only a
+    placeholder the runner replaces), so CONFIG, ``--set`` and ``--out`` are refused.
+    """
     if args.resume is not None:
         if args.config is not None or args.overrides or args.out is not None:
             raise ConfigError(
                 "--resume continues a run with its stored config; drop CONFIG, --set and --out"
             )
-        cfg = load_config(None)
-        out_dir: Path = args.resume
-    else:
-        cfg = load_config(args.config, args.overrides)
-        out_dir = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return load_config(None), args.resume
+    cfg = load_config(args.config, args.overrides)
+    return cfg, args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from fedloom.engine.simulation import run_simulation
+    from fedloom.report import summary_table
+
+    cfg, out_dir = config_and_run_dir(args)
     try:
         with _progress(console) as progress:
             summary = run_simulation(

@@ -10,13 +10,11 @@ import logging
 import os
 import sys
 import threading
-import time
 from functools import partial
-from pathlib import Path
 
 from rich.console import Console
 
-from fedloom.config import ConfigError, load_config
+from fedloom.config import ConfigError
 
 EXIT_USER_ERROR = 2
 
@@ -32,27 +30,18 @@ def run_deploy_command(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_server(args: argparse.Namespace, console: Console) -> int:
+    from fedloom.cli import config_and_run_dir
     from fedloom.engine.deploy import ServerSecurity, run_server
     from fedloom.engine.grpc.auth import TokenFileError
     from fedloom.report import summary_table
 
-    if args.resume is not None:
-        if args.config is not None or args.overrides or args.out is not None:
-            raise ConfigError(
-                "--resume continues a run with its stored config; drop CONFIG, --set and --out"
-            )
-        cfg = load_config(None)
-        out_dir: Path = args.resume
-    else:
-        cfg = load_config(args.config, args.overrides)
-        out_dir = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (
-            cfg.privacy.mechanism == "central"
-            and "secure_noise" not in cfg.privacy.model_fields_set
-        ):
-            # Real people's data: DP noise from the OS CSPRNG unless explicitly turned off.
-            cfg.privacy.secure_noise = True
-            logging.getLogger("fedloom.deploy").info("privacy.secure_noise = true (deployment)")
+    cfg, out_dir = config_and_run_dir(args)
+    if args.resume is None and (
+        cfg.privacy.mechanism == "central" and "secure_noise" not in cfg.privacy.model_fields_set
+    ):
+        # Real people's data: DP noise from the OS CSPRNG unless explicitly turned off.
+        cfg.privacy.secure_noise = True
+        logging.getLogger("fedloom.deploy").info("privacy.secure_noise = true (deployment)")
     sec = ServerSecurity(args.tls_cert, args.tls_key, args.client_ca, args.tokens, args.insecure)
     host = args.address.rsplit(":", 1)[0]
 
