@@ -159,6 +159,14 @@ class PrivacyConfig(_Section):
     secure_aggregation: Literal["none", "secagg+"] = "none"
     secagg_clip_range: float = Field(1.0, gt=0.0)
     secagg_quantization_bits: int = Field(16, ge=2, le=24)
+    #: Local (example-level) DP on every client: DP-SGD through Opacus (Abadi et al. 2016)
+    #: with Poisson-sampled batches, per-example clipping to ``local_max_grad_norm`` and
+    #: Gaussian noise ``local_noise_multiplier`` × that norm. Each client reports its own ε
+    #: at ``local_delta`` (None: min(privacy.delta, 1 / (10 n)) for a client of n examples).
+    local_dp: bool = False
+    local_noise_multiplier: float = Field(1.0, gt=0.0)
+    local_max_grad_norm: float = Field(1.0, gt=0.0)
+    local_delta: float | None = Field(None, gt=0.0, lt=1.0)
 
 
 class EngineConfig(_Section):
@@ -268,6 +276,7 @@ def check_privacy(cfg: RunConfig) -> None:
     directory (every key explicit) validates exactly as the original did.
     """
     p = cfg.privacy
+    _check_local_dp(cfg)
     if p.secure_aggregation != "none" and cfg.engine.name == "pool":
         raise ConfigError(
             "privacy.secure_aggregation runs on engine.name = 'inprocess' or in a deployment "
@@ -303,6 +312,29 @@ def check_privacy(cfg: RunConfig) -> None:
         raise ConfigError(
             "privacy.accountant = 'pld' needs server.sampling = 'poisson' (dp-accounting's "
             "PLD accountant has no fixed-size sampling); use privacy.accountant = 'rdp'"
+        )
+
+
+def _check_local_dp(cfg: RunConfig) -> None:
+    """Cross-field rules of local (example-level) DP; a violation is a one-line ConfigError."""
+    p = cfg.privacy
+    if not p.local_dp:
+        if p.local_delta is not None:
+            raise ConfigError(
+                "privacy.local_delta is set but privacy.local_dp is false; set "
+                "privacy.local_dp = true to train clients with DP-SGD"
+            )
+        return
+    if cfg.engine.name == "pool":
+        raise ConfigError(
+            "privacy.local_dp keeps each client's privacy ledger in the process that trains "
+            "it, and the pool engine moves clients between workers; use engine.name = "
+            "'inprocess' (or a deployment)"
+        )
+    if p.secure_noise:
+        raise ConfigError(
+            "privacy.local_dp draws its noise from a seeded generator (Opacus without "
+            "torchcsprng); privacy.secure_noise = true is not supported with it yet"
         )
 
 

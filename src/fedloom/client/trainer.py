@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedloom.client.dpsgd import LocalDPSGD
 from fedloom.client.models import build_model
 from fedloom.config import ClientConfig, RunConfig
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
@@ -68,6 +69,11 @@ class LocalTrainer:
         self.data = data
         #: Set when this process holds only its own data (a deployment client).
         self.own_data: ClientData | None = None
+        #: DP-SGD through Opacus when ``privacy.local_dp`` is on; it trains its own plain
+        #: (unbound) copy of the model and keeps every client's privacy ledger.
+        self.local_dp: LocalDPSGD | None = None
+        if cfg.privacy.local_dp:
+            self.local_dp = LocalDPSGD(cfg, build_model(cfg.model, data, cfg.seed))
         self.binding: FlatBinding = bind_flat_parameters(build_model(cfg.model, data, cfg.seed))
         self.model = self.binding.module
         self._global = torch.empty_like(self.binding.weights)
@@ -92,13 +98,36 @@ class LocalTrainer:
         return self.binding.vector()
 
     def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
-        """Run local SGD from ``global_vector``; return ``delta = w_local - w_global``."""
+        """Run local SGD from ``global_vector``; return ``delta = w_local - w_global``.
+
+        With ``privacy.local_dp`` the local training is DP-SGD (:mod:`fedloom.client.dpsgd`)
+        and the metrics carry the client's cumulative ``local_epsilon`` at ``local_delta``;
+        central-DP clipping, when also on, applies to the result afterwards.
+        """
         train = self.client_data(task.client_id).train
         cc = self.cfg.client
         plan = plan_work(cc, self.cfg.seed, task, len(train))
         if plan.straggler and task.drop_stragglers:
             return FitResult(task.client_id, task.round, None, len(train), straggler=True)
 
+        if self.local_dp is not None:
+            out = self.local_dp.fit(
+                task.client_id, task.round, train, global_vector, plan.epochs, plan.max_steps
+            )
+            delta, metrics = out.delta, out.metrics
+        else:
+            delta, metrics = self._fit_sgd(task, train, global_vector, plan)
+        if self.cfg.privacy.mechanism == "central":
+            delta = self._encode_private(delta, task, metrics)
+        return FitResult(
+            task.client_id, task.round, delta, len(train), straggler=plan.straggler, metrics=metrics
+        )
+
+    def _fit_sgd(
+        self, task: FitTask, train: ArrayDataset, global_vector: np.ndarray, plan: WorkPlan
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Plain local SGD (momentum, weight decay, FedProx) on the flat buffers."""
+        cc = self.cfg.client
         w, g, w0, buf = self.binding.weights, self.binding.grads, self._global, self._momentum
         w0.copy_(torch.from_numpy(global_vector))
         w.copy_(w0)
@@ -127,11 +156,7 @@ class LocalTrainer:
             epoch += 1
         delta = (w - w0).numpy().copy()
         metrics = {"train_loss": float(loss_sum) / max(steps, 1), "steps": float(steps)}
-        if self.cfg.privacy.mechanism == "central":
-            delta = self._encode_private(delta, task, metrics)
-        return FitResult(
-            task.client_id, task.round, delta, len(train), straggler=plan.straggler, metrics=metrics
-        )
+        return delta, metrics
 
     def _encode_private(
         self, delta: np.ndarray, task: FitTask, metrics: dict[str, float]

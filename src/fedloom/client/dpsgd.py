@@ -1,0 +1,249 @@
+"""Local (example-level) differential privacy on a client: DP-SGD through Opacus.
+
+With ``privacy.local_dp = true`` every client trains with DP-SGD (Abadi et al. 2016) as
+implemented by Opacus: batches are Poisson-sampled (each example joins a step
+independently with probability q), every example's gradient is clipped to L2 norm
+``privacy.local_max_grad_norm`` (C), and Gaussian noise of standard deviation σ·C
+(σ = ``privacy.local_noise_multiplier``) is added to the sum before the SGD step. The
+update a client sends is then (ε, δ)-DP with respect to any one of *its own* examples
+(one patient of a hospital), whatever the server does with it.
+
+Choices:
+
+* **A plain model per fit.** The flat-bound model of :class:`~fedloom.client.trainer.LocalTrainer`
+  owns ``p.grad`` as views into one buffer; Opacus' ``GradSampleModule`` and
+  ``DPOptimizer`` manage ``p.grad`` and ``p.grad_sample`` themselves. So each fit trains a
+  fresh copy of an unbound template model, loaded with
+  :func:`fedloom.params.vector_to_module` and read back with
+  :func:`fedloom.params.module_to_vector`.
+* **Sampling rate.** Opacus' ``make_private`` sets q = 1 / (batches per epoch)
+  = 1 / ⌈n / B⌉ (equal to B / n when B divides n) and an epoch is ⌈n / B⌉ steps. A
+  straggler's shorter plan (fewer epochs or steps) is honoured; ε counts the steps taken.
+* **Determinism.** The Poisson sampler draws from a generator keyed by (seed,
+  LOCAL_DP_SAMPLING, round, client) and the noise from one keyed by (seed,
+  LOCAL_DP_NOISE, round, client), so a client's update is bit-identical on replay
+  (CPU). That also means the noise offers no privacy against anyone holding the run
+  seed: simulation only. Opacus' secure mode needs torchcsprng, so
+  ``privacy.secure_noise`` is refused with local DP for now.
+* **Accounting.** Opacus' RDP accountant; its ``history`` is a list of
+  (σ, q, steps) triples, plain data, kept per client id in :class:`LocalDPSGD` so a
+  client's ε composes over every round it trains in (this process). ε is reported at
+  δ = ``privacy.local_delta``, or min(``privacy.delta``, 1 / (10 n)) for a client with n
+  examples (δ well below 1/n, the usual rule).
+* **FedProx.** The proximal gradient μ(w − w_t) does not depend on the data, so it is
+  added to the noised gradient (post-processing) just before the optimizer step.
+* **Unsupported layers** (BatchNorm, whose running statistics mix examples; ``nn.LSTM``,
+  which Opacus replaces by ``DPLSTM`` with different parameter names) are refused when
+  the trainer is built, with one line naming the layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.utils.module_utils import trainable_modules
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedloom.config import ConfigError, RunConfig
+from fedloom.data.base import ArrayDataset
+from fedloom.params import module_to_vector, vector_to_module
+from fedloom.seeding import torch_generator
+
+# Purpose tags for the generators of local DP (see fedloom.seeding; kept apart from its
+# small integers so they never collide with a tag added there).
+LOCAL_DP_SAMPLING = 101
+LOCAL_DP_NOISE = 102
+
+#: One accountant entry: (noise multiplier, sample rate, steps), Opacus' RDP history format.
+HistoryEntry = tuple[float, float, int]
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Why Opacus cannot train each offending layer of ``model``: ``"'name' (Type): reason"``.
+
+    Runs Opacus' module validators (``ModuleValidator``) layer by layer, so each problem
+    names its layer, plus the check of ``GradSampleModule`` that trainable layers hold no
+    buffers (their statistics would mix examples outside the clipping).
+    """
+    problems: list[str] = []
+    for name, sub in trainable_modules(model):
+        reasons = [str(e) for e in ModuleValidator.VALIDATORS.get(type(sub), lambda m: [])(sub)]
+        if not reasons and any(True for _ in sub.buffers(recurse=False)):
+            reasons.append("it has buffers, which Opacus cannot make private")
+        if reasons:
+            label = name or "<model>"
+            problems.append(f"'{label}' ({type(sub).__name__}): {reasons[0].strip()}")
+    return problems
+
+
+def check_opacus_compatible(model: nn.Module) -> None:
+    """Raise a one-line :class:`ConfigError` naming every layer Opacus cannot train."""
+    problems = unsupported_layers(model)
+    if problems:
+        joined = "; ".join(p.replace("\n", " ") for p in problems)
+        raise ConfigError(
+            f"privacy.local_dp: Opacus cannot train layer {joined}; replace it (e.g. "
+            "BatchNorm by GroupNorm, nn.LSTM by opacus.layers.DPLSTM) or turn local DP off"
+        )
+
+
+def local_delta(cfg: RunConfig, num_examples: int) -> float:
+    """The δ a client reports its ε at (see the module docstring)."""
+    p = cfg.privacy
+    if p.local_delta is not None:
+        return p.local_delta
+    return min(p.delta, 1.0 / (10 * max(num_examples, 1)))
+
+
+@dataclass
+class LocalDPOutcome:
+    delta: np.ndarray
+    metrics: dict[str, float]
+
+
+class LocalDPSGD:
+    """DP-SGD for any client of a process, with each client's privacy ledger."""
+
+    def __init__(self, cfg: RunConfig, template: nn.Module) -> None:
+        self.cfg = cfg
+        self.template = copy.deepcopy(template).train()
+        check_opacus_compatible(self.template)
+        #: Client id → Opacus RDP accountant history: every DP-SGD step the client took.
+        self.histories: dict[int, list[HistoryEntry]] = {}
+
+    def ledger(self) -> dict[str, list[list[float]]]:
+        """The per-client histories as plain JSON-able data (for checkpoints)."""
+        return {
+            str(cid): [[float(s), float(q), float(n)] for s, q, n in h]
+            for cid, h in self.histories.items()
+        }
+
+    def restore_ledger(self, ledger: dict[str, list[list[float]]]) -> None:
+        self.histories = {
+            int(cid): [(float(s), float(q), int(n)) for s, q, n in h] for cid, h in ledger.items()
+        }
+
+    def epsilon(self, client_id: int, delta: float) -> float:
+        """ε the client has spent so far at ``delta`` (0 before it trains)."""
+        history = self.histories.get(client_id)
+        return _epsilon(history, delta) if history else 0.0
+
+    def fit(
+        self,
+        client_id: int,
+        rnd: int,
+        train: ArrayDataset,
+        global_vector: np.ndarray,
+        epochs: int,
+        max_steps: int | None,
+    ) -> LocalDPOutcome:
+        """Train one client for one round from ``global_vector``; return Δ and metrics."""
+        cfg, cc, p = self.cfg, self.cfg.client, self.cfg.privacy
+        model = copy.deepcopy(self.template).train()
+        vector_to_module(global_vector, model)
+        w0 = [q.detach().clone() for q in model.parameters()]
+        dataset = TensorDataset(torch.from_numpy(train.x), torch.from_numpy(train.y))
+        loader = DataLoader(
+            dataset,
+            batch_size=cc.batch_size,
+            generator=torch_generator(cfg.seed, LOCAL_DP_SAMPLING, rnd, client_id),
+        )
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay
+        )
+        with warnings.catch_warnings():
+            # "Secure RNG turned off": intended in simulation, see the module docstring.
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+            engine.accountant.history = list(self.histories.get(client_id, []))
+            module, dp_opt, dp_loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=p.local_noise_multiplier,
+                max_grad_norm=p.local_max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=torch_generator(cfg.seed, LOCAL_DP_NOISE, rnd, client_id),
+            )
+        assert isinstance(module, GradSampleModule) and isinstance(dp_opt, DPOptimizer)
+        if cc.proximal_mu:
+            _add_proximal_term(dp_opt, list(model.parameters()), w0, cc.proximal_mu)
+
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        nonempty = steps = epoch = 0
+        with warnings.catch_warnings():
+            # Opacus' hooks on the first layer, whose input needs no gradient: harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            while (max_steps is None and epoch < epochs) or (
+                max_steps is not None and steps < max_steps
+            ):
+                for xb, yb in dp_loader:
+                    dp_opt.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(module(xb), yb)
+                    loss.backward()
+                    dp_opt.step()
+                    if len(yb):
+                        loss_sum += loss.detach()
+                        nonempty += 1
+                    steps += 1
+                    if max_steps is not None and steps >= max_steps:
+                        break
+                epoch += 1
+        module._close()  # remove Opacus' hooks; the plain copy is discarded anyway
+
+        self.histories[client_id] = [
+            (float(s), float(q), int(n)) for s, q, n in engine.accountant.history
+        ]
+        delta_at = local_delta(cfg, len(train))
+        with torch.no_grad():
+            delta = (module_to_vector(model) - global_vector).astype(np.float32)
+        metrics = {
+            "train_loss": float(loss_sum) / max(nonempty, 1),
+            "steps": float(steps),
+            "local_epsilon": _epsilon(self.histories[client_id], delta_at),
+            "local_delta": delta_at,
+            "local_sample_rate": float(dp_loader.sample_rate),
+        }
+        return LocalDPOutcome(delta, metrics)
+
+
+def _epsilon(history: list[HistoryEntry], delta: float) -> float:
+    """ε of a DP-SGD history at ``delta`` from Opacus' RDP accountant."""
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    with warnings.catch_warnings():
+        # "Optimal order is the largest alpha": ε is then an upper bound, just looser.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(accountant.get_epsilon(delta))
+
+
+def _add_proximal_term(
+    optimizer: DPOptimizer, params: list[torch.Tensor], w0: list[torch.Tensor], mu: float
+) -> None:
+    """Add μ(w − w_t) to the noised gradient before each step (FedProx, Li et al. 2020).
+
+    Opacus' step hook runs after clipping, noising and scaling and before the optimizer's
+    own step; the accountant's hook is kept and called afterwards.
+    """
+    accountant_hook = optimizer.step_hook
+
+    def hook(opt: DPOptimizer) -> None:
+        with torch.no_grad():
+            for w, w_t in zip(params, w0, strict=True):
+                if w.grad is not None:
+                    w.grad.add_(w - w_t, alpha=mu)
+        if accountant_hook is not None:
+            accountant_hook(opt)
+
+    optimizer.step_hook = hook

@@ -1,0 +1,219 @@
+"""Local (example-level) DP on clients: DP-SGD through Opacus (fedloom.client.dpsgd)."""
+
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+import fedloom.client.trainer as trainer_mod
+from fedloom.client.dpsgd import check_opacus_compatible, local_delta
+from fedloom.client.models import CharLSTM
+from fedloom.client.trainer import LocalTrainer, plan_work
+from fedloom.config import ConfigError, RunConfig, load_config
+from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
+from fedloom.engine.simulation import run_simulation
+from fedloom.messages import FitTask
+
+
+def _data(n: int = 40, clients: int = 3) -> FederatedDataset:
+    rng = np.random.default_rng(0)
+    parts = []
+    for c in range(clients):
+        x = rng.normal(size=(n, 5)).astype(np.float32)
+        y = (x[:, 0] > 0).astype(np.int64)
+        parts.append(ClientData(c, f"c{c}", ArrayDataset(x, y), ArrayDataset(x[:8], y[:8])))
+    test = ArrayDataset.concat([p.test for p in parts if p.test is not None])
+    return FederatedDataset("toy", "tabular", parts, test, 2, (5,))
+
+
+def _cfg(*overrides: str) -> RunConfig:
+    return load_config(
+        None,
+        [
+            "model.hidden=[4]",
+            "client.batch_size=8",
+            "client.epochs=2",
+            "privacy.local_dp=true",
+            "privacy.local_noise_multiplier=1.1",
+            *overrides,
+        ],
+    )
+
+
+def _dp_accounting_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return float(acc.get_epsilon(delta))
+
+
+def test_epsilon_matches_accountants_and_composes_over_rounds() -> None:
+    cfg = _cfg()
+    trainer = LocalTrainer(cfg, _data())
+    w = trainer.initial_vector()
+    # n = 40, B = 8: q = 1/5 and 5 steps per epoch, 2 epochs: 10 steps per round.
+    r1 = trainer.fit(FitTask(1, 1), w)
+    delta = local_delta(cfg, 40)
+    assert delta == pytest.approx(min(cfg.privacy.delta, 1 / 400))
+    assert r1.metrics["local_delta"] == delta
+    assert r1.metrics["steps"] == 10 and r1.metrics["local_sample_rate"] == pytest.approx(0.2)
+    eps1 = r1.metrics["local_epsilon"]
+    opacus = RDPAccountant()
+    opacus.history = [(1.1, 0.2, 10)]
+    assert eps1 == pytest.approx(opacus.get_epsilon(delta), rel=1e-9)
+    assert eps1 == pytest.approx(_dp_accounting_epsilon(1.1, 0.2, 10, delta), rel=0.01)
+
+    # Another client's training does not touch client 1's ledger.
+    trainer.fit(FitTask(2, 2), w)
+    r2 = trainer.fit(FitTask(1, 3), w)
+    eps2 = r2.metrics["local_epsilon"]
+    assert eps2 > eps1
+    assert eps2 == pytest.approx(_dp_accounting_epsilon(1.1, 0.2, 20, delta), rel=0.01)
+    assert trainer.local_dp is not None
+    assert trainer.local_dp.histories[1] == [(1.1, 0.2, 20)]
+    assert trainer.local_dp.epsilon(0, delta) == 0.0  # never trained
+
+    # The ledger is plain data and round-trips (for checkpoints).
+    fresh = LocalTrainer(cfg, _data())
+    assert fresh.local_dp is not None
+    fresh.local_dp.restore_ledger(trainer.local_dp.ledger())
+    assert fresh.local_dp.epsilon(1, delta) == pytest.approx(eps2, rel=1e-12)
+
+
+def test_deterministic_per_seed_client_round() -> None:
+    cfg = _cfg()
+    a, b = LocalTrainer(cfg, _data()), LocalTrainer(cfg, _data())
+    w = a.initial_vector()
+    ra, rb = a.fit(FitTask(1, 4), w), b.fit(FitTask(1, 4), w)
+    assert ra.delta is not None and rb.delta is not None
+    np.testing.assert_array_equal(ra.delta, rb.delta)
+    other = a.fit(FitTask(1, 5), w)
+    assert other.delta is not None and not np.array_equal(other.delta, ra.delta)
+    assert np.all(np.isfinite(ra.delta)) and ra.delta.dtype == np.float32
+
+
+def test_large_noise_dominates_the_update() -> None:
+    """One plain SGD step: Δ = -lr·(Σ clipped g_i + N(0, σ²C²I)) / B, so ‖Δ‖ ≈ lr·σ·C·√d / B."""
+    sigma, clip, lr, bs = 200.0, 1.0, 0.1, 8
+    cfg = _cfg(
+        "model.hidden=[64]",
+        "client.steps=1",
+        "client.momentum=0.0",
+        f"client.lr={lr}",
+        f"privacy.local_noise_multiplier={sigma}",
+        f"privacy.local_max_grad_norm={clip}",
+    )
+    trainer = LocalTrainer(cfg, _data())
+    w = trainer.initial_vector()
+    norms = []
+    for rnd in range(4):
+        r = trainer.fit(FitTask(0, rnd), w)
+        assert r.delta is not None and r.metrics["steps"] == 1
+        norms.append(float(np.linalg.norm(r.delta)))
+    expected = lr * sigma * clip * np.sqrt(w.size) / bs
+    # Signal is at most lr·C·(batch size)/B ≈ lr, far below the noise (≈ 57 here).
+    assert np.mean(norms) == pytest.approx(expected, rel=0.1)
+
+
+def test_stragglers_train_less_and_spend_less_epsilon() -> None:
+    cfg = _cfg("client.epochs=3", "client.straggler_fraction=1.0")
+    trainer = LocalTrainer(cfg, _data())
+    task = FitTask(1, 1)
+    plan = plan_work(cfg.client, cfg.seed, task, 40)
+    assert plan.straggler and plan.epochs < 3
+    r = trainer.fit(task, trainer.initial_vector())
+    assert r.straggler and r.metrics["steps"] == 5 * plan.epochs
+    opacus = RDPAccountant()
+    opacus.history = [(1.1, 0.2, 5 * plan.epochs)]
+    assert r.metrics["local_epsilon"] == pytest.approx(opacus.get_epsilon(local_delta(cfg, 40)))
+
+
+def test_local_dp_then_central_clipping_and_fedprox() -> None:
+    cfg = _cfg(
+        "privacy.mechanism='central'",
+        "privacy.noise_multiplier=1.0",
+        "privacy.clipping_norm=0.01",
+    )
+    trainer = LocalTrainer(cfg, _data())
+    r = trainer.fit(FitTask(1, 1), trainer.initial_vector())
+    assert r.delta is not None and np.linalg.norm(r.delta) <= 0.01 * (1 + 1e-5)
+    assert r.metrics["local_epsilon"] > 0 and r.metrics["below_clip"] == 0.0
+
+    plain, prox = (
+        LocalTrainer(_cfg(), _data()),
+        LocalTrainer(_cfg("client.proximal_mu=1.0"), _data()),
+    )
+    w = plain.initial_vector()
+    d0, d1 = plain.fit(FitTask(1, 1), w).delta, prox.fit(FitTask(1, 1), w).delta
+    assert d0 is not None and d1 is not None
+    # Same batches and noise; the proximal pull towards w_t shrinks the update.
+    assert np.linalg.norm(d1) < np.linalg.norm(d0)
+
+
+class _BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.bn1 = nn.BatchNorm1d(4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.bn1(self.fc(x))))
+
+
+def test_unsupported_layer_is_refused_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trainer_mod, "build_model", lambda *args: _BNNet())
+    with pytest.raises(ConfigError) as err:
+        LocalTrainer(_cfg(), _data())
+    msg = str(err.value)
+    assert "\n" not in msg and "'bn1' (BatchNorm1d)" in msg and "GroupNorm" in msg
+    # The same model trains normally without local DP.
+    LocalTrainer(load_config(None, ["client.batch_size=8"]), _data())
+
+    with pytest.raises(ConfigError, match=r"'lstm' \(LSTM\)") as err2:
+        check_opacus_compatible(CharLSTM(10, 4, 8, 1))
+    assert "\n" not in str(err2.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["privacy.local_dp=true", "privacy.local_noise_multiplier=0"], "local_noise_multiplier"),
+        (["privacy.local_dp=true", "privacy.local_max_grad_norm=-1"], "local_max_grad_norm"),
+        (["privacy.local_dp=true", "privacy.local_delta=1.5"], "local_delta"),
+        (["privacy.local_delta=1e-6"], "privacy.local_dp is false"),
+        (["privacy.local_dp=true", "engine.name='pool'"], "pool"),
+        (["privacy.local_dp=true", "privacy.secure_noise=true"], "secure_noise"),
+    ],
+)
+def test_invalid_local_dp_config_is_one_line(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_valid_local_dp_config_round_trips() -> None:
+    cfg = load_config(None, ["privacy.local_dp=true", "privacy.local_delta=1e-6"])
+    assert cfg.privacy.local_dp and cfg.privacy.local_delta == 1e-6
+    again = load_config(None, [])  # every local key at its default validates with DP off
+    assert not again.privacy.local_dp
+
+
+def test_digits_learns_with_local_dp(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "rounds=6",
+            "target_accuracy=0.999",
+            "client.epochs=3",
+            "privacy.local_dp=true",
+            "privacy.local_noise_multiplier=1.0",
+            "privacy.local_max_grad_norm=1.0",
+        ],
+    )
+    summary = run_simulation(cfg, tmp_path)
+    assert summary["rounds_completed"] == 6
+    assert summary["final"]["accuracy"] >= 0.7
