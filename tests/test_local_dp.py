@@ -217,3 +217,5 @@ def test_digits_learns_with_local_dp(tmp_path: Path) -> None:
     summary = run_simulation(cfg, tmp_path)
     assert summary["rounds_completed"] == 6
     assert summary["final"]["accuracy"] >= 0.7
+    eps = [r["local_epsilon_max"] for r in summary["history"]]
+    assert all(e > 0 for e in eps) and eps == sorted(eps)  # the worst client's ε only grows

@@ -307,6 +307,9 @@ class FederatedServer:
         }
         secure_fields.pop("_sum", None)
         record.update(secure_fields)
+        local = [u.metrics["local_epsilon"] for u in updates if "local_epsilon" in u.metrics]
+        if local:  # local DP-SGD: the worst client's ε so far (each reports its own)
+            record["local_epsilon_max"] = max(local)
         record.update(dp_fields)
         record.update(self.executor.round_metrics())
         # The run's last round: the configured number, or the last the privacy budget allows.
