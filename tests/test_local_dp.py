@@ -219,3 +219,29 @@ def test_digits_learns_with_local_dp(tmp_path: Path) -> None:
     assert summary["final"]["accuracy"] >= 0.7
     eps = [r["local_epsilon_max"] for r in summary["history"]]
     assert all(e > 0 for e in eps) and eps == sorted(eps)  # the worst client's ε only grows
+
+
+def test_resume_keeps_each_clients_local_dp_ledger(tmp_path: Path) -> None:
+    """A resumed local-DP run reports the same client ε as the uninterrupted run."""
+    overrides = [
+        "rounds=3",
+        "data.num_clients=4",
+        "client.epochs=1",
+        "privacy.local_dp=true",
+        "privacy.local_noise_multiplier=1.0",
+    ]
+    whole = run_simulation(load_config(None, overrides), tmp_path / "whole")
+
+    class CutError(Exception):
+        pass
+
+    def stop_after_2(record: dict) -> None:
+        if record["round"] == 2:
+            raise CutError
+
+    with pytest.raises(CutError):
+        run_simulation(load_config(None, overrides), tmp_path / "cut", on_round=stop_after_2)
+    resumed = run_simulation(load_config(None), tmp_path / "cut", resume=True)
+    assert [r["local_epsilon_max"] for r in resumed["history"]] == pytest.approx(
+        [r["local_epsilon_max"] for r in whole["history"]]
+    )

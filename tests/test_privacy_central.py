@@ -275,6 +275,12 @@ class _FixedUpdates:
     def connected_clients(self) -> None:
         return None
 
+    def client_state(self) -> dict[str, Any]:
+        return {}
+
+    def restore_client_state(self, state: dict[str, Any]) -> None:
+        return None
+
     def round_metrics(self) -> dict[str, Any]:
         return {}
 

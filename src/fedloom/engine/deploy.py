@@ -133,6 +133,13 @@ class DeploymentExecutor:
     def round_metrics(self) -> dict[str, Any]:
         return self.inner.round_metrics()
 
+    def client_state(self) -> dict[str, Any]:
+        """Deployed clients keep their own state on their machines."""
+        return {}
+
+    def restore_client_state(self, state: dict[str, Any]) -> None:
+        return None
+
     def secure_sum(
         self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
     ) -> SecureSum:

@@ -69,5 +69,13 @@ class InProcessExecutor:
     def round_metrics(self) -> dict[str, Any]:
         return {}
 
+    def client_state(self) -> dict[str, Any]:
+        local_dp = self.trainer.local_dp
+        return {"local_dp": local_dp.ledger()} if local_dp is not None else {}
+
+    def restore_client_state(self, state: dict[str, Any]) -> None:
+        if self.trainer.local_dp is not None and "local_dp" in state:
+            self.trainer.local_dp.restore_ledger(state["local_dp"])
+
     def close(self) -> None:
         return None

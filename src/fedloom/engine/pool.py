@@ -237,6 +237,12 @@ class ProcessPoolExecutor:
             "secure aggregation is not available on the pool engine (the config refuses it)"
         )
 
+    def client_state(self) -> dict[str, Any]:
+        return {}
+
+    def restore_client_state(self, state: dict[str, Any]) -> None:
+        return None
+
     def close(self) -> None:
         for w in self.workers:
             if w.alive:

@@ -64,6 +64,14 @@ class ClientExecutor(Protocol):
         """Engine-specific counters for the round record (e.g. rejected messages)."""
         ...
 
+    def client_state(self) -> dict[str, Any]:
+        """JSON-able state simulated clients keep across rounds, for checkpoints."""
+        ...
+
+    def restore_client_state(self, state: dict[str, Any]) -> None:
+        """Give simulated clients back the state :meth:`client_state` returned."""
+        ...
+
     def secure_sum(
         self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
     ) -> SecureSum:
@@ -88,7 +96,7 @@ class ServerState:
     #: Central DP's server state (clipping norm, privacy ledger), None without DP.
     privacy: CentralDP | None = None
 
-    def checkpoint(self, seed: int) -> Checkpoint:
+    def checkpoint(self, seed: int, client_state: dict[str, Any] | None = None) -> Checkpoint:
         tensors = {"global": self.weights, "participation": self.participation}
         tensors.update({f"opt/{k}": v for k, v in self.optimizer.state().items()})
         meta: dict[str, Any] = {
@@ -101,6 +109,9 @@ class ServerState:
             # The ledger (z, rounds) and the adaptive clipping norm: ε and C of a resumed
             # run continue exactly where they were.
             meta["privacy"] = self.privacy.checkpoint_meta()
+        if client_state:
+            # E.g. each simulated client's local-DP ledger, so its ε survives a resume.
+            meta["client_state"] = client_state
         return Checkpoint(round=self.round, tensors=tensors, meta=meta)
 
 
@@ -172,6 +183,7 @@ class FederatedServer:
             {k.removeprefix("opt/"): v for k, v in ckpt.tensors.items() if k.startswith("opt/")}
         )
         self.state.history = [r for r in history if r["round"] <= ckpt.round]
+        self.executor.restore_client_state(ckpt.meta.get("client_state", {}))
         if self.privacy is not None:
             meta = ckpt.meta.get("privacy")
             if not isinstance(meta, dict):
@@ -323,7 +335,7 @@ class FederatedServer:
             self.store.record_round(record)
             self._record_ledger()
             if rnd % cfg.checkpoint_every == 0 or last:
-                self.store.save_checkpoint(state.checkpoint(cfg.seed))
+                self.store.save_checkpoint(state.checkpoint(cfg.seed, self.executor.client_state()))
         return record
 
     def _secure_aggregate(
