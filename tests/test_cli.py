@@ -99,3 +99,10 @@ def test_sigint_then_resume_in_real_processes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     history = json.loads((run / "summary.json").read_text())["history"]
     assert [r["round"] for r in history] == list(range(1, 41))
+
+
+def test_server_refuses_ckks_for_now(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["server", "--set", "privacy.secure_aggregation=ckks", "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "simulation only" in err and len(err.splitlines()) == 1

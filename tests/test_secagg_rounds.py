@@ -58,3 +58,24 @@ def test_secure_aggregation_with_central_dp_learns(tmp_path: Path) -> None:
 def test_secure_aggregation_is_refused_on_the_pool() -> None:
     with pytest.raises(ConfigError, match="pool engine"):
         load_config(None, [*SECURE, "engine.name=pool"])
+
+
+def test_ckks_round_equals_unweighted_mean_of_updates(tmp_path: Path) -> None:
+    """CKKS (TenSEAL) as the alternative to SecAgg+: the mean to ~1e-7, no quantization."""
+    overrides = [
+        "data.num_clients=5",
+        "client.epochs=1",
+        "privacy.secure_aggregation=ckks",
+        "rounds=1",
+    ]
+    cfg = load_config(None, overrides)
+    summary = run_simulation(cfg, tmp_path / "run")
+    assert summary["history"][0]["secagg_contributors"] == 5
+    with RunStore.open(tmp_path / "run") as store:
+        ckpt = store.latest_checkpoint()
+    assert ckpt is not None
+    trainer = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
+    w0 = trainer.initial_vector()
+    mean = np.mean([trainer.fit(FitTask(c, 1), w0).delta for c in range(5)], axis=0)
+    got = ckpt.tensors["global"] - w0
+    assert np.linalg.norm(got - mean) / np.linalg.norm(mean) < 1e-4

@@ -36,6 +36,11 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
     from fedloom.report import summary_table
 
     cfg, out_dir = config_and_run_dir(args)
+    if cfg.privacy.secure_aggregation == "ckks":
+        raise ConfigError(
+            "privacy.secure_aggregation = 'ckks' runs in simulation only for now; "
+            "use 'secagg+' in a deployment"
+        )
     if args.resume is None and (
         cfg.privacy.mechanism == "central" and "secure_noise" not in cfg.privacy.model_fields_set
     ):

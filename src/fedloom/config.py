@@ -12,6 +12,7 @@ strategy implies, but never overrides a value the user set explicitly.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tomllib
 from importlib import resources
@@ -154,9 +155,11 @@ class PrivacyConfig(_Section):
     clipped_count_stddev: float | None = Field(None, gt=0.0)
     secure_noise: bool = False
     #: "secagg+": the server learns only the sum of the updates (Bell et al. 2020);
+    #: "ckks": clients encrypt under CKKS, the server adds ciphertexts, a key holder
+    #: decrypts the sum (simulation only for now; needs the ``he`` extra, TenSEAL);
     #: updates are unweighted (each client counts once) and, without central DP,
     #: clipped per coordinate to ``secagg_clip_range`` before quantization.
-    secure_aggregation: Literal["none", "secagg+"] = "none"
+    secure_aggregation: Literal["none", "secagg+", "ckks"] = "none"
     secagg_clip_range: float = Field(1.0, gt=0.0)
     secagg_quantization_bits: int = Field(16, ge=2, le=24)
     #: Local (example-level) DP on every client: DP-SGD through Opacus (Abadi et al. 2016)
@@ -281,6 +284,10 @@ def check_privacy(cfg: RunConfig) -> None:
         raise ConfigError(
             "privacy.secure_aggregation runs on engine.name = 'inprocess' or in a deployment "
             "(fedloom server), not on the pool engine"
+        )
+    if p.secure_aggregation == "ckks" and importlib.util.find_spec("tenseal") is None:
+        raise ConfigError(
+            "privacy.secure_aggregation = 'ckks' needs TenSEAL; pip install 'fedloom[he]'"
         )
     if p.mechanism == "none":
         stray = [

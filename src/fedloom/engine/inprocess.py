@@ -47,8 +47,11 @@ class InProcessExecutor:
         self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
     ) -> SecureSum:
         """SecAgg+ among simulated clients; every message goes through its byte encoding."""
-        participants = {c: SecAggParticipant(c, self._held.pop((rnd, c))) for c in client_ids}
+        updates = {c: self._held.pop((rnd, c)) for c in client_ids}
         self._held = {k: v for k, v in self._held.items() if k[0] > rnd}
+        if self.trainer.cfg.privacy.secure_aggregation == "ckks":
+            return _ckks_sum(updates)
+        participants = {c: SecAggParticipant(c, u) for c, u in updates.items()}
         return serve_secagg_round(
             client_ids, vector_length, config, exchange_in_process(participants)
         )
@@ -79,3 +82,16 @@ class InProcessExecutor:
 
     def close(self) -> None:
         return None
+
+
+def _ckks_sum(updates: dict[int, np.ndarray]) -> SecureSum:
+    """CKKS aggregation (TenSEAL): the key holder decrypts only the sum."""
+    from fedloom.privacy.he import run_he_round
+
+    result = run_he_round(updates)
+    return SecureSum(
+        result.sum.astype(np.float32),
+        tuple(sorted(result.contributors)),
+        sum(result.bytes_sent.values()),
+        sum(result.bytes_received.values()),
+    )
