@@ -23,9 +23,16 @@ def hash_token(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
 
 
+TOKEN_PREFIX = "fl_"
+
+
 def new_token() -> str:
-    """256 bits from the OS CSPRNG, URL-safe."""
-    return secrets.token_urlsafe(32)
+    """256 bits from the OS CSPRNG, URL-safe, behind a fixed prefix.
+
+    The prefix makes fedloom tokens recognisable (in logs, secret scanners) and keeps a
+    token from starting with '-', which a command line would read as an option.
+    """
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 def add_token(path: Path, name: str) -> str:
