@@ -23,6 +23,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from fedloom.server.metrics import rounds_to_target
 from fedloom.store import PLOT_FILE, RunStore, RunStoreError, atomic_write
 
 __all__ = [
@@ -319,16 +320,6 @@ def summarize_history(
     """
     last_eval = next((r for r in reversed(history) if _is_number(r.get("accuracy"))), None)
     final_acc = last_eval.get("accuracy") if last_eval else None
-    rounds_to_target = None
-    if target_accuracy is not None:
-        rounds_to_target = next(
-            (
-                int(r["round"])
-                for r in history
-                if _is_number(r.get("accuracy")) and r["accuracy"] >= target_accuracy
-            ),
-            None,
-        )
 
     def total(key: str) -> int | None:
         values = [r.get(key) for r in history]
@@ -346,7 +337,7 @@ def summarize_history(
             "loss": last_eval.get("loss") if last_eval else None,
         },
         "metrics": {
-            "rounds_to_target": rounds_to_target,
+            "rounds_to_target": rounds_to_target(history, target_accuracy),
             "target_accuracy": target_accuracy,
             "bytes_up_total": total("bytes_up"),
             "bytes_down_total": total("bytes_down"),

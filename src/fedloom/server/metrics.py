@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def rounds_to_target(history: list[dict[str, Any]], target: float | None) -> int | None:
+def rounds_to_target(history: Sequence[Mapping[str, Any]], target: float | None) -> int | None:
     """First round whose centralized test accuracy reached ``target`` (None if never)."""
     if target is None:
         return None
