@@ -8,20 +8,10 @@ import torch.nn.functional as F
 from fedloom.client.models import build_model
 from fedloom.client.trainer import LocalTrainer, plan_work
 from fedloom.config import ClientConfig, RunConfig, load_config
-from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
 from fedloom.messages import FitTask
 from fedloom.seeding import SHUFFLE, torch_generator
 
-
-def _data(n: int = 40, clients: int = 2) -> FederatedDataset:
-    rng = np.random.default_rng(0)
-    parts = []
-    for c in range(clients):
-        x = rng.normal(size=(n, 5)).astype(np.float32)
-        y = (x[:, 0] > 0).astype(np.int64)
-        parts.append(ClientData(c, f"c{c}", ArrayDataset(x, y), ArrayDataset(x[:8], y[:8])))
-    test = ArrayDataset.concat([p.test for p in parts if p.test is not None])
-    return FederatedDataset("toy", "tabular", parts, test, 2, (5,))
+from .helpers import toy_dataset
 
 
 def _cfg(*overrides: str) -> RunConfig:
@@ -31,7 +21,7 @@ def _cfg(*overrides: str) -> RunConfig:
 @pytest.mark.parametrize("extra", [[], ["client.weight_decay=0.01"], ["client.momentum=0.0"]])
 def test_local_sgd_matches_torch_optim_sgd(extra: list[str]) -> None:
     cfg = _cfg("client.epochs=2", *extra)
-    data = _data()
+    data = toy_dataset()
     trainer = LocalTrainer(cfg, data)
     w0 = trainer.initial_vector()
     result = trainer.fit(FitTask(1, 3), w0)
@@ -71,7 +61,7 @@ def test_fedprox_proximal_gradient_hand_computed() -> None:
 
 
 def test_fedprox_pulls_towards_global_model() -> None:
-    data = _data()
+    data = toy_dataset()
     far = _cfg("client.epochs=5", "client.lr=0.5")
     near = _cfg("client.epochs=5", "client.lr=0.5", "client.proximal_mu=5.0")
     w0 = LocalTrainer(far, data).initial_vector()
@@ -83,7 +73,7 @@ def test_fedprox_pulls_towards_global_model() -> None:
 
 def test_fit_is_deterministic_and_order_independent() -> None:
     cfg = _cfg()
-    data = _data()
+    data = toy_dataset()
     a, b = LocalTrainer(cfg, data), LocalTrainer(cfg, data)
     w0 = a.initial_vector()
     first = a.fit(FitTask(1, 2), w0).delta
@@ -115,7 +105,7 @@ def test_straggler_plan_follows_fedprox_systems_model() -> None:
 
 
 def test_dropped_straggler_does_no_work_and_kept_one_does_less() -> None:
-    data = _data()
+    data = toy_dataset()
     keep = LocalTrainer(_cfg("client.epochs=4", "client.straggler_fraction=1.0"), data)
     w0 = keep.initial_vector()
     res = keep.fit(FitTask(0, 1, drop_stragglers=True), w0)
@@ -125,7 +115,7 @@ def test_dropped_straggler_does_no_work_and_kept_one_does_less() -> None:
 
 
 def test_evaluate_accuracy_and_loss() -> None:
-    data = _data()
+    data = toy_dataset()
     trainer = LocalTrainer(_cfg(), data)
     vec = np.zeros(trainer.num_parameters, np.float32)
     loss, acc = trainer.evaluate(data.test, vec)

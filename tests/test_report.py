@@ -13,6 +13,8 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
+from fedloom.config import load_config
+from fedloom.engine.simulation import run_simulation
 from fedloom.report import (
     format_bytes,
     history_table,
@@ -21,7 +23,8 @@ from fedloom.report import (
     summarize_history,
     summary_table,
 )
-from fedloom.store import RunStore, RunStoreError
+from fedloom.server.metrics import run_metrics
+from fedloom.store import SUMMARY_FILE, RunStore, RunStoreError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -190,6 +193,18 @@ def test_summarize_history() -> None:
     assert summarize_history([])["rounds_completed"] == 0
 
 
+def test_summarize_history_agrees_with_the_server_on_odd_records() -> None:
+    """Missing, None and bool counters count as 0 on both sides, never crash either."""
+    history: list[dict[str, Any]] = _history(4)
+    history[0]["bytes_up"] = None
+    del history[1]["bytes_down"]
+    history[2]["clients_sampled"] = True
+    partial = summarize_history(history, 0.7, 0.9)["metrics"]
+    server = run_metrics(history, 40, 0.7, 0.9, set(range(10)))
+    assert server == partial | {"participation_rate": 0.25}
+    assert partial["bytes_up_total"] == 1536 * (2 + 3 + 4)
+
+
 # -------------------------------------------------------------------------- redraw
 
 
@@ -256,3 +271,31 @@ def test_redraw_not_a_run(tmp_path: Path) -> None:
     assert not (tmp_path / "accuracy.png").exists()
     with pytest.raises(RunStoreError):
         redraw(tmp_path / "missing", Console(record=True, width=150))
+
+
+def test_partial_report_equals_the_servers_summary_on_a_recorded_run(tmp_path: Path) -> None:
+    """Drop summary.json from a real run: ``fedloom report`` must derive the same numbers.
+
+    Half the clients straggle and are dropped, so upload and download totals differ.
+    """
+    cfg = load_config(
+        None,
+        [
+            "rounds=3",
+            "data.num_clients=6",
+            "client.epochs=2",
+            "client.straggler_fraction=0.5",
+            "server.drop_stragglers=true",
+            "target_accuracy=0.3",
+        ],
+    )
+    run = tmp_path / "run"
+    server = run_simulation(cfg, run)
+    (run / SUMMARY_FILE).unlink()
+    partial = redraw(run, Console(record=True, width=150))
+    assert partial["partial"] is True
+    metrics = server["metrics"]
+    assert 0 < metrics["bytes_up_total"] < metrics["bytes_down_total"]
+    assert metrics == partial["metrics"] | {"participation_rate": metrics["participation_rate"]}
+    assert partial["final"] == server["final"]
+    assert partial["rounds_completed"] == server["rounds_completed"]

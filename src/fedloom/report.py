@@ -14,16 +14,16 @@ keeps no global figure registry that could leak figures across many runs.
 from __future__ import annotations
 
 import io
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fedloom.server.metrics import rounds_to_target
+from fedloom.server.metrics import history_metrics, last_evaluation
+from fedloom.server.metrics import is_number as _is_number
 from fedloom.store import PLOT_FILE, RunStore, RunStoreError, atomic_write
 
 __all__ = [
@@ -65,11 +65,6 @@ _COLUMN_TITLES: dict[str, str] = {
 
 
 # ----------------------------------------------------------------------- formatting
-
-
-def _is_number(value: Any) -> TypeGuard[int | float]:
-    """A real number (bools excluded: a True in a metric column is a bug, not 1)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def format_bytes(n: Any) -> str:
@@ -316,34 +311,19 @@ def summarize_history(
 
     Used by :func:`redraw` when ``summary.json`` is missing (the run was killed or is
     still going), so ``fedloom report`` still shows the key numbers. It fills only what
-    the history determines; wall time and participation rate stay unknown (``—``).
+    the history determines; wall time and participation rate stay unknown (``—``). The
+    metrics come from :func:`fedloom.server.metrics.history_metrics`, the function the
+    server's own summary is built on, so a partial report never disagrees with it.
     """
-    last_eval = next((r for r in reversed(history) if _is_number(r.get("accuracy"))), None)
-    final_acc = last_eval.get("accuracy") if last_eval else None
-
-    def total(key: str) -> int | None:
-        values = [r.get(key) for r in history]
-        numbers = [v for v in values if _is_number(v)]
-        return int(sum(numbers)) if numbers else None
-
-    gap = None
-    if _is_number(final_acc) and centralized_accuracy is not None:
-        gap = centralized_accuracy - float(final_acc)
+    last_eval = last_evaluation(history)
     return {
         "partial": True,
         "rounds_completed": int(history[-1]["round"]) if history else 0,
         "final": {
-            "accuracy": final_acc,
+            "accuracy": last_eval.get("accuracy") if last_eval else None,
             "loss": last_eval.get("loss") if last_eval else None,
         },
-        "metrics": {
-            "rounds_to_target": rounds_to_target(history, target_accuracy),
-            "target_accuracy": target_accuracy,
-            "bytes_up_total": total("bytes_up"),
-            "bytes_down_total": total("bytes_down"),
-            "centralized_accuracy": centralized_accuracy,
-            "accuracy_gap": gap,
-        },
+        "metrics": history_metrics(history, target_accuracy, centralized_accuracy),
     }
 
 

@@ -1,9 +1,20 @@
-"""The numbers people judge a federated run by, derived from its round history."""
+"""The numbers people judge a federated run by, derived from its round history.
+
+This module is the one place those numbers are computed: the server writes them into
+``summary.json`` through :func:`run_metrics`, and ``fedloom report`` derives the same
+ones for an unfinished run through :func:`history_metrics`, so the two cannot disagree.
+"""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
+
+
+def is_number(value: Any) -> TypeGuard[int | float]:
+    """A real number (bools excluded: a True in a metric column is a bug, not 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def rounds_to_target(history: Sequence[Mapping[str, Any]], target: float | None) -> int | None:
@@ -17,6 +28,42 @@ def rounds_to_target(history: Sequence[Mapping[str, Any]], target: float | None)
     return None
 
 
+def last_evaluation(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The last round with a centralized evaluation (evaluation may skip rounds)."""
+    return next((r for r in reversed(history) if is_number(r.get("accuracy"))), None)
+
+
+def history_total(history: Sequence[Mapping[str, Any]], key: str) -> int:
+    """Sum of a per-round counter; rounds where it is absent or not a number add 0."""
+    return sum(int(v) for r in history if is_number(v := r.get(key)))
+
+
+def history_metrics(
+    history: Sequence[Mapping[str, Any]],
+    target_accuracy: float | None,
+    centralized_accuracy: float | None,
+) -> dict[str, Any]:
+    """Every summary metric the round history alone determines (all but participation)."""
+    sampled = history_total(history, "clients_sampled")
+    succeeded = history_total(history, "clients_succeeded")
+    last = last_evaluation(history)
+    gap = None
+    if centralized_accuracy is not None and last is not None:
+        gap = float(centralized_accuracy) - float(last["accuracy"])
+    return {
+        "target_accuracy": target_accuracy,
+        "rounds_to_target": rounds_to_target(history, target_accuracy),
+        # Share of sampled client-rounds that returned a usable update.
+        "success_rate": succeeded / sampled if sampled else 0.0,
+        "clients_sampled_total": sampled,
+        "clients_succeeded_total": succeeded,
+        "bytes_up_total": history_total(history, "bytes_up"),
+        "bytes_down_total": history_total(history, "bytes_down"),
+        "centralized_accuracy": centralized_accuracy,
+        "accuracy_gap": gap,
+    }
+
+
 def run_metrics(
     history: list[dict[str, Any]],
     num_clients: int,
@@ -24,26 +71,15 @@ def run_metrics(
     centralized_accuracy: float | None,
     contributors: set[int],
 ) -> dict[str, Any]:
-    """Summary metrics: rounds to target, participation, traffic, gap to centralized."""
-    sampled = sum(int(r.get("clients_sampled", 0)) for r in history)
-    succeeded = sum(int(r.get("clients_succeeded", 0)) for r in history)
-    final_acc = next(
-        (r["accuracy"] for r in reversed(history) if r.get("accuracy") is not None), None
-    )
-    gap = None
-    if centralized_accuracy is not None and final_acc is not None:
-        gap = float(centralized_accuracy) - float(final_acc)
+    """Summary metrics: rounds to target, participation, traffic, gap to centralized.
+
+    :func:`history_metrics` plus what needs the server's participation counts.
+    """
+    metrics = history_metrics(history, target_accuracy, centralized_accuracy)
     return {
-        "target_accuracy": target_accuracy,
-        "rounds_to_target": rounds_to_target(history, target_accuracy),
+        "target_accuracy": metrics.pop("target_accuracy"),
+        "rounds_to_target": metrics.pop("rounds_to_target"),
         # Share of all clients whose update was aggregated at least once.
         "participation_rate": len(contributors) / num_clients if num_clients else 0.0,
-        # Share of sampled client-rounds that returned a usable update.
-        "success_rate": succeeded / sampled if sampled else 0.0,
-        "clients_sampled_total": sampled,
-        "clients_succeeded_total": succeeded,
-        "bytes_up_total": sum(int(r.get("bytes_up", 0)) for r in history),
-        "bytes_down_total": sum(int(r.get("bytes_down", 0)) for r in history),
-        "centralized_accuracy": centralized_accuracy,
-        "accuracy_gap": gap,
+        **metrics,
     }

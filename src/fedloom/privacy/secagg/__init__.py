@@ -12,9 +12,11 @@ masks of clients that drop out at any stage.
 
 Engine-neutral: :class:`SecAggClient` and :class:`SecAggServer` are pure state
 machines that consume and produce the dataclass messages of :mod:`.messages`, each
-with an explicit ``to_bytes`` / ``from_bytes`` wire format. :func:`run_secagg_round`
-drives a whole round in process (the simulation engine); the gRPC deployment carries
-the same messages over the network.
+with an explicit ``to_bytes`` / ``from_bytes`` wire format. One stage loop drives the
+server (:func:`.transport.serve_stages`): the engines reach it through
+:func:`.transport.serve_secagg_round`, in memory or over gRPC, and
+:func:`run_secagg_round` (tests, benchmarks) adds scripted dropouts, a message hook and
+cost counters around it.
 
 Threat model (the semi-honest setting of both papers' security analyses):
 

@@ -1,29 +1,27 @@
 """Run one whole secure-aggregation round in process, with scripted dropouts.
 
-:func:`run_secagg_round` is the simulation engine's (and the tests') way to use the
-protocol: it creates one :class:`SecAggClient` per update and a :class:`SecAggServer`,
-and carries every message between them through its wire encoding (``to_bytes`` then
-``from_bytes``), counting bytes per client and stage. A real deployment moves the same
-messages over its own transport instead.
+:func:`run_secagg_round` is the tests' and benchmarks' way to use the protocol. It is a
+thin layer over the same stage loop the engines run
+(:func:`~fedloom.privacy.secagg.transport.serve_stages`), with an in-process exchange
+that adds what experiments need and a deployment must not have: dropouts scripted per
+stage, a hook that may read or replace any decoded message, and byte and time counters
+per client and stage. Every message still goes through its wire encoding.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 
-from fedloom.privacy.secagg.client import SecAggClient
 from fedloom.privacy.secagg.config import STAGES, SecAggConfig, Stage
 from fedloom.privacy.secagg.messages import Message
 from fedloom.privacy.secagg.randomness import SYSTEM_ENTROPY, Entropy
 from fedloom.privacy.secagg.server import SecAggResult, SecAggServer
+from fedloom.privacy.secagg.transport import DOWNLINK, UPLINK, SecAggParticipant, serve_stages
 
-M = TypeVar("M", bound=Message)
 ServerFactory = Callable[..., SecAggServer]
 Intercept = Callable[[Message], Message]
 
@@ -34,8 +32,10 @@ class SecAggRoundResult:
 
     ``bytes_sent[c][stage]`` / ``bytes_received[c][stage]`` are the encoded sizes of the
     messages client c sent to / got from the server at that stage (the setup broadcast
-    counts as received at ``advertise_keys``). ``client_seconds`` and ``server_seconds``
-    are wall-clock compute time of the state-machine calls (not deterministic).
+    counts as received at ``advertise_keys``). ``client_seconds`` is the wall-clock time
+    of client c's side (decode, state machine, encode); ``server_seconds`` the rest of
+    the round: building the server, its state-machine calls and its own encoding (not
+    deterministic).
     """
 
     aggregate: SecAggResult
@@ -59,50 +59,55 @@ class SecAggRoundResult:
         )
 
 
-class _Wire:
-    """Carries messages through their encoding, counting bytes and applying a hook."""
+class _InstrumentedExchange:
+    """An in-process exchange that scripts dropouts, applies a hook, counts and times.
 
-    def __init__(self, client_ids: Iterable[int], intercept: Intercept | None) -> None:
-        self.sent = {c: dict.fromkeys(STAGES, 0) for c in client_ids}
-        self.received = {c: dict.fromkeys(STAGES, 0) for c in client_ids}
+    A client silent from some stage on gets no message at that stage or later, so
+    neither direction counts bytes for it, as when its connection is gone.
+    """
+
+    def __init__(
+        self,
+        participants: Mapping[int, SecAggParticipant],
+        silent_from: Mapping[int, Stage],
+        intercept: Intercept | None,
+    ) -> None:
+        self.sent = {c: dict.fromkeys(STAGES, 0) for c in participants}
+        self.received = {c: dict.fromkeys(STAGES, 0) for c in participants}
+        self.client_seconds = dict.fromkeys(participants, 0.0)
+        self.seconds = 0.0  # all time spent in here, which is not the server's
+        self._participants = participants
+        self._silent_from = silent_from
         self._intercept = intercept
 
-    def up(self, client: int, stage: Stage, message: M) -> M:
-        return self._carry(self.sent[client], stage, message)
+    def __call__(self, stage: Stage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+        entered = time.perf_counter()
+        replies: dict[int, bytes] = {}
+        for c, data in outgoing.items():
+            if not self._sends_at(c, stage):
+                continue
+            self.received[c][stage] += len(data)
+            data = self._tap(DOWNLINK[stage], data)
+            started = time.perf_counter()
+            reply = self._participants[c].respond(stage, data)
+            self.client_seconds[c] += time.perf_counter() - started
+            self.sent[c][stage] += len(reply)
+            replies[c] = self._tap(UPLINK[stage], reply)
+        self.seconds += time.perf_counter() - entered
+        return replies
 
-    def down(self, client: int, stage: Stage, message: M) -> M:
-        return self._carry(self.received[client], stage, message)
+    def _sends_at(self, client: int, stage: Stage) -> bool:
+        silent = self._silent_from.get(client)
+        return silent is None or STAGES.index(silent) > STAGES.index(stage)
 
-    def _carry(self, ledger: dict[Stage, int], stage: Stage, message: M) -> M:
-        data = message.to_bytes()
-        ledger[stage] += len(data)
-        decoded = type(message).from_bytes(data)
+    def _tap(self, kind: type[Message], data: bytes) -> bytes:
+        """Let the hook see (and maybe replace) the decoded message; bytes are counted before."""
         if self._intercept is None:
-            return decoded
-        replaced = self._intercept(decoded)
-        if not isinstance(replaced, type(message)):
+            return data
+        replaced = self._intercept(kind.from_bytes(data))
+        if not isinstance(replaced, kind):
             raise TypeError("an intercept hook must return a message of the same type")
-        return replaced
-
-
-class _Clock:
-    """Wall-clock compute time per client and for the server."""
-
-    def __init__(self, client_ids: Iterable[int]) -> None:
-        self.clients = dict.fromkeys(client_ids, 0.0)
-        self.server = 0.0
-
-    @contextmanager
-    def client(self, client_id: int) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.clients[client_id] += time.perf_counter() - start
-
-    @contextmanager
-    def serving(self) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.server += time.perf_counter() - start
+        return replaced.to_bytes()
 
 
 def run_secagg_round(
@@ -122,6 +127,8 @@ def run_secagg_round(
     tamper with or replay traffic). ``server_factory`` builds the server from
     ``(client_ids, vector_length, config, entropy=...)``.
 
+    As in the engines, a client's reply the server refuses is logged and counts as that
+    client dropping; a client that raises (e.g. on a tampered share) ends the round.
     Raises :class:`RoundAbortedError` when too few clients survive a stage.
     """
     ids = sorted(updates)
@@ -129,62 +136,17 @@ def run_secagg_round(
         raise ValueError("secure aggregation needs at least one update")
     length = _common_length(updates)
     silent_from = _first_silent_stage(dropouts or {}, set(ids))
-    wire, clock = _Wire(ids, intercept), _Clock(ids)
+    participants = {c: SecAggParticipant(c, updates[c], entropy) for c in ids}
+    exchange = _InstrumentedExchange(participants, silent_from, intercept)
 
-    def alive(stage: Stage, candidates: Iterable[int]) -> list[int]:
-        """Clients among ``candidates`` that still send at ``stage``."""
-        now = STAGES.index(stage)
-        return [c for c in candidates if c not in silent_from or STAGES.index(silent_from[c]) > now]
+    started = time.perf_counter()
+    server = server_factory(ids, length, config, entropy=entropy)
+    aggregate, _, _ = serve_stages(server, exchange)
+    server_seconds = time.perf_counter() - started - exchange.seconds
 
-    with clock.serving():
-        server = server_factory(ids, length, config, entropy=entropy)
-    clients = {c: SecAggClient(c, entropy=entropy) for c in ids}
-
-    stage = Stage.ADVERTISE_KEYS
-    for c in alive(stage, ids):
-        setup = wire.down(c, stage, server.setup)
-        with clock.client(c):
-            advert = clients[c].advertise_keys(setup)
-        advert = wire.up(c, stage, advert)
-        with clock.serving():
-            server.receive_advertise_keys(advert)
-    with clock.serving():
-        broadcasts = server.broadcast_keys()
-
-    stage = Stage.SHARE_KEYS
-    for c in alive(stage, broadcasts):
-        broadcast = wire.down(c, stage, broadcasts[c])
-        with clock.client(c):
-            shares = clients[c].share_keys(broadcast)
-        shares = wire.up(c, stage, shares)
-        with clock.serving():
-            server.receive_share_keys(shares)
-    with clock.serving():
-        bundles = server.route_shares()
-
-    stage = Stage.MASKED_INPUT
-    for c in alive(stage, bundles):
-        bundle = wire.down(c, stage, bundles[c])
-        with clock.client(c):
-            masked = clients[c].masked_input(bundle, updates[c])
-        masked = wire.up(c, stage, masked)
-        with clock.serving():
-            server.receive_masked_input(masked)
-    with clock.serving():
-        requests = server.unmask_requests()
-
-    stage = Stage.UNMASKING
-    for c in alive(stage, requests):
-        request = wire.down(c, stage, requests[c])
-        with clock.client(c):
-            response = clients[c].unmask(request)
-        response = wire.up(c, stage, response)
-        with clock.serving():
-            server.receive_unmask_response(response)
-    with clock.serving():
-        aggregate = server.finalize()
-
-    return SecAggRoundResult(aggregate, wire.sent, wire.received, clock.clients, clock.server)
+    return SecAggRoundResult(
+        aggregate, exchange.sent, exchange.received, exchange.client_seconds, server_seconds
+    )
 
 
 def _common_length(updates: Mapping[int, np.ndarray]) -> int:

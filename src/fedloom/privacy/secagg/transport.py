@@ -31,11 +31,27 @@ from fedloom.privacy.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from fedloom.privacy.secagg.randomness import SYSTEM_ENTROPY, Entropy
 from fedloom.privacy.secagg.server import SecAggResult, SecAggServer
 
 log = logging.getLogger("fedloom.secagg")
 
 Exchange = Callable[[Stage, Mapping[int, bytes]], dict[int, bytes]]
+
+#: The message type the server sends each client at each stage (decoders key on it).
+DOWNLINK: dict[Stage, type[Message]] = {
+    Stage.ADVERTISE_KEYS: RoundSetup,
+    Stage.SHARE_KEYS: KeyBroadcast,
+    Stage.MASKED_INPUT: ShareBundle,
+    Stage.UNMASKING: UnmaskRequest,
+}
+#: The message type a client answers with at each stage.
+UPLINK: dict[Stage, type[Message]] = {
+    Stage.ADVERTISE_KEYS: AdvertiseKeys,
+    Stage.SHARE_KEYS: ShareKeys,
+    Stage.MASKED_INPUT: MaskedInput,
+    Stage.UNMASKING: UnmaskResponse,
+}
 
 
 @dataclass
@@ -65,17 +81,28 @@ def serve_secagg_round(
 ) -> SecureSum:
     """The server's side of one round. Raises ``RoundAbortedError`` if too few survive."""
     server = SecAggServer(sorted(client_ids), vector_length, config)
-    setup = server.setup.to_bytes()
+    result, bytes_up, bytes_down = serve_stages(server, exchange)
+    return SecureSum(result.sum, tuple(result.contributors), bytes_up, bytes_down)
+
+
+def serve_stages(server: SecAggServer, exchange: Exchange) -> tuple[SecAggResult, int, int]:
+    """Step a fresh ``server`` through all four stages over ``exchange``.
+
+    The one stage loop of the package: engines reach it through
+    :func:`serve_secagg_round`, and :func:`~fedloom.privacy.secagg.driver.run_secagg_round`
+    passes its own server (tests substitute recording ones) and an instrumented
+    exchange. Returns the result and the bytes that went up and down.
+    """
     traffic = {"up": 0, "down": 0}
 
-    def collect(stage: Stage, outgoing: Mapping[int, bytes], kind: type[Message]) -> list[Message]:
+    def collect(stage: Stage, outgoing: Mapping[int, bytes]) -> list[Message]:
         accepted: list[Message] = []
         traffic["down"] += sum(len(b) for b in outgoing.values())
         replies = exchange(stage, outgoing)
         traffic["up"] += sum(len(b) for b in replies.values())
         for client, data in sorted(replies.items()):
             try:
-                message = kind.from_bytes(data)
+                message = UPLINK[stage].from_bytes(data)
                 if _sender(message) != client:
                     raise SecAggError(f"claims to come from client {_sender(message)}")
             except (SecAggError, ValueError) as err:
@@ -84,19 +111,19 @@ def serve_secagg_round(
             accepted.append(message)
         return accepted
 
-    for m in collect(Stage.ADVERTISE_KEYS, dict.fromkeys(client_ids, setup), AdvertiseKeys):
+    setup = server.setup.to_bytes()
+    for m in collect(Stage.ADVERTISE_KEYS, dict.fromkeys(server.setup.client_ids, setup)):
         _receive(server.receive_advertise_keys, m)
     out = {c: b.to_bytes() for c, b in server.broadcast_keys().items()}
-    for m in collect(Stage.SHARE_KEYS, out, ShareKeys):
+    for m in collect(Stage.SHARE_KEYS, out):
         _receive(server.receive_share_keys, m)
     out = {c: b.to_bytes() for c, b in server.route_shares().items()}
-    for m in collect(Stage.MASKED_INPUT, out, MaskedInput):
+    for m in collect(Stage.MASKED_INPUT, out):
         _receive(server.receive_masked_input, m)
     out = {c: r.to_bytes() for c, r in server.unmask_requests().items()}
-    for m in collect(Stage.UNMASKING, out, UnmaskResponse):
+    for m in collect(Stage.UNMASKING, out):
         _receive(server.receive_unmask_response, m)
-    result: SecAggResult = server.finalize()
-    return SecureSum(result.sum, tuple(result.contributors), traffic["up"], traffic["down"])
+    return server.finalize(), traffic["up"], traffic["down"]
 
 
 def _receive(handler: Callable[..., None], message: Message) -> None:
@@ -110,14 +137,19 @@ def _receive(handler: Callable[..., None], message: Message) -> None:
 
 @dataclass
 class SecAggParticipant:
-    """A client's side of one round: holds its update until the masked-input stage."""
+    """A client's side of one round: holds its update until the masked-input stage.
+
+    ``entropy`` is for tests that need reproducible secrets; leave it at the default
+    (``os.urandom``) everywhere else.
+    """
 
     client_id: int
     update: np.ndarray
+    entropy: Entropy = field(default=SYSTEM_ENTROPY, repr=False)
     client: SecAggClient = field(init=False)
 
     def __post_init__(self) -> None:
-        self.client = SecAggClient(self.client_id)
+        self.client = SecAggClient(self.client_id, entropy=self.entropy)
 
     def respond(self, stage: Stage, payload: bytes) -> bytes:
         """Answer the server's message for ``stage`` (raises on a malformed message)."""
