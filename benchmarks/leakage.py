@@ -20,7 +20,9 @@ image; the mean digit). Also writes a PNG grid of true images and reconstruction
 prints its path.
 
 Full run (8 conditions × 20 targets): about 2 minutes on one core. ``--quick`` (6
-conditions × 3 targets, DLG×K with 300 iterations): about 10 s.
+conditions × 3 targets, DLG×K with 300 iterations): about 10 s. The options are those of
+``fedloom leakage`` (:mod:`fedloom.privacy.leakage_settings`), which runs the quick
+settings by default and also writes ``leakage.json``.
 """
 
 from __future__ import annotations
@@ -32,30 +34,25 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fedloom.privacy.leakage import (
-    DEFAULT_CLIP_NORM,
-    DEFAULT_CONDITIONS,
-    QUICK_CONDITIONS,
-    AttackBudget,
-    format_leakage_table,
-    run_leakage_report,
-    write_leakage_png,
+from fedloom.privacy.leakage import format_leakage_report, run_leakage, write_leakage_png
+from fedloom.privacy.leakage_settings import (
+    FULL_SETTINGS,
+    QUICK_SETTINGS,
+    LeakageSettingsError,
+    add_leakage_arguments,
+    leakage_settings_from_args,
 )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="6 conditions × 3 targets")
-    parser.add_argument("--targets", type=int, help="target images (default 20; quick 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument(
-        "--iterations", type=int, default=200, help="L-BFGS iterations of DLG, iDLG (200)"
+        "--quick",
+        action="store_true",
+        help="start from `fedloom leakage`'s defaults: 6 conditions × 3 targets, "
+        "DLG×K with 300 iterations",
     )
-    parser.add_argument(
-        "--batch-iterations",
-        type=int,
-        help="L-BFGS iterations of DLG×K under secure aggregation (default 1000; quick 300)",
-    )
+    add_leakage_arguments(parser, FULL_SETTINGS)
     parser.add_argument(
         "--png", type=Path, default=Path("runs/leakage.png"), help="grid image path"
     )
@@ -66,22 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the conditions, print the table, write the PNG; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    conditions = QUICK_CONDITIONS if args.quick else DEFAULT_CONDITIONS
-    targets = args.targets if args.targets is not None else (3 if args.quick else 20)
-    batch_iterations = args.batch_iterations or (300 if args.quick else 1000)
-    if min(targets, args.iterations, batch_iterations) < 1:
-        parser.error("--targets, --iterations and --batch-iterations must be at least 1")
-    budget = AttackBudget(iterations=args.iterations, batch_iterations=batch_iterations)
-
-    report = run_leakage_report(conditions, targets=targets, seed=args.seed, budget=budget)
-    print(
-        f"gradient leakage: {targets} digit targets, seed {args.seed}; MLP 64-64-10 (sigmoid) "
-        f"at init; one SGD step (lr {budget.lr:g}) on one image per client; "
-        f"C = {DEFAULT_CLIP_NORM:g}; L-BFGS ≤ {budget.iterations} iterations "
-        f"(DLG×K ≤ {budget.batch_iterations})"
-    )
-    print(format_leakage_table(report))
-    print(f"total {report.wall_s:.1f} s")
+    try:
+        settings = leakage_settings_from_args(args, QUICK_SETTINGS if args.quick else FULL_SETTINGS)
+        report = run_leakage(settings)
+    except LeakageSettingsError as err:
+        parser.error(str(err))
+    print(format_leakage_report(report, settings))
     png = write_leakage_png(report, args.png)
     print(f"wrote {png}")
     return 0

@@ -81,6 +81,44 @@ def slow_client(delay_s: float, *args: str) -> list[str]:
     return [sys.executable, "-m", "tests.deploy_helpers", "--delay", str(delay_s), *args]
 
 
+def key_guarded_server(*args: str) -> list[str]:
+    """``fedloom server ARGS`` in a process where TenSEAL cannot hold a secret key.
+
+    Creating a key pair (``tenseal.context``) raises, and every context loaded from
+    bytes is checked for a secret key; at exit the process prints how many public
+    contexts it loaded and how many held a secret key, for the test to assert.
+    """
+    return [sys.executable, "-m", "tests.deploy_helpers", "--key-guarded-server", *args]
+
+
+def _key_guarded_server_main(argv: list[str]) -> int:
+    import tenseal
+
+    from fedloom.cli import main
+
+    loaded = {"public": 0, "secret": 0}
+    original = tenseal.context_from
+
+    def no_keygen(*_: object, **__: object) -> None:
+        raise RuntimeError("the server process tried to create a CKKS key pair")
+
+    def checked(data: bytes, *a: object, **k: object) -> object:
+        context = original(data, *a, **k)
+        loaded["secret" if context.has_secret_key() else "public"] += 1
+        return context
+
+    tenseal.context = no_keygen  # type: ignore[assignment]
+    tenseal.context_from = checked  # type: ignore[assignment]
+    try:
+        code = main(argv)
+    finally:
+        print(
+            f"contexts loaded: {loaded['public']} public, {loaded['secret']} with a secret key",
+            flush=True,
+        )
+    return code
+
+
 def _slow_main() -> int:
     from fedloom.config import RunConfig
     from fedloom.engine.grpc.client import BuiltinApp, Credentials, run_client
@@ -94,7 +132,20 @@ def _slow_main() -> int:
     p.add_argument("--partition", type=int, required=True)
     p.add_argument("--insecure", action="store_true")
     p.add_argument("--secagg-stall", default="", help="stage at which to announce and stall")
+    p.add_argument("--he-stall", action="store_true", help="announce and stall at CKKS encrypt")
     args = p.parse_args()
+
+    if args.he_stall:
+        from fedloom.privacy import he_protocol
+
+        original_encrypt = he_protocol.encrypt_for_round
+
+        def stalling_encrypt(update: np.ndarray, payload: bytes) -> bytes:
+            print("ckks encrypt stage reached", flush=True)
+            time.sleep(60)
+            return original_encrypt(update, payload)
+
+        he_protocol.encrypt_for_round = stalling_encrypt  # type: ignore[assignment]
 
     if args.secagg_stall:
         from fedloom.privacy.secagg import Stage
@@ -131,4 +182,6 @@ def _slow_main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--key-guarded-server"]:
+        sys.exit(_key_guarded_server_main(sys.argv[2:]))
     sys.exit(_slow_main())

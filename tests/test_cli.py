@@ -101,8 +101,17 @@ def test_sigint_then_resume_in_real_processes(tmp_path: Path) -> None:
     assert [r["round"] for r in history] == list(range(1, 41))
 
 
-def test_server_refuses_ckks_for_now(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["server", "--set", "privacy.secure_aggregation=ckks", "--out", str(tmp_path / "r")]
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--partition", "0"], "the key holder trains nothing"),
+        (["--min-contributors", "0"], "--min-contributors must be at least 1"),
+    ],
+)
+def test_key_holder_flags_are_checked(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["client", "--server", "127.0.0.1:1", "--insecure", "--key-holder", *extra]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert "simulation only" in err and len(err.splitlines()) == 1
+    assert message in err and len(err.splitlines()) == 1

@@ -17,7 +17,7 @@ from fedloom.engine.grpc.certs import make_dev_certs
 from fedloom.engine.simulation import run_simulation
 from fedloom.store import RunStore
 
-from .deploy_helpers import Proc, fedloom, free_port, slow_client
+from .deploy_helpers import Proc, fedloom, free_port, key_guarded_server, slow_client
 
 FAST = [
     "client.epochs=1",
@@ -35,7 +35,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | list[str]]
     make_dev_certs(base / "other", ["localhost", "127.0.0.1"], [])  # an untrusted CA
     tokens = base / "tokens.txt"
     names = [add_token(tokens, f"client-{i}") for i in range(5)]
-    return {"dir": base, "tokens": tokens, "plain": names}
+    key_holder = add_token(tokens, "key-holder")
+    return {"dir": base, "tokens": tokens, "plain": names, "key_holder": key_holder}
 
 
 @pytest.fixture
@@ -379,4 +380,71 @@ def test_secagg_over_grpc_survives_a_client_killed_mid_protocol(
     (record,) = _history(tmp_path / "run")
     assert record["aggregated"] and record["clients_sampled"] == 5
     assert record["secagg_contributors"] == 4  # the victim dropped; its masks were removed
+    assert record["accuracy"] > 0.2  # one round from chance (0.1) on digits
+
+
+def _key_holder_args(pki: dict, port: int, token: str) -> list[str]:
+    return [*_client_args(pki, port, 0, token)[:-2], "--key-holder", "--name", "kh"]
+
+
+CKKS = ["privacy.secure_aggregation=ckks", "privacy.secagg_clip_range=4.0"]
+
+
+def test_ckks_over_grpc_equals_simulation_and_the_server_holds_no_secret_key(
+    pki: dict, procs, tmp_path: Path
+) -> None:
+    """3 clients and a key holder process over TLS; the server cannot make or load a key."""
+    pytest.importorskip("tenseal", reason="CKKS needs the 'he' extra (TenSEAL)")
+    overrides = ["rounds=2", "data.num_clients=3", "server.min_fit_clients=3", *CKKS, *FAST]
+    server = procs(key_guarded_server(*_server_args(pki, tmp_path / "deploy", overrides)[3:]))
+    port = _port(server)
+    impostor = procs(fedloom("client", *_key_holder_args(pki, port, pki["plain"][0])))
+    assert impostor.wait(60) == 2
+    assert "is not this run's key holder ('key-holder')" in impostor.output, impostor.output
+    clients = [procs(fedloom("client", *_client_args(pki, port, i))) for i in range(3)]
+    holder = procs(fedloom("client", *_key_holder_args(pki, port, pki["key_holder"])))
+    assert server.wait(180) == 0, server.output
+    assert holder.wait(60) == 0 and "completed 4 tasks" in holder.output  # 2 × keygen, decrypt
+    for c in clients:
+        assert c.wait(60) == 0, c.output
+    assert "contexts loaded: " in server.output
+    loaded = server.wait_for(r"contexts loaded: (\d+) public, (\d+) with a secret key")
+    assert int(loaded.group(1)) >= 2 and int(loaded.group(2)) == 0
+
+    history = _history(tmp_path / "deploy")
+    assert [r["secagg_contributors"] for r in history] == [3, 3]
+    with RunStore.open(tmp_path / "deploy") as store:
+        ckpt = store.latest_checkpoint()
+    run_simulation(load_config(None, overrides), tmp_path / "sim")
+    with RunStore.open(tmp_path / "sim") as store:
+        sim = store.latest_checkpoint()
+    assert ckpt is not None and sim is not None
+    np.testing.assert_allclose(ckpt.tensors["global"], sim.tensors["global"], atol=1e-5)
+
+
+def test_ckks_round_completes_without_a_client_killed_at_the_encrypt_stage(
+    pki: dict, procs, tmp_path: Path
+) -> None:
+    pytest.importorskip("tenseal", reason="CKKS needs the 'he' extra (TenSEAL)")
+    overrides = [
+        "rounds=1",
+        "data.num_clients=4",
+        "server.min_fit_clients=4",
+        "deploy.round_timeout_s=60",
+        *CKKS,
+        *FAST,
+        "deploy.heartbeat_timeout_s=12",  # a busy machine must not drop a healthy client
+    ]
+    server = procs(_server_args(pki, tmp_path / "run", overrides))
+    port = _port(server)
+    procs(fedloom("client", *_key_holder_args(pki, port, pki["key_holder"])))
+    for i in range(3):
+        procs(fedloom("client", *_client_args(pki, port, i)))
+    victim = procs(slow_client(0.0, *_client_args(pki, port, 3), "--he-stall"))
+    victim.wait_for("ckks encrypt stage reached", timeout=120)
+    os.kill(victim.popen.pid, signal.SIGKILL)
+    assert server.wait(180) == 0, server.output
+    (record,) = _history(tmp_path / "run")
+    assert record["aggregated"] and record["clients_sampled"] == 4
+    assert record["secagg_contributors"] == 3, server.output
     assert record["accuracy"] > 0.2  # one round from chance (0.1) on digits

@@ -9,14 +9,19 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch import nn
 
+import fedloom.client.dpsgd as dpsgd_mod
 import fedloom.client.trainer as trainer_mod
-from fedloom.client.dpsgd import check_opacus_compatible, local_delta
+from fedloom.client.dpsgd import SecureNoiseDPOptimizer, check_opacus_compatible, local_delta
 from fedloom.client.models import CharLSTM
 from fedloom.client.trainer import LocalTrainer, plan_work
 from fedloom.config import ConfigError, RunConfig, load_config
+from fedloom.data import build_federated_dataset
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
+from fedloom.engine.inprocess import InProcessExecutor
+from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.engine.simulation import run_simulation
-from fedloom.messages import FitTask
+from fedloom.messages import FitResult, FitTask
+from fedloom.store import RunStore
 
 
 def _data(n: int = 40, clients: int = 3) -> FederatedDataset:
@@ -95,8 +100,12 @@ def test_deterministic_per_seed_client_round() -> None:
     assert np.all(np.isfinite(ra.delta)) and ra.delta.dtype == np.float32
 
 
-def test_large_noise_dominates_the_update() -> None:
-    """One plain SGD step: Δ = -lr·(Σ clipped g_i + N(0, σ²C²I)) / B, so ‖Δ‖ ≈ lr·σ·C·√d / B."""
+@pytest.mark.parametrize("secure", [False, True])
+def test_large_noise_dominates_the_update(secure: bool) -> None:
+    """One plain SGD step: Δ = -lr·(Σ clipped g_i + N(0, σ²C²I)) / B, so ‖Δ‖ ≈ lr·σ·C·√d / B.
+
+    The same scale with the seeded and with the CSPRNG (``secure_noise``) generator.
+    """
     sigma, clip, lr, bs = 200.0, 1.0, 0.1, 8
     cfg = _cfg(
         "model.hidden=[64]",
@@ -105,6 +114,7 @@ def test_large_noise_dominates_the_update() -> None:
         f"client.lr={lr}",
         f"privacy.local_noise_multiplier={sigma}",
         f"privacy.local_max_grad_norm={clip}",
+        f"privacy.secure_noise={str(secure).lower()}",
     )
     trainer = LocalTrainer(cfg, _data())
     w = trainer.initial_vector()
@@ -185,8 +195,6 @@ def test_unsupported_layer_is_refused_with_its_name(monkeypatch: pytest.MonkeyPa
         (["privacy.local_dp=true", "privacy.local_max_grad_norm=-1"], "local_max_grad_norm"),
         (["privacy.local_dp=true", "privacy.local_delta=1.5"], "local_delta"),
         (["privacy.local_delta=1e-6"], "privacy.local_dp is false"),
-        (["privacy.local_dp=true", "engine.name='pool'"], "pool"),
-        (["privacy.local_dp=true", "privacy.secure_noise=true"], "secure_noise"),
     ],
 )
 def test_invalid_local_dp_config_is_one_line(overrides: list[str], needle: str) -> None:
@@ -200,6 +208,11 @@ def test_valid_local_dp_config_round_trips() -> None:
     assert cfg.privacy.local_dp and cfg.privacy.local_delta == 1e-6
     again = load_config(None, [])  # every local key at its default validates with DP off
     assert not again.privacy.local_dp
+    # Both used to be refused: the pool ships ledgers, secure noise has its own optimizer.
+    both = load_config(
+        None, ["privacy.local_dp=true", "engine.name='pool'", "privacy.secure_noise=true"]
+    )
+    assert both.engine.name == "pool" and both.privacy.secure_noise
 
 
 def test_digits_learns_with_local_dp(tmp_path: Path) -> None:
@@ -221,6 +234,21 @@ def test_digits_learns_with_local_dp(tmp_path: Path) -> None:
     assert all(e > 0 for e in eps) and eps == sorted(eps)  # the worst client's ε only grows
 
 
+class _CrashError(Exception):
+    pass
+
+
+def _crash_after_round_2(cfg: RunConfig, run_dir: Path) -> None:
+    """Run ``cfg`` into ``run_dir`` and stop it with an exception after round 2."""
+
+    def stop_after_2(record: dict) -> None:
+        if record["round"] == 2:
+            raise _CrashError
+
+    with pytest.raises(_CrashError):
+        run_simulation(cfg, run_dir, on_round=stop_after_2)
+
+
 def test_resume_keeps_each_clients_local_dp_ledger(tmp_path: Path) -> None:
     """A resumed local-DP run reports the same client ε as the uninterrupted run."""
     overrides = [
@@ -231,17 +259,182 @@ def test_resume_keeps_each_clients_local_dp_ledger(tmp_path: Path) -> None:
         "privacy.local_noise_multiplier=1.0",
     ]
     whole = run_simulation(load_config(None, overrides), tmp_path / "whole")
-
-    class CutError(Exception):
-        pass
-
-    def stop_after_2(record: dict) -> None:
-        if record["round"] == 2:
-            raise CutError
-
-    with pytest.raises(CutError):
-        run_simulation(load_config(None, overrides), tmp_path / "cut", on_round=stop_after_2)
+    _crash_after_round_2(load_config(None, overrides), tmp_path / "cut")
     resumed = run_simulation(load_config(None), tmp_path / "cut", resume=True)
     assert [r["local_epsilon_max"] for r in resumed["history"]] == pytest.approx(
         [r["local_epsilon_max"] for r in whole["history"]]
     )
+
+
+# ------------------------------------------------------------------ secure noise
+
+
+def test_secure_noise_has_the_configured_standard_deviation() -> None:
+    """One ``add_noise`` on zero gradients: every coordinate is N(0, (σC)²), shapes kept.
+
+    n = 401 000 draws. The sample standard deviation has relative standard error
+    1/√(2n) ≈ 0.11 %, the mean σC/√n ≈ 0.16 % of σC, the share within ±σC
+    √(0.683·0.317/n) ≈ 0.07 %: the tolerances (1 %, 1 % of σC, 0.5 %) are 9, 6 and 7
+    standard errors, so a correct sampler fails this with probability below 1e-8.
+    """
+    sigma, clip = 1.3, 0.7
+    weight, bias = nn.Parameter(torch.zeros(800, 500)), nn.Parameter(torch.zeros(1000))
+    opt = SecureNoiseDPOptimizer(
+        torch.optim.SGD([weight, bias], lr=0.1),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=8,
+    )
+
+    def one_step() -> np.ndarray:
+        for p in (weight, bias):
+            p.summed_grad = torch.zeros_like(p)  # clipped per-example sum of a zero gradient
+        opt.add_noise()
+        assert weight.grad is not None and bias.grad is not None
+        assert weight.grad.shape == weight.shape and bias.grad.shape == bias.shape
+        assert weight.grad.dtype == bias.grad.dtype == torch.float32
+        return torch.cat([weight.grad.reshape(-1), bias.grad]).numpy().astype(np.float64)
+
+    noise, again = one_step(), one_step()
+    std = sigma * clip
+    assert noise.std() == pytest.approx(std, rel=0.01)
+    assert abs(noise.mean()) < 0.01 * std
+    assert np.mean(np.abs(noise) < std) == pytest.approx(0.6827, abs=0.005)
+    assert not np.array_equal(noise, again)  # fresh CSPRNG draws every step
+
+
+def test_secure_noise_is_not_reproducible_and_leaves_epsilon_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    draws: list[int] = []
+    original = dpsgd_mod.secure_standard_normal
+
+    def counting(size: int) -> np.ndarray:
+        draws.append(size)
+        return original(size)
+
+    monkeypatch.setattr(dpsgd_mod, "secure_standard_normal", counting)
+    results = {}
+    for secure in (False, True):
+        cfg = _cfg(f"privacy.secure_noise={str(secure).lower()}")
+        a, b = LocalTrainer(cfg, _data()), LocalTrainer(cfg, _data())
+        w = a.initial_vector()
+        results[secure] = (a.fit(FitTask(1, 4), w), b.fit(FitTask(1, 4), w), a)
+    (seeded_a, seeded_b, seeded_trainer), (secure_a, secure_b, secure_trainer) = (
+        results[False],
+        results[True],
+    )
+    assert seeded_a.delta is not None and seeded_b.delta is not None
+    np.testing.assert_array_equal(seeded_a.delta, seeded_b.delta)  # seeded: bit-identical
+    assert secure_a.delta is not None and secure_b.delta is not None
+    assert np.all(np.isfinite(secure_a.delta))
+    assert not np.array_equal(secure_a.delta, secure_b.delta)  # CSPRNG: differs every run
+    # Every step of the two secure fits drew its noise from the CSPRNG, for every weight.
+    assert draws == [secure_a.delta.size] * int(secure_a.metrics["steps"] * 2)
+    # The accountant sees the same (σ, q, steps) whatever the generator: same ε.
+    for key in ("local_epsilon", "local_delta", "local_sample_rate", "steps"):
+        assert secure_a.metrics[key] == secure_b.metrics[key] == seeded_a.metrics[key]
+    assert seeded_trainer.local_dp is not None and secure_trainer.local_dp is not None
+    assert secure_trainer.local_dp.ledger() == seeded_trainer.local_dp.ledger()
+
+
+# ------------------------------------------------------------------ pool engine
+
+POOL_DP = ["data.num_clients=4", "client.epochs=1", "privacy.local_dp=true"]
+
+
+def test_pool_ships_each_clients_ledger_to_whichever_worker_trains_it() -> None:
+    """Per-client ε and Δ on the pool equal the in-process ones, bit for bit."""
+    cfg = load_config(None, POOL_DP)
+    data = build_federated_dataset(cfg.data, cfg.seed)
+    sizes = data.client_sizes().tolist()
+    small, big = int(np.argmin(sizes)), int(np.argmax(sizes))
+    inproc = InProcessExecutor(LocalTrainer(cfg, data))
+    w = inproc.trainer.initial_vector()
+    pool = ProcessPoolExecutor(cfg, sizes, workers=2)
+    try:
+        # Tasks go out largest client first, to worker 0, then 1: `small` trains on
+        # worker 0, then on worker 1 (beside `big`), then on worker 0 again, where a
+        # per-worker ledger would have missed its second round.
+        for rnd, clients in enumerate([[small], [big, small], [small]], start=1):
+            tasks = [FitTask(c, rnd) for c in clients]
+            for a, b in zip(inproc.fit(tasks, w), pool.fit(tasks, w), strict=True):
+                assert isinstance(a, FitResult) and isinstance(b, FitResult)
+                assert a.delta is not None and b.delta is not None
+                assert b.metrics == a.metrics  # local_epsilon included, exactly
+                np.testing.assert_array_equal(b.delta, a.delta)
+        state = pool.client_state()
+        assert state == inproc.client_state()
+        assert set(state["local_dp"]) == {str(small), str(big)}
+
+        # A restored pool continues from the restored ledger, not from its workers'.
+        pool.restore_client_state({})
+        (fresh,) = pool.fit([FitTask(small, 9)], w)
+        assert isinstance(fresh, FitResult)
+        first = LocalTrainer(cfg, data).fit(FitTask(small, 9), w)
+        assert fresh.metrics["local_epsilon"] == first.metrics["local_epsilon"]
+    finally:
+        pool.close()
+
+
+def _final_checkpoint(run_dir: Path) -> tuple[np.ndarray, dict]:
+    with RunStore.open(run_dir) as store:
+        ckpt = store.latest_checkpoint()
+    assert ckpt is not None
+    return ckpt.tensors["global"], ckpt.meta["client_state"]
+
+
+def test_digits_on_the_pool_and_resumed_equals_in_process(tmp_path: Path) -> None:
+    """Same per-client ledgers, ε and final model on pool (2 workers, resumed) and in-process."""
+    overrides = [*POOL_DP, "rounds=3", "server.fraction_fit=0.5"]
+    whole = run_simulation(load_config(None, overrides), tmp_path / "inproc")
+    pool_cfg = load_config(None, [*overrides, "engine.name='pool'", "engine.workers=2"])
+    _crash_after_round_2(pool_cfg, tmp_path / "pool")
+    resumed = run_simulation(load_config(None), tmp_path / "pool", resume=True)
+    assert resumed["config"]["engine"]["name"] == "pool"
+    assert all(r["clients_failed"] == 0 for r in resumed["history"])
+    eps = [r["local_epsilon_max"] for r in resumed["history"]]
+    assert eps == [r["local_epsilon_max"] for r in whole["history"]]
+    weights, ledgers = _final_checkpoint(tmp_path / "pool")
+    expected_weights, expected_ledgers = _final_checkpoint(tmp_path / "inproc")
+    assert ledgers == expected_ledgers and len(ledgers["local_dp"]) >= 3
+    np.testing.assert_array_equal(weights, expected_weights)
+
+
+# ------------------------------------------------------------------ secure aggregation
+
+
+def test_local_dp_composes_with_secure_aggregation(tmp_path: Path) -> None:
+    """SecAgg+ sums local-DP updates: the round-1 model is w0 + mean Δ (to quantization)."""
+    overrides = [
+        *POOL_DP,
+        "rounds=3",
+        "privacy.secure_aggregation=secagg+",
+        "privacy.secagg_clip_range=4.0",
+    ]
+    cfg = load_config(None, overrides)
+    summary = run_simulation(cfg, tmp_path / "run")
+    history = summary["history"]
+    assert all(r["secagg_contributors"] == 4 and r["aggregated"] for r in history)
+    eps = [r["local_epsilon_max"] for r in history]
+    assert all(e > 0 for e in eps) and eps == sorted(eps)
+    assert history[-1]["accuracy"] > history[0]["accuracy"] + 0.2  # it learns
+
+    trainer = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
+    w0 = trainer.initial_vector()
+    results = [trainer.fit(FitTask(c, 1), w0) for c in range(4)]
+    with RunStore.open(tmp_path / "run") as store:
+        round1 = store.load_checkpoint(store.checkpoint_path(1))
+        last = store.latest_checkpoint()
+    assert last is not None
+    step = 4.0 / (2**15 - 1)  # quantization step of the default 16 bits over [-4, 4]
+    expected = w0 + np.mean([r.delta for r in results], axis=0)
+    np.testing.assert_allclose(round1.tensors["global"], expected, atol=step)
+    # Every client reported its ε, and its ledger goes on composing over the rounds.
+    ledgers = last.meta["client_state"]["local_dp"]
+    assert set(ledgers) == {"0", "1", "2", "3"}
+    assert trainer.local_dp is not None
+    trainer.local_dp.restore_ledger(ledgers)
+    for c, r in enumerate(results):
+        assert r.metrics["local_epsilon"] > 0
+        assert trainer.local_dp.epsilon(c, r.metrics["local_delta"]) > r.metrics["local_epsilon"]

@@ -36,18 +36,20 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
     from fedloom.report import summary_table
 
     cfg, out_dir = config_and_run_dir(args)
-    if cfg.privacy.secure_aggregation == "ckks":
-        raise ConfigError(
-            "privacy.secure_aggregation = 'ckks' runs in simulation only for now; "
-            "use 'secagg+' in a deployment"
-        )
     if args.resume is None and (
         cfg.privacy.mechanism == "central" and "secure_noise" not in cfg.privacy.model_fields_set
     ):
         # Real people's data: DP noise from the OS CSPRNG unless explicitly turned off.
         cfg.privacy.secure_noise = True
         logging.getLogger("fedloom.deploy").info("privacy.secure_noise = true (deployment)")
-    sec = ServerSecurity(args.tls_cert, args.tls_key, args.client_ca, args.tokens, args.insecure)
+    sec = ServerSecurity(
+        args.tls_cert,
+        args.tls_key,
+        args.client_ca,
+        args.tokens,
+        args.insecure,
+        key_holder_name=args.key_holder_name,
+    )
     host = args.address.rsplit(":", 1)[0]
 
     def listening(port: int) -> None:
@@ -99,11 +101,17 @@ def _cmd_client(args: argparse.Namespace) -> int:
         BuiltinApp,
         ClientRefusedError,
         Credentials,
+        KeyHolderApp,
         OwnDataApp,
         run_client,
     )
 
-    if (args.partition < 0) == (args.data is None):
+    if args.key_holder:
+        if args.partition >= 0 or args.data is not None:
+            raise ConfigError("the key holder trains nothing: drop --partition and --data")
+        if args.min_contributors < 1:
+            raise ConfigError(f"--min-contributors must be at least 1, got {args.min_contributors}")
+    elif (args.partition < 0) == (args.data is None):
         raise ConfigError(
             "pass either --data PATH (this machine's data) or --partition K "
             "(partition K of the experiment's built-in data, for trials)"
@@ -121,9 +129,13 @@ def _cmd_client(args: argparse.Namespace) -> int:
         logging.getLogger("fedloom.client").info("verifying the server against system CAs")
     stop = threading.Event()
     try:
-        make_app: AppFactory = (
-            BuiltinApp if args.data is None else partial(OwnDataApp, data_path=args.data)
-        )
+        make_app: AppFactory
+        if args.key_holder:
+            make_app = partial(KeyHolderApp, min_contributors=args.min_contributors)
+        elif args.data is None:
+            make_app = BuiltinApp
+        else:
+            make_app = partial(OwnDataApp, data_path=args.data)
         done = run_client(
             args.server,
             make_app,
@@ -132,6 +144,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             name=args.name,
             max_wait_s=args.max_wait,
             stop=stop,
+            role="key-holder" if args.key_holder else "",
         )
     except ClientRefusedError as err:
         print(f"fedloom: refused by the server: {err}", file=sys.stderr)

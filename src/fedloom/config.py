@@ -332,17 +332,6 @@ def _check_local_dp(cfg: RunConfig) -> None:
                 "privacy.local_dp = true to train clients with DP-SGD"
             )
         return
-    if cfg.engine.name == "pool":
-        raise ConfigError(
-            "privacy.local_dp keeps each client's privacy ledger in the process that trains "
-            "it, and the pool engine moves clients between workers; use engine.name = "
-            "'inprocess' (or a deployment)"
-        )
-    if p.secure_noise:
-        raise ConfigError(
-            "privacy.local_dp draws its noise from a seeded generator (Opacus without "
-            "torchcsprng); privacy.secure_noise = true is not supported with it yet"
-        )
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: The participant id of the CKKS key holder wherever participants are named by id
+#: (client ids are partition numbers, never negative).
+KEY_HOLDER_ID = -1
+
 
 @dataclass(frozen=True)
 class FitTask:

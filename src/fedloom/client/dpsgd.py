@@ -19,17 +19,24 @@ Choices:
 * **Sampling rate.** Opacus' ``make_private`` sets q = 1 / (batches per epoch)
   = 1 / ⌈n / B⌉ (equal to B / n when B divides n) and an epoch is ⌈n / B⌉ steps. A
   straggler's shorter plan (fewer epochs or steps) is honoured; ε counts the steps taken.
-* **Determinism.** The Poisson sampler draws from a generator keyed by (seed,
-  LOCAL_DP_SAMPLING, round, client) and the noise from one keyed by (seed,
+* **Determinism.** By default the Poisson sampler draws from a generator keyed by
+  (seed, LOCAL_DP_SAMPLING, round, client) and the noise from one keyed by (seed,
   LOCAL_DP_NOISE, round, client), so a client's update is bit-identical on replay
-  (CPU). That also means the noise offers no privacy against anyone holding the run
-  seed: simulation only. Opacus' secure mode needs torchcsprng, so
-  ``privacy.secure_noise`` is refused with local DP for now.
+  (CPU), on any engine or worker. That also means the noise offers no privacy against
+  anyone holding the run seed: simulation only.
+* **Secure noise.** With ``privacy.secure_noise`` the noise comes from the OS CSPRNG
+  through :class:`SecureNoiseDPOptimizer` (the sampler of
+  :func:`fedloom.privacy.noise.secure_standard_normal`, shared with central DP) and
+  the Poisson sampler's generator is seeded from ``os.urandom`` instead of the run
+  seed. Opacus' own ``secure_mode`` would need torchcsprng, which is not installable
+  here. Updates are then not reproducible, by design; ε is unchanged.
 * **Accounting.** Opacus' RDP accountant; its ``history`` is a list of
   (σ, q, steps) triples, plain data, kept per client id in :class:`LocalDPSGD` so a
-  client's ε composes over every round it trains in (this process). ε is reported at
-  δ = ``privacy.local_delta``, or min(``privacy.delta``, 1 / (10 n)) for a client with n
-  examples (δ well below 1/n, the usual rule).
+  client's ε composes over every round it trains in. The pool engine keeps the
+  authoritative ledgers in its parent process and ships a client's entries with each
+  task, so the history (and ε) is the in-process one whichever worker trains it. ε is
+  reported at δ = ``privacy.local_delta``, or min(``privacy.delta``, 1 / (10 n)) for a
+  client with n examples (δ well below 1/n, the usual rule).
 * **FedProx.** The proximal gradient μ(w − w_t) does not depend on the data, so it is
   added to the noised gradient (post-processing) just before the optimizer step.
 * **Unsupported layers** (BatchNorm, whose running statistics mix examples; ``nn.LSTM``,
@@ -40,6 +47,7 @@ Choices:
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -50,6 +58,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -58,6 +67,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedloom.config import ConfigError, RunConfig
 from fedloom.data.base import ArrayDataset
 from fedloom.params import module_to_vector, vector_to_module
+from fedloom.privacy.noise import secure_standard_normal
 from fedloom.seeding import torch_generator
 
 # Purpose tags for the generators of local DP (see fedloom.seeding; kept apart from its
@@ -122,14 +132,20 @@ class LocalDPSGD:
         #: Client id → Opacus RDP accountant history: every DP-SGD step the client took.
         self.histories: dict[int, list[HistoryEntry]] = {}
 
-    def ledger(self) -> dict[str, list[list[float]]]:
-        """The per-client histories as plain JSON-able data (for checkpoints)."""
+    def ledger(self, client_id: int | None = None) -> dict[str, list[list[float]]]:
+        """The per-client histories (all, or ``client_id``'s) as JSON-able data.
+
+        For checkpoints, and for the pool engine, which ships one client's part between
+        its parent and the worker that trains the client.
+        """
         return {
             str(cid): [[float(s), float(q), float(n)] for s, q, n in h]
             for cid, h in self.histories.items()
+            if client_id is None or cid == client_id
         }
 
     def restore_ledger(self, ledger: dict[str, list[list[float]]]) -> None:
+        """Replace every history with ``ledger`` (a client absent from it has spent nothing)."""
         self.histories = {
             int(cid): [(float(s), float(q), int(n)) for s, q, n in h] for cid, h in ledger.items()
         }
@@ -154,16 +170,20 @@ class LocalDPSGD:
         vector_to_module(global_vector, model)
         w0 = [q.detach().clone() for q in model.parameters()]
         dataset = TensorDataset(torch.from_numpy(train.x), torch.from_numpy(train.y))
+        secure = p.secure_noise
         loader = DataLoader(
             dataset,
             batch_size=cc.batch_size,
-            generator=torch_generator(cfg.seed, LOCAL_DP_SAMPLING, rnd, client_id),
+            generator=_urandom_generator()
+            if secure
+            else torch_generator(cfg.seed, LOCAL_DP_SAMPLING, rnd, client_id),
         )
         optimizer = torch.optim.SGD(
             model.parameters(), lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay
         )
         with warnings.catch_warnings():
-            # "Secure RNG turned off": intended in simulation, see the module docstring.
+            # "Secure RNG turned off": Opacus' secure mode needs torchcsprng; the seeded
+            # or the CSPRNG noise of this module replaces it (see the module docstring).
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant="rdp", secure_mode=False)
             engine.accountant.history = list(self.histories.get(client_id, []))
@@ -174,9 +194,13 @@ class LocalDPSGD:
                 noise_multiplier=p.local_noise_multiplier,
                 max_grad_norm=p.local_max_grad_norm,
                 poisson_sampling=True,
-                noise_generator=torch_generator(cfg.seed, LOCAL_DP_NOISE, rnd, client_id),
+                noise_generator=None
+                if secure
+                else torch_generator(cfg.seed, LOCAL_DP_NOISE, rnd, client_id),
             )
         assert isinstance(module, GradSampleModule) and isinstance(dp_opt, DPOptimizer)
+        if secure:
+            dp_opt = SecureNoiseDPOptimizer.replacing(dp_opt)
         if cc.proximal_mu:
             _add_proximal_term(dp_opt, list(model.parameters()), w0, cc.proximal_mu)
 
@@ -216,6 +240,62 @@ class LocalDPSGD:
             "local_sample_rate": float(dp_loader.sample_rate),
         }
         return LocalDPOutcome(delta, metrics)
+
+
+class SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus' ``DPOptimizer`` drawing its Gaussian noise from the OS CSPRNG.
+
+    DP-SGD (Abadi et al. 2016, Algorithm 1) adds N(0, σ²C²I) to the sum of the clipped
+    per-example gradients at every step; its guarantee assumes nobody can predict that
+    noise. Opacus draws it in :meth:`DPOptimizer.add_noise` from a torch generator, and
+    its ``secure_mode`` (a CSPRNG torch generator) needs torchcsprng. This subclass
+    overrides only ``add_noise``, the one step that draws randomness, with
+    :func:`fedloom.privacy.noise.secure_standard_normal` (``os.urandom``, Box–Muller, four
+    normals summed and halved as Opacus' secure mode does, Holohan & Braghin 2021): same
+    standard deviation σ·C, same shapes. Clipping, scaling, hooks and accounting stay
+    Opacus' own, so the accountant's ε does not depend on the generator.
+    """
+
+    @classmethod
+    def replacing(cls, dp_opt: DPOptimizer) -> SecureNoiseDPOptimizer:
+        """``dp_opt`` (as ``make_private`` built it) with CSPRNG noise: same wrapped
+        optimizer, σ, C, expected batch size, loss reduction and step (accountant) hook."""
+        out = cls(
+            dp_opt.original_optimizer,
+            noise_multiplier=dp_opt.noise_multiplier,
+            max_grad_norm=dp_opt.max_grad_norm,
+            expected_batch_size=dp_opt.expected_batch_size,
+            loss_reduction=dp_opt.loss_reduction,
+            secure_mode=True,
+        )
+        if dp_opt.step_hook is not None:
+            out.attach_step_hook(dp_opt.step_hook)
+        return out
+
+    def add_noise(self) -> None:
+        """``p.grad = p.summed_grad + N(0, (σC)²)`` per parameter, one CSPRNG draw per step."""
+        std = self.noise_multiplier * self.max_grad_norm
+        sums = [p.summed_grad for p in self.params]
+        for summed in sums:
+            _check_processed_flag(summed)
+        sizes = [summed.numel() for summed in sums]
+        noise = torch.from_numpy(secure_standard_normal(sum(sizes)) * std)
+        for p, summed, chunk in zip(self.params, sums, noise.split(sizes), strict=True):
+            p.grad = (summed + chunk.view_as(summed).to(summed.dtype)).view_as(p)
+            _mark_as_processed(summed)
+
+
+def _urandom_generator() -> torch.Generator:
+    """A torch generator seeded with 64 bits from ``os.urandom`` (secure-noise sampling).
+
+    With ``secure_noise`` the Poisson batches must not be predictable from the run seed:
+    privacy amplification by sampling assumes the adversary does not know who was in a
+    batch. The sampler needs a torch generator; a CSPRNG one needs torchcsprng, so this is
+    torch's own generator with an unpredictable seed (the noise itself is CSPRNG output).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return generator
 
 
 def _epsilon(history: list[HistoryEntry], delta: float) -> float:

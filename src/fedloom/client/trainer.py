@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,6 +93,23 @@ class LocalTrainer:
         if self.own_data is not None:
             return self.own_data
         return self.data.clients[client_id]
+
+    def client_state(self, client_id: int | None = None) -> dict[str, Any]:
+        """JSON-able state kept across rounds for every client (or one): ``{part: {id: …}}``.
+
+        Today the only part is local DP's ledger (``"local_dp"``: client id → its
+        (σ, q, steps) history). The in-process engine checkpoints all of it; the pool
+        engine keeps it in its parent and ships one client's share with each task, so a
+        client's state does not depend on which worker trains it.
+        """
+        if self.local_dp is None:
+            return {}
+        return {"local_dp": self.local_dp.ledger(client_id)}
+
+    def restore_client_state(self, state: dict[str, Any]) -> None:
+        """Replace the state with what :meth:`client_state` returned (absent: fresh)."""
+        if self.local_dp is not None:
+            self.local_dp.restore_ledger(state.get("local_dp", {}))
 
     def initial_vector(self) -> np.ndarray:
         """The deterministic initial global model (same in every process)."""

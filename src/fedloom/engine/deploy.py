@@ -44,6 +44,9 @@ class ServerSecurity:
     client_ca: Path | None = None
     tokens: Path | None = None
     insecure: bool = False
+    #: CKKS runs: the authenticated name (token owner or certificate common name) the
+    #: key holder must register under; anyone else asking for the role is refused.
+    key_holder_name: str = "key-holder"
 
 
 def is_loopback(address: str) -> bool:
@@ -96,8 +99,12 @@ class DeploymentExecutor:
             wait_for_clients_s=d.wait_for_clients_s,
         )
         self.min_clients = cfg.server.min_fit_clients
+        ckks = cfg.privacy.secure_aggregation == "ckks"
         self.registry = Registry(
-            trainer.data.num_clients, trainer.num_parameters, cfg.model_dump_json()
+            trainer.data.num_clients,
+            trainer.num_parameters,
+            cfg.model_dump_json(),
+            key_holder_name=sec.key_holder_name if ckks else None,
         )
         tokens = TokenStore(sec.tokens) if sec.tokens is not None else None
         servicer = FederationServicer(self.registry, self.options, tokens)
@@ -111,7 +118,7 @@ class DeploymentExecutor:
         log.info("listening on port %d", self.port)
         if on_listening is not None:
             on_listening(self.port)
-        self.inner = GrpcExecutor(self.registry, self.options)
+        self.inner = GrpcExecutor(self.registry, self.options, cfg.privacy.secure_aggregation)
 
     def available_clients(self) -> Sequence[int]:
         self.inner.wait_for_clients(self.min_clients)

@@ -50,7 +50,7 @@ class InProcessExecutor:
         updates = {c: self._held.pop((rnd, c)) for c in client_ids}
         self._held = {k: v for k, v in self._held.items() if k[0] > rnd}
         if self.trainer.cfg.privacy.secure_aggregation == "ckks":
-            return _ckks_sum(updates)
+            return _ckks_sum(rnd, updates, vector_length)
         participants = {c: SecAggParticipant(c, u) for c, u in updates.items()}
         return serve_secagg_round(
             client_ids, vector_length, config, exchange_in_process(participants)
@@ -73,25 +73,25 @@ class InProcessExecutor:
         return {}
 
     def client_state(self) -> dict[str, Any]:
-        local_dp = self.trainer.local_dp
-        return {"local_dp": local_dp.ledger()} if local_dp is not None else {}
+        return self.trainer.client_state()
 
     def restore_client_state(self, state: dict[str, Any]) -> None:
-        if self.trainer.local_dp is not None and "local_dp" in state:
-            self.trainer.local_dp.restore_ledger(state["local_dp"])
+        self.trainer.restore_client_state(state)
 
     def close(self) -> None:
         return None
 
 
-def _ckks_sum(updates: dict[int, np.ndarray]) -> SecureSum:
-    """CKKS aggregation (TenSEAL): the key holder decrypts only the sum."""
-    from fedloom.privacy.he import run_he_round
+def _ckks_sum(rnd: int, updates: dict[int, np.ndarray], vector_length: int) -> SecureSum:
+    """CKKS aggregation (TenSEAL) through the deployment's protocol, every message in bytes.
 
-    result = run_he_round(updates)
-    return SecureSum(
-        result.sum.astype(np.float32),
-        tuple(sorted(result.contributors)),
-        sum(result.bytes_sent.values()),
-        sum(result.bytes_received.values()),
+    The simulated key holder releases sums of any size: the simulation is one party.
+    """
+    from fedloom.privacy.he_protocol import (
+        HEKeyHolderParticipant,
+        exchange_he_in_process,
+        serve_he_round,
     )
+
+    exchange = exchange_he_in_process(HEKeyHolderParticipant(min_contributors=1), updates)
+    return serve_he_round(rnd, sorted(updates), vector_length, exchange)

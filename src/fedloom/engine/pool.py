@@ -9,10 +9,21 @@ so uneven client sizes still keep every core busy.
 Workers run one torch thread each: with many small clients, process parallelism beats
 intra-op threading. A worker that dies takes only its in-flight task with it; that task
 comes back as a failure and the remaining tasks go to the surviving workers.
+
+State a client keeps across rounds (local DP's privacy ledger,
+:meth:`LocalTrainer.client_state <fedloom.client.trainer.LocalTrainer.client_state>`)
+lives in the parent, not in the workers: a client may land on a different worker each
+round, and a per-worker ledger would split its history. Each fit task carries the
+client's share of that state; the worker installs it (replacing whatever the previous
+task left), trains, and returns the client's updated share with the result, which the
+parent merges. A task that fails or whose worker dies returns nothing, so the state is
+unchanged, as it is when the in-process trainer raises. The result is the in-process
+state exactly, whichever worker ran each client, and it is what checkpoints carry.
 """
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import os
 import traceback
@@ -66,14 +77,17 @@ def _worker_main(conn: Connection, cfg_json: str) -> None:
             vector = decode_vector(conn.recv_bytes(), size)
         elif kind == "fit":
             task = FitTask(msg[1], msg[2], msg[3], msg[4])
+            trainer.restore_client_state(msg[5])
             out = run_safely(partial(trainer.fit, task, vector), task)
-            _send_outcome(conn, out)
+            state = trainer.client_state(task.client_id) if isinstance(out, FitResult) else {}
+            _send_outcome(conn, out, state)
         elif kind == "eval":
             etask = EvalTask(msg[1], msg[2])
             _send_outcome(conn, run_safely(partial(trainer.evaluate_client, etask, vector), etask))
 
 
-def _send_outcome(conn: Connection, out: Outcome) -> None:
+def _send_outcome(conn: Connection, out: Outcome, state: dict[str, Any] | None = None) -> None:
+    """Send a result; a fit result carries the client's updated state (see module doc)."""
     if isinstance(out, ClientFailure):
         conn.send(("fail", out.client_id, out.round, out.error, out.traceback))
     elif isinstance(out, EvalResult):
@@ -89,10 +103,17 @@ def _send_outcome(conn: Connection, out: Outcome) -> None:
                 out.straggler,
                 out.metrics,
                 has_delta,
+                state or {},
             )
         )
         if out.delta is not None:
             conn.send_bytes(encode_vector(out.delta))
+
+
+def _state_of(state: dict[str, Any], client_id: int) -> dict[str, Any]:
+    """One client's share of the client state: ``{part: {id: entry}}`` for its id only."""
+    key = str(client_id)
+    return {part: {key: by_id[key]} for part, by_id in state.items() if key in by_id}
 
 
 @dataclass
@@ -117,6 +138,8 @@ class ProcessPoolExecutor:
         ctx = mp.get_context("spawn")
         self.workers: list[_Worker] = []
         self.size = 0
+        #: Authoritative client state, shaped as LocalTrainer.client_state() (module doc).
+        self._client_state: dict[str, Any] = {}
         cfg_json = cfg.model_dump_json()
         for _ in range(count):
             parent, child = ctx.Pipe()
@@ -180,6 +203,7 @@ class ProcessPoolExecutor:
                 task.round,
                 task.drop_stragglers,
                 task.clip_norm,
+                _state_of(self._client_state, task.client_id),
             )
         else:
             msg = ("eval", task.client_id, task.round)
@@ -210,6 +234,8 @@ class ProcessPoolExecutor:
             if msg[0] == "eval":
                 return EvalResult(msg[1], msg[2], msg[3], msg[4], msg[5])
             delta = decode_vector(w.conn.recv_bytes(), self.size) if msg[6] else None
+            for part, entries in msg[7].items():
+                self._client_state.setdefault(part, {}).update(entries)
             return FitResult(msg[1], msg[2], delta, msg[3], straggler=msg[4], metrics=msg[5])
         except (EOFError, OSError):
             w.alive = False
@@ -238,10 +264,10 @@ class ProcessPoolExecutor:
         )
 
     def client_state(self) -> dict[str, Any]:
-        return {}
+        return copy.deepcopy(self._client_state)
 
     def restore_client_state(self, state: dict[str, Any]) -> None:
-        return None
+        self._client_state = copy.deepcopy(state)
 
     def close(self) -> None:
         for w in self.workers:

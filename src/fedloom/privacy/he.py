@@ -107,8 +107,10 @@ __all__ = [
     "HERoundResult",
     "KeyHolder",
     "SecretKeyError",
+    "aggregate_key_id",
     "public_key_id",
     "run_he_round",
+    "update_message_limit",
 ]
 
 _MAGIC = b"FLHE"
@@ -189,6 +191,33 @@ def public_key_id(public_context: bytes) -> bytes:
     is refused instead of decrypting to garbage.
     """
     return hashlib.sha256(public_context).digest()[:16]
+
+
+def aggregate_key_id(data: bytes) -> bytes:
+    """The key id an aggregate message names, read from its header without parsing the rest.
+
+    The key holder uses it to pick the (one-time) key before decrypting.
+    """
+    view = memoryview(data)
+    if len(view) < _HEADER.size:
+        raise CiphertextFormatError(f"HE message truncated: {len(view)} bytes, no header")
+    magic, version, kind, key_id, *_ = _HEADER.unpack_from(view)
+    if magic != _MAGIC or version != _VERSION or kind != _KIND_AGGREGATE:
+        raise CiphertextFormatError("not an aggregate HE message of this version")
+    return bytes(key_id)
+
+
+def update_message_limit(public_context: bytes, length: int) -> int:
+    """The most bytes an honest client's update message can take under this context.
+
+    A fresh ciphertext is two polynomials of N coefficients, one 64-bit word per
+    coefficient and data prime; SEAL's optional compression only shrinks that, and a
+    small allowance covers its headers. A transport refuses larger replies unread.
+    """
+    params = _params_of(_load_public_context(public_context, "update_message_limit"))
+    primes = len(params.coeff_mod_bit_sizes) - 1
+    per_ciphertext = 2 * params.poly_modulus_degree * primes * 8 + 4096
+    return _HEADER.size + params.num_chunks(length) * (_CHUNK_LEN.size + per_ciphertext)
 
 
 def _load_public_context(public_context: bytes, who: str) -> Any:

@@ -70,6 +70,11 @@ Everything is deterministic given the seed (CPU, float64 attack, one torch threa
 inside :func:`run_leakage_report`); secure aggregation uses fresh OS randomness for its
 keys and masks, but with deterministic rounding the unmasked sum is exact and so
 identical in every run.
+
+**Running it.** ``fedloom leakage`` and ``benchmarks/leakage.py`` call
+:func:`run_leakage` with a :class:`~fedloom.privacy.leakage_settings.LeakageSettings`
+read from their shared options, print :func:`format_leakage_report`, and write
+:func:`write_leakage_png` (the CLI also :func:`write_leakage_json`).
 """
 
 from __future__ import annotations
@@ -77,13 +82,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import math
 import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -92,13 +98,24 @@ from torch import nn
 
 from fedloom.data.digits import NUM_CLASSES, NUM_PIXELS, load_digits_arrays
 from fedloom.privacy.central import clip_update
+from fedloom.privacy.leakage_settings import (
+    DEFAULT_CLIP_NORM,
+    DEFAULT_LR,
+    FULL_SETTINGS,
+    QUICK_SETTINGS,
+    ConditionKind,
+    LeakageSettings,
+    LeakageSettingsError,
+)
 from fedloom.privacy.noise import UPDATE_STREAM, SeededGaussianNoise
 from fedloom.privacy.secagg.config import SecAggConfig
 from fedloom.privacy.secagg.driver import run_secagg_round
 from fedloom.seeding import derive_rng, derive_seed
 
 __all__ = [
+    "DEFAULT_CLIP_NORM",
     "DEFAULT_CONDITIONS",
+    "DEFAULT_LR",
     "PSNR_CAP_DB",
     "QUICK_CONDITIONS",
     "AttackBudget",
@@ -109,16 +126,21 @@ __all__ = [
     "LeakageReport",
     "Trial",
     "build_attack_model",
+    "build_conditions",
+    "format_leakage_report",
     "format_leakage_table",
     "gradient_estimate",
     "infer_label",
     "invert_gradient",
+    "leakage_summary",
     "load_digit_images",
     "mse",
     "observe_update",
     "psnr",
+    "run_leakage",
     "run_leakage_report",
     "single_example_gradient",
+    "write_leakage_json",
     "write_leakage_png",
 ]
 
@@ -128,7 +150,6 @@ PSNR_CAP_DB = 100.0
 #: Purpose tags for this module's random streams (kept apart from ``fedloom.seeding``'s).
 _TARGETS, _MODEL, _DUMMY, _NOISE, _OTHERS, _BASELINE = 101, 102, 103, 104, 105, 106
 
-ConditionKind = Literal["none", "clip", "dp", "secagg"]
 Activation = Literal["sigmoid", "relu"]
 
 
@@ -354,31 +375,34 @@ class Condition:
             raise ValueError(f"condition {self.name!r}: secure aggregation needs K ≥ 2")
 
 
-def _default_conditions(clip_norm: float) -> tuple[Condition, ...]:
-    dp = tuple(
-        Condition(f"clip + DP noise z={z:g}", "dp", clip_norm=clip_norm, noise_multiplier=z)
-        for z in (0.001, 0.01, 0.1, 1.0)
-    )
-    return (
-        Condition("no defense", "none"),
-        Condition(f"clipping alone (C={clip_norm:g})", "clip", clip_norm=clip_norm),
-        *dp,
-        Condition("secure aggregation K=4", "secagg", clients=4),
-        Condition("secure aggregation K=16", "secagg", clients=16),
-    )
+def build_conditions(settings: LeakageSettings) -> tuple[Condition, ...]:
+    """The conditions ``settings`` asks for, in the order the report lists them: no
+    defence, clipping alone, one clip + DP condition per z, one secure-aggregation
+    condition per K. Their names are the table's row labels."""
+    conditions: list[Condition] = []
+    if "none" in settings.kinds:
+        conditions.append(Condition("no defense", "none"))
+    clip_norm = settings.clip_norm
+    if "clip" in settings.kinds:
+        conditions.append(
+            Condition(f"clipping alone (C={clip_norm:g})", "clip", clip_norm=clip_norm)
+        )
+    if "dp" in settings.kinds:
+        conditions.extend(
+            Condition(f"clip + DP noise z={z:g}", "dp", clip_norm=clip_norm, noise_multiplier=z)
+            for z in settings.noise_multipliers
+        )
+    if "secagg" in settings.kinds:
+        conditions.extend(
+            Condition(f"secure aggregation K={k}", "secagg", clients=k)
+            for k in settings.secagg_clients
+        )
+    return tuple(conditions)
 
 
-#: The local learning rate η of the victim's one SGD step.
-DEFAULT_LR = 0.1
-#: C: below every single-example update norm of the untrained model (0.36-0.44 at
-#: η = 0.1), so clipping is active in every trial.
-DEFAULT_CLIP_NORM = 0.1
-
-DEFAULT_CONDITIONS: tuple[Condition, ...] = _default_conditions(DEFAULT_CLIP_NORM)
+DEFAULT_CONDITIONS: tuple[Condition, ...] = build_conditions(FULL_SETTINGS)
 #: ``--quick``: every kind of condition, with light (z = 0.01) and heavy (z = 1) noise.
-QUICK_CONDITIONS: tuple[Condition, ...] = tuple(
-    c for c in DEFAULT_CONDITIONS if c.noise_multiplier not in (0.001, 0.1)
-)
+QUICK_CONDITIONS: tuple[Condition, ...] = build_conditions(QUICK_SETTINGS)
 
 
 def _secagg_sum(updates: Sequence[np.ndarray]) -> np.ndarray:
@@ -664,16 +688,49 @@ def run_leakage_report(
     return report
 
 
+def run_leakage(settings: LeakageSettings) -> LeakageReport:
+    """:func:`run_leakage_report` with what ``settings`` asks for: the entry point of
+    ``fedloom leakage`` and ``benchmarks/leakage.py``.
+
+    Checks the settings against the data first (raising :class:`LeakageSettingsError`),
+    so that a value too large ends in one sentence rather than in NumPy's sampling error.
+    """
+    available = len(load_digit_images()[1])
+    if settings.targets > available:
+        raise LeakageSettingsError(
+            f"--targets must be at most {available} (the digits available), got {settings.targets}"
+        )
+    if "secagg" in settings.kinds and max(settings.secagg_clients) > available:
+        raise LeakageSettingsError(
+            f"--secagg-clients must be at most {available} (one digit per client), "
+            f"got {max(settings.secagg_clients)}"
+        )
+    budget = AttackBudget(
+        iterations=settings.iterations,
+        batch_iterations=settings.batch_iterations,
+        lr=settings.lr,
+    )
+    return run_leakage_report(
+        build_conditions(settings), targets=settings.targets, seed=settings.seed, budget=budget
+    )
+
+
 # --------------------------------------------------------------------------- output
 
 _ATTACK_TITLES: dict[AttackName, str] = {"dlg": "DLG", "idlg": "iDLG", "batch": "DLG×K"}
 
 
+def _mean_and_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value), as the table prints them."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), sd
+
+
 def _mean_sd(values: Sequence[float]) -> str:
     if not values:
         return "—"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):5.1f} ± {sd:4.1f}"
+    mean, sd = _mean_and_sd(values)
+    return f"{mean:5.1f} ± {sd:4.1f}"
 
 
 def _mean_mse(values: Sequence[float]) -> str:
@@ -713,6 +770,77 @@ def format_leakage_table(report: LeakageReport) -> str:
     return "\n".join(lines)
 
 
+def format_leakage_report(report: LeakageReport, settings: LeakageSettings) -> str:
+    """What both callers print: the settings line, :func:`format_leakage_table`, the time."""
+    return "\n".join(
+        (settings.describe(), format_leakage_table(report), f"total {report.wall_s:.1f} s")
+    )
+
+
+def _attack_summary(
+    result: ConditionResult, truths: np.ndarray, attack: AttackName
+) -> dict[str, Any] | None:
+    """PSNR and MSE per target and their means; None where the attack did not run."""
+    psnrs, mses = result.psnrs(truths, attack), result.mses(truths, attack)
+    if not psnrs:
+        return None
+    mean, sd = _mean_and_sd(psnrs)
+    return {
+        "psnr_db_mean": mean,
+        "psnr_db_sd": sd,
+        "mse_mean": statistics.fmean(mses),
+        "psnr_db": psnrs,
+        "mse": mses,
+    }
+
+
+def leakage_summary(report: LeakageReport, settings: LeakageSettings) -> dict[str, Any]:
+    """The machine-readable report (``leakage.json``): the settings, the targets, and per
+    condition each attack's PSNR (dB, peak 1.0, capped at :data:`PSNR_CAP_DB`) and MSE
+    per target with their means, iDLG's label accuracy and the seconds spent; then the
+    "learned nothing" baselines. The numbers are those of :func:`format_leakage_table`
+    before rounding; ``batch`` (DLG×K) is None outside secure aggregation."""
+    truths = report.truths
+    attacks: tuple[AttackName, ...] = ("dlg", "idlg", "batch")
+    conditions = [
+        {
+            "name": r.condition.name,
+            "kind": r.condition.kind,
+            "clip_norm": r.condition.clip_norm,
+            "noise_multiplier": r.condition.noise_multiplier,
+            "clients": r.condition.clients,
+            "label_accuracy": r.label_accuracy,
+            "inferred_labels": [t.inferred_label for t in r.trials],
+            "seconds": r.seconds,
+            "attacks": {a: _attack_summary(r, truths, a) for a in attacks},
+        }
+        for r in report.results
+    ]
+    return {
+        "settings": settings.as_dict(),
+        "psnr_cap_db": PSNR_CAP_DB,
+        "targets": [{"index": i, "label": int(report.truths_labels[i])} for i in report.targets],
+        "conditions": conditions,
+        "baselines": {
+            "uniform_random_psnr_db": report.baseline_random,
+            "mean_digit_psnr_db": report.baseline_mean,
+            "closest_of_k_psnr_db": {
+                str(k): v for k, v in sorted(report.baseline_closest_of.items())
+            },
+        },
+        "wall_s": report.wall_s,
+    }
+
+
+def write_leakage_json(report: LeakageReport, settings: LeakageSettings, path: str | Path) -> Path:
+    """Write :func:`leakage_summary` as strict JSON (no NaN: every number is finite)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(leakage_summary(report, settings), indent=2, allow_nan=False)
+    out.write_text(text + "\n", encoding="utf-8")
+    return out
+
+
 def _grid_rows(report: LeakageReport) -> list[tuple[str, list[np.ndarray], list[str]]]:
     """(row title, images, captions): the truths, DLG per condition, and DLG×K's best
     matches under secure aggregation."""
@@ -739,7 +867,9 @@ def write_leakage_png(report: LeakageReport, path: str | Path) -> Path:
 
     rows = _grid_rows(report)
     cols = len(report.targets)
-    fig = Figure(figsize=(2.6 + 0.8 * cols, 0.95 * len(rows)), layout="constrained")
+    # Row titles take about 2.6 in; at least 6 in wide so that the title fits over the
+    # few columns of `fedloom leakage`'s default three targets.
+    fig = Figure(figsize=(max(6.0, 2.6 + 0.8 * cols), 0.95 * len(rows)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), cols, squeeze=False)
     for row, (name, pictures, notes) in enumerate(rows):
@@ -751,7 +881,9 @@ def write_leakage_png(report: LeakageReport, path: str | Path) -> Path:
             ax.set_xlabel(note, fontsize=6, labelpad=1)
             if col == 0:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle("gradient inversion: true digits and reconstructions (PSNR, peak 1.0)")
+    fig.suptitle(
+        "gradient inversion: true digits and reconstructions (PSNR, peak 1.0)", fontsize=10
+    )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()

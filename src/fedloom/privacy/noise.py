@@ -1,7 +1,8 @@
 """Gaussian noise for differential privacy: seeded (reproducible) or cryptographically secure.
 
 Two generators draw standard normal vectors for the DP mechanisms in
-:mod:`fedloom.privacy.central`:
+:mod:`fedloom.privacy.central` (the secure one also feeds local DP-SGD,
+:mod:`fedloom.client.dpsgd`):
 
 * :class:`SeededGaussianNoise` (the default in simulation, ``privacy.secure_noise =
   false``). Each draw comes from ``derive_rng(seed, DP_NOISE, round, stream)``, so a run
@@ -97,20 +98,29 @@ def secure_box_muller(size: int) -> np.ndarray:
     return out[:size]
 
 
-class SecureGaussianNoise:
-    """Noise from the OS CSPRNG, hardened against floating-point attacks (see module doc).
+def secure_standard_normal(size: int) -> np.ndarray:
+    """``size`` N(0, 1) samples (float64) from the OS CSPRNG, hardened (see module doc).
 
     Each sample is ``(g1 + g2 + g3 + g4) / 2`` with ``g_i`` independent Box–Muller
     normals, which is again exactly N(0, 1) in distribution (Holohan & Braghin 2021,
-    Section 5.1; Opacus ``_generate_noise`` with ``secure_mode=True``). ``round`` and
-    ``stream`` are ignored: nothing about the draw may be predictable.
+    Section 5.1; Opacus ``_generate_noise`` with ``secure_mode=True``). Shared by central
+    DP (:class:`SecureGaussianNoise`) and local DP-SGD
+    (:class:`fedloom.client.dpsgd.SecureNoiseDPOptimizer`), so both have one sampler.
+    """
+    draws = secure_box_muller(_SECURE_SUMMANDS * size).reshape(_SECURE_SUMMANDS, size)
+    return draws.sum(axis=0) / math.sqrt(_SECURE_SUMMANDS)
+
+
+class SecureGaussianNoise:
+    """Noise from the OS CSPRNG: :func:`secure_standard_normal`.
+
+    ``round`` and ``stream`` are ignored: nothing about the draw may be predictable.
     """
 
     secure = True
 
     def standard_normal(self, size: int, round: int, stream: int) -> np.ndarray:
-        draws = secure_box_muller(_SECURE_SUMMANDS * size).reshape(_SECURE_SUMMANDS, size)
-        return draws.sum(axis=0) / math.sqrt(_SECURE_SUMMANDS)
+        return secure_standard_normal(size)
 
 
 def make_noise(secure: bool, seed: int) -> GaussianNoise:

@@ -355,7 +355,7 @@ class FederatedServer:
         ids = [u.client_id for u in held]
         try:
             result = self.executor.secure_sum(rnd, ids, self.state.weights.shape[0], config)
-        except (RoundAbortedError, ValueError) as err:  # ValueError: CKKS capacity exceeded
+        except (RoundAbortedError, ValueError) as err:  # ValueError: a CKKS round aborted
             log.warning("round %d: secure aggregation aborted: %s", rnd, err)
             return [], {"secagg_aborted": str(err), "_sum": None}
         contributors = set(result.contributors)

@@ -125,10 +125,13 @@ def run_client(
     max_wait_s: float = 300.0,
     chunk_bytes: int = 1 << 20,
     stop: threading.Event | None = None,
+    role: str = "",
 ) -> int:
     """Serve tasks until the server says the run is over; return the number of tasks done.
 
-    Raises :class:`ClientRefusedError` if the server refuses the registration, and
+    ``role = "key-holder"`` registers as a CKKS run's key holder (``make_app`` then
+    builds a :class:`KeyHolderApp`): it trains nothing and is never sampled. Raises
+    :class:`ClientRefusedError` if the server refuses the registration, and
     ``ConnectionError`` when the server stays unreachable for ``max_wait_s``.
     """
     stop = stop or threading.Event()
@@ -151,6 +154,7 @@ def run_client(
                         partition=partition,
                         name=name,
                         num_examples=num_examples,
+                        role=role,
                     ).SerializeToString(),
                     timeout=15,
                 )
@@ -169,7 +173,10 @@ def run_client(
                         f"server's has {reply.vector_size}; the local file must have the "
                         "experiment's features and classes"
                     )
-            log.info("registered as client %d", reply.client_id)
+            if role == "key-holder":
+                log.info("registered as the key holder")
+            else:
+                log.info("registered as client %d", reply.client_id)
             if _serve_session(stub, reply, app, chunk_bytes, stop, tally):
                 return tally[0]
         except _BadTaskError as err:
@@ -280,6 +287,8 @@ def _serve_session(
             result: tuple[pb.ResultHeader, bytes | memoryview]
             if header.kind == pb.TASK_SECAGG:
                 result = _run_secagg_stage(held, header, payload)
+            elif header.kind == pb.TASK_HE:
+                result = _run_he_stage(app, held, header, payload)
             else:
                 vector = np.frombuffer(payload, dtype=WIRE_DTYPE)
                 result = _run_task(app, header, vector, held)
@@ -346,6 +355,12 @@ def _expected_payload(header: pb.TaskHeader, size: int) -> int:
         if not 0 < header.payload_size <= 8 * size + (1 << 20):
             raise _BadTaskError(f"secure-aggregation payload of {header.payload_size} bytes")
         return int(header.payload_size)
+    if header.kind == pb.TASK_HE:
+        # A public context (up to 32 MiB) or an aggregate (up to ~450 bytes per value
+        # with the largest CKKS parameters).
+        if not 0 < header.payload_size <= (1 << 26) + 512 * size:
+            raise _BadTaskError(f"CKKS payload of {header.payload_size} bytes")
+        return int(header.payload_size)
     return 0
 
 
@@ -365,6 +380,33 @@ def _run_secagg_stage(
         return head, b""
     if stage is Stage.UNMASKING:
         held.pop(header.round, None)
+    head.payload_size = len(reply)
+    return head, reply
+
+
+def _run_he_stage(
+    app: ClientApp,
+    held: dict[int, SecAggParticipant],
+    header: pb.TaskHeader,
+    payload: bytearray,
+) -> tuple[pb.ResultHeader, bytes]:
+    """Answer one CKKS stage: as the key holder, or by encrypting this round's held update."""
+    from fedloom.privacy.he_protocol import HE_STAGES, encrypt_for_round
+
+    head = pb.ResultHeader(task_id=header.task_id, round=header.round)
+    try:
+        stage = HE_STAGES[header.he_stage]
+        if isinstance(app, KeyHolderApp):
+            reply = app.participant.respond(stage, bytes(payload))
+        else:
+            participant = held.pop(header.round, None)
+            if participant is None:
+                raise ValueError(f"no update held for round {header.round}")
+            reply = encrypt_for_round(participant.update, bytes(payload))
+    except Exception as exc:  # reported to the server: a dropout (or an aborted round)
+        log.warning("CKKS stage refused: %s", exc)
+        head.error = f"{type(exc).__name__}: {exc}"
+        return head, b""
     head.payload_size = len(reply)
     return head, reply
 
@@ -441,6 +483,26 @@ def _push(
     reply = pb.PushReply.FromString(stub.push(messages(), timeout=max(60.0, header.deadline_s)))
     if not reply.accepted:
         log.warning("server rejected the result of task %s: %s", header.task_id, reply.reason)
+
+
+class KeyHolderApp:
+    """A CKKS run's key holder: makes a key pair per round and decrypts only the sum.
+
+    Run it on a machine the server's operator does not control (see the threat model in
+    :mod:`fedloom.privacy.he`). ``min_contributors`` is this operator's policy: sums of
+    fewer client contributions are not decrypted. It trains and evaluates nothing.
+    """
+
+    def __init__(self, cfg: RunConfig, client_id: int, min_contributors: int = 2) -> None:
+        from fedloom.privacy.he_protocol import HEKeyHolderParticipant
+
+        self.participant = HEKeyHolderParticipant(min_contributors=min_contributors)
+
+    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
+        raise RuntimeError("the key holder trains nothing")
+
+    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
+        raise RuntimeError("the key holder evaluates nothing")
 
 
 class BuiltinApp:

@@ -14,35 +14,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedloom/engine/grpc/fedloom.proto\x12\nfedloom.v1\"q\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\"\xa0\x01\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x13\n\x0bvector_size\x18\x06 \x01(\x03\x12\x1c\n\x14heartbeat_interval_s\x18\x07 \x01(\x01\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"!\n\x0bPullRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x87\x02\n\nTaskHeader\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.fedloom.v1.TaskKind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x12\x13\n\x0bvector_size\x18\x05 \x01(\x03\x12\x17\n\x0f\x64rop_stragglers\x18\x06 \x01(\x08\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\x16\n\tclip_norm\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06secure\x18\t \x01(\x08\x12\x14\n\x0csecagg_stage\x18\n \x01(\r\x12\x14\n\x0cpayload_size\x18\x0b \x01(\x03\x42\x0c\n\n_clip_norm\"P\n\x0bTaskMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedloom.v1.TaskHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xdd\x01\n\x0cResultHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x11\n\tstraggler\x18\x05 \x01(\x08\x12\x12\n\nhas_vector\x18\x06 \x01(\x08\x12\x13\n\x0bvector_size\x18\x07 \x01(\x03\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x14\n\x0cpayload_size\x18\n \x01(\x03\x12\x0c\n\x04held\x18\x0b \x01(\x08\"T\n\rResultMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedloom.v1.ResultHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*Z\n\x08TaskKind\x12\r\n\tTASK_IDLE\x10\x00\x12\x0c\n\x08TASK_FIT\x10\x01\x12\x11\n\rTASK_EVALUATE\x10\x02\x12\r\n\tTASK_STOP\x10\x03\x12\x0f\n\x0bTASK_SECAGG\x10\x04\x32\x99\x02\n\nFederation\x12\x42\n\x08Register\x12\x1b.fedloom.v1.RegisterRequest\x1a\x19.fedloom.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedloom.v1.HeartbeatRequest\x1a\x1a.fedloom.v1.HeartbeatReply\x12>\n\x08PullTask\x12\x17.fedloom.v1.PullRequest\x1a\x17.fedloom.v1.TaskMessage0\x01\x12@\n\nPushResult\x12\x19.fedloom.v1.ResultMessage\x1a\x15.fedloom.v1.PushReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedloom/engine/grpc/fedloom.proto\x12\nfedloom.v1\"\x7f\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x0c\n\x04role\x18\x06 \x01(\t\"\xa0\x01\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x13\n\x0bvector_size\x18\x06 \x01(\x03\x12\x1c\n\x14heartbeat_interval_s\x18\x07 \x01(\x01\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"!\n\x0bPullRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x99\x02\n\nTaskHeader\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.fedloom.v1.TaskKind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x12\x13\n\x0bvector_size\x18\x05 \x01(\x03\x12\x17\n\x0f\x64rop_stragglers\x18\x06 \x01(\x08\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\x16\n\tclip_norm\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06secure\x18\t \x01(\x08\x12\x14\n\x0csecagg_stage\x18\n \x01(\r\x12\x14\n\x0cpayload_size\x18\x0b \x01(\x03\x12\x10\n\x08he_stage\x18\x0c \x01(\rB\x0c\n\n_clip_norm\"P\n\x0bTaskMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedloom.v1.TaskHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xdd\x01\n\x0cResultHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x11\n\tstraggler\x18\x05 \x01(\x08\x12\x12\n\nhas_vector\x18\x06 \x01(\x08\x12\x13\n\x0bvector_size\x18\x07 \x01(\x03\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x14\n\x0cpayload_size\x18\n \x01(\x03\x12\x0c\n\x04held\x18\x0b \x01(\x08\"T\n\rResultMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedloom.v1.ResultHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*g\n\x08TaskKind\x12\r\n\tTASK_IDLE\x10\x00\x12\x0c\n\x08TASK_FIT\x10\x01\x12\x11\n\rTASK_EVALUATE\x10\x02\x12\r\n\tTASK_STOP\x10\x03\x12\x0f\n\x0bTASK_SECAGG\x10\x04\x12\x0b\n\x07TASK_HE\x10\x05\x32\x99\x02\n\nFederation\x12\x42\n\x08Register\x12\x1b.fedloom.v1.RegisterRequest\x1a\x19.fedloom.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedloom.v1.HeartbeatRequest\x1a\x1a.fedloom.v1.HeartbeatReply\x12>\n\x08PullTask\x12\x17.fedloom.v1.PullRequest\x1a\x17.fedloom.v1.TaskMessage0\x01\x12@\n\nPushResult\x12\x19.fedloom.v1.ResultMessage\x1a\x15.fedloom.v1.PushReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedloom.engine.grpc.fedloom_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_TASKKIND']._serialized_start=1140
-  _globals['_TASKKIND']._serialized_end=1230
+  _globals['_TASKKIND']._serialized_start=1172
+  _globals['_TASKKIND']._serialized_end=1275
   _globals['_REGISTERREQUEST']._serialized_start=49
-  _globals['_REGISTERREQUEST']._serialized_end=162
-  _globals['_REGISTERREPLY']._serialized_start=165
-  _globals['_REGISTERREPLY']._serialized_end=325
-  _globals['_HEARTBEATREQUEST']._serialized_start=327
-  _globals['_HEARTBEATREQUEST']._serialized_end=365
-  _globals['_HEARTBEATREPLY']._serialized_start=367
-  _globals['_HEARTBEATREPLY']._serialized_end=398
-  _globals['_PULLREQUEST']._serialized_start=400
-  _globals['_PULLREQUEST']._serialized_end=433
-  _globals['_TASKHEADER']._serialized_start=436
-  _globals['_TASKHEADER']._serialized_end=699
-  _globals['_TASKMESSAGE']._serialized_start=701
-  _globals['_TASKMESSAGE']._serialized_end=781
-  _globals['_RESULTHEADER']._serialized_start=784
-  _globals['_RESULTHEADER']._serialized_end=1005
-  _globals['_RESULTMESSAGE']._serialized_start=1007
-  _globals['_RESULTMESSAGE']._serialized_end=1091
-  _globals['_PUSHREPLY']._serialized_start=1093
-  _globals['_PUSHREPLY']._serialized_end=1138
-  _globals['_FEDERATION']._serialized_start=1233
-  _globals['_FEDERATION']._serialized_end=1514
+  _globals['_REGISTERREQUEST']._serialized_end=176
+  _globals['_REGISTERREPLY']._serialized_start=179
+  _globals['_REGISTERREPLY']._serialized_end=339
+  _globals['_HEARTBEATREQUEST']._serialized_start=341
+  _globals['_HEARTBEATREQUEST']._serialized_end=379
+  _globals['_HEARTBEATREPLY']._serialized_start=381
+  _globals['_HEARTBEATREPLY']._serialized_end=412
+  _globals['_PULLREQUEST']._serialized_start=414
+  _globals['_PULLREQUEST']._serialized_end=447
+  _globals['_TASKHEADER']._serialized_start=450
+  _globals['_TASKHEADER']._serialized_end=731
+  _globals['_TASKMESSAGE']._serialized_start=733
+  _globals['_TASKMESSAGE']._serialized_end=813
+  _globals['_RESULTHEADER']._serialized_start=816
+  _globals['_RESULTHEADER']._serialized_end=1037
+  _globals['_RESULTMESSAGE']._serialized_start=1039
+  _globals['_RESULTMESSAGE']._serialized_end=1123
+  _globals['_PUSHREPLY']._serialized_start=1125
+  _globals['_PUSHREPLY']._serialized_end=1170
+  _globals['_FEDERATION']._serialized_start=1278
+  _globals['_FEDERATION']._serialized_end=1559
 # @@protoc_insertion_point(module_scope)

@@ -12,25 +12,29 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_EVALUATE: _ClassVar[TaskKind]
     TASK_STOP: _ClassVar[TaskKind]
     TASK_SECAGG: _ClassVar[TaskKind]
+    TASK_HE: _ClassVar[TaskKind]
 TASK_IDLE: TaskKind
 TASK_FIT: TaskKind
 TASK_EVALUATE: TaskKind
 TASK_STOP: TaskKind
 TASK_SECAGG: TaskKind
+TASK_HE: TaskKind
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("protocol_version", "token", "partition", "name", "num_examples")
+    __slots__ = ("protocol_version", "token", "partition", "name", "num_examples", "role")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     token: str
     partition: int
     name: str
     num_examples: int
-    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., partition: _Optional[int] = ..., name: _Optional[str] = ..., num_examples: _Optional[int] = ...) -> None: ...
+    role: str
+    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., partition: _Optional[int] = ..., name: _Optional[str] = ..., num_examples: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("accepted", "reason", "session_id", "client_id", "config_json", "vector_size", "heartbeat_interval_s")
@@ -69,7 +73,7 @@ class PullRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "task_id", "round", "client_id", "vector_size", "drop_stragglers", "deadline_s", "clip_norm", "secure", "secagg_stage", "payload_size")
+    __slots__ = ("kind", "task_id", "round", "client_id", "vector_size", "drop_stragglers", "deadline_s", "clip_norm", "secure", "secagg_stage", "payload_size", "he_stage")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +85,7 @@ class TaskHeader(_message.Message):
     SECURE_FIELD_NUMBER: _ClassVar[int]
     SECAGG_STAGE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HE_STAGE_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     task_id: str
     round: int
@@ -92,7 +97,8 @@ class TaskHeader(_message.Message):
     secure: bool
     secagg_stage: int
     payload_size: int
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., vector_size: _Optional[int] = ..., drop_stragglers: bool = ..., deadline_s: _Optional[float] = ..., clip_norm: _Optional[float] = ..., secure: bool = ..., secagg_stage: _Optional[int] = ..., payload_size: _Optional[int] = ...) -> None: ...
+    he_stage: int
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., vector_size: _Optional[int] = ..., drop_stragglers: bool = ..., deadline_s: _Optional[float] = ..., clip_norm: _Optional[float] = ..., secure: bool = ..., secagg_stage: _Optional[int] = ..., payload_size: _Optional[int] = ..., he_stage: _Optional[int] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("header", "chunk")

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
@@ -35,7 +35,14 @@ from fedloom.engine.grpc import PROTOCOL_VERSION
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.auth import TokenStore
 from fedloom.engine.grpc.chunks import ChunkError, encode_chunks, read_result_chunks
-from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.messages import (
+    KEY_HOLDER_ID,
+    ClientFailure,
+    EvalResult,
+    EvalTask,
+    FitResult,
+    FitTask,
+)
 from fedloom.params import WIRE_DTYPE, encode_vector
 from fedloom.privacy.secagg import STAGES, SecAggConfig, Stage
 from fedloom.privacy.secagg.transport import SecureSum, serve_secagg_round
@@ -46,24 +53,32 @@ SERVICE = "fedloom.v1.Federation"
 
 
 @dataclass(frozen=True)
-class SecAggTask:
-    """One secure-aggregation stage for one client: deliver ``payload``, await the reply."""
+class StageTask:
+    """One stage of a secure-aggregation protocol for one participant.
+
+    ``protocol`` is ``"secagg"`` (stage indexes :data:`fedloom.privacy.secagg.STAGES`) or
+    ``"he"`` (stage indexes :data:`fedloom.privacy.he_protocol.HE_STAGES`; participant
+    :data:`~fedloom.messages.KEY_HOLDER_ID` is the key holder). ``reply_limit`` bounds the
+    answer's size: anything larger is refused unread.
+    """
 
     client_id: int
     round: int
-    stage: int  # index into fedloom.privacy.secagg.STAGES
+    protocol: Literal["secagg", "he"]
+    stage: int
     payload: bytes
+    reply_limit: int
 
 
 @dataclass
-class SecAggReply:
+class StageReply:
     client_id: int
     round: int
     payload: bytes
 
 
-Task = FitTask | EvalTask | SecAggTask
-Outcome = FitResult | EvalResult | SecAggReply | ClientFailure
+Task = FitTask | EvalTask | StageTask
+Outcome = FitResult | EvalResult | StageReply | ClientFailure
 
 
 @dataclass
@@ -102,8 +117,17 @@ class Session:
 class Registry:
     """Sessions and open tasks, shared by the gRPC handlers and the executor."""
 
-    def __init__(self, num_clients: int, vector_size: int, config_json: str) -> None:
+    def __init__(
+        self,
+        num_clients: int,
+        vector_size: int,
+        config_json: str,
+        key_holder_name: str | None = None,
+    ) -> None:
         self.num_clients = num_clients
+        #: Who may register as the CKKS key holder (None: the run has no key holder).
+        self.key_holder_name = key_holder_name
+        self.key_holder: str | None = None  # the key holder's session id
         self.vector_size = vector_size
         self.config_json = config_json
         self.lock = threading.Lock()
@@ -138,6 +162,25 @@ class Registry:
             self.by_client[client_id] = session.session_id
             return session
 
+    def add_key_holder(self, name: str) -> Session:
+        with self.lock:
+            if self.key_holder is not None:
+                self._kill(self.sessions[self.key_holder], "replaced by a new key holder")
+            session = Session(secrets.token_hex(16), KEY_HOLDER_ID, name, time.monotonic())
+            self.sessions[session.session_id] = session
+            self.key_holder = session.session_id
+            return session
+
+    def session_for(self, client_id: int) -> Session | None:
+        """The live session of a client (or of the key holder); the caller holds the lock."""
+        sid = self.key_holder if client_id == KEY_HOLDER_ID else self.by_client.get(client_id)
+        session = self.sessions.get(sid) if sid is not None else None
+        return session if session is not None and session.alive else None
+
+    def key_holder_alive(self) -> bool:
+        with self.lock:
+            return self.session_for(KEY_HOLDER_ID) is not None
+
     def free_client_id(self) -> int | None:
         with self.lock:
             taken = {c for c, s in self.by_client.items() if self.sessions[s].alive}
@@ -161,7 +204,8 @@ class Registry:
 
     def _kill(self, session: Session, why: str) -> None:
         session.alive = False
-        log.warning("client %d (%s) lost: %s", session.client_id, session.name, why)
+        who = "key holder" if session.client_id == KEY_HOLDER_ID else f"client {session.client_id}"
+        log.warning("%s (%s) lost: %s", who, session.name, why)
         for ot in self.open_tasks.values():
             if ot.session_id == session.session_id and not ot.done.is_set():
                 ot.outcome = ClientFailure(
@@ -197,6 +241,7 @@ class FederationServicer:
             reg.reject("protocol_version", reason)
             return _refuse(reason)
         name = req.name or "client"
+        authenticated = self.tokens is not None or _mtls_name(context) is not None
         if self.tokens is not None:
             owner = self.tokens.check(req.token)
             if owner is None:
@@ -206,6 +251,12 @@ class FederationServicer:
             name = owner
         else:
             name = _mtls_name(context) or name
+        if req.role == "key-holder":
+            return self._register_key_holder(name, authenticated, context)
+        if req.role not in ("", "trainer"):
+            reason = f"unknown role '{req.role[:40]}'; a client is a trainer or the key-holder"
+            reg.reject("bad_role", reason)
+            return _refuse(reason)
         client_id = req.partition if req.partition >= 0 else reg.free_client_id()
         if client_id is None or not 0 <= client_id < reg.num_clients:
             reason = f"client id {req.partition} is outside 0..{reg.num_clients - 1}"
@@ -217,6 +268,34 @@ class FederationServicer:
             accepted=True,
             session_id=session.session_id,
             client_id=int(client_id),
+            config_json=reg.config_json,
+            vector_size=reg.vector_size,
+            heartbeat_interval_s=self.options.heartbeat_interval_s,
+        ).SerializeToString()
+
+    def _register_key_holder(
+        self, name: str, authenticated: bool, context: grpc.ServicerContext
+    ) -> bytes:
+        """Accept the CKKS key holder, if this run has one and the credentials name it."""
+        reg = self.registry
+        wanted = reg.key_holder_name
+        if wanted is None:
+            reason = "this run does not use CKKS aggregation, so it has no key holder"
+            reg.reject("bad_role", reason)
+            return _refuse(reason)
+        if authenticated and name != wanted:
+            reason = (
+                f"'{name}' is not this run's key holder ('{wanted}'); give the key holder "
+                f"the token or certificate issued to '{wanted}'"
+            )
+            reg.reject("bad_role", reason)
+            return _refuse(reason)
+        session = reg.add_key_holder(name)
+        log.info("key holder registered as '%s' from %s", name, context.peer())
+        return pb.RegisterReply(
+            accepted=True,
+            session_id=session.session_id,
+            client_id=KEY_HOLDER_ID,
             config_json=reg.config_json,
             vector_size=reg.vector_size,
             heartbeat_interval_s=self.options.heartbeat_interval_s,
@@ -285,9 +364,13 @@ class FederationServicer:
                 header.clip_norm = task.clip_norm
         elif isinstance(task, EvalTask):
             header.kind = pb.TASK_EVALUATE
-        else:
+        elif task.protocol == "secagg":
             header.kind = pb.TASK_SECAGG
             header.secagg_stage = task.stage
+            header.payload_size = len(ot.payload)
+        else:
+            header.kind = pb.TASK_HE
+            header.he_stage = task.stage
             header.payload_size = len(ot.payload)
         yield pb.TaskMessage(header=header).SerializeToString()
         yield from encode_chunks(ot.payload, self.options.chunk_bytes)
@@ -357,8 +440,9 @@ class FederationServicer:
             return EvalResult(
                 task.client_id, task.round, int(head.num_examples), float(loss), float(acc)
             )
-        if isinstance(task, SecAggTask):
-            return SecAggReply(task.client_id, task.round, self._read_payload(head, raws))
+        if isinstance(task, StageTask):
+            payload = self._read_payload(head, raws, task.reply_limit)
+            return StageReply(task.client_id, task.round, payload)
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         if head.held:
             _drain(raws, limit=0)
@@ -385,13 +469,13 @@ class FederationServicer:
             task.client_id, task.round, delta, int(head.num_examples), bool(head.straggler), clean
         )
 
-    def _read_payload(self, head: Any, raws: Iterator[bytes]) -> bytes:
-        """A secure-aggregation reply: exactly ``payload_size`` bytes, bounded in size.
+    def _read_payload(self, head: Any, raws: Iterator[bytes], limit: int) -> bytes:
+        """A protocol-stage reply: exactly ``payload_size`` bytes, at most ``limit``.
 
-        The largest legitimate reply is a masked vector of ``vector_size`` integers of up
-        to 8 bytes each plus small framing; anything claiming more is refused unread.
+        The limit is the largest legitimate reply at that stage (e.g. a masked vector of
+        ``vector_size`` integers of up to 8 bytes each plus framing); anything claiming
+        more is refused unread.
         """
-        limit = 8 * self.registry.vector_size + (1 << 20)
         size = int(head.payload_size)
         if not 0 < size <= limit:
             raise _RejectedError("oversized", f"secure-aggregation payload of {size} bytes")
@@ -460,9 +544,15 @@ def _mtls_name(context: grpc.ServicerContext) -> str | None:
 class GrpcExecutor:
     """A :class:`~fedloom.server.loop.ClientExecutor` over connected client processes."""
 
-    def __init__(self, registry: Registry, options: DeployOptions) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        options: DeployOptions,
+        secure_aggregation: Literal["none", "secagg+", "ckks"] = "none",
+    ) -> None:
         self.registry = registry
         self.options = options
+        self.secure_aggregation = secure_aggregation
         self._reported: Counter[str] = Counter()
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
@@ -476,13 +566,25 @@ class GrpcExecutor:
         return self.registry.alive_clients()
 
     def wait_for_clients(self, count: int) -> None:
-        """Block until ``count`` clients are connected, or raise after the configured wait."""
+        """Block until ``count`` clients (and a CKKS run's key holder) are connected.
+
+        Raises ``TimeoutError`` with what is missing after ``deploy.wait_for_clients_s``.
+        """
         deadline = time.monotonic() + self.options.wait_for_clients_s
-        while len(self.registry.alive_clients()) < count:
+        wait_s = self.options.wait_for_clients_s
+        need_key_holder = self.secure_aggregation == "ckks"
+        while len(self.registry.alive_clients()) < count or (
+            need_key_holder and not self.registry.key_holder_alive()
+        ):
             if time.monotonic() > deadline:
+                if len(self.registry.alive_clients()) >= count:
+                    raise TimeoutError(
+                        f"no CKKS key holder connected within {wait_s:.0f} s; start one with "
+                        "'fedloom client --key-holder --server ADDRESS ...'"
+                    )
                 raise TimeoutError(
                     f"only {len(self.registry.alive_clients())} of the {count} clients needed "
-                    f"connected within {self.options.wait_for_clients_s:.0f} s; start more "
+                    f"connected within {wait_s:.0f} s; start more "
                     "clients or lower server.min_fit_clients"
                 )
             time.sleep(0.05)
@@ -504,33 +606,72 @@ class GrpcExecutor:
     def secure_sum(
         self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
     ) -> SecureSum:
-        """SecAgg+ with connected clients: each stage is a task per client, with deadline.
+        """Secure aggregation with connected clients: each stage is a task per participant.
 
         A client that fails, dies or misses the deadline at a stage is a dropout there,
-        which the protocol recovers from (or aborts the round, naming the cause).
+        which SecAgg+ recovers from (or aborts the round, naming the cause); under CKKS
+        it is left out of the sum, and a silent key holder aborts the round.
         """
+        if self.secure_aggregation == "ckks":
+            return self._ckks_sum(rnd, client_ids, vector_length)
+        limit = 8 * vector_length + (1 << 20)  # a masked vector of up to 64-bit integers
 
         def exchange(stage: Stage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
-            index = STAGES.index(stage)
-            tasks = [SecAggTask(c, rnd, index, data) for c, data in outgoing.items()]
-            replies: dict[int, bytes] = {}
-            for out in self._run(tasks, [t.payload for t in tasks]):
-                if isinstance(out, SecAggReply):
-                    replies[out.client_id] = out.payload
-                else:
-                    log.warning("secagg %s: client %d dropped out", stage, out.client_id)
-            return replies
+            return self._stage(rnd, "secagg", STAGES.index(stage), outgoing, limit)
 
         return serve_secagg_round(client_ids, vector_length, config, exchange)
+
+    def _ckks_sum(self, rnd: int, client_ids: Sequence[int], vector_length: int) -> SecureSum:
+        """CKKS: the key holder's public key out, ciphertexts in, the sum decrypted by it.
+
+        Imported here because TenSEAL is an optional extra. This process only ever
+        loads the public context (HEAggregator refuses a secret key).
+        """
+        from fedloom.privacy.he_protocol import (
+            HE_STAGES,
+            EncryptRequest,
+            HEStage,
+            reply_limit,
+            serve_he_round,
+        )
+
+        def exchange(stage: HEStage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+            public = None
+            if stage is HEStage.ENCRYPT and outgoing:
+                public = EncryptRequest.from_bytes(next(iter(outgoing.values()))).public_context
+            limit = reply_limit(stage, vector_length, public)
+            return self._stage(rnd, "he", HE_STAGES.index(stage), outgoing, limit)
+
+        return serve_he_round(rnd, client_ids, vector_length, exchange)
+
+    def _stage(
+        self,
+        rnd: int,
+        protocol: Literal["secagg", "he"],
+        stage: int,
+        outgoing: Mapping[int, bytes],
+        reply_limit: int,
+    ) -> dict[int, bytes]:
+        tasks = [
+            StageTask(c, rnd, protocol, stage, data, reply_limit) for c, data in outgoing.items()
+        ]
+        replies: dict[int, bytes] = {}
+        for out in self._run(tasks, [t.payload for t in tasks]):
+            if isinstance(out, StageReply):
+                replies[out.client_id] = out.payload
+            else:
+                log.warning(
+                    "%s stage %d: participant %d dropped out", protocol, stage, out.client_id
+                )
+        return replies
 
     def _run(self, tasks: Sequence[Task], payloads: Sequence[bytes]) -> list[Outcome]:
         reg = self.registry
         opened: list[OpenTask | Outcome] = []
         for task, payload in zip(tasks, payloads, strict=True):
             with reg.lock:
-                sid = reg.by_client.get(task.client_id)
-                session = reg.sessions.get(sid) if sid is not None else None
-                if session is None or not session.alive:
+                session = reg.session_for(task.client_id)
+                if session is None:
                     opened.append(
                         ClientFailure(task.client_id, task.round, "client not connected", "")
                     )
