@@ -16,23 +16,13 @@ from fedloom.client.models import CharLSTM
 from fedloom.client.trainer import LocalTrainer, plan_work
 from fedloom.config import ConfigError, RunConfig, load_config
 from fedloom.data import build_federated_dataset
-from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.engine.simulation import run_simulation
 from fedloom.messages import FitResult, FitTask
 from fedloom.store import RunStore
 
-
-def _data(n: int = 40, clients: int = 3) -> FederatedDataset:
-    rng = np.random.default_rng(0)
-    parts = []
-    for c in range(clients):
-        x = rng.normal(size=(n, 5)).astype(np.float32)
-        y = (x[:, 0] > 0).astype(np.int64)
-        parts.append(ClientData(c, f"c{c}", ArrayDataset(x, y), ArrayDataset(x[:8], y[:8])))
-    test = ArrayDataset.concat([p.test for p in parts if p.test is not None])
-    return FederatedDataset("toy", "tabular", parts, test, 2, (5,))
+from .helpers import toy_dataset
 
 
 def _cfg(*overrides: str) -> RunConfig:
@@ -57,7 +47,7 @@ def _dp_accounting_epsilon(sigma: float, q: float, steps: int, delta: float) -> 
 
 def test_epsilon_matches_accountants_and_composes_over_rounds() -> None:
     cfg = _cfg()
-    trainer = LocalTrainer(cfg, _data())
+    trainer = LocalTrainer(cfg, toy_dataset(clients=3))
     w = trainer.initial_vector()
     # n = 40, B = 8: q = 1/5 and 5 steps per epoch, 2 epochs: 10 steps per round.
     r1 = trainer.fit(FitTask(1, 1), w)
@@ -82,7 +72,7 @@ def test_epsilon_matches_accountants_and_composes_over_rounds() -> None:
     assert trainer.local_dp.epsilon(0, delta) == 0.0  # never trained
 
     # The ledger is plain data and round-trips (for checkpoints).
-    fresh = LocalTrainer(cfg, _data())
+    fresh = LocalTrainer(cfg, toy_dataset(clients=3))
     assert fresh.local_dp is not None
     fresh.local_dp.restore_ledger(trainer.local_dp.ledger())
     assert fresh.local_dp.epsilon(1, delta) == pytest.approx(eps2, rel=1e-12)
@@ -90,7 +80,7 @@ def test_epsilon_matches_accountants_and_composes_over_rounds() -> None:
 
 def test_deterministic_per_seed_client_round() -> None:
     cfg = _cfg()
-    a, b = LocalTrainer(cfg, _data()), LocalTrainer(cfg, _data())
+    a, b = LocalTrainer(cfg, toy_dataset(clients=3)), LocalTrainer(cfg, toy_dataset(clients=3))
     w = a.initial_vector()
     ra, rb = a.fit(FitTask(1, 4), w), b.fit(FitTask(1, 4), w)
     assert ra.delta is not None and rb.delta is not None
@@ -116,7 +106,7 @@ def test_large_noise_dominates_the_update(secure: bool) -> None:
         f"privacy.local_max_grad_norm={clip}",
         f"privacy.secure_noise={str(secure).lower()}",
     )
-    trainer = LocalTrainer(cfg, _data())
+    trainer = LocalTrainer(cfg, toy_dataset(clients=3))
     w = trainer.initial_vector()
     norms = []
     for rnd in range(4):
@@ -130,7 +120,7 @@ def test_large_noise_dominates_the_update(secure: bool) -> None:
 
 def test_stragglers_train_less_and_spend_less_epsilon() -> None:
     cfg = _cfg("client.epochs=3", "client.straggler_fraction=1.0")
-    trainer = LocalTrainer(cfg, _data())
+    trainer = LocalTrainer(cfg, toy_dataset(clients=3))
     task = FitTask(1, 1)
     plan = plan_work(cfg.client, cfg.seed, task, 40)
     assert plan.straggler and plan.epochs < 3
@@ -147,14 +137,14 @@ def test_local_dp_then_central_clipping_and_fedprox() -> None:
         "privacy.noise_multiplier=1.0",
         "privacy.clipping_norm=0.01",
     )
-    trainer = LocalTrainer(cfg, _data())
+    trainer = LocalTrainer(cfg, toy_dataset(clients=3))
     r = trainer.fit(FitTask(1, 1), trainer.initial_vector())
     assert r.delta is not None and np.linalg.norm(r.delta) <= 0.01 * (1 + 1e-5)
     assert r.metrics["local_epsilon"] > 0 and r.metrics["below_clip"] == 0.0
 
     plain, prox = (
-        LocalTrainer(_cfg(), _data()),
-        LocalTrainer(_cfg("client.proximal_mu=1.0"), _data()),
+        LocalTrainer(_cfg(), toy_dataset(clients=3)),
+        LocalTrainer(_cfg("client.proximal_mu=1.0"), toy_dataset(clients=3)),
     )
     w = plain.initial_vector()
     d0, d1 = plain.fit(FitTask(1, 1), w).delta, prox.fit(FitTask(1, 1), w).delta
@@ -177,11 +167,11 @@ class _BNNet(nn.Module):
 def test_unsupported_layer_is_refused_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trainer_mod, "build_model", lambda *args: _BNNet())
     with pytest.raises(ConfigError) as err:
-        LocalTrainer(_cfg(), _data())
+        LocalTrainer(_cfg(), toy_dataset(clients=3))
     msg = str(err.value)
     assert "\n" not in msg and "'bn1' (BatchNorm1d)" in msg and "GroupNorm" in msg
     # The same model trains normally without local DP.
-    LocalTrainer(load_config(None, ["client.batch_size=8"]), _data())
+    LocalTrainer(load_config(None, ["client.batch_size=8"]), toy_dataset(clients=3))
 
     with pytest.raises(ConfigError, match=r"'lstm' \(LSTM\)") as err2:
         check_opacus_compatible(CharLSTM(10, 4, 8, 1))
@@ -317,7 +307,7 @@ def test_secure_noise_is_not_reproducible_and_leaves_epsilon_unchanged(
     results = {}
     for secure in (False, True):
         cfg = _cfg(f"privacy.secure_noise={str(secure).lower()}")
-        a, b = LocalTrainer(cfg, _data()), LocalTrainer(cfg, _data())
+        a, b = LocalTrainer(cfg, toy_dataset(clients=3)), LocalTrainer(cfg, toy_dataset(clients=3))
         w = a.initial_vector()
         results[secure] = (a.fit(FitTask(1, 4), w), b.fit(FitTask(1, 4), w), a)
     (seeded_a, seeded_b, seeded_trainer), (secure_a, secure_b, secure_trainer) = (

@@ -1,15 +1,20 @@
 """SecAgg+ inside the round loop: simulation equals the plain unweighted mean of updates."""
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import fedloom.engine.inprocess as inprocess
 from fedloom.client.trainer import LocalTrainer
 from fedloom.config import ConfigError, load_config
 from fedloom.data import build_federated_dataset
 from fedloom.engine.simulation import run_simulation
 from fedloom.messages import FitTask
+from fedloom.privacy.secagg.config import Stage
+from fedloom.privacy.secagg.transport import Exchange, SecAggParticipant
+from fedloom.report import summarize_history
 from fedloom.store import RunStore
 
 SECURE = [
@@ -36,6 +41,44 @@ def test_secure_round_equals_unweighted_mean_of_updates(tmp_path: Path) -> None:
     step = 4.0 / (2**15 - 1)  # quantization step of the default 16 bits over [-4, 4]
     np.testing.assert_allclose(ckpt.tensors["global"], expected, atol=step)
     assert not np.array_equal(ckpt.tensors["global"], expected)  # quantized, not plain
+
+
+def test_secure_run_totals_count_model_downloads_and_protocol_traffic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SecAgg+ run's totals are what crossed the wire, counted here at the exchange."""
+    wire = {"up": 0, "down": 0}
+    real = inprocess.exchange_in_process
+
+    def counting(participants: Mapping[int, SecAggParticipant]) -> Exchange:
+        inner = real(participants)
+
+        def exchange(stage: Stage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+            wire["down"] += sum(len(b) for b in outgoing.values())
+            replies = inner(stage, outgoing)
+            wire["up"] += sum(len(b) for b in replies.values())
+            return replies
+
+        return exchange
+
+    monkeypatch.setattr(inprocess, "exchange_in_process", counting)
+    cfg = load_config(None, [*SECURE, "rounds=2", "eval.every=2"])
+    summary = run_simulation(cfg, tmp_path / "run")
+    model_bytes = (
+        4 * LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed)).initial_vector().size
+    )
+    downloads = 2 * 8 * model_bytes  # the global model, to each of 8 clients, in 2 rounds
+    assert wire["up"] > 0 and wire["down"] > 0
+    metrics = summary["metrics"]
+    assert metrics["bytes_up_total"] == wire["up"]  # no update travels in the clear
+    assert metrics["bytes_down_total"] == downloads + wire["down"]
+    for rec in summary["history"]:  # secagg_bytes_* are the breakdown, not extra
+        assert rec["bytes_up"] == rec["secagg_bytes_up"]
+        assert rec["bytes_down"] == 8 * model_bytes + rec["secagg_bytes_down"]
+    # fedloom report on an unfinished run derives the same totals from the history.
+    partial = summarize_history(summary["history"])["metrics"]
+    assert partial["bytes_up_total"] == wire["up"]
+    assert partial["bytes_down_total"] == downloads + wire["down"]
 
 
 def test_secure_aggregation_with_central_dp_learns(tmp_path: Path) -> None:
@@ -70,7 +113,9 @@ def test_ckks_round_equals_unweighted_mean_of_updates(tmp_path: Path) -> None:
     ]
     cfg = load_config(None, overrides)
     summary = run_simulation(cfg, tmp_path / "run")
-    assert summary["history"][0]["secagg_contributors"] == 5
+    record = summary["history"][0]
+    assert record["secagg_contributors"] == 5
+    assert record["bytes_up"] == record["secagg_bytes_up"] > 0  # ciphertexts, key, sum
     with RunStore.open(tmp_path / "run") as store:
         ckpt = store.latest_checkpoint()
     assert ckpt is not None

@@ -57,6 +57,9 @@ def test_run_directory_contract(tmp_path: Path) -> None:
     assert on_disk["history"][0]["bytes_down"] == 6 * 4 * n_params
     assert on_disk["history"][0]["bytes_up"] == 6 * 4 * n_params
     metrics = summary["metrics"]
+    # Without secure aggregation the totals are model downloads and clear updates only.
+    assert not any(k.startswith("secagg_") for rec in on_disk["history"] for k in rec)
+    assert metrics["bytes_down_total"] == metrics["bytes_up_total"] == 3 * 6 * 4 * n_params
     assert metrics["participation_rate"] == 1.0 and metrics["success_rate"] == 1.0
     assert metrics["rounds_to_target"] is not None and metrics["rounds_to_target"] <= 3
     header = (run / "history.csv").read_text().splitlines()[0].split(",")

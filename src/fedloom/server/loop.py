@@ -313,8 +313,7 @@ class FederatedServer:
             "clients_failed": len(failures),
             "stragglers_dropped": dropped,
             "aggregated": aggregated,
-            "bytes_down": len(sampled) * encoded_nbytes(state.weights),
-            "bytes_up": sum(encoded_nbytes(u.delta) for u in updates if u.delta is not None),
+            **_round_traffic(len(sampled), state.weights, updates, secure_fields),
             "epsilon": None,
         }
         secure_fields.pop("_sum", None)
@@ -410,6 +409,25 @@ def _dp_reject(dp: CentralDP, result: FitResult, clip_norm: float) -> str | None
     if why is None and dp.adaptive is not None and "below_clip" not in result.metrics:
         why = "the client did not report the clipped-count bit that adaptive clipping needs"
     return why
+
+
+def _round_traffic(
+    sampled: int, weights: np.ndarray, updates: list[FitResult], secure_fields: dict[str, Any]
+) -> dict[str, int]:
+    """The round's ``bytes_down`` / ``bytes_up``: every byte the round put on the wire.
+
+    Down is the global model sent to each sampled client; up is the clear updates
+    returned. Under secure aggregation the updates travel inside the protocol instead
+    (``FitResult.held``), so its traffic (``secagg_bytes_*``, kept in the record as
+    the breakdown) is added here: these two fields stay the one source the run totals
+    and reports sum, and a secure run is comparable with a plain one. Without secure
+    aggregation nothing is added, so those runs' numbers are as before.
+    """
+    clear_up = sum(encoded_nbytes(u.delta) for u in updates if u.delta is not None)
+    return {
+        "bytes_down": sampled * encoded_nbytes(weights) + secure_fields.get("secagg_bytes_down", 0),
+        "bytes_up": clear_up + secure_fields.get("secagg_bytes_up", 0),
+    }
 
 
 def _weighted_train_loss(updates: list[FitResult]) -> float | None:

@@ -57,6 +57,8 @@ def history_metrics(
         "success_rate": succeeded / sampled if sampled else 0.0,
         "clients_sampled_total": sampled,
         "clients_succeeded_total": succeeded,
+        # A round's bytes_up/bytes_down already hold any secure-aggregation traffic
+        # (its secagg_bytes_* are the breakdown, not extra): add nothing more here.
         "bytes_up_total": history_total(history, "bytes_up"),
         "bytes_down_total": history_total(history, "bytes_down"),
         "centralized_accuracy": centralized_accuracy,
