@@ -113,9 +113,10 @@ def test_key_holder_refuses_a_sum_of_too_few_contributions() -> None:
             replies.pop(0)
         return replies
 
-    with pytest.raises(HERoundAbortedError, match="did not decrypt"):
+    with pytest.raises(HERoundAbortedError, match="did not decrypt") as aborted:
         serve_he_round(1, list(updates), LENGTH, two_only)
     assert holder.decryptions == 0
+    assert aborted.value.bytes_up > 0 and aborted.value.bytes_down > 0  # what was sent
 
 
 def test_a_silent_key_holder_aborts_the_round_naming_it() -> None:

@@ -81,6 +81,36 @@ def test_secure_run_totals_count_model_downloads_and_protocol_traffic(
     assert partial["bytes_down_total"] == downloads + wire["down"]
 
 
+def test_an_aborted_secure_round_keeps_the_model_and_counts_its_traffic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All but one client vanish after advertising keys: the round aborts, named, counted."""
+    real = inprocess.exchange_in_process
+
+    def vanishing(participants: Mapping[int, SecAggParticipant]) -> Exchange:
+        inner = real(participants)
+
+        def exchange(stage: Stage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+            replies = inner(stage, outgoing)
+            keep = stage is Stage.ADVERTISE_KEYS
+            return {c: r for c, r in replies.items() if keep or c == min(replies)}
+
+        return exchange
+
+    monkeypatch.setattr(inprocess, "exchange_in_process", vanishing)
+    cfg = load_config(None, [*SECURE, "rounds=1"])
+    summary = run_simulation(cfg, tmp_path / "run")
+    (record,) = summary["history"]
+    assert "aborted at stage share_keys" in record["secagg_aborted"]
+    assert record["clients_succeeded"] == 0
+    assert record["secagg_bytes_up"] > 0 and record["bytes_up"] == record["secagg_bytes_up"]
+    with RunStore.open(tmp_path / "run") as store:
+        ckpt = store.latest_checkpoint()
+    assert ckpt is not None
+    w0 = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed)).initial_vector()
+    np.testing.assert_array_equal(ckpt.tensors["global"], w0)
+
+
 def test_secure_aggregation_with_central_dp_learns(tmp_path: Path) -> None:
     cfg = load_config(
         None,

@@ -71,7 +71,13 @@ MAX_PUBLIC_CONTEXT_BYTES = 32 * 1024 * 1024
 
 
 class HERoundAbortedError(ValueError):
-    """A CKKS round cannot finish (no key holder, no usable ciphertext); it is abandoned."""
+    """A CKKS round cannot finish (no key holder, no usable ciphertext); it is abandoned.
+
+    ``bytes_up`` / ``bytes_down`` say what the round had put on the wire by then.
+    """
+
+    bytes_up = 0
+    bytes_down = 0
 
 
 class HEStage(StrEnum):
@@ -283,42 +289,50 @@ def serve_he_round(
         traffic["up"] += sum(len(b) for b in replies.values())
         return replies
 
-    request = KeyRequest(rnd, vector_length).to_bytes()
-    public = ask(HEStage.KEYGEN, {KEY_HOLDER: request}).get(KEY_HOLDER)
-    if public is None:
-        raise HERoundAbortedError("the CKKS key holder did not answer the key request")
     try:
-        aggregator = HEAggregator(public, vector_length)
-    except (CiphertextFormatError, ValueError) as err:
-        raise HERoundAbortedError(f"the key holder's public context is unusable: {err}") from err
-    encrypt = EncryptRequest(rnd, len(ids), public).to_bytes()
-    for client, data in sorted(ask(HEStage.ENCRYPT, dict.fromkeys(ids, encrypt)).items()):
-        if client not in ids:
-            continue
+        request = KeyRequest(rnd, vector_length).to_bytes()
+        public = ask(HEStage.KEYGEN, {KEY_HOLDER: request}).get(KEY_HOLDER)
+        if public is None:
+            raise HERoundAbortedError("the CKKS key holder did not answer the key request")
         try:
-            aggregator.add(client, data)
+            aggregator = HEAggregator(public, vector_length)
+        except (CiphertextFormatError, ValueError) as err:
+            raise HERoundAbortedError(
+                f"the key holder's public context is unusable: {err}"
+            ) from err
+        encrypt = EncryptRequest(rnd, len(ids), public).to_bytes()
+        for client, data in sorted(ask(HEStage.ENCRYPT, dict.fromkeys(ids, encrypt)).items()):
+            if client not in ids:
+                continue
+            try:
+                aggregator.add(client, data)
+            except CiphertextFormatError as err:
+                log.warning("ckks: client %d's ciphertext rejected: %s", client, err)
+        contributors = tuple(sorted(aggregator.contributors))
+        if not contributors:
+            raise HERoundAbortedError("no client returned a usable ciphertext")
+        reply = ask(HEStage.DECRYPT, {KEY_HOLDER: aggregator.aggregate()}).get(KEY_HOLDER)
+        if reply is None:
+            raise HERoundAbortedError(
+                "the CKKS key holder did not decrypt the aggregate (it refuses sums of too few "
+                "contributions, and each key decrypts once)"
+            )
+        try:
+            decrypted = DecryptedSum.from_bytes(reply, vector_length)
         except CiphertextFormatError as err:
-            log.warning("ckks: client %d's ciphertext rejected: %s", client, err)
-    contributors = tuple(sorted(aggregator.contributors))
-    if not contributors:
-        raise HERoundAbortedError("no client returned a usable ciphertext")
-    reply = ask(HEStage.DECRYPT, {KEY_HOLDER: aggregator.aggregate()}).get(KEY_HOLDER)
-    if reply is None:
-        raise HERoundAbortedError(
-            "the CKKS key holder did not decrypt the aggregate (it refuses sums of too few "
-            "contributions, and each key decrypts once)"
-        )
-    try:
-        decrypted = DecryptedSum.from_bytes(reply, vector_length)
-    except CiphertextFormatError as err:
-        raise HERoundAbortedError(f"the key holder's reply is unusable: {err}") from err
-    if decrypted.key_id != aggregator.key_id or round(decrypted.weight_total) != len(contributors):
-        raise HERoundAbortedError(
-            f"the key holder decrypted a sum of {decrypted.weight_total:.0f} contributions "
-            f"under another key or count; {len(contributors)} were added"
-        )
-    total = decrypted.sum.astype(np.float32)
-    return SecureSum(total, contributors, traffic["up"], traffic["down"])
+            raise HERoundAbortedError(f"the key holder's reply is unusable: {err}") from err
+        if decrypted.key_id != aggregator.key_id or round(decrypted.weight_total) != len(
+            contributors
+        ):
+            raise HERoundAbortedError(
+                f"the key holder decrypted a sum of {decrypted.weight_total:.0f} contributions "
+                f"under another key or count; {len(contributors)} were added"
+            )
+        total = decrypted.sum.astype(np.float32)
+        return SecureSum(total, contributors, traffic["up"], traffic["down"])
+    except HERoundAbortedError as err:
+        err.bytes_up, err.bytes_down = traffic["up"], traffic["down"]
+        raise
 
 
 def exchange_he_in_process(

@@ -356,7 +356,12 @@ class FederatedServer:
             result = self.executor.secure_sum(rnd, ids, self.state.weights.shape[0], config)
         except (RoundAbortedError, ValueError) as err:  # ValueError: a CKKS round aborted
             log.warning("round %d: secure aggregation aborted: %s", rnd, err)
-            return [], {"secagg_aborted": str(err), "_sum": None}
+            return [], {
+                "secagg_aborted": str(err),
+                "secagg_bytes_up": getattr(err, "bytes_up", 0),
+                "secagg_bytes_down": getattr(err, "bytes_down", 0),
+                "_sum": None,
+            }
         contributors = set(result.contributors)
         fields = {
             "secagg_contributors": len(contributors),

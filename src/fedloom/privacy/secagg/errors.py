@@ -24,6 +24,9 @@ class RoundAbortedError(SecAggError):
         self.survived = survived
         self.required = required
         self.client = client
+        #: What the round put on the wire before it aborted (set by the stage loop).
+        self.bytes_up = 0
+        self.bytes_down = 0
         if client is None:
             scope = f"{survived} of {of} clients survived, minimum {required}"
         else:

@@ -19,7 +19,7 @@ import numpy as np
 
 from fedloom.privacy.secagg.client import SecAggClient
 from fedloom.privacy.secagg.config import SecAggConfig, Stage
-from fedloom.privacy.secagg.errors import SecAggError
+from fedloom.privacy.secagg.errors import RoundAbortedError, SecAggError
 from fedloom.privacy.secagg.messages import (
     AdvertiseKeys,
     KeyBroadcast,
@@ -111,19 +111,23 @@ def serve_stages(server: SecAggServer, exchange: Exchange) -> tuple[SecAggResult
             accepted.append(message)
         return accepted
 
-    setup = server.setup.to_bytes()
-    for m in collect(Stage.ADVERTISE_KEYS, dict.fromkeys(server.setup.client_ids, setup)):
-        _receive(server.receive_advertise_keys, m)
-    out = {c: b.to_bytes() for c, b in server.broadcast_keys().items()}
-    for m in collect(Stage.SHARE_KEYS, out):
-        _receive(server.receive_share_keys, m)
-    out = {c: b.to_bytes() for c, b in server.route_shares().items()}
-    for m in collect(Stage.MASKED_INPUT, out):
-        _receive(server.receive_masked_input, m)
-    out = {c: r.to_bytes() for c, r in server.unmask_requests().items()}
-    for m in collect(Stage.UNMASKING, out):
-        _receive(server.receive_unmask_response, m)
-    return server.finalize(), traffic["up"], traffic["down"]
+    try:
+        setup = server.setup.to_bytes()
+        for m in collect(Stage.ADVERTISE_KEYS, dict.fromkeys(server.setup.client_ids, setup)):
+            _receive(server.receive_advertise_keys, m)
+        out = {c: b.to_bytes() for c, b in server.broadcast_keys().items()}
+        for m in collect(Stage.SHARE_KEYS, out):
+            _receive(server.receive_share_keys, m)
+        out = {c: b.to_bytes() for c, b in server.route_shares().items()}
+        for m in collect(Stage.MASKED_INPUT, out):
+            _receive(server.receive_masked_input, m)
+        out = {c: r.to_bytes() for c, r in server.unmask_requests().items()}
+        for m in collect(Stage.UNMASKING, out):
+            _receive(server.receive_unmask_response, m)
+        return server.finalize(), traffic["up"], traffic["down"]
+    except RoundAbortedError as err:  # the bytes were still sent: the round record counts them
+        err.bytes_up, err.bytes_down = traffic["up"], traffic["down"]
+        raise
 
 
 def _receive(handler: Callable[..., None], message: Message) -> None:
