@@ -20,3 +20,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data directory {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _client_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployed clients with local DP keep their privacy ledger under ``$XDG_STATE_HOME``
+    by default (``fedloom.engine.grpc.client_state``): point it into the test's own folder,
+    so no test writes to the real home or resumes a ledger an earlier test left there.
+    Child processes inherit it."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))

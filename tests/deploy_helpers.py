@@ -133,6 +133,7 @@ def _slow_main() -> int:
     p.add_argument("--insecure", action="store_true")
     p.add_argument("--secagg-stall", default="", help="stage at which to announce and stall")
     p.add_argument("--he-stall", action="store_true", help="announce and stall at CKKS encrypt")
+    p.add_argument("--state-dir", type=Path, help="as 'fedloom client --state-dir'")
     args = p.parse_args()
 
     if args.he_stall:
@@ -176,7 +177,14 @@ def _slow_main() -> int:
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
     creds = Credentials(root_cert=args.root_cert, token=args.token, insecure=args.insecure)
-    done = run_client(args.server, SlowApp, creds, partition=args.partition, max_wait_s=60)
+    done = run_client(
+        args.server,
+        SlowApp,
+        creds,
+        partition=args.partition,
+        max_wait_s=60,
+        state_dir=args.state_dir,
+    )
     print(f"run over; this client completed {done} tasks", flush=True)
     return 0
 

@@ -115,3 +115,36 @@ def test_key_holder_flags_are_checked(
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "runner", "resume"),
+    [
+        (["run"], "fedloom.engine.simulation.run_simulation", "fedloom run --resume {out}"),
+        (
+            ["server", "--address", "127.0.0.1:0"],
+            "fedloom.engine.deploy.run_server",
+            "fedloom server --resume {out} --address 127.0.0.1:0 ...",
+        ),
+    ],
+    ids=["run", "server"],
+)
+def test_ctrl_c_says_how_to_resume(
+    argv: list[str],
+    runner: str,
+    resume: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Both commands that write a run directory answer Ctrl-C alike: one line, exit 130."""
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, interrupted)
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    expected = "fedloom: interrupted; completed rounds are kept. Continue with: "
+    assert err == expected + resume.format(out=out)

@@ -448,3 +448,44 @@ def test_ckks_round_completes_without_a_client_killed_at_the_encrypt_stage(
     assert record["aggregated"] and record["clients_sampled"] == 4
     assert record["secagg_contributors"] == 3, server.output
     assert record["accuracy"] > 0.2  # one round from chance (0.1) on digits
+
+
+LOCAL_DP = [
+    "privacy.local_dp=true",
+    "privacy.local_noise_multiplier=1.1",
+    "privacy.local_delta=1e-5",
+    "data.partition='iid'",  # equal partitions: both clients spend ε alike per round
+]
+
+
+def test_restarted_client_keeps_its_local_dp_budget(pki: dict, procs, tmp_path: Path) -> None:
+    """Client 1 is SIGKILLed after round 1 and restarted with the same --state-dir.
+
+    It sits out round 2 (its task dies with it) and trains in round 3: its ε then counts
+    two rounds, above round 1's and equal to the uninterrupted client 0's after its two.
+    Both clients share the folder; each has its own file.
+    """
+    overrides = ["rounds=3", "data.num_clients=2", "server.min_fit_clients=2", *FAST, *LOCAL_DP]
+    state = ["--state-dir", str(tmp_path / "state")]
+    server = procs(_server_args(pki, tmp_path / "run", overrides))
+    port = _port(server)
+    procs(fedloom("client", *_client_args(pki, port, 0), *state))
+    victim = procs(slow_client(4.0, *_client_args(pki, port, 1), *state))
+    server.wait_for(r"^round 1:", timeout=120)
+    os.kill(victim.popen.pid, signal.SIGKILL)  # waiting out round 2's delay, untrained
+    (ledger_file,) = (tmp_path / "state").glob("partition-1-*.json")
+    ((sigma, q, steps),) = json.loads(ledger_file.read_text())["state"]["local_dp"]
+    restarted = procs(fedloom("client", *_client_args(pki, port, 1), *state, "-v"))
+    assert server.wait(180) == 0, server.output
+    assert restarted.wait(60) == 0, restarted.output
+    assert "resumed this client's state from" in restarted.output
+
+    history = _history(tmp_path / "run")
+    assert [r["clients_succeeded"] for r in history] == [2, 1, 2]
+    eps_round_1 = history[0]["local_epsilon_max"]  # each client after one round
+    eps_uninterrupted = history[1]["local_epsilon_max"]  # client 0 after two rounds
+    reported = restarted.wait_for(r"round 3: local DP epsilon spent by this client so far: (\S+)")
+    assert float(reported.group(1)) > 1.1 * eps_round_1  # a fresh ledger would equal it
+    assert float(reported.group(1)) == pytest.approx(eps_uninterrupted, rel=1e-5)
+    assert json.loads(ledger_file.read_text())["state"]["local_dp"] == [[sigma, q, 2 * steps]]
+    assert len(list((tmp_path / "state").glob("partition-0-*.json"))) == 1

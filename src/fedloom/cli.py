@@ -39,6 +39,8 @@ from fedloom.privacy.leakage_settings import (
 from fedloom.store import RunStore, RunStoreError
 
 EXIT_USER_ERROR = 2
+#: What a shell reports for a process ended by SIGINT (128 + 2); Ctrl-C exits with it.
+EXIT_INTERRUPTED = 130
 DEPLOY_COMMANDS = ("server", "client", "certs", "token")
 
 
@@ -110,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="key holder: refuse to decrypt sums of fewer client updates (default 2)",
+    )
+    client.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="where this client keeps its local DP privacy ledger across restarts "
+        "(default: $XDG_STATE_HOME/fedloom or ~/.local/state/fedloom)",
     )
     client.add_argument("--max-wait", type=float, default=300.0, help="give up after S seconds")
     client.add_argument("-v", "--verbose", action="store_true")
@@ -206,6 +215,19 @@ def config_and_run_dir(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     return cfg, args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def interrupted(resume_command: str) -> int:
+    """Tell the user Ctrl-C lost nothing and how to continue; return the exit code (130).
+
+    One wording for ``fedloom run`` and ``fedloom server``: both keep every completed
+    round in the run directory, so the only thing that differs is the resume command.
+    """
+    print(
+        f"fedloom: interrupted; completed rounds are kept. Continue with: {resume_command}",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
+
+
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from fedloom.engine.simulation import run_simulation
     from fedloom.report import summary_table
@@ -221,12 +243,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
                 on_round=progress.update,
             )
     except KeyboardInterrupt:
-        print(
-            f"fedloom: interrupted; completed rounds are kept. Continue with: "
-            f"fedloom run --resume {out_dir}",
-            file=sys.stderr,
-        )
-        return 130
+        return interrupted(f"fedloom run --resume {out_dir}")
     console.print(summary_table(summary))
     console.print(f"run directory: {out_dir}")
     return 0

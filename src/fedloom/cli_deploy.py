@@ -30,7 +30,7 @@ def run_deploy_command(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_server(args: argparse.Namespace, console: Console) -> int:
-    from fedloom.cli import config_and_run_dir
+    from fedloom.cli import config_and_run_dir, interrupted
     from fedloom.engine.deploy import ServerSecurity, run_server
     from fedloom.engine.grpc.auth import TokenFileError
     from fedloom.report import summary_table
@@ -84,18 +84,14 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
         print(f"fedloom: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(
-            f"fedloom: interrupted; completed rounds are kept. Continue with: "
-            f"fedloom server --resume {out_dir} --address {args.address} ...",
-            file=sys.stderr,
-        )
-        return 130
+        return interrupted(f"fedloom server --resume {out_dir} --address {args.address} ...")
     console.print(summary_table(summary))
     console.print(f"run directory: {out_dir}")
     return 0
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
+    from fedloom.cli import EXIT_INTERRUPTED
     from fedloom.engine.grpc.client import (
         AppFactory,
         BuiltinApp,
@@ -105,6 +101,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         OwnDataApp,
         run_client,
     )
+    from fedloom.engine.grpc.client_state import site_name
 
     if args.key_holder:
         if args.partition >= 0 or args.data is not None:
@@ -123,6 +120,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
     for path in (args.root_cert, args.cert, args.key):
         if path is not None and not path.is_file():
             raise ConfigError(f"file '{path}' does not exist; check the path")
+    if args.state_dir is not None and args.state_dir.exists() and not args.state_dir.is_dir():
+        raise ConfigError(f"--state-dir '{args.state_dir}' is not a directory; pass a folder")
     token = args.token or os.environ.get("FEDLOOM_TOKEN", "")
     creds = Credentials(args.root_cert, args.cert, args.key, token, args.insecure)
     if not args.insecure and args.root_cert is None:
@@ -145,6 +144,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
             max_wait_s=args.max_wait,
             stop=stop,
             role="key-holder" if args.key_holder else "",
+            state_dir=args.state_dir,
+            site=site_name(args.partition, args.data),
         )
     except ClientRefusedError as err:
         print(f"fedloom: refused by the server: {err}", file=sys.stderr)
@@ -154,7 +155,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         stop.set()
-        return 130
+        return EXIT_INTERRUPTED
     print(f"run over; this client completed {done} tasks", flush=True)
     return 0
 

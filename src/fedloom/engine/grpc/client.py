@@ -7,6 +7,9 @@ re-registering with exponential backoff and jitter.
 
 Bring-your-own-model users implement :class:`ClientApp` (two methods) and call
 :func:`run_client` with a factory for it; the built-in models use :class:`BuiltinApp`.
+An app with state that must outlive the process (local DP's privacy ledger) also
+implements :class:`StatefulApp`; the client then keeps that state in a file on this
+machine (:mod:`fedloom.engine.grpc.client_state`), saved after every fit.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import grpc
 import numpy as np
@@ -31,10 +34,14 @@ from fedloom.config import RunConfig, config_from_json
 from fedloom.engine.grpc import PROTOCOL_VERSION
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.chunks import encode_chunks
+from fedloom.engine.grpc.client_state import ClientStateFile, default_state_dir, site_name
 from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import WIRE_DTYPE
 from fedloom.privacy.secagg import STAGES, Stage
 from fedloom.privacy.secagg.transport import SecAggParticipant
+
+if TYPE_CHECKING:
+    from fedloom.client.trainer import LocalTrainer
 
 log = logging.getLogger("fedloom.client")
 
@@ -51,6 +58,24 @@ class ClientApp(Protocol):
     def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult: ...
 
     def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult: ...
+
+
+@runtime_checkable
+class StatefulApp(Protocol):
+    """A :class:`ClientApp` whose state must survive a restart of the client process.
+
+    Local DP is the case: the ledger of DP-SGD steps is the site's spent privacy budget,
+    and forgetting it on a restart would under-count ε. :func:`run_client` restores the
+    state when it builds the app and saves it after every fit, before the update is sent.
+    """
+
+    def client_state(self) -> dict[str, Any] | None:
+        """JSON-able state to keep, or None when this app keeps none (nothing is written)."""
+        ...
+
+    def restore_client_state(self, state: dict[str, Any]) -> None:
+        """Continue from what :meth:`client_state` returned before the restart."""
+        ...
 
 
 AppFactory = Callable[[RunConfig, int], ClientApp]
@@ -126,6 +151,8 @@ def run_client(
     chunk_bytes: int = 1 << 20,
     stop: threading.Event | None = None,
     role: str = "",
+    state_dir: Path | None = None,
+    site: str = "",
 ) -> int:
     """Serve tasks until the server says the run is over; return the number of tasks done.
 
@@ -133,93 +160,141 @@ def run_client(
     builds a :class:`KeyHolderApp`): it trains nothing and is never sampled. Raises
     :class:`ClientRefusedError` if the server refuses the registration, and
     ``ConnectionError`` when the server stays unreachable for ``max_wait_s``.
+
+    A :class:`StatefulApp` with state keeps it in ``state_dir`` (default
+    :func:`~fedloom.engine.grpc.client_state.default_state_dir`), in a file named by
+    ``site`` (default ``partition-K``; see :func:`~fedloom.engine.grpc.client_state.site_name`)
+    and the experiment's config; an unusable file raises
+    :class:`~fedloom.engine.grpc.client_state.ClientStateError`.
     """
     stop = stop or threading.Event()
     backoff = Backoff()
     unreachable_since: float | None = None
     app: ClientApp | None = None
     app_key = ""
+    state_file: ClientStateFile | None = None
     tally = [0]  # tasks completed, across sessions (kept when a session ends by a fault)
     closed_streak = 0
     max_msg = max(8 << 20, 2 * chunk_bytes)
-    while not stop.is_set():
-        channel = credentials.channel(address, max_msg)
-        stub = _Stub(channel)
-        try:
-            reply = pb.RegisterReply.FromString(
-                stub.register(
-                    pb.RegisterRequest(
-                        protocol_version=PROTOCOL_VERSION,
-                        token=credentials.token,
-                        partition=partition,
-                        name=name,
-                        num_examples=num_examples,
-                        role=role,
-                    ).SerializeToString(),
-                    timeout=15,
-                )
-            )
-            if not reply.accepted:
-                raise ClientRefusedError(reply.reason)
-            unreachable_since = None
-            backoff.reset()
-            if app is None or app_key != reply.config_json + str(reply.client_id):
-                app = make_app(config_from_json(reply.config_json), int(reply.client_id))
-                app_key = reply.config_json + str(reply.client_id)
-                size = getattr(app, "num_parameters", reply.vector_size)
-                if size != reply.vector_size:
-                    raise ClientRefusedError(
-                        f"this client's data give a model with {size} parameters but the "
-                        f"server's has {reply.vector_size}; the local file must have the "
-                        "experiment's features and classes"
+    try:
+        while not stop.is_set():
+            channel = credentials.channel(address, max_msg)
+            stub = _Stub(channel)
+            try:
+                reply = pb.RegisterReply.FromString(
+                    stub.register(
+                        pb.RegisterRequest(
+                            protocol_version=PROTOCOL_VERSION,
+                            token=credentials.token,
+                            partition=partition,
+                            name=name,
+                            num_examples=num_examples,
+                            role=role,
+                        ).SerializeToString(),
+                        timeout=15,
                     )
-            if role == "key-holder":
-                log.info("registered as the key holder")
-            else:
-                log.info("registered as client %d", reply.client_id)
-            if _serve_session(stub, reply, app, chunk_bytes, stop, tally):
-                return tally[0]
-        except _BadTaskError as err:
-            log.warning("malformed task from the server (%s); registering again", err)
-            stop.wait(backoff.next_delay())
-        except grpc.RpcError as err:
-            code = err.code()
-            if code == grpc.StatusCode.UNAUTHENTICATED:
-                raise ClientRefusedError(str(err.details())) from None
-            if (
-                code == grpc.StatusCode.UNAVAILABLE
-                and "wrong_version_number" in str(err.details()).lower()
-            ):
-                raise ClientRefusedError(
-                    "the server speaks plaintext, not TLS: pass --insecure for a loopback "
-                    "trial, or start the server with --tls-cert and --tls-key"
-                ) from None
-            if code == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(err):
-                raise ClientRefusedError(
-                    "TLS handshake failed: the server's certificate is not trusted by "
-                    "--root-cert (or the server refused this client's certificate)"
-                ) from None
-            closed_streak = (
-                closed_streak + 1 if _closed_by_tls_peer(err, credentials, address) else 0
-            )
-            if closed_streak >= 3:
-                raise ClientRefusedError(
-                    "TLS handshake failed: the server closes every TLS connection from this "
-                    "client; it probably requires a client certificate (pass --cert and --key)"
-                ) from None
-            now = time.monotonic()
-            unreachable_since = unreachable_since or now
-            if now - unreachable_since > max_wait_s:
-                raise ConnectionError(
-                    f"server {address} unreachable for {max_wait_s:.0f} s ({code.name}); "
-                    "check the address and that the server is running"
-                ) from None
-            delay = backoff.next_delay()
-            log.info("server unavailable (%s); retrying in %.2f s", code.name, delay)
-            stop.wait(delay)
-        finally:
-            channel.close()
-    return tally[0]
+                )
+                if not reply.accepted:
+                    raise ClientRefusedError(reply.reason)
+                unreachable_since = None
+                backoff.reset()
+                if app is None or app_key != reply.config_json + str(reply.client_id):
+                    if state_file is not None:
+                        state_file.close()  # the new app may take the same file
+                    app = make_app(config_from_json(reply.config_json), int(reply.client_id))
+                    app_key = reply.config_json + str(reply.client_id)
+                    size = getattr(app, "num_parameters", reply.vector_size)
+                    if size != reply.vector_size:
+                        raise ClientRefusedError(
+                            f"this client's data give a model with {size} parameters but the "
+                            f"server's has {reply.vector_size}; the local file must have the "
+                            "experiment's features and classes"
+                        )
+                    state_file = _resume_state(
+                        app, state_dir, site or site_name(partition), reply.config_json
+                    )
+                if role == "key-holder":
+                    log.info("registered as the key holder")
+                else:
+                    log.info("registered as client %d", reply.client_id)
+                if _serve_session(stub, reply, app, chunk_bytes, stop, tally, state_file):
+                    return tally[0]
+            except _BadTaskError as err:
+                log.warning("malformed task from the server (%s); registering again", err)
+                stop.wait(backoff.next_delay())
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise ClientRefusedError(str(err.details())) from None
+                if (
+                    code == grpc.StatusCode.UNAVAILABLE
+                    and "wrong_version_number" in str(err.details()).lower()
+                ):
+                    raise ClientRefusedError(
+                        "the server speaks plaintext, not TLS: pass --insecure for a loopback "
+                        "trial, or start the server with --tls-cert and --tls-key"
+                    ) from None
+                if code == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(err):
+                    raise ClientRefusedError(
+                        "TLS handshake failed: the server's certificate is not trusted by "
+                        "--root-cert (or the server refused this client's certificate)"
+                    ) from None
+                closed_streak = (
+                    closed_streak + 1 if _closed_by_tls_peer(err, credentials, address) else 0
+                )
+                if closed_streak >= 3:
+                    raise ClientRefusedError(
+                        "TLS handshake failed: the server closes every TLS connection from this "
+                        "client; it probably requires a client certificate (pass --cert and --key)"
+                    ) from None
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > max_wait_s:
+                    raise ConnectionError(
+                        f"server {address} unreachable for {max_wait_s:.0f} s ({code.name}); "
+                        "check the address and that the server is running"
+                    ) from None
+                delay = backoff.next_delay()
+                log.info("server unavailable (%s); retrying in %.2f s", code.name, delay)
+                stop.wait(delay)
+            finally:
+                channel.close()
+        return tally[0]
+    finally:
+        if state_file is not None:
+            state_file.close()
+
+
+def _resume_state(
+    app: ClientApp, state_dir: Path | None, site: str, config_json: str
+) -> ClientStateFile | None:
+    """Open the app's state file and restore what it holds; None if the app keeps no state.
+
+    Raises :class:`ClientStateError` rather than starting fresh from a file it cannot use.
+    """
+    if not isinstance(app, StatefulApp) or app.client_state() is None:
+        return None
+    state_file = ClientStateFile(state_dir or default_state_dir(), site, config_json)
+    saved = state_file.open()
+    if saved is None:
+        log.info("keeping this client's state in %s", state_file.path)
+        return state_file
+    try:
+        app.restore_client_state(saved)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        state_file.close()
+        raise state_file.unusable(f"malformed state: {err}") from None
+    log.info("resumed this client's state from %s", state_file.path)
+    return state_file
+
+
+def _save_state(app: ClientApp, state_file: ClientStateFile | None) -> None:
+    """Persist the app's state after a fit, before its result is sent (see client_state)."""
+    if state_file is None or not isinstance(app, StatefulApp):
+        return
+    state = app.client_state()
+    if state is not None:
+        state_file.save(state)
 
 
 def _is_tls_failure(err: grpc.RpcError) -> bool:
@@ -252,6 +327,7 @@ def _serve_session(
     chunk_bytes: int,
     stop: threading.Event,
     tally: list[int],
+    state_file: ClientStateFile | None = None,
 ) -> bool:
     """Pull and run tasks for one session, counting them in ``tally``; True: the run is over.
 
@@ -289,9 +365,11 @@ def _serve_session(
                 result = _run_secagg_stage(held, header, payload)
             elif header.kind == pb.TASK_HE:
                 result = _run_he_stage(app, held, header, payload)
-            else:
+            elif header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE):
                 vector = np.frombuffer(payload, dtype=WIRE_DTYPE)
-                result = _run_task(app, header, vector, held)
+                result = _run_task(app, header, vector, held, state_file)
+            else:  # a newer server's task: fail it (the server counts it), keep serving
+                result = _unsupported(header)
             _push(stub, session, header, result, chunk_bytes)
             tally[0] += 1
         return False
@@ -384,6 +462,13 @@ def _run_secagg_stage(
     return head, reply
 
 
+def _unsupported(header: pb.TaskHeader) -> tuple[pb.ResultHeader, bytes]:
+    log.warning("task kind %d is unknown to this client; upgrade fedloom", header.kind)
+    head = pb.ResultHeader(task_id=header.task_id, round=header.round)
+    head.error = f"task kind {header.kind} is not supported by this client; upgrade fedloom"
+    return head, b""
+
+
 def _run_he_stage(
     app: ClientApp,
     held: dict[int, SecAggParticipant],
@@ -416,8 +501,13 @@ def _run_task(
     header: pb.TaskHeader,
     vector: np.ndarray,
     held: dict[int, SecAggParticipant],
+    state_file: ClientStateFile | None = None,
 ) -> tuple[pb.ResultHeader, bytes | memoryview]:
-    """Run one task; a failure becomes an error header carrying the traceback."""
+    """Run one task; a failure becomes an error header carrying the traceback.
+
+    After a fit the app's state is saved before anything is returned for sending: if
+    the save fails, the task fails and the update never leaves the machine.
+    """
     head = pb.ResultHeader(task_id=header.task_id, round=header.round)
     try:
         if header.kind == pb.TASK_FIT:
@@ -430,6 +520,14 @@ def _run_task(
                 header.secure,
             )
             res = app.fit(task, vector)
+            _save_state(app, state_file)
+            if "local_epsilon" in res.metrics:
+                log.info(
+                    "round %d: local DP epsilon spent by this client so far: %.6g (delta %.3g)",
+                    task.round,
+                    res.metrics["local_epsilon"],
+                    res.metrics.get("local_delta", float("nan")),
+                )
             head.num_examples = res.num_examples
             head.straggler = res.straggler
             head.metrics_json = json.dumps(_shareable(res.metrics))
@@ -505,7 +603,36 @@ class KeyHolderApp:
         raise RuntimeError("the key holder evaluates nothing")
 
 
-class BuiltinApp:
+class _TrainerApp:
+    """A site served by a :class:`~fedloom.client.trainer.LocalTrainer`: the built-in apps.
+
+    A :class:`StatefulApp` when local DP is on. Its state is the trainer's for this
+    client, re-keyed from ``{part: {id: …}}`` to ``{part: …}``: the server may give a
+    restarted own-data client another id, and the ledger is about the site, not the id.
+    """
+
+    trainer: LocalTrainer
+    client_id: int
+
+    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
+        return self.trainer.fit(task, global_vector)
+
+    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
+        return self.trainer.evaluate_client(task, global_vector)
+
+    def client_state(self) -> dict[str, Any] | None:
+        if self.trainer.local_dp is None:
+            return None  # only local DP keeps state across rounds today
+        own = str(self.client_id)
+        by_part = self.trainer.client_state(self.client_id)
+        return {part: ids[own] for part, ids in by_part.items() if own in ids}
+
+    def restore_client_state(self, state: dict[str, Any]) -> None:
+        own = str(self.client_id)
+        self.trainer.restore_client_state({part: {own: value} for part, value in state.items()})
+
+
+class BuiltinApp(_TrainerApp):
     """A client of a built-in data set: the partition ``client_id`` of the config's data."""
 
     def __init__(self, cfg: RunConfig, client_id: int) -> None:
@@ -523,14 +650,8 @@ class BuiltinApp:
         self.trainer = LocalTrainer(cfg, data)
         self.client_id = client_id
 
-    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
-        return self.trainer.fit(task, global_vector)
 
-    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
-        return self.trainer.evaluate_client(task, global_vector)
-
-
-class OwnDataApp:
+class OwnDataApp(_TrainerApp):
     """A client that trains on its own file: the experiment's data format, read locally.
 
     The server's config names the format (``data.name``: csv, mnist, shakespeare, ...)
@@ -559,10 +680,5 @@ class OwnDataApp:
         trainer = LocalTrainer(cfg, local)
         trainer.own_data = ClientData(client_id, str(data_path), local.pooled_train(), local.test)
         self.trainer = trainer
+        self.client_id = client_id
         self.num_parameters = trainer.num_parameters
-
-    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
-        return self.trainer.fit(task, global_vector)
-
-    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
-        return self.trainer.evaluate_client(task, global_vector)

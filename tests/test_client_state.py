@@ -1,0 +1,228 @@
+"""A deployed client's durable state file (local DP's privacy ledger across restarts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedloom.cli import main
+from fedloom.config import RunConfig, load_config
+from fedloom.engine.grpc.client import BuiltinApp, _resume_state, _save_state
+from fedloom.engine.grpc.client_state import (
+    STATE_VERSION,
+    ClientStateError,
+    ClientStateFile,
+    config_digest,
+    default_state_dir,
+    site_name,
+)
+from fedloom.messages import FitTask
+
+LEDGER = {"local_dp": [[1.1, 0.2, 10]]}
+
+
+def _config_json(*overrides: str) -> str:
+    return load_config(None, ["data.num_clients=2", *overrides]).model_dump_json()
+
+
+def _one_line_error(excinfo: pytest.ExceptionInfo[ClientStateError]) -> str:
+    text = str(excinfo.value)
+    assert "\n" not in text
+    return text
+
+
+def test_round_trip_and_canonical_config_key(tmp_path: Path) -> None:
+    cfg = _config_json()
+    first = ClientStateFile(tmp_path, "partition-1", cfg)
+    assert first.open() is None  # nothing saved yet
+    first.save(LEDGER)
+    first.close()
+    doc = json.loads(first.path.read_text())
+    assert doc["version"] == STATE_VERSION and doc["format"] == "fedloom-client-state"
+    assert doc["site"] == "partition-1" and doc["config_sha256"] == config_digest(cfg)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [first.path.name, first.path.name + ".lock"]  # no temporary file left
+
+    # The same config written differently (key order, spaces) is the same experiment.
+    reformatted = json.dumps(dict(reversed(list(json.loads(cfg).items()))), indent=2)
+    again = ClientStateFile(tmp_path, "partition-1", reformatted)
+    assert again.path == first.path
+    assert again.open() == LEDGER
+    again.close()
+
+
+def test_two_experiments_and_two_sites_do_not_mix(tmp_path: Path) -> None:
+    a, b = _config_json(), _config_json("seed=1")
+    saved = ClientStateFile(tmp_path, "partition-0", a)
+    saved.open()
+    saved.save(LEDGER)
+    saved.close()
+    for other in (
+        ClientStateFile(tmp_path, "partition-0", b),
+        ClientStateFile(tmp_path, "partition-1", a),
+    ):
+        assert other.path != saved.path and other.open() is None
+        other.close()
+    # A file copied over another experiment's name is refused, not misread.
+    moved = ClientStateFile(tmp_path, "partition-0", b)
+    moved.path.write_text(saved.path.read_text())
+    with pytest.raises(ClientStateError) as excinfo:
+        moved.open()
+    assert "belongs to another site or experiment" in _one_line_error(excinfo)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ('{"format": "fedloom-client-state", "version": 1, "st', "not valid JSON"),
+        ("", "not valid JSON"),
+        ("[1, 2]", "not a fedloom client state file"),
+        (b"\xff\xfe".decode("latin-1"), "not UTF-8 text"),
+    ],
+)
+def test_corrupt_file_is_refused_with_one_line(tmp_path: Path, content: str, why: str) -> None:
+    state = ClientStateFile(tmp_path, "partition-0", _config_json())
+    state.path.write_text(content, encoding="latin-1")
+    with pytest.raises(ClientStateError) as excinfo:
+        state.open()
+    text = _one_line_error(excinfo)
+    assert why in text and str(state.path) in text
+    assert "reset this site's spent privacy budget" in text and text.endswith("from zero")
+    assert state.path.read_text(encoding="latin-1") == content  # never replaced or deleted
+
+
+def test_other_version_is_refused(tmp_path: Path) -> None:
+    cfg = _config_json()
+    state = ClientStateFile(tmp_path, "partition-0", cfg)
+    state.open()
+    state.save(LEDGER)
+    state.close()
+    doc = json.loads(state.path.read_text())
+    state.path.write_text(json.dumps({**doc, "version": STATE_VERSION + 1}))
+    with pytest.raises(ClientStateError) as excinfo:
+        state.open()
+    assert f"reads version {STATE_VERSION}" in _one_line_error(excinfo)
+
+
+def test_one_running_client_per_state_file(tmp_path: Path) -> None:
+    cfg = _config_json()
+    running = ClientStateFile(tmp_path, "partition-0", cfg)
+    running.open()
+    second = ClientStateFile(tmp_path, "partition-0", cfg)
+    with pytest.raises(ClientStateError) as excinfo:
+        second.open()
+    assert "in use by another running fedloom client" in _one_line_error(excinfo)
+    running.close()
+    assert second.open() is None
+    second.close()
+
+
+def test_default_folder_and_site_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert default_state_dir() == tmp_path / "fedloom"
+    for unusable in ("", "relative/dir"):
+        monkeypatch.setenv("XDG_STATE_HOME", unusable)
+        assert default_state_dir() == Path.home() / ".local" / "state" / "fedloom"
+    assert site_name(3) == "partition-3"
+    data = tmp_path / "site.csv"
+    assert site_name(-1, data) == site_name(-1, tmp_path / "." / "site.csv")
+    assert site_name(-1, data).startswith("data-") and site_name(-1, data) != site_name(
+        -1, tmp_path / "other.csv"
+    )
+
+
+def _local_dp(*overrides: str) -> RunConfig:
+    return load_config(
+        None,
+        [
+            "data.num_clients=4",
+            "client.epochs=1",
+            "privacy.local_dp=true",
+            "privacy.local_noise_multiplier=1.1",
+            *overrides,
+        ],
+    )
+
+
+def test_restarted_app_resumes_its_ledger_under_a_new_client_id(tmp_path: Path) -> None:
+    """What run_client does around a restart, without gRPC: save after fit, restore at start.
+
+    The second app gets another server-assigned id, as a restarted own-data client may
+    (IID partitions of equal size stand in for the same data); the ledger is the site's,
+    so its ε still composes.
+    """
+    cfg = _local_dp("data.partition='iid'")
+    cfg_json = cfg.model_dump_json()
+    app = BuiltinApp(cfg, 1)
+    state_file = _resume_state(app, tmp_path, "site", cfg_json)
+    assert state_file is not None and not state_file.path.exists()
+    w = app.trainer.initial_vector()
+    eps1 = app.fit(FitTask(1, 1), w).metrics["local_epsilon"]
+    _save_state(app, state_file)
+    state_file.close()
+
+    restarted = BuiltinApp(cfg, 2)
+    resumed = _resume_state(restarted, tmp_path, "site", cfg_json)
+    assert resumed is not None
+    eps2 = restarted.fit(FitTask(2, 2), w).metrics["local_epsilon"]
+    uninterrupted = app.fit(FitTask(1, 2), w).metrics["local_epsilon"]
+    assert eps2 > eps1 and eps2 == pytest.approx(uninterrupted, rel=1e-12)
+    resumed.close()
+
+    # A well-formed file whose ledger the trainer cannot take is refused, not dropped.
+    doc = json.loads(resumed.path.read_text())
+    resumed.path.write_text(json.dumps({**doc, "state": {"local_dp": [["x"]]}}))
+    with pytest.raises(ClientStateError) as excinfo:
+        _resume_state(BuiltinApp(cfg, 1), tmp_path, "site", cfg_json)
+    assert "malformed state" in _one_line_error(excinfo)
+
+    # Without local DP nothing is kept, and nothing is written.
+    plain = BuiltinApp(load_config(None, ["data.num_clients=4"]), 1)
+    assert plain.client_state() is None
+    assert _resume_state(plain, tmp_path / "plain", "site", cfg_json) is None
+    assert not (tmp_path / "plain").exists()
+
+
+def test_client_with_a_corrupt_state_file_refuses_to_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedloom.client.trainer import LocalTrainer
+    from fedloom.data import build_federated_dataset
+    from fedloom.engine.grpc.server import (
+        DeployOptions,
+        FederationServicer,
+        Registry,
+        start_grpc_server,
+    )
+
+    cfg = _local_dp()
+    size = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed)).num_parameters
+    registry = Registry(cfg.data.num_clients, size, cfg.model_dump_json())
+    servicer = FederationServicer(registry, DeployOptions(poll_timeout_s=1), None)
+    server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=4)
+    state = ClientStateFile(tmp_path / "state", "partition-0", cfg.model_dump_json())
+    state.path.parent.mkdir()
+    state.path.write_text("{ torn")
+    try:
+        code = main(
+            [
+                "client",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--insecure",
+                "--partition",
+                "0",
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--max-wait",
+                "20",
+            ]
+        )
+    finally:
+        server.stop(0)
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fedloom: error: client state file")
+    assert "not valid JSON" in err and state.path.read_text() == "{ torn"
