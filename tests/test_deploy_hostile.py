@@ -10,11 +10,16 @@ import grpc
 import numpy as np
 import pytest
 
-from fedloom.config import load_config
+from fedloom.config import ConfigError, load_config
 from fedloom.engine.grpc import PROTOCOL_VERSION
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.auth import TokenStore, add_token
-from fedloom.engine.grpc.client import BuiltinApp, Credentials, _Stub, run_client
+from fedloom.engine.grpc.client import (
+    BuiltinApp,
+    Credentials,
+    _Stub,
+    run_client,
+)
 from fedloom.engine.grpc.server import (
     DeployOptions,
     FederationServicer,
@@ -196,5 +201,55 @@ def test_protocol_version_mismatch_is_refused(tmp_path: Path) -> None:
             )
         assert not reply.accepted and "protocol version" in reply.reason
         assert registry.rejections["protocol_version"] == 1
+    finally:
+        server.stop(0).wait(5)
+
+
+def test_roles_are_checked_at_registration(tmp_path: Path) -> None:
+    """Only a CKKS run has a key holder, only under its name; unknown roles are refused."""
+    tokens = tmp_path / "tokens.txt"
+    names = {n: add_token(tokens, n) for n in ("hospital-a", "key-holder")}
+    plain = Registry(2, 4, "{}")
+    ckks = Registry(2, 4, "{}", key_holder_name="key-holder")
+    for registry, role, who, accepted, reason in [
+        (plain, "key-holder", "key-holder", False, "does not use CKKS"),
+        (ckks, "key-holder", "hospital-a", False, "is not this run's key holder"),
+        (ckks, "captain", "hospital-a", False, "unknown role"),
+        (ckks, "key-holder", "key-holder", True, ""),
+    ]:
+        servicer = FederationServicer(registry, DeployOptions(), TokenStore(tokens))
+        server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=4)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                request = pb.RegisterRequest(
+                    protocol_version=PROTOCOL_VERSION, token=names[who], role=role
+                )
+                reply = pb.RegisterReply.FromString(
+                    _Stub(channel).register(request.SerializeToString())
+                )
+        finally:
+            server.stop(0).wait(5)
+        assert reply.accepted == accepted and reason in reply.reason, reply.reason
+    assert ckks.key_holder_alive() and ckks.alive_clients() == []  # never sampled
+
+
+def test_a_client_without_tenseal_refuses_a_ckks_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    cfg = load_config(None, ["data.num_clients=2"])
+    cfg.privacy.secure_aggregation = "ckks"
+    registry = Registry(2, 4, cfg.model_dump_json(), key_holder_name="key-holder")
+    servicer = FederationServicer(registry, DeployOptions(), None)
+    server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=4)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tenseal" else real(name, *a)
+    )
+    try:
+        # The client validates the experiment's config before building anything.
+        with pytest.raises(ConfigError, match=r"pip install 'fedloom\[he\]'"):
+            run_client(f"127.0.0.1:{port}", BuiltinApp, Credentials(insecure=True), partition=0)
     finally:
         server.stop(0).wait(5)
