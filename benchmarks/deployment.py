@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -269,12 +270,11 @@ def grpc_floor(payload: bytes, certs: Path, chunk_bytes: int, repeats: int) -> l
             off += len(c)
         return str(off).encode()
 
-    ident = _identity
-    handler = grpc.method_handlers_generic_handler(
+    handler = grpc.method_handlers_generic_handler(  # no (de)serializers: bytes as they are
         "bench.Copy",
         {
-            "Down": grpc.unary_stream_rpc_method_handler(down, ident, ident),
-            "Up": grpc.stream_unary_rpc_method_handler(up, ident, ident),
+            "Down": grpc.unary_stream_rpc_method_handler(down),
+            "Up": grpc.stream_unary_rpc_method_handler(up),
         },
     )
     limit = max(8 << 20, 2 * chunk_bytes)
@@ -319,10 +319,6 @@ def grpc_floor(payload: bytes, certs: Path, chunk_bytes: int, repeats: int) -> l
         server.stop(0).wait(5)
 
 
-def _identity(data: bytes) -> bytes:
-    return data
-
-
 def _grpc_client_main(args: argparse.Namespace) -> int:
     import grpc
 
@@ -334,8 +330,8 @@ def _grpc_client_main(args: argparse.Namespace) -> int:
     ]
     times = []
     with grpc.secure_channel(f"{HOST}:{args.port}", creds, options=options) as channel:
-        down = channel.unary_stream(GRPC_FLOOR + "Down", _identity, _identity)
-        up = channel.stream_unary(GRPC_FLOOR + "Up", _identity, _identity)
+        down = channel.unary_stream(GRPC_FLOOR + "Down")
+        up = channel.stream_unary(GRPC_FLOOR + "Up")
         grpc.channel_ready_future(channel).result(timeout=30)
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -441,6 +437,7 @@ def _server_main(args: argparse.Namespace) -> int:
 
     from fedloom.config import DeployConfig, load_config
     from fedloom.engine.deploy import ServerSecurity, server_credentials
+    from fedloom.engine.grpc import max_message_bytes
     from fedloom.engine.grpc.server import (
         DeployOptions,
         FederationServicer,
@@ -452,11 +449,9 @@ def _server_main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="server %(levelname)s: %(message)s")
     d = DeployConfig()
-    options = DeployOptions(
+    options = dataclasses.replace(
+        DeployOptions.from_config(d),
         round_timeout_s=args.round_timeout_s,
-        heartbeat_interval_s=d.heartbeat_interval_s,
-        heartbeat_timeout_s=d.heartbeat_timeout_s,
-        poll_timeout_s=d.poll_timeout_s,
         chunk_bytes=args.chunk_bytes,
         wait_for_clients_s=args.wait_s,
     )
@@ -473,7 +468,7 @@ def _server_main(args: argparse.Namespace) -> int:
         address,
         server_credentials(address, sec),
         max_workers=max_workers,
-        max_message_bytes=max(8 << 20, 2 * args.chunk_bytes),
+        max_message_bytes=max_message_bytes(args.chunk_bytes),
     )
     executor = GrpcExecutor(registry, options)
     proxy = CountingProxy(port) if args.proxy else None
@@ -524,10 +519,7 @@ def _server_main(args: argparse.Namespace) -> int:
         result["sessions"] = len(registry.sessions)
         del vector
     finally:
-        executor.close()
-        deadline = time.monotonic() + options.poll_timeout_s + 2.0
-        while time.monotonic() < deadline and not registry.all_told_to_stop():
-            time.sleep(0.05)
+        executor.close(wait=True)  # as DeploymentExecutor.close
         server.stop(grace=2.0).wait(5.0)
         if proxy:
             proxy.close()

@@ -72,6 +72,7 @@ if __package__ in (None, ""):
 
 from fedloom.config import RunConfig, load_config
 from fedloom.engine.simulation import run_simulation
+from fedloom.params import decode_vector, encode_vector
 from fedloom.privacy.accounting import ClientSampling, calibrate_noise_multiplier
 from fedloom.privacy.he import CKKSParams, run_he_round
 from fedloom.privacy.secagg import Stage, default_degree, default_threshold, run_secagg_round
@@ -254,16 +255,18 @@ def rel_error(got: np.ndarray, updates: Mapping[int, np.ndarray], ids: Iterable[
 
 
 def plain_cost(updates: Mapping[int, np.ndarray]) -> CostRow:
-    """The floor: every client ships raw little-endian float32, the server adds them up."""
+    """The floor: clients ship fedloom's plain wire format (raw little-endian float32,
+    :func:`~fedloom.params.encode_vector`), the server decodes and adds them up."""
     client_s, payloads = [], []
     for vector in updates.values():
         started = time.perf_counter()
-        payloads.append(vector.astype("<f4", copy=False).tobytes())
+        payloads.append(encode_vector(vector))
         client_s.append(time.perf_counter() - started)
     started = time.perf_counter()
-    total = np.zeros(len(next(iter(updates.values()))), dtype=np.float64)
+    dim = len(next(iter(updates.values())))
+    total = np.zeros(dim, dtype=np.float64)
     for payload in payloads:
-        total += np.frombuffer(payload, dtype="<f4")
+        total += decode_vector(payload, dim)
     server_s = time.perf_counter() - started
     size = len(payloads[0])
     return CostRow(
@@ -282,8 +285,7 @@ def plain_cost(updates: Mapping[int, np.ndarray]) -> CostRow:
 def fedloom_secagg_cost(updates: Mapping[int, np.ndarray], dropouts: Sequence[int]) -> CostRow:
     ids = sorted(updates)
     result = run_secagg_round(updates, dropouts={Stage.MASKED_INPUT: dropouts})
-    sent = [sum(result.bytes_sent[c].values()) for c in ids]
-    received = [sum(result.bytes_received[c].values()) for c in ids]
+    sent, received = zip(*(result.total_bytes(c) for c in ids), strict=True)
     label = "fedloom SecAgg+" + (f", {len(dropouts)} dropped" if dropouts else "")
     return CostRow(
         len(ids),

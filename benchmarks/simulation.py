@@ -154,6 +154,20 @@ def state_to_vector(state: dict[str, torch.Tensor]) -> np.ndarray:
     return np.concatenate([state["weight"].reshape(-1).numpy(), state["bias"].numpy()])
 
 
+def bare_model(
+    data: FederatedDataset, init: np.ndarray
+) -> tuple[nn.Linear, dict[str, torch.Tensor]]:
+    """The bare loop's model (one ``nn.Linear``) and fedloom's initial model as its state."""
+    in_features = int(np.prod(data.input_shape))
+    model = nn.Linear(in_features, data.num_classes)
+    return model, vector_to_state(init, in_features, data.num_classes)
+
+
+def sgd_steps(num_examples: int, cfg: RunConfig) -> int:
+    """Local SGD steps of a client with ``num_examples`` examples (last batch may be short)."""
+    return -(-num_examples // cfg.client.batch_size) * cfg.client.epochs
+
+
 def client_tensors(data: FederatedDataset) -> Tensors:
     """Every client's training set as tensors, converted once."""
     return [(torch.from_numpy(c.train.x), torch.from_numpy(c.train.y)) for c in data.clients]
@@ -300,9 +314,7 @@ class BareLoop(Contender):
         cfg = self.cfg
         data = build_federated_dataset(cfg.data, cfg.seed)
         self.tensors = client_tensors(data)
-        in_features = int(np.prod(data.input_shape))
-        self.model = nn.Linear(in_features, data.num_classes)
-        self.state = vector_to_state(initial_vector(cfg, data), in_features, data.num_classes)
+        self.model, self.state = bare_model(data, initial_vector(cfg, data))
 
     def run_round(self, rnd: int) -> float | None:
         clients = sampled_clients(self.cfg, rnd)
@@ -763,18 +775,17 @@ def probe_client_steps(
     sizes = data.client_sizes()
     target = int(np.argmin(np.abs(sizes - 300)))
     warm = int(np.argmin(sizes))
-    steps = -(-int(sizes[target]) // cfg.client.batch_size) * cfg.client.epochs
+    steps = sgd_steps(int(sizes[target]), cfg)
     tensors = client_tensors(data)
-    in_features = int(np.prod(data.input_shape))
+    cc = cfg.client
     out: dict[str, float] = {}
     with torch_threads(threads):
-        model = nn.Linear(in_features, data.num_classes)
-        state = vector_to_state(init, in_features, data.num_classes)
+        model, state = bare_model(data, init)
         for cid, timed in ((warm, False), (target, True)):
             model.load_state_dict(state)
             x, y = tensors[cid]
             t = time.perf_counter()
-            train_client(model, x, y, torch.Generator(), 1, cfg.client.batch_size, cfg.client.lr)
+            train_client(model, x, y, torch.Generator(), cc.epochs, cc.batch_size, cc.lr)
             if timed:
                 out["bare"] = (time.perf_counter() - t) / steps * 1e6
         trainer = LocalTrainer(cfg, data)
@@ -945,9 +956,8 @@ def main(argv: list[str] | None = None) -> int:
     # Outside every timing: the data summary, the probes, the initial model for Flower.
     data = build_federated_dataset(cfg.data, cfg.seed)
     sizes = data.client_sizes()
-    bs, epochs = cfg.client.batch_size, cfg.client.epochs
     steps_per_round = [
-        int(sum(-(-int(n) // bs) * epochs for n in sizes[sampled_clients(cfg, r)]))
+        sum(sgd_steps(int(n), cfg) for n in sizes[sampled_clients(cfg, r)])
         for r in range(1, cfg.rounds + 1)
     ]
     init = initial_vector(cfg, data)

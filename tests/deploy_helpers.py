@@ -1,4 +1,4 @@
-"""Process helpers for the deployment tests: start servers and clients, read their output.
+"""Helpers for the deployment tests: start servers and clients, read their output.
 
 Also runnable as ``python -m tests.deploy_helpers`` to start a *slow* client (a built-in
 client whose every task sleeps first): the straggler and kill-mid-round drills need
@@ -15,9 +15,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedloom.config import RunConfig
+    from fedloom.engine.grpc.auth import TokenStore
+    from fedloom.engine.grpc.server import DeployOptions, Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,6 +81,35 @@ class Proc:
             self.popen.wait(timeout=10)
 
 
+def num_parameters(cfg: RunConfig) -> int:
+    """The size of the experiment's model vector (what a server's Registry is built with)."""
+    from fedloom.client.trainer import LocalTrainer
+    from fedloom.data import build_federated_dataset
+
+    return LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed)).num_parameters
+
+
+@contextmanager
+def serving(
+    registry: Registry,
+    options: DeployOptions | None = None,
+    tokens: TokenStore | None = None,
+    max_workers: int = 4,
+) -> Iterator[int]:
+    """A plaintext gRPC server for ``registry`` on a free loopback port, in this process.
+
+    Yields the port; the server stops when the block ends.
+    """
+    from fedloom.engine.grpc.server import DeployOptions, FederationServicer, start_grpc_server
+
+    servicer = FederationServicer(registry, options or DeployOptions(), tokens)
+    server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=max_workers)
+    try:
+        yield port
+    finally:
+        server.stop(0).wait(5)
+
+
 def fedloom(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedloom.cli", *args]
 
@@ -120,9 +157,8 @@ def _key_guarded_server_main(argv: list[str]) -> int:
 
 
 def _slow_main() -> int:
-    from fedloom.config import RunConfig
     from fedloom.engine.grpc.client import BuiltinApp, Credentials, run_client
-    from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
+    from fedloom.messages import FitResult, FitTask
 
     p = argparse.ArgumentParser()
     p.add_argument("--delay", type=float, required=True)
@@ -163,15 +199,9 @@ def _slow_main() -> int:
         SecAggParticipant.respond = stalling  # type: ignore[method-assign]
 
     class SlowApp(BuiltinApp):
-        def __init__(self, cfg: RunConfig, client_id: int) -> None:
-            super().__init__(cfg, client_id)
-
         def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
             time.sleep(args.delay)
             return super().fit(task, global_vector)
-
-        def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
-            return super().evaluate(task, global_vector)
 
     import logging
 

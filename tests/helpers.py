@@ -1,4 +1,4 @@
-"""Small data sets built by hand, shared by the test modules.
+"""Small data sets built by hand and run-directory helpers, shared by the test modules.
 
 Kept apart from ``conftest.py`` because tests call them with arguments (a plain
 function reads better than a fixture factory), and importable as ``tests.helpers``
@@ -7,9 +7,16 @@ like :mod:`tests.deploy_helpers`.
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pytest
+
+from fedloom.config import RunConfig
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
+from fedloom.engine.simulation import run_simulation
+from fedloom.store import Checkpoint, RunStore
 
 
 def toy_dataset(n: int = 40, clients: int = 2) -> FederatedDataset:
@@ -28,3 +35,31 @@ def toy_dataset(n: int = 40, clients: int = 2) -> FederatedDataset:
         parts.append(ClientData(c, f"c{c}", ArrayDataset(x, y), ArrayDataset(x[:8], y[:8])))
     test = ArrayDataset.concat([p.test for p in parts if p.test is not None])
     return FederatedDataset("toy", "tabular", parts, test, 2, (5,))
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint:
+    """The last checkpoint a run directory holds (there must be one)."""
+    with RunStore.open(run_dir) as store:
+        ckpt = store.latest_checkpoint()
+    assert ckpt is not None
+    return ckpt
+
+
+def final_weights(run_dir: Path) -> np.ndarray:
+    """The global model of the run's last checkpoint."""
+    return latest_checkpoint(run_dir).tensors["global"]
+
+
+class InterruptError(Exception):
+    """What :func:`interrupt_after` stops a run with, as a crash or Ctrl-C would."""
+
+
+def interrupt_after(cfg: RunConfig, run_dir: Path, last_round: int) -> None:
+    """Run ``cfg`` into ``run_dir`` and stop it with an exception after ``last_round``."""
+
+    def stop(record: dict[str, Any]) -> None:
+        if record["round"] == last_round:
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        run_simulation(cfg, run_dir, on_round=stop)

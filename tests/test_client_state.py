@@ -20,6 +20,8 @@ from fedloom.engine.grpc.client_state import (
 )
 from fedloom.messages import FitTask
 
+from .deploy_helpers import num_parameters, serving
+
 LEDGER = {"local_dp": [[1.1, 0.2, 10]]}
 
 
@@ -188,24 +190,14 @@ def test_restarted_app_resumes_its_ledger_under_a_new_client_id(tmp_path: Path) 
 def test_client_with_a_corrupt_state_file_refuses_to_start(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fedloom.client.trainer import LocalTrainer
-    from fedloom.data import build_federated_dataset
-    from fedloom.engine.grpc.server import (
-        DeployOptions,
-        FederationServicer,
-        Registry,
-        start_grpc_server,
-    )
+    from fedloom.engine.grpc.server import DeployOptions, Registry
 
     cfg = _local_dp()
-    size = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed)).num_parameters
-    registry = Registry(cfg.data.num_clients, size, cfg.model_dump_json())
-    servicer = FederationServicer(registry, DeployOptions(poll_timeout_s=1), None)
-    server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=4)
+    registry = Registry(cfg.data.num_clients, num_parameters(cfg), cfg.model_dump_json())
     state = ClientStateFile(tmp_path / "state", "partition-0", cfg.model_dump_json())
     state.path.parent.mkdir()
     state.path.write_text("{ torn")
-    try:
+    with serving(registry, DeployOptions(poll_timeout_s=1)) as port:
         code = main(
             [
                 "client",
@@ -220,8 +212,6 @@ def test_client_with_a_corrupt_state_file_refuses_to_start(
                 "20",
             ]
         )
-    finally:
-        server.stop(0)
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("fedloom: error: client state file")

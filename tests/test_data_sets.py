@@ -21,7 +21,8 @@ from fedloom.data.synthetic import (
     sample_device_sizes,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from .conftest import SHARED_DATA
+
 MNIST_DIR = SHARED_DATA / "mnist"
 T10K_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 T10K_MD5 = {

@@ -17,9 +17,9 @@ from fedloom.data.summary import (
     plot_label_histogram,
 )
 
-TINY_SHAKESPEARE = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare" / "tinyshakespeare.txt"
-)
+from .conftest import SHARED_DATA
+
+TINY_SHAKESPEARE = SHARED_DATA / "shakespeare" / "tinyshakespeare.txt"
 
 PLAY = """\
 First Citizen:

@@ -53,9 +53,16 @@ def procs() -> Iterator[Callable[[list[str]], Proc]]:
         p.kill()
 
 
-def _server_args(pki: dict, out: Path, overrides: list[str], port: int = 0) -> list[str]:
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _server_args(
+    pki: dict, out: Path, overrides: list[str], port: int = 0, resume: bool = False
+) -> list[str]:
+    """``fedloom server`` with TLS and tokens: a new run in ``out``, or ``--resume out``."""
     certs = Path(pki["dir"]) / "certs"
-    sets = [a for o in overrides for a in ("--set", o)]
+    run = ["--resume", str(out)] if resume else ["--out", str(out), *_sets(overrides)]
     return fedloom(
         "server",
         "--address",
@@ -66,9 +73,7 @@ def _server_args(pki: dict, out: Path, overrides: list[str], port: int = 0) -> l
         str(certs / "server.key"),
         "--tokens",
         str(pki["tokens"]),
-        "--out",
-        str(out),
-        *sets,
+        *run,
     )
 
 
@@ -84,6 +89,11 @@ def _client_args(pki: dict, port: int, i: int, token: str | None = None) -> list
         "--partition",
         str(i),
     ]
+
+
+def _clients(procs: Callable[[list[str]], Proc], pki: dict, port: int, n: int) -> list[Proc]:
+    """``fedloom client`` processes for partitions 0..n-1, each with its own token."""
+    return [procs(fedloom("client", *_client_args(pki, port, i))) for i in range(n)]
 
 
 def _port(server: Proc) -> int:
@@ -124,7 +134,7 @@ def test_tls_tokens_three_clients_equal_simulation(
     overrides = ["rounds=3", "data.num_clients=3", "server.min_fit_clients=3", *FAST, *extra]
     server = procs(_server_args(pki, tmp_path / "deploy", overrides))
     port = _port(server)
-    clients = [procs(fedloom("client", *_client_args(pki, port, i))) for i in range(3)]
+    clients = _clients(procs, pki, port, 3)
     assert server.wait(180) == 0, server.output
     for c in clients:
         assert c.wait(60) == 0, c.output
@@ -170,8 +180,7 @@ def test_straggler_beyond_deadline_is_excluded_and_counted(
     ]
     server = procs(_server_args(pki, tmp_path / "run", overrides))
     port = _port(server)
-    for i in range(2):
-        procs(fedloom("client", *_client_args(pki, port, i)))
+    _clients(procs, pki, port, 2)
     procs(slow_client(8.0, *_client_args(pki, port, 2)))
     assert server.wait(180) == 0, server.output
     history = _history(tmp_path / "run")
@@ -189,22 +198,7 @@ def test_server_killed_after_round_2_resumes_to_round_5(pki: dict, procs, tmp_pa
     clients = [procs(slow_client(0.5, *_client_args(pki, port, i))) for i in range(3)]
     server.wait_for(r"^round 2:", timeout=120)
     server.kill()
-    certs = Path(pki["dir"]) / "certs"
-    resumed = procs(
-        fedloom(
-            "server",
-            "--address",
-            f"127.0.0.1:{port}",
-            "--tls-cert",
-            str(certs / "server.pem"),
-            "--tls-key",
-            str(certs / "server.key"),
-            "--tokens",
-            str(pki["tokens"]),
-            "--resume",
-            str(out),
-        )
-    )
+    resumed = procs(_server_args(pki, out, [], port, resume=True))
     assert resumed.wait(240) == 0, resumed.output
     history = _history(out)
     assert [r["round"] for r in history] == [1, 2, 3, 4, 5]
@@ -247,13 +241,7 @@ def test_mutual_tls_requires_a_client_certificate(pki: dict, procs, tmp_path: Pa
             str(certs / "ca.pem"),
             "--out",
             str(tmp_path / "run"),
-            "--set",
-            "rounds=1",
-            "--set",
-            "data.num_clients=1",
-            "--set",
-            "server.min_fit_clients=1",
-            *[a for o in FAST for a in ("--set", o)],
+            *_sets(["rounds=1", "data.num_clients=1", "server.min_fit_clients=1", *FAST]),
         )
     )
     port = _port(server)
@@ -310,7 +298,7 @@ def test_clients_train_on_their_own_csv_files(procs, tmp_path: Path) -> None:
             "127.0.0.1:0",
             "--out",
             str(tmp_path / "run"),
-            *[a for o in sets for a in ("--set", o)],
+            *_sets(sets),
         )
     )
     port = _port(server)
@@ -346,7 +334,7 @@ def test_own_csv_needs_pinned_classes(procs, tmp_path: Path) -> None:
             "127.0.0.1:0",
             "--out",
             str(tmp_path / "run"),
-            *[a for o in sets for a in ("--set", o)],
+            *_sets(sets),
         )
     )
     port = _port(server)
@@ -371,8 +359,7 @@ def test_secagg_over_grpc_survives_a_client_killed_mid_protocol(
     ]
     server = procs(_server_args(pki, tmp_path / "run", overrides))
     port = _port(server)
-    for i in range(4):
-        procs(fedloom("client", *_client_args(pki, port, i)))
+    _clients(procs, pki, port, 4)
     victim = procs(slow_client(0.0, *_client_args(pki, port, 4), "--secagg-stall", "share_keys"))
     victim.wait_for(r"secagg stage share_keys reached", timeout=120)
     os.kill(victim.popen.pid, signal.SIGKILL)
@@ -401,7 +388,7 @@ def test_ckks_over_grpc_equals_simulation_and_the_server_holds_no_secret_key(
     impostor = procs(fedloom("client", *_key_holder_args(pki, port, pki["plain"][0])))
     assert impostor.wait(60) == 2
     assert "is not this run's key holder ('key-holder')" in impostor.output, impostor.output
-    clients = [procs(fedloom("client", *_client_args(pki, port, i))) for i in range(3)]
+    clients = _clients(procs, pki, port, 3)
     holder = procs(fedloom("client", *_key_holder_args(pki, port, pki["key_holder"])))
     assert server.wait(180) == 0, server.output
     assert holder.wait(60) == 0 and "completed 4 tasks" in holder.output  # 2 × keygen, decrypt
@@ -438,8 +425,7 @@ def test_ckks_round_completes_without_a_client_killed_at_the_encrypt_stage(
     server = procs(_server_args(pki, tmp_path / "run", overrides))
     port = _port(server)
     procs(fedloom("client", *_key_holder_args(pki, port, pki["key_holder"])))
-    for i in range(3):
-        procs(fedloom("client", *_client_args(pki, port, i)))
+    _clients(procs, pki, port, 3)
     victim = procs(slow_client(0.0, *_client_args(pki, port, 3), "--he-stall"))
     victim.wait_for("ckks encrypt stage reached", timeout=120)
     os.kill(victim.popen.pid, signal.SIGKILL)

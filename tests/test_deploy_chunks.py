@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedloom.engine.grpc import fedloom_pb2 as pb
-from fedloom.engine.grpc.chunks import ChunkError, encode_chunks, read_result_chunks
+from fedloom.engine.grpc.chunks import ChunkError, encode_chunks, read_chunks
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16384, 70000])
@@ -21,13 +21,24 @@ def test_hand_encoded_chunks_equal_protobuf(size: int) -> None:
 def test_reassembly_is_exact_and_bounded() -> None:
     data = np.arange(10_000, dtype="<f4").tobytes()
     chunks = list(encode_chunks(data, 1000))
-    assert bytes(read_result_chunks(iter(chunks), len(data))) == data
+    assert bytes(read_chunks(iter(chunks), len(data))) == data
     with pytest.raises(ChunkError) as err:
-        read_result_chunks(iter(chunks), len(data) - 1)
+        read_chunks(iter(chunks), len(data) - 1)
     assert err.value.reason == "oversized"
     with pytest.raises(ChunkError) as err:
-        read_result_chunks(iter(chunks[:-1]), len(data))
+        read_chunks(iter(chunks[:-1]), len(data))
     assert err.value.reason == "truncated"
     with pytest.raises(ChunkError) as err:
-        read_result_chunks(iter([b"\xff\xff"]), 4)
+        read_chunks(iter([b"\xff\xff"]), 4)
+    assert err.value.reason == "malformed"
+
+
+def test_task_streams_reassemble_alike_and_refuse_a_second_header() -> None:
+    """A client reads a task's chunks with the same reader the server uses for results."""
+    data = np.arange(3000, dtype="<f4").tobytes()
+    chunks = list(encode_chunks(data, 1000))
+    assert bytes(read_chunks(iter(chunks), len(data), pb.TaskMessage)) == data
+    header = pb.TaskMessage(header=pb.TaskHeader(kind=pb.TASK_FIT)).SerializeToString()
+    with pytest.raises(ChunkError, match="a second header inside a task stream") as err:
+        read_chunks(iter([chunks[0], header, *chunks[1:]]), len(data), pb.TaskMessage)
     assert err.value.reason == "malformed"

@@ -29,6 +29,15 @@ from fedloom.engine.grpc.server import (
 )
 from fedloom.messages import FitResult, FitTask
 
+from .deploy_helpers import num_parameters, serving
+
+
+def _register(port: int, **fields: object) -> pb.RegisterReply:
+    """Register with the server on the loopback ``port``, over a channel of its own."""
+    request = pb.RegisterRequest(**fields).SerializeToString()  # type: ignore[arg-type]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return pb.RegisterReply.FromString(_Stub(channel).register(request))
+
 
 def _header(**kw: object) -> bytes:
     return pb.ResultMessage(header=pb.ResultHeader(**kw)).SerializeToString()  # type: ignore[arg-type]
@@ -40,10 +49,7 @@ def _chunk(data: bytes) -> bytes:
 
 def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.num_clients=2", "client.epochs=1"])
-    from fedloom.client.trainer import LocalTrainer
-    from fedloom.data import build_federated_dataset
-
-    size = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed)).num_parameters
+    size = num_parameters(cfg)
     token = add_token(tmp_path / "tokens.txt", "hospital-a")
     options = DeployOptions(
         round_timeout_s=60, heartbeat_timeout_s=30, poll_timeout_s=1, chunk_bytes=4096
@@ -56,13 +62,7 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
     stub = _Stub(channel)
     rng = np.random.default_rng(0)
     try:
-        reply = pb.RegisterReply.FromString(
-            stub.register(
-                pb.RegisterRequest(
-                    protocol_version=PROTOCOL_VERSION, token=token, partition=0
-                ).SerializeToString()
-            )
-        )
+        reply = _register(port, protocol_version=PROTOCOL_VERSION, token=token, partition=0)
         assert reply.accepted
         sid = reply.session_id
         w0 = np.zeros(size, np.float32)
@@ -190,19 +190,10 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
 
 def test_protocol_version_mismatch_is_refused(tmp_path: Path) -> None:
     registry = Registry(1, 4, "{}")
-    servicer = FederationServicer(registry, DeployOptions(), None)
-    server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=4)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            reply = pb.RegisterReply.FromString(
-                _Stub(channel).register(
-                    pb.RegisterRequest(protocol_version=PROTOCOL_VERSION + 1).SerializeToString()
-                )
-            )
-        assert not reply.accepted and "protocol version" in reply.reason
-        assert registry.rejections["protocol_version"] == 1
-    finally:
-        server.stop(0).wait(5)
+    with serving(registry) as port:
+        reply = _register(port, protocol_version=PROTOCOL_VERSION + 1)
+    assert not reply.accepted and "protocol version" in reply.reason
+    assert registry.rejections["protocol_version"] == 1
 
 
 def test_roles_are_checked_at_registration(tmp_path: Path) -> None:
@@ -217,18 +208,8 @@ def test_roles_are_checked_at_registration(tmp_path: Path) -> None:
         (ckks, "captain", "hospital-a", False, "unknown role"),
         (ckks, "key-holder", "key-holder", True, ""),
     ]:
-        servicer = FederationServicer(registry, DeployOptions(), TokenStore(tokens))
-        server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=4)
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                request = pb.RegisterRequest(
-                    protocol_version=PROTOCOL_VERSION, token=names[who], role=role
-                )
-                reply = pb.RegisterReply.FromString(
-                    _Stub(channel).register(request.SerializeToString())
-                )
-        finally:
-            server.stop(0).wait(5)
+        with serving(registry, tokens=TokenStore(tokens)) as port:
+            reply = _register(port, protocol_version=PROTOCOL_VERSION, token=names[who], role=role)
         assert reply.accepted == accepted and reason in reply.reason, reply.reason
     assert ckks.key_holder_alive() and ckks.alive_clients() == []  # never sampled
 
@@ -241,15 +222,13 @@ def test_a_client_without_tenseal_refuses_a_ckks_run(
     cfg = load_config(None, ["data.num_clients=2"])
     cfg.privacy.secure_aggregation = "ckks"
     registry = Registry(2, 4, cfg.model_dump_json(), key_holder_name="key-holder")
-    servicer = FederationServicer(registry, DeployOptions(), None)
-    server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=4)
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "tenseal" else real(name, *a)
     )
-    try:
-        # The client validates the experiment's config before building anything.
-        with pytest.raises(ConfigError, match=r"pip install 'fedloom\[he\]'"):
-            run_client(f"127.0.0.1:{port}", BuiltinApp, Credentials(insecure=True), partition=0)
-    finally:
-        server.stop(0).wait(5)
+    # The client validates the experiment's config before building anything.
+    with (
+        serving(registry) as port,
+        pytest.raises(ConfigError, match=r"pip install 'fedloom\[he\]'"),
+    ):
+        run_client(f"127.0.0.1:{port}", BuiltinApp, Credentials(insecure=True), partition=0)

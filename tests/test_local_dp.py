@@ -22,7 +22,7 @@ from fedloom.engine.simulation import run_simulation
 from fedloom.messages import FitResult, FitTask
 from fedloom.store import RunStore
 
-from .helpers import toy_dataset
+from .helpers import interrupt_after, latest_checkpoint, toy_dataset
 
 
 def _cfg(*overrides: str) -> RunConfig:
@@ -224,21 +224,6 @@ def test_digits_learns_with_local_dp(tmp_path: Path) -> None:
     assert all(e > 0 for e in eps) and eps == sorted(eps)  # the worst client's ε only grows
 
 
-class _CrashError(Exception):
-    pass
-
-
-def _crash_after_round_2(cfg: RunConfig, run_dir: Path) -> None:
-    """Run ``cfg`` into ``run_dir`` and stop it with an exception after round 2."""
-
-    def stop_after_2(record: dict) -> None:
-        if record["round"] == 2:
-            raise _CrashError
-
-    with pytest.raises(_CrashError):
-        run_simulation(cfg, run_dir, on_round=stop_after_2)
-
-
 def test_resume_keeps_each_clients_local_dp_ledger(tmp_path: Path) -> None:
     """A resumed local-DP run reports the same client ε as the uninterrupted run."""
     overrides = [
@@ -249,7 +234,7 @@ def test_resume_keeps_each_clients_local_dp_ledger(tmp_path: Path) -> None:
         "privacy.local_noise_multiplier=1.0",
     ]
     whole = run_simulation(load_config(None, overrides), tmp_path / "whole")
-    _crash_after_round_2(load_config(None, overrides), tmp_path / "cut")
+    interrupt_after(load_config(None, overrides), tmp_path / "cut", 2)
     resumed = run_simulation(load_config(None), tmp_path / "cut", resume=True)
     assert [r["local_epsilon_max"] for r in resumed["history"]] == pytest.approx(
         [r["local_epsilon_max"] for r in whole["history"]]
@@ -368,9 +353,7 @@ def test_pool_ships_each_clients_ledger_to_whichever_worker_trains_it() -> None:
 
 
 def _final_checkpoint(run_dir: Path) -> tuple[np.ndarray, dict]:
-    with RunStore.open(run_dir) as store:
-        ckpt = store.latest_checkpoint()
-    assert ckpt is not None
+    ckpt = latest_checkpoint(run_dir)
     return ckpt.tensors["global"], ckpt.meta["client_state"]
 
 
@@ -379,7 +362,7 @@ def test_digits_on_the_pool_and_resumed_equals_in_process(tmp_path: Path) -> Non
     overrides = [*POOL_DP, "rounds=3", "server.fraction_fit=0.5"]
     whole = run_simulation(load_config(None, overrides), tmp_path / "inproc")
     pool_cfg = load_config(None, [*overrides, "engine.name='pool'", "engine.workers=2"])
-    _crash_after_round_2(pool_cfg, tmp_path / "pool")
+    interrupt_after(pool_cfg, tmp_path / "pool", 2)
     resumed = run_simulation(load_config(None), tmp_path / "pool", resume=True)
     assert resumed["config"]["engine"]["name"] == "pool"
     assert all(r["clients_failed"] == 0 for r in resumed["history"])

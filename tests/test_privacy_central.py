@@ -28,9 +28,11 @@ from fedloom.privacy.noise import (
     secure_uniform,
 )
 from fedloom.seeding import SAMPLING, derive_rng
-from fedloom.server.loop import FederatedServer
+from fedloom.server.loop import FederatedServer, LocalClients
 from fedloom.server.sampling import poisson_sample_clients, sample_clients, select_clients
 from fedloom.store import RunStore
+
+from .helpers import final_weights, interrupt_after, latest_checkpoint
 
 # A small central-DP run: 60 logistic-regression clients, about 30 per round.
 DP_SMALL = [
@@ -236,7 +238,7 @@ def test_privacy_config_errors_are_one_line(overrides: list[str], fragment: str)
 # ---------------------------------------------------------------- the server round loop
 
 
-class _FixedUpdates:
+class _FixedUpdates(LocalClients):
     """An executor whose clients return preset updates (clipped the way a client would)."""
 
     def __init__(
@@ -269,20 +271,11 @@ class _FixedUpdates:
     ) -> list[EvalResult | ClientFailure]:
         return []
 
-    def available_clients(self) -> None:
-        return None
-
-    def connected_clients(self) -> None:
-        return None
-
     def client_state(self) -> dict[str, Any]:
         return {}
 
     def restore_client_state(self, state: dict[str, Any]) -> None:
         return None
-
-    def round_metrics(self) -> dict[str, Any]:
-        return {}
 
     def close(self) -> None:
         return None
@@ -369,13 +362,6 @@ def test_poisson_round_with_no_clients_releases_noise_and_is_counted() -> None:
 # ------------------------------------------------------------- runs: budget and resume
 
 
-def _final_weights(run_dir: Path) -> np.ndarray:
-    with RunStore.open(run_dir) as store:
-        ckpt = store.latest_checkpoint()
-    assert ckpt is not None
-    return ckpt.tensors["global"]
-
-
 def test_max_epsilon_stops_cleanly_before_the_round_that_would_exceed_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -401,13 +387,8 @@ def test_max_epsilon_stops_cleanly_before_the_round_that_would_exceed_it(
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["stopped_reason"] == reason
     with RunStore.open(tmp_path / "run") as store:
-        ckpt = store.latest_checkpoint()
         assert store.get_meta("stopped_reason") == reason
-    assert ckpt is not None and ckpt.round == 3  # checkpointed although 3 % 2 != 0
-
-
-class _InterruptError(Exception):
-    pass
+    assert latest_checkpoint(tmp_path / "run").round == 3  # checkpointed although 3 % 2 != 0
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -418,17 +399,11 @@ def test_resume_keeps_the_ledger_and_the_model(tmp_path: Path, adaptive: bool) -
         f"privacy.adaptive_clipping={str(adaptive).lower()}",
     ]
     whole = run_simulation(load_config(None, overrides), tmp_path / "whole")
-
-    def stop_after_round_3(record: dict[str, Any]) -> None:
-        if record["round"] == 3:
-            raise _InterruptError
-
-    with pytest.raises(_InterruptError):
-        run_simulation(load_config(None, overrides), tmp_path / "cut", on_round=stop_after_round_3)
+    interrupt_after(load_config(None, overrides), tmp_path / "cut", 3)
     resumed = run_simulation(load_config(None), tmp_path / "cut", resume=True)
 
     np.testing.assert_array_equal(
-        _final_weights(tmp_path / "cut"), _final_weights(tmp_path / "whole")
+        final_weights(tmp_path / "cut"), final_weights(tmp_path / "whole")
     )
     for key in ("epsilon", "clip_norm", "accuracy"):
         assert [r[key] for r in resumed["history"]] == [r[key] for r in whole["history"]], key
@@ -441,13 +416,7 @@ def test_resume_keeps_the_ledger_and_the_model(tmp_path: Path, adaptive: bool) -
 def test_resume_with_secure_noise_counts_replayed_rounds_again(tmp_path: Path) -> None:
     """Fresh noise on a replayed round is a second release of the same data: counted."""
     overrides = [*DP_SMALL, "checkpoint_every=2", "privacy.secure_noise=true"]
-
-    def stop_after_round_3(record: dict[str, Any]) -> None:
-        if record["round"] == 3:
-            raise _InterruptError
-
-    with pytest.raises(_InterruptError):
-        run_simulation(load_config(None, overrides), tmp_path / "cut", on_round=stop_after_round_3)
+    interrupt_after(load_config(None, overrides), tmp_path / "cut", 3)
     resumed = run_simulation(load_config(None), tmp_path / "cut", resume=True)
     acc = PrivacyAccountant("rdp", ClientSampling("poisson", 60, 30), 1.0, 1e-5)
     assert resumed["privacy"]["rounds"] == 6 and resumed["privacy"]["secure_noise"] is True
@@ -481,7 +450,7 @@ def test_pool_engine_clips_with_the_configured_norm(tmp_path: Path) -> None:
     )
     assert all(r["clients_failed"] == 0 for r in pool["history"])
     np.testing.assert_allclose(
-        _final_weights(tmp_path / "pool"), _final_weights(tmp_path / "inproc"), atol=1e-5
+        final_weights(tmp_path / "pool"), final_weights(tmp_path / "inproc"), atol=1e-5
     )
     assert pool["privacy"]["epsilon"] == inproc["privacy"]["epsilon"]
 
@@ -525,9 +494,6 @@ def test_digits_learns_under_central_dp_with_epsilon_8(tmp_path: Path) -> None:
 
 def test_adaptive_clipping_on_the_pool_equals_inprocess(tmp_path: Path) -> None:
     """The pool forwards each round's clipping norm, so adaptive clipping runs there too."""
-    from fedloom.engine.simulation import run_simulation
-    from fedloom.store import RunStore
-
     base = [
         "rounds=3",
         "data.num_clients=12",
@@ -540,10 +506,7 @@ def test_adaptive_clipping_on_the_pool_equals_inprocess(tmp_path: Path) -> None:
     runs = {}
     for name, extra in (("inproc", []), ("pool", ["engine.name=pool", "engine.workers=2"])):
         summary = run_simulation(load_config(None, [*base, *extra]), tmp_path / name)
-        with RunStore.open(tmp_path / name) as store:
-            ckpt = store.latest_checkpoint()
-        assert ckpt is not None
-        runs[name] = (summary, ckpt.tensors["global"])
+        runs[name] = (summary, final_weights(tmp_path / name))
     clips = [[r["clip_norm"] for r in runs[n][0]["history"]] for n in runs]
     assert clips[0] == pytest.approx(clips[1]) and len(set(clips[0])) > 1  # C adapts
     np.testing.assert_allclose(runs["pool"][1], runs["inproc"][1], atol=1e-5)

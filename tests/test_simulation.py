@@ -14,14 +14,9 @@ from fedloom.engine.simulation import run_centralized, run_simulation
 from fedloom.messages import FitResult, FitTask
 from fedloom.store import RunStore
 
+from .helpers import final_weights, interrupt_after
+
 SMALL = ["rounds=3", "data.num_clients=6", "client.epochs=1", "checkpoint_every=1"]
-
-
-def _final_weights(run_dir: Path) -> np.ndarray:
-    with RunStore.open(run_dir) as store:
-        ckpt = store.latest_checkpoint()
-    assert ckpt is not None
-    return ckpt.tensors["global"]
 
 
 def test_run_directory_contract(tmp_path: Path) -> None:
@@ -66,30 +61,20 @@ def test_run_directory_contract(tmp_path: Path) -> None:
     assert header[0] == "round" and "accuracy" in header
 
 
-class _InterruptError(Exception):
-    pass
-
-
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedavgm"])
 @pytest.mark.parametrize("checkpoint_every", [1, 2])
 def test_resume_equals_uninterrupted(tmp_path: Path, strategy: str, checkpoint_every: int) -> None:
     overrides = [*SMALL, "rounds=5", f"strategy={strategy}", f"checkpoint_every={checkpoint_every}"]
     cfg = load_config(None, overrides)
     run_simulation(cfg, tmp_path / "whole")
-
-    def stop_after_round_3(record: dict[str, Any]) -> None:
-        if record["round"] == 3:
-            raise _InterruptError
-
-    with pytest.raises(_InterruptError):
-        run_simulation(load_config(None, overrides), tmp_path / "cut", on_round=stop_after_round_3)
+    interrupt_after(load_config(None, overrides), tmp_path / "cut", 3)
     with RunStore.open(tmp_path / "cut") as store:
         assert [r["round"] for r in store.history()] == [1, 2, 3]
     summary = run_simulation(load_config(None), tmp_path / "cut", resume=True)
 
     assert [r["round"] for r in summary["history"]] == [1, 2, 3, 4, 5]
     np.testing.assert_array_equal(
-        _final_weights(tmp_path / "cut"), _final_weights(tmp_path / "whole")
+        final_weights(tmp_path / "cut"), final_weights(tmp_path / "whole")
     )
     whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert [r["accuracy"] for r in summary["history"]] == [r["accuracy"] for r in whole["history"]]
@@ -102,7 +87,7 @@ def test_pool_engine_equals_inprocess(tmp_path: Path) -> None:
         load_config(None, [*base, "engine.name=pool", "engine.workers=2"]), tmp_path / "pool"
     )
     np.testing.assert_allclose(
-        _final_weights(tmp_path / "pool"), _final_weights(tmp_path / "inproc"), atol=1e-5
+        final_weights(tmp_path / "pool"), final_weights(tmp_path / "inproc"), atol=1e-5
     )
 
 
@@ -140,7 +125,7 @@ def test_too_few_successes_leaves_model_unchanged(
     summary = run_simulation(cfg, tmp_path / "run")
     assert all(not r["aggregated"] and r["clients_failed"] == 6 for r in summary["history"])
     initial = LocalTrainer(cfg, _data(cfg)).initial_vector()
-    np.testing.assert_array_equal(_final_weights(tmp_path / "run"), initial)
+    np.testing.assert_array_equal(final_weights(tmp_path / "run"), initial)
 
 
 def _data(cfg: RunConfig) -> Any:

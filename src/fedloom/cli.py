@@ -36,7 +36,7 @@ from fedloom.privacy.leakage_settings import (
     add_leakage_arguments,
     leakage_settings_from_args,
 )
-from fedloom.store import RunStore, RunStoreError
+from fedloom.store import DB_FILE, RunStore, RunStoreError
 
 EXIT_USER_ERROR = 2
 #: What a shell reports for a process ended by SIGINT (128 + 2); Ctrl-C exits with it.
@@ -254,10 +254,12 @@ def _cmd_centralized(args: argparse.Namespace, console: Console) -> int:
     from fedloom.engine.simulation import run_centralized, write_outputs
 
     store: RunStore | None = None
-    if args.out is not None and (args.out / "run.sqlite").exists():
+    run_cfg: RunConfig | None = None  # the config of the run in --out, if there is one
+    if args.out is not None and (args.out / DB_FILE).exists():
         store = RunStore.open(args.out)
-    if args.config is None and not args.overrides and store is not None:
-        cfg = config_from_dict(store.config())
+        run_cfg = config_from_dict(store.config())
+    if args.config is None and not args.overrides and run_cfg is not None:
+        cfg = run_cfg
     else:
         cfg = load_config(args.config, args.overrides)
     console.print(f"centralized baseline: {cfg.data.name}, {cfg.model.name}, pooled data ...")
@@ -270,9 +272,8 @@ def _cmd_centralized(args: argparse.Namespace, console: Console) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "centralized.json").write_text(json.dumps(result, indent=2) + "\n")
-    if store is not None:
+    if store is not None and run_cfg is not None:
         store.set_meta("centralized_accuracy", result["accuracy"])
-        run_cfg = config_from_dict(store.config())
         from fedloom.data import build_federated_dataset
 
         num_clients = build_federated_dataset(run_cfg.data, run_cfg.seed).num_clients
@@ -318,7 +319,7 @@ def _cmd_leakage(args: argparse.Namespace, console: Console) -> int:
             report = run_leakage(settings)
     except KeyboardInterrupt:
         print("fedloom: interrupted; no results were written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     console.print(
         format_leakage_report(report, settings), markup=False, highlight=False, soft_wrap=True
     )

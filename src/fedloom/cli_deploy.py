@@ -16,8 +16,6 @@ from rich.console import Console
 
 from fedloom.config import ConfigError
 
-EXIT_USER_ERROR = 2
-
 
 def run_deploy_command(args: argparse.Namespace, console: Console) -> int:
     if args.command == "server":
@@ -75,14 +73,9 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
             on_round=round_done,
             on_listening=listening,
         )
-    except TokenFileError as err:
+    except (TokenFileError, TimeoutError, OSError) as err:
+        # One line and exit 2, as for any error the user can fix (fedloom.cli.main).
         raise ConfigError(str(err)) from None
-    except TimeoutError as err:
-        print(f"fedloom: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as err:
-        print(f"fedloom: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return interrupted(f"fedloom server --resume {out_dir} --address {args.address} ...")
     console.print(summary_table(summary))
@@ -91,7 +84,7 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from fedloom.cli import EXIT_INTERRUPTED
+    from fedloom.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR
     from fedloom.engine.grpc.client import (
         AppFactory,
         BuiltinApp,
@@ -151,8 +144,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         print(f"fedloom: refused by the server: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except ConnectionError as err:
-        print(f"fedloom: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        raise ConfigError(str(err)) from None
     except KeyboardInterrupt:
         stop.set()
         return EXIT_INTERRUPTED

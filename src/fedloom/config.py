@@ -325,13 +325,11 @@ def check_privacy(cfg: RunConfig) -> None:
 def _check_local_dp(cfg: RunConfig) -> None:
     """Cross-field rules of local (example-level) DP; a violation is a one-line ConfigError."""
     p = cfg.privacy
-    if not p.local_dp:
-        if p.local_delta is not None:
-            raise ConfigError(
-                "privacy.local_delta is set but privacy.local_dp is false; set "
-                "privacy.local_dp = true to train clients with DP-SGD"
-            )
-        return
+    if not p.local_dp and p.local_delta is not None:
+        raise ConfigError(
+            "privacy.local_delta is set but privacy.local_dp is false; set "
+            "privacy.local_dp = true to train clients with DP-SGD"
+        )
 
 
 def _format_validation_error(err: ValidationError) -> str:

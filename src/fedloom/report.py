@@ -226,6 +226,16 @@ def _points(history: Iterable[Mapping[str, Any]], key: str) -> tuple[list[int], 
     return xs, ys
 
 
+def _plot_series(
+    ax: Any, history: Sequence[Mapping[str, Any]], series: Iterable[tuple[str, str, str]]
+) -> None:
+    """One line per ``(key, label, style)`` whose key was recorded in some round."""
+    for key, label, style in series:
+        xs, ys = _points(history, key)
+        if xs:
+            ax.plot(xs, ys, style, markersize=3, label=label)
+
+
 def plot_accuracy(
     history: Sequence[Mapping[str, Any]],
     path: Path,
@@ -247,27 +257,20 @@ def plot_accuracy(
     FigureCanvasAgg(fig)
     ax_acc, ax_loss = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
 
-    for key, label, style in (
-        ("accuracy", "accuracy (server eval)", "-o"),
-        ("fed_accuracy", "accuracy (federated eval)", "--s"),
+    _plot_series(
+        ax_acc,
+        history,
+        (
+            ("accuracy", "accuracy (server eval)", "-o"),
+            ("fed_accuracy", "accuracy (federated eval)", "--s"),
+        ),
+    )
+    for value, name, color in (
+        (baseline_accuracy, "centralized baseline", "tab:gray"),
+        (target_accuracy, "target", "tab:red"),
     ):
-        xs, ys = _points(history, key)
-        if xs:
-            ax_acc.plot(xs, ys, style, markersize=3, label=label)
-    if baseline_accuracy is not None:
-        ax_acc.axhline(
-            baseline_accuracy,
-            linestyle="--",
-            color="tab:gray",
-            label=f"centralized baseline {baseline_accuracy:.4f}",
-        )
-    if target_accuracy is not None:
-        ax_acc.axhline(
-            target_accuracy,
-            linestyle="--",
-            color="tab:red",
-            label=f"target {target_accuracy:.4f}",
-        )
+        if value is not None:
+            ax_acc.axhline(value, linestyle="--", color=color, label=f"{name} {value:.4f}")
     ax_acc.set_ylabel("accuracy")
     ax_acc.grid(True, alpha=0.3)
     if ax_acc.get_legend_handles_labels()[0]:
@@ -277,14 +280,15 @@ def plot_accuracy(
             0.5, 0.5, "no evaluated rounds", ha="center", va="center", transform=ax_acc.transAxes
         )
 
-    for key, label, style in (
-        ("loss", "loss (server eval)", "-o"),
-        ("fed_loss", "loss (federated eval)", "--s"),
-        ("train_loss", "train loss (clients)", ":"),
-    ):
-        xs, ys = _points(history, key)
-        if xs:
-            ax_loss.plot(xs, ys, style, markersize=3, label=label)
+    _plot_series(
+        ax_loss,
+        history,
+        (
+            ("loss", "loss (server eval)", "-o"),
+            ("fed_loss", "loss (federated eval)", "--s"),
+            ("train_loss", "train loss (clients)", ":"),
+        ),
+    )
     ax_loss.set_xlabel("round")
     ax_loss.set_ylabel("loss")
     ax_loss.grid(True, alpha=0.3)
@@ -356,7 +360,7 @@ def redraw(run_dir: Path, console: Console | None = None, *, max_rows: int = 40)
             except RunStoreError:
                 target = None
         summary = stored if stored is not None else summarize_history(history, target, baseline)
-        store.write_history_csv()
+        store.write_history_csv(history)
     plot_accuracy(history, run_dir / PLOT_FILE, baseline, target, title=run_dir.name)
 
     if stored is None:

@@ -43,7 +43,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -181,17 +181,14 @@ def _create_temp(directory: Path, prefix: str) -> Path:
     raise FileExistsError(f"cannot create a temporary file in {directory}")
 
 
-def atomic_write(path: Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a
-    torn one: write a temporary file in the same directory, fsync it, ``os.replace`` it.
+def _replace_with(tmp: Path, path: Path, write: Callable[[Path], object]) -> None:
+    """Have ``write`` fill ``tmp`` (a file from :func:`_create_temp` beside ``path``), fsync
+    it and ``os.replace`` it onto ``path``: readers see the old file or the new one, never
+    a torn one. On any failure ``tmp`` is removed and ``path`` is left as it was.
     """
-    path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = _create_temp(path.parent, f".tmp-{path.name}.")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "r+b") as fh:  # writable: Windows' fsync (_commit) needs that
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -199,6 +196,17 @@ def atomic_write(path: Path, data: bytes | str) -> Path:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a
+    torn one: write a temporary file in the same directory, fsync it, ``os.replace`` it.
+    """
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    _replace_with(
+        _create_temp(path.parent, f".tmp-{path.name}."), path, lambda tmp: tmp.write_bytes(payload)
+    )
     return path
 
 
@@ -545,19 +553,13 @@ class RunStore:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temp_files()
         final = self.checkpoint_path(rnd)
-        tmp = _create_temp(ckpt_dir, f"{_CKPT_TMP_PREFIX}{rnd:05d}.")
-        try:
+
+        def write(tmp: Path) -> None:
             mode = tmp.stat().st_mode & 0o777  # safetensors may recreate the file as 0600
             save_file(tensors, tmp, metadata=metadata)
             os.chmod(tmp, mode)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(ckpt_dir)
+
+        _replace_with(_create_temp(ckpt_dir, f"{_CKPT_TMP_PREFIX}{rnd:05d}."), final, write)
         self.set_meta("latest_checkpoint_round", rnd)
 
         files = self._checkpoint_files()
@@ -613,14 +615,16 @@ class RunStore:
 
     # --------------------------------------------------------------------- exports
 
-    def write_history_csv(self) -> Path:
+    def write_history_csv(self, history: Sequence[Mapping[str, Any]] | None = None) -> Path:
         """Export the history to ``history.csv`` (atomically) and return its path.
 
         Columns are the union of all record keys in first-seen order with ``round``
         first, so adding a metric never reorders existing columns. ``None`` is an empty
-        cell; nested values are JSON.
+        cell; nested values are JSON. A caller that has just read :meth:`history` passes
+        it in, so the rounds are not read and parsed again.
         """
-        history = self.history()
+        if history is None:
+            history = self.history()
         columns: dict[str, None] = {"round": None}
         for record in history:
             columns.update(dict.fromkeys(record))

@@ -49,7 +49,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -66,9 +66,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedloom.config import ConfigError, RunConfig
 from fedloom.data.base import ArrayDataset
+from fedloom.messages import FitTask
 from fedloom.params import module_to_vector, vector_to_module
 from fedloom.privacy.noise import secure_standard_normal
 from fedloom.seeding import torch_generator
+
+if TYPE_CHECKING:
+    from fedloom.client.trainer import WorkPlan
 
 # Purpose tags for the generators of local DP (see fedloom.seeding; kept apart from its
 # small integers so they never collide with a tag added there).
@@ -116,12 +120,6 @@ def local_delta(cfg: RunConfig, num_examples: int) -> float:
     return min(p.delta, 1.0 / (10 * max(num_examples, 1)))
 
 
-@dataclass
-class LocalDPOutcome:
-    delta: np.ndarray
-    metrics: dict[str, float]
-
-
 class LocalDPSGD:
     """DP-SGD for any client of a process, with each client's privacy ledger."""
 
@@ -156,19 +154,13 @@ class LocalDPSGD:
         return _epsilon(history, delta) if history else 0.0
 
     def fit(
-        self,
-        client_id: int,
-        rnd: int,
-        train: ArrayDataset,
-        global_vector: np.ndarray,
-        epochs: int,
-        max_steps: int | None,
-    ) -> LocalDPOutcome:
+        self, task: FitTask, train: ArrayDataset, global_vector: np.ndarray, plan: WorkPlan
+    ) -> tuple[np.ndarray, dict[str, float]]:
         """Train one client for one round from ``global_vector``; return Δ and metrics."""
         cfg, cc, p = self.cfg, self.cfg.client, self.cfg.privacy
+        client_id, rnd = task.client_id, task.round
         model = copy.deepcopy(self.template).train()
         vector_to_module(global_vector, model)
-        w0 = [q.detach().clone() for q in model.parameters()]
         dataset = TensorDataset(torch.from_numpy(train.x), torch.from_numpy(train.y))
         secure = p.secure_noise
         loader = DataLoader(
@@ -202,28 +194,22 @@ class LocalDPSGD:
         if secure:
             dp_opt = SecureNoiseDPOptimizer.replacing(dp_opt)
         if cc.proximal_mu:
-            _add_proximal_term(dp_opt, list(model.parameters()), w0, cc.proximal_mu)
+            _add_proximal_term(dp_opt, list(model.parameters()), cc.proximal_mu)
 
         loss_sum = torch.zeros((), dtype=torch.float64)
-        nonempty = steps = epoch = 0
+        nonempty = steps = 0
         with warnings.catch_warnings():
             # Opacus' hooks on the first layer, whose input needs no gradient: harmless.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            while (max_steps is None and epoch < epochs) or (
-                max_steps is not None and steps < max_steps
-            ):
-                for xb, yb in dp_loader:
-                    dp_opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(module(xb), yb)
-                    loss.backward()
-                    dp_opt.step()
-                    if len(yb):
-                        loss_sum += loss.detach()
-                        nonempty += 1
-                    steps += 1
-                    if max_steps is not None and steps >= max_steps:
-                        break
-                epoch += 1
+            for xb, yb in plan.batches(lambda: dp_loader):
+                dp_opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(module(xb), yb)
+                loss.backward()
+                dp_opt.step()
+                if len(yb):
+                    loss_sum += loss.detach()
+                    nonempty += 1
+                steps += 1
         module._close()  # remove Opacus' hooks; the plain copy is discarded anyway
 
         self.histories[client_id] = [
@@ -239,7 +225,7 @@ class LocalDPSGD:
             "local_delta": delta_at,
             "local_sample_rate": float(dp_loader.sample_rate),
         }
-        return LocalDPOutcome(delta, metrics)
+        return delta, metrics
 
 
 class SecureNoiseDPOptimizer(DPOptimizer):
@@ -308,14 +294,14 @@ def _epsilon(history: list[HistoryEntry], delta: float) -> float:
         return float(accountant.get_epsilon(delta))
 
 
-def _add_proximal_term(
-    optimizer: DPOptimizer, params: list[torch.Tensor], w0: list[torch.Tensor], mu: float
-) -> None:
+def _add_proximal_term(optimizer: DPOptimizer, params: list[torch.Tensor], mu: float) -> None:
     """Add μ(w − w_t) to the noised gradient before each step (FedProx, Li et al. 2020).
 
-    Opacus' step hook runs after clipping, noising and scaling and before the optimizer's
-    own step; the accountant's hook is kept and called afterwards.
+    w_t is the value of ``params`` now, before training. Opacus' step hook runs after
+    clipping, noising and scaling and before the optimizer's own step; the accountant's
+    hook is kept and called afterwards.
     """
+    w0 = [w.detach().clone() for w in params]
     accountant_hook = optimizer.step_hook
 
     def hook(opt: DPOptimizer) -> None:

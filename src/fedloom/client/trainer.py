@@ -11,8 +11,9 @@ runs the client or in what order.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import FlatBinding, bind_flat_parameters
 from fedloom.privacy.central import clip_update
 from fedloom.seeding import SHUFFLE, STRAGGLER, derive_rng, torch_generator
+
+B = TypeVar("B")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,22 @@ class WorkPlan:
     epochs: int
     max_steps: int | None
     straggler: bool
+
+    def batches(self, epoch: Callable[[], Iterable[B]]) -> Iterator[B]:
+        """The batches this plan trains on: ``epochs`` passes over ``epoch()``, or with
+        ``max_steps`` exactly that many batches (passes repeat; the last is cut short).
+
+        ``epoch`` is called at the start of each pass, so a shuffle it draws happens then.
+        Plain SGD and DP-SGD both train through this, so their plans mean the same work.
+        """
+        steps = passes = 0
+        while (passes < self.epochs) if self.max_steps is None else (steps < self.max_steps):
+            for batch in epoch():
+                yield batch
+                steps += 1
+                if self.max_steps is not None and steps >= self.max_steps:
+                    return
+            passes += 1
 
 
 def plan_work(cfg: ClientConfig, seed: int, task: FitTask, num_examples: int) -> WorkPlan:
@@ -129,10 +148,7 @@ class LocalTrainer:
             return FitResult(task.client_id, task.round, None, len(train), straggler=True)
 
         if self.local_dp is not None:
-            out = self.local_dp.fit(
-                task.client_id, task.round, train, global_vector, plan.epochs, plan.max_steps
-            )
-            delta, metrics = out.delta, out.metrics
+            delta, metrics = self.local_dp.fit(task, train, global_vector, plan)
         else:
             delta, metrics = self._fit_sgd(task, train, global_vector, plan)
         if self.cfg.privacy.mechanism == "central":
@@ -152,26 +168,23 @@ class LocalTrainer:
         buf.zero_()
         x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
         gen = torch_generator(self.cfg.seed, SHUFFLE, task.round, task.client_id)
+        n, bs = len(train), cc.batch_size
+
+        def shuffled() -> Iterator[torch.Tensor]:
+            perm = torch.randperm(n, generator=gen)
+            return (perm[start : start + bs] for start in range(0, n, bs))
+
         self.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64)
         steps = 0
-        n, bs = len(train), cc.batch_size
-        budget = plan.max_steps
-        epoch = 0
-        while (budget is None and epoch < plan.epochs) or (budget is not None and steps < budget):
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n, bs):
-                idx = perm[start : start + bs]
-                g.zero_()
-                loss = F.cross_entropy(self.model(x[idx]), y[idx])
-                loss.backward()
-                with torch.no_grad():
-                    self._sgd_step(w, g, w0, buf, cc)
-                loss_sum += loss.detach()
-                steps += 1
-                if budget is not None and steps >= budget:
-                    break
-            epoch += 1
+        for idx in plan.batches(shuffled):
+            g.zero_()
+            loss = F.cross_entropy(self.model(x[idx]), y[idx])
+            loss.backward()
+            with torch.no_grad():
+                self._sgd_step(w, g, w0, buf, cc)
+            loss_sum += loss.detach()
+            steps += 1
         delta = (w - w0).numpy().copy()
         metrics = {"train_loss": float(loss_sum) / max(steps, 1), "steps": float(steps)}
         return delta, metrics

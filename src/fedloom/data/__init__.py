@@ -47,11 +47,11 @@ _BUILDERS: dict[str, Builder] = {
 _NATURALLY_SPLIT = {"synthetic": "device", "shakespeare": "speaking role"}
 
 
-def data_rng(seed: int) -> np.random.Generator:
-    """The generator every random choice about the data comes from."""
+def data_rng(seed: int, *stream: int) -> np.random.Generator:
+    """The generator random choices about the data come from; ``stream`` picks another one."""
     if seed < 0:
         raise ConfigError(f"seed is {seed}; use a seed >= 0")
-    return np.random.default_rng(np.random.SeedSequence([seed, DATA_STREAM_TAG]))
+    return np.random.default_rng(np.random.SeedSequence([seed, DATA_STREAM_TAG, *stream]))
 
 
 def build_federated_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
@@ -68,11 +68,7 @@ def build_federated_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
             f"data.partition '{cfg.partition}' is ignored"
         )
     if cfg.client_test_fraction > 0.0:
-        _hold_out_client_tests(
-            dataset,
-            cfg.client_test_fraction,
-            np.random.default_rng(np.random.SeedSequence([seed, DATA_STREAM_TAG, 1])),
-        )
+        _hold_out_client_tests(dataset, cfg.client_test_fraction, data_rng(seed, 1))
     return dataset
 
 

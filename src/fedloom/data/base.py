@@ -3,14 +3,18 @@
 Data are plain NumPy arrays: features ``x`` (float32 for tabular and image data, uint8
 character ids for text) and integer labels ``y`` (int64). Clients convert them to
 tensors once and keep them, so nothing here depends on a training framework.
+:func:`data_path` is how the builders that read files find ``data.path``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from fedloom.config import ConfigError, DataConfig
 
 DataKind = Literal["tabular", "image", "sequence"]
 
@@ -72,3 +76,21 @@ class FederatedDataset:
 
     def client_sizes(self) -> np.ndarray:
         return np.array([len(c.train) for c in self.clients], dtype=np.int64)
+
+
+def data_path(cfg: DataConfig, *, directory: bool, hint: str) -> Path:
+    """``data.path`` with ``~`` expanded, which must be an existing directory or file.
+
+    Otherwise a one-line :class:`ConfigError` says what is wrong and ends with ``hint``
+    (what to point ``data.path`` at).
+    """
+    if cfg.path is None:
+        raise ConfigError(f"data.path is not set; {hint}")
+    path = Path(cfg.path).expanduser()
+    if path.is_dir() if directory else path.is_file():
+        return path
+    if directory:
+        what = "is not a directory" if path.exists() else "does not exist"
+    else:
+        what = "is a directory" if path.is_dir() else "does not exist"
+    raise ConfigError(f"data.path '{cfg.path}' {what}; {hint}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedloom.config import ConfigError, DataConfig
-from fedloom.data.base import ArrayDataset, FederatedDataset
+from fedloom.data.base import ArrayDataset, FederatedDataset, data_path
 from fedloom.data.partition import clients_from_parts, partition_from_config, stratified_split
 
 IMAGES_MAGIC = 0x00000803
@@ -110,21 +110,11 @@ def _load_pair(directory: Path, prefix: str) -> ArrayDataset | None:
     return ArrayDataset(x, labels.astype(np.int64))
 
 
-def _directory(cfg: DataConfig) -> Path:
-    if cfg.path is None:
-        raise ConfigError("data.path is not set; point it at a directory holding MNIST IDX files")
-    directory = Path(cfg.path).expanduser()
-    if not directory.is_dir():
-        what = "is not a directory" if directory.exists() else "does not exist"
-        raise ConfigError(
-            f"data.path '{cfg.path}' {what}; point it at a directory holding MNIST IDX files"
-        )
-    return directory
-
-
 def build_mnist(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
     """Partition the training images across clients; ``t10k`` (or a split of it) is the test set."""
-    directory = _directory(cfg)
+    directory = data_path(
+        cfg, directory=True, hint="point it at a directory holding MNIST IDX files"
+    )
     train = _load_pair(directory, "train")
     test = _load_pair(directory, "t10k")
     notes: list[str] = []

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from fedloom.config import ConfigError, DataConfig
-from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
+from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset, data_path
 
 SPEAKER = re.compile(r"[A-Za-z][A-Za-z ,&'.-]{0,48}:")
 MAX_VOCAB = 256  # ids are stored as uint8
@@ -83,15 +82,9 @@ def _client(client_id: int, role: _Role, seq_len: int) -> ClientData:
 
 
 def _read_text(cfg: DataConfig) -> str:
-    if cfg.path is None:
-        raise ConfigError("data.path is not set; point it at a plain-text play file")
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(
-            f"data.path '{cfg.path}' {what}; point it at a plain-text play file "
-            "(e.g. tinyshakespeare.txt)"
-        )
+    path = data_path(
+        cfg, directory=False, hint="point it at a plain-text play file (e.g. tinyshakespeare.txt)"
+    )
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -31,22 +31,21 @@ def label_histogram(dataset: FederatedDataset) -> np.ndarray:
     return np.stack(rows).astype(np.int64)
 
 
-def _client_distances(hist: np.ndarray) -> np.ndarray:
-    """Total-variation distance of each non-empty client's label mix from the global mix."""
+def _skew(hist: np.ndarray) -> float:
+    """:func:`label_skew` of a :func:`label_histogram`; clients without data do not count."""
     sizes = hist.sum(axis=1)
     hist = hist[sizes > 0]
     sizes = sizes[sizes > 0]
     if len(sizes) == 0:
-        return np.zeros(0)
+        return 0.0
     global_mix = hist.sum(axis=0) / sizes.sum()
     client_mix = hist / sizes[:, None]
-    return np.asarray(0.5 * np.abs(client_mix - global_mix).sum(axis=1))
+    return float((0.5 * np.abs(client_mix - global_mix).sum(axis=1)).mean())
 
 
 def label_skew(dataset: FederatedDataset) -> float:
     """Mean total-variation distance of client label distributions from the global one."""
-    distances = _client_distances(label_histogram(dataset))
-    return float(distances.mean()) if len(distances) else 0.0
+    return _skew(label_histogram(dataset))
 
 
 def _row_cells(name: str, counts: np.ndarray, wide: bool) -> list[str]:
@@ -78,8 +77,7 @@ def format_label_histogram(dataset: FederatedDataset, max_rows: int = 30) -> str
         lines.append(f"... {dataset.num_clients - max_rows} more clients")
     lines.append(fmt(rows[-1]))
     lines.append(
-        f"label skew (mean total-variation distance from the global label mix): "
-        f"{label_skew(dataset):.3f}"
+        f"label skew (mean total-variation distance from the global label mix): {_skew(hist):.3f}"
     )
     return "\n".join(lines)
 
@@ -117,7 +115,7 @@ def plot_label_histogram(dataset: FederatedDataset, path: str | Path) -> Path:
         ax.set_ylabel("label")
     ax.set_xlabel("client")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{dataset.name}: labels per client (skew {label_skew(dataset):.2f})")
+    ax.set_title(f"{dataset.name}: labels per client (skew {_skew(hist):.2f})")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

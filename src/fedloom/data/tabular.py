@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fedloom.config import ConfigError, DataConfig
-from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
+from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset, data_path
 from fedloom.data.partition import (
     clients_from_parts,
     partition_from_config,
@@ -52,18 +52,6 @@ class Table:
     @property
     def num_rows(self) -> int:
         return len(self.lines)
-
-
-def _open_path(cfg: DataConfig) -> Path:
-    if cfg.path is None:
-        raise ConfigError("data.path is not set; point it at a CSV file with a header row")
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(
-            f"data.path '{cfg.path}' {what}; point it at a CSV file with a header row"
-        )
-    return path
 
 
 def _delimiter(first_line: str) -> str:
@@ -117,6 +105,18 @@ def _require_column(table: Table, key: str, column: str | None) -> str:
             f"{key} '{column}' is not a column of '{table.path}'; columns are: {shown}"
         )
     return column
+
+
+def _filled_cells(table: Table, column: str, role: str, remedy: str) -> list[str]:
+    """The cells of ``column``; a blank one is an error naming its line and ``remedy``."""
+    cells = table.columns[column]
+    blank = next((i for i, c in enumerate(cells) if not c), None)
+    if blank is not None:
+        raise ConfigError(
+            f"{role} column '{column}' is blank at line {table.lines[blank]} of "
+            f"'{table.path}'; {remedy}"
+        )
+    return cells
 
 
 def _parse_float(cell: str) -> float | None:
@@ -201,13 +201,7 @@ def encode_labels(
     ``pinned`` (``data.classes``) fixes the order; otherwise it is derived from the values
     present, which is only safe when one party sees every class.
     """
-    cells = table.columns[column]
-    blank = next((i for i, c in enumerate(cells) if not c), None)
-    if blank is not None:
-        raise ConfigError(
-            f"label column '{column}' is blank at line {table.lines[blank]} of '{table.path}'; "
-            "fill it in or drop the row"
-        )
+    cells = _filled_cells(table, column, "label", "fill it in or drop the row")
     if pinned is not None:
         unknown = sorted(set(cells) - set(pinned))
         if unknown:
@@ -250,20 +244,11 @@ def _natural_clients(
     return clients_from_parts(train, [p for p, _ in kept], [n for _, n in kept])
 
 
-def _key_cells(table: Table, key: str) -> np.ndarray:
-    cells = table.columns[key]
-    blank = next((i for i, c in enumerate(cells) if not c), None)
-    if blank is not None:
-        raise ConfigError(
-            f"key column '{key}' is blank at line {table.lines[blank]} of '{table.path}'; "
-            "every row needs a client key"
-        )
-    return np.asarray(cells, dtype=object)
-
-
 def build_csv(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
     """Encode features and labels, hold out a stratified test set, split the rest into clients."""
-    table = read_table(_open_path(cfg))
+    table = read_table(
+        data_path(cfg, directory=False, hint="point it at a CSV file with a header row")
+    )
     label = _require_column(table, "data.label_column", cfg.label_column)
     key = (
         None
@@ -286,7 +271,8 @@ def build_csv(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
     shown = ", ".join(f"{i}={c!r}" for i, c in enumerate(classes[:20]))
     notes = [f"csv: labels {shown}" + (", ..." if len(classes) > 20 else "")]
     if key is not None and cfg.partition == "natural":
-        clients = _natural_clients(train, _key_cells(table, key)[train_idx], cfg, notes)
+        keys = _filled_cells(table, key, "key", "every row needs a client key")
+        clients = _natural_clients(train, np.asarray(keys, dtype=object)[train_idx], cfg, notes)
     else:
         if key is not None:
             notes.append(

@@ -8,7 +8,6 @@ executor: a gRPC service that connected clients pull tasks from.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from fedloom.client.trainer import LocalTrainer
 from fedloom.config import ConfigError, RunConfig
+from fedloom.engine.grpc import max_message_bytes
 from fedloom.engine.grpc.auth import TokenStore
 from fedloom.engine.grpc.server import (
     DeployOptions,
@@ -57,14 +57,15 @@ def is_loopback(address: str) -> bool:
 def server_credentials(address: str, sec: ServerSecurity) -> grpc.ServerCredentials | None:
     """TLS unless explicitly insecure; plaintext is allowed silently only on loopback."""
     if sec.tls_cert is None and sec.tls_key is None:
-        if sec.insecure or is_loopback(address):
-            if not is_loopback(address):
-                log.warning("serving PLAINTEXT on %s (--insecure)", address)
-            return None
-        raise ConfigError(
-            f"address {address} is not loopback: pass --tls-cert and --tls-key "
-            "(make them with 'fedloom certs DIR'), or --insecure to serve plaintext"
-        )
+        loopback = is_loopback(address)
+        if not (sec.insecure or loopback):
+            raise ConfigError(
+                f"address {address} is not loopback: pass --tls-cert and --tls-key "
+                "(make them with 'fedloom certs DIR'), or --insecure to serve plaintext"
+            )
+        if not loopback:
+            log.warning("serving PLAINTEXT on %s (--insecure)", address)
+        return None
     if sec.tls_cert is None or sec.tls_key is None:
         raise ConfigError("--tls-cert and --tls-key go together; pass both")
     for path in (sec.tls_cert, sec.tls_key, sec.client_ca):
@@ -89,15 +90,7 @@ class DeploymentExecutor:
         sec: ServerSecurity,
         on_listening: Callable[[int], None] | None = None,
     ) -> None:
-        d = cfg.deploy
-        self.options = DeployOptions(
-            round_timeout_s=d.round_timeout_s,
-            heartbeat_interval_s=d.heartbeat_interval_s,
-            heartbeat_timeout_s=d.heartbeat_timeout_s,
-            poll_timeout_s=d.poll_timeout_s,
-            chunk_bytes=d.chunk_bytes,
-            wait_for_clients_s=d.wait_for_clients_s,
-        )
+        self.options = DeployOptions.from_config(cfg.deploy)
         self.min_clients = cfg.server.min_fit_clients
         ckks = cfg.privacy.secure_aggregation == "ckks"
         self.registry = Registry(
@@ -112,8 +105,8 @@ class DeploymentExecutor:
             servicer,
             address,
             server_credentials(address, sec),
-            max_workers=d.max_workers,
-            max_message_bytes=max(8 << 20, 2 * d.chunk_bytes),
+            max_workers=cfg.deploy.max_workers,
+            max_message_bytes=max_message_bytes(cfg.deploy.chunk_bytes),
         )
         log.info("listening on port %d", self.port)
         if on_listening is not None:
@@ -154,10 +147,7 @@ class DeploymentExecutor:
 
     def close(self) -> None:
         """Tell every client the run is over (their next poll), then stop serving."""
-        self.inner.close()
-        deadline = time.monotonic() + self.options.poll_timeout_s + 2.0
-        while time.monotonic() < deadline and not self.registry.all_told_to_stop():
-            time.sleep(0.05)
+        self.inner.close(wait=True)
         self.server.stop(grace=2.0).wait(5.0)
 
 

@@ -23,9 +23,10 @@ from fedloom.privacy.secagg.transport import (
     exchange_in_process,
     serve_secagg_round,
 )
+from fedloom.server.loop import LocalClients
 
 
-class InProcessExecutor:
+class InProcessExecutor(LocalClients):
     def __init__(self, trainer: LocalTrainer) -> None:
         self.trainer = trainer
         self._held: dict[tuple[int, int], np.ndarray] = {}
@@ -62,15 +63,6 @@ class InProcessExecutor:
         return [
             run_safely(partial(self.trainer.evaluate_client, t, global_vector), t) for t in tasks
         ]
-
-    def available_clients(self) -> None:
-        return None
-
-    def connected_clients(self) -> None:
-        return None
-
-    def round_metrics(self) -> dict[str, Any]:
-        return {}
 
     def client_state(self) -> dict[str, Any]:
         return self.trainer.client_state()

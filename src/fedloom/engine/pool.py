@@ -41,6 +41,7 @@ from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, Fit
 from fedloom.params import decode_vector, encode_vector
 from fedloom.privacy.secagg import SecAggConfig
 from fedloom.privacy.secagg.transport import SecureSum
+from fedloom.server.loop import LocalClients
 
 Task = FitTask | EvalTask
 Outcome = FitResult | EvalResult | ClientFailure
@@ -123,7 +124,7 @@ class _Worker:
     alive: bool = True
 
 
-class ProcessPoolExecutor:
+class ProcessPoolExecutor(LocalClients):
     """Runs client tasks on ``workers`` processes (0 = one per CPU core)."""
 
     def __init__(
@@ -246,15 +247,6 @@ class ProcessPoolExecutor:
 
     def _alive(self) -> list[_Worker]:
         return [w for w in self.workers if w.alive]
-
-    def available_clients(self) -> None:
-        return None
-
-    def connected_clients(self) -> None:
-        return None
-
-    def round_metrics(self) -> dict[str, Any]:
-        return {}
 
     def secure_sum(
         self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig

@@ -279,7 +279,7 @@ class PrivacyAccountant:
 
     @cached_property
     def _rdp_per_round(self) -> np.ndarray:
-        acc = dp_rdp.RdpAccountant(RDP_ORDERS, self.sampling.neighboring_relation)
+        acc = make_dp_accountant("rdp", self.sampling)
         with _quiet_accountant():
             acc.compose(round_event(self.noise_multiplier, self.sampling))
         return acc.rdp

@@ -64,6 +64,11 @@ class ClippedUpdate:
     below_clip: bool
 
 
+def _l2_norm(delta: np.ndarray) -> float:
+    """‖Δ‖ in float64: the client clips and the server checks by this one measure."""
+    return float(np.linalg.norm(delta.astype(np.float64, copy=False)))
+
+
 def clip_update(delta: np.ndarray, clip_norm: float) -> ClippedUpdate:
     """Scale ``delta`` to L2 norm at most ``clip_norm`` (McMahan et al. 2018, Algorithm 1,
     ``ClipFn`` with flat clipping: Δ · min(1, S / ‖Δ‖)).
@@ -74,7 +79,7 @@ def clip_update(delta: np.ndarray, clip_norm: float) -> ClippedUpdate:
     """
     if clip_norm <= 0:
         raise ValueError(f"clipping norm must be > 0, got {clip_norm}")
-    norm = float(np.linalg.norm(delta.astype(np.float64, copy=False)))
+    norm = _l2_norm(delta)
     if not math.isfinite(norm):
         raise ValueError("update contains NaN or Inf; it cannot be clipped")
     if norm <= clip_norm:
@@ -272,14 +277,16 @@ class CentralDP:
         """The overall z that the accountant is told."""
         return self.accountant.noise_multiplier
 
-    def check_update(self, delta: np.ndarray, clip_norm: float) -> str | None:
-        """Why ``delta`` must not enter the DP sum (None if it may).
+    def check_update(self, delta: np.ndarray) -> str | None:
+        """Why ``delta`` must not enter this round's DP sum (None if it may).
 
-        The guarantee rests on every update having norm ≤ C. A client, engine or wire
-        format that loses the clipping step would silently void it, so the server verifies
-        what it can see and turns a violation into a client failure.
+        The guarantee rests on every update having norm ≤ C, the :attr:`clip_norm` the
+        round's clients were sent. A client, engine or wire format that loses the clipping
+        step would silently void it, so the server verifies what it can see and turns a
+        violation into a client failure.
         """
-        norm = float(np.linalg.norm(delta.astype(np.float64, copy=False)))
+        clip_norm = self.clip_norm
+        norm = _l2_norm(delta)
         if norm > clip_norm * (1.0 + NORM_CHECK_TOLERANCE):
             return (
                 f"update norm {norm:.6g} exceeds the clipping norm {clip_norm:.6g}; "

@@ -18,7 +18,8 @@ Roles are engine-neutral and exchange bytes only, like :mod:`fedloom.privacy.sec
 - :class:`HEAggregator` is the server: it is built from the public-context bytes only,
   checks and adds update messages, and emits the aggregate message.
 
-:func:`run_he_round` drives one round in process and counts bytes and seconds per role.
+:func:`run_he_round` drives one round in process and counts bytes and seconds per role
+(tests and benchmarks); engines run the protocol of :mod:`fedloom.privacy.he_protocol`.
 
 Threat model
 ------------
@@ -47,12 +48,13 @@ Threat model
 - **Decryptions can leak the key.** Li & Micciancio 2021 ("On the Security of
   Homomorphic Encryption on Approximate Numbers", EUROCRYPT) show that CKKS decryption
   results reveal the encryption noise and thus, passively, the secret key. Mitigations
-  here: a fresh key pair per round (:func:`run_he_round`'s default), so a recovered key
-  opens only that round, and the key holder rounds its output to a grid of
-  ``2^-output_precision_bits`` before releasing it. The default 2^-24 ≈ 6e-8 is 50x
-  the measured noise standard deviation of one ciphertext (1.2e-9) but only 3x that of
-  a sum of 200 (1.8e-8), so it hides less as n grows. Rounding is a heuristic; the
-  provable countermeasure (noise flooding) is not implemented.
+  here: a fresh key pair per round (the protocol's key holder and :func:`run_he_round`
+  make one every round), so a recovered key opens only that round, and the key holder
+  rounds its output to a grid of ``2^-output_precision_bits`` before releasing it. The
+  default 2^-24 ≈ 6e-8 is 50x the measured noise standard deviation of one ciphertext
+  (1.2e-9) but only 3x that of a sum of 200 (1.8e-8), so it hides less as n grows.
+  Rounding is a heuristic; the provable countermeasure (noise flooding) is not
+  implemented.
 - **Integrity.** CKKS has none: a tampered ciphertext is either rejected when SEAL
   parses it (:class:`CiphertextFormatError`) or decrypts to a wrong aggregate, and a
   substituted valid ciphertext is indistinguishable from the real one. Integrity and
@@ -98,6 +100,8 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi  # registers the SEAL types that _params_of reads
+
+from fedloom.privacy.secagg.driver import common_length
 
 __all__ = [
     "CKKSParams",
@@ -198,13 +202,7 @@ def aggregate_key_id(data: bytes) -> bytes:
 
     The key holder uses it to pick the (one-time) key before decrypting.
     """
-    view = memoryview(data)
-    if len(view) < _HEADER.size:
-        raise CiphertextFormatError(f"HE message truncated: {len(view)} bytes, no header")
-    magic, version, kind, key_id, *_ = _HEADER.unpack_from(view)
-    if magic != _MAGIC or version != _VERSION or kind != _KIND_AGGREGATE:
-        raise CiphertextFormatError("not an aggregate HE message of this version")
-    return bytes(key_id)
+    return _read_header(memoryview(data), _KIND_AGGREGATE)[0]
 
 
 def update_message_limit(public_context: bytes, length: int) -> int:
@@ -241,7 +239,6 @@ def _load_public_context(public_context: bytes, who: str) -> Any:
 
 @dataclass(frozen=True)
 class _Message:
-    kind: int
     key_id: bytes
     length: int
     count: int
@@ -256,10 +253,8 @@ def _pack(kind: int, key_id: bytes, length: int, count: int, chunks: Iterable[by
     return b"".join(parts)
 
 
-def _unpack(data: bytes, kind: int) -> _Message:
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"HE messages are bytes, got {type(data).__name__}")
-    view = memoryview(data)
+def _read_header(view: memoryview, kind: int) -> tuple[bytes, int, int, int]:
+    """(key id, vector length, contributions, chunks) from the header of a ``kind`` message."""
     if len(view) < _HEADER.size:
         raise CiphertextFormatError(f"HE message truncated: {len(view)} bytes, no header")
     magic, version, got_kind, key_id, length, count, chunks = _HEADER.unpack_from(view)
@@ -270,6 +265,14 @@ def _unpack(data: bytes, kind: int) -> _Message:
         raise CiphertextFormatError(
             f"expected an {names[kind]} message, got kind {names.get(got_kind, got_kind)}"
         )
+    return bytes(key_id), length, count, chunks
+
+
+def _unpack(data: bytes, kind: int) -> _Message:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"HE messages are bytes, got {type(data).__name__}")
+    view = memoryview(data)
+    key_id, length, count, chunks = _read_header(view, kind)
     offset, out = _HEADER.size, []
     for i in range(chunks):
         if offset + _CHUNK_LEN.size > len(view):
@@ -282,7 +285,7 @@ def _unpack(data: bytes, kind: int) -> _Message:
         offset += size
     if offset != len(view):
         raise CiphertextFormatError(f"HE message has {len(view) - offset} trailing bytes")
-    return _Message(got_kind, bytes(key_id), length, count, out)
+    return _Message(key_id, length, count, out)
 
 
 def _chunk_sizes(length: int, slots: int) -> list[int]:
@@ -563,24 +566,20 @@ def run_he_round(
     weights: Mapping[int, float] | None = None,
     *,
     params: CKKSParams | None = None,
-    key_holder: KeyHolder | None = None,
     dropouts: Iterable[int] = (),
 ) -> HERoundResult:
     """Aggregate ``updates`` (client id → flat vector) under CKKS in one round, in process.
 
-    A fresh :class:`KeyHolder` is made unless one is given (then ``params`` must be
-    None). Clients in ``dropouts`` download the context but never upload; the rest are
+    A fresh :class:`KeyHolder` with ``params`` (default :class:`CKKSParams`) makes the
+    key. Clients in ``dropouts`` download the context but never upload; the rest are
     summed. Raises ValueError if the vectors differ in length, if nobody contributes, or
     if n · max|w·x| could exceed the CKKS capacity (a bound every party can check from
-    the clipping norm; here it is checked on the actual inputs).
+    the clipping norm; here it is checked on the actual inputs, before a key is made).
     """
     ids = sorted(updates)
     if not ids:
         raise ValueError("HE aggregation needs at least one update")
-    lengths = {np.shape(updates[c]) for c in ids}
-    if len(lengths) != 1 or len(next(iter(lengths))) != 1:
-        raise ValueError(f"updates must be flat vectors of one length, got shapes {lengths}")
-    length = int(next(iter(lengths))[0])
+    length = common_length(updates)
     w = {c: 1.0 for c in ids} if weights is None else {c: float(weights[c]) for c in ids}
     silent = set(dropouts)
     if not silent <= set(ids):
@@ -588,21 +587,20 @@ def run_he_round(
     senders = [c for c in ids if c not in silent]
     if not senders:
         raise ValueError("every client dropped out: nothing to aggregate")
-    if key_holder is not None and params is not None:
-        raise ValueError("pass params or a key holder, not both")
-
-    started = time.perf_counter()
-    holder = key_holder or KeyHolder(params)
-    key_seconds = time.perf_counter() - started if key_holder is None else 0.0
+    params = params or CKKSParams()
     capacity = max(
         sum(w[c] * float(np.max(np.abs(updates[c]))) for c in senders),
         sum(w[c] for c in senders),
     )
-    if capacity > holder.params.max_abs:
+    if capacity > params.max_abs:
         raise ValueError(
             f"the aggregate could reach {capacity:g}, beyond the CKKS capacity "
-            f"{holder.params.max_abs:g}: clip the updates or use fewer clients per round"
+            f"{params.max_abs:g}: clip the updates or use fewer clients per round"
         )
+
+    started = time.perf_counter()
+    holder = KeyHolder(params)
+    key_seconds = time.perf_counter() - started
     public = holder.public_context
 
     client_seconds = dict.fromkeys(ids, 0.0)

@@ -42,7 +42,7 @@ from fedloom.privacy.he import (
     aggregate_key_id,
     update_message_limit,
 )
-from fedloom.privacy.secagg.transport import SecureSum
+from fedloom.privacy.secagg.transport import CountingExchange, SecureSum
 
 log = logging.getLogger("fedloom.he")
 
@@ -280,59 +280,56 @@ def serve_he_round(
     A client whose reply is missing or malformed is left out of the sum (and logged);
     the round aborts if the key holder does not answer, or if nobody contributes.
     """
-    ids = sorted(client_ids)
-    traffic = {"up": 0, "down": 0}
-
-    def ask(stage: HEStage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
-        traffic["down"] += sum(len(b) for b in outgoing.values())
-        replies = exchange(stage, outgoing)
-        traffic["up"] += sum(len(b) for b in replies.values())
-        return replies
-
+    counted = CountingExchange(exchange)
     try:
-        request = KeyRequest(rnd, vector_length).to_bytes()
-        public = ask(HEStage.KEYGEN, {KEY_HOLDER: request}).get(KEY_HOLDER)
-        if public is None:
-            raise HERoundAbortedError("the CKKS key holder did not answer the key request")
-        try:
-            aggregator = HEAggregator(public, vector_length)
-        except (CiphertextFormatError, ValueError) as err:
-            raise HERoundAbortedError(
-                f"the key holder's public context is unusable: {err}"
-            ) from err
-        encrypt = EncryptRequest(rnd, len(ids), public).to_bytes()
-        for client, data in sorted(ask(HEStage.ENCRYPT, dict.fromkeys(ids, encrypt)).items()):
-            if client not in ids:
-                continue
-            try:
-                aggregator.add(client, data)
-            except CiphertextFormatError as err:
-                log.warning("ckks: client %d's ciphertext rejected: %s", client, err)
-        contributors = tuple(sorted(aggregator.contributors))
-        if not contributors:
-            raise HERoundAbortedError("no client returned a usable ciphertext")
-        reply = ask(HEStage.DECRYPT, {KEY_HOLDER: aggregator.aggregate()}).get(KEY_HOLDER)
-        if reply is None:
-            raise HERoundAbortedError(
-                "the CKKS key holder did not decrypt the aggregate (it refuses sums of too few "
-                "contributions, and each key decrypts once)"
-            )
-        try:
-            decrypted = DecryptedSum.from_bytes(reply, vector_length)
-        except CiphertextFormatError as err:
-            raise HERoundAbortedError(f"the key holder's reply is unusable: {err}") from err
-        if decrypted.key_id != aggregator.key_id or round(decrypted.weight_total) != len(
-            contributors
-        ):
-            raise HERoundAbortedError(
-                f"the key holder decrypted a sum of {decrypted.weight_total:.0f} contributions "
-                f"under another key or count; {len(contributors)} were added"
-            )
-        total = decrypted.sum.astype(np.float32)
-        return SecureSum(total, contributors, traffic["up"], traffic["down"])
-    except HERoundAbortedError as err:
-        err.bytes_up, err.bytes_down = traffic["up"], traffic["down"]
+        total, contributors = _he_round(rnd, client_ids, vector_length, counted)
+    except HERoundAbortedError as err:  # the bytes were still sent: the round record counts them
+        err.bytes_up, err.bytes_down = counted.up, counted.down
         raise
+    return SecureSum(total, contributors, counted.up, counted.down)
+
+
+def _he_round(
+    rnd: int, client_ids: Sequence[int], vector_length: int, exchange: HEExchange
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """keygen, encrypt, decrypt: the float32 sum and who contributed to it."""
+    ids = sorted(client_ids)
+    request = KeyRequest(rnd, vector_length).to_bytes()
+    public = exchange(HEStage.KEYGEN, {KEY_HOLDER: request}).get(KEY_HOLDER)
+    if public is None:
+        raise HERoundAbortedError("the CKKS key holder did not answer the key request")
+    try:
+        aggregator = HEAggregator(public, vector_length)
+    except ValueError as err:  # CiphertextFormatError, SecretKeyError
+        raise HERoundAbortedError(f"the key holder's public context is unusable: {err}") from err
+    encrypt = EncryptRequest(rnd, len(ids), public).to_bytes()
+    asked = set(ids)
+    for client, data in sorted(exchange(HEStage.ENCRYPT, dict.fromkeys(ids, encrypt)).items()):
+        if client not in asked:
+            continue
+        try:
+            aggregator.add(client, data)
+        except CiphertextFormatError as err:
+            log.warning("ckks: client %d's ciphertext rejected: %s", client, err)
+    contributors = tuple(sorted(aggregator.contributors))
+    if not contributors:
+        raise HERoundAbortedError("no client returned a usable ciphertext")
+    reply = exchange(HEStage.DECRYPT, {KEY_HOLDER: aggregator.aggregate()}).get(KEY_HOLDER)
+    if reply is None:
+        raise HERoundAbortedError(
+            "the CKKS key holder did not decrypt the aggregate (it refuses sums of too few "
+            "contributions, and each key decrypts once)"
+        )
+    try:
+        decrypted = DecryptedSum.from_bytes(reply, vector_length)
+    except CiphertextFormatError as err:
+        raise HERoundAbortedError(f"the key holder's reply is unusable: {err}") from err
+    if decrypted.key_id != aggregator.key_id or round(decrypted.weight_total) != len(contributors):
+        raise HERoundAbortedError(
+            f"the key holder decrypted a sum of {decrypted.weight_total:.0f} contributions "
+            f"under another key or count; {len(contributors)} were added"
+        )
+    return decrypted.sum.astype(np.float32), contributors
 
 
 def exchange_he_in_process(
@@ -348,7 +345,7 @@ def exchange_he_in_process(
                     replies[who] = key_holder.respond(stage, data)
                 else:
                     replies[who] = encrypt_for_round(updates[who], data)
-            except (CiphertextFormatError, ValueError) as err:
+            except ValueError as err:  # CiphertextFormatError included
                 log.warning("ckks %s: participant %d did not answer: %s", stage, who, err)
         return replies
 

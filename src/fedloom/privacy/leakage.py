@@ -486,6 +486,8 @@ def psnr(reconstruction: np.ndarray, truth: np.ndarray, peak: float = 1.0) -> fl
 #: The attacks a report runs: DLG and iDLG on the observation as one client's gradient,
 #: and (secure aggregation only) DLG with K dummies, scored by its best match.
 AttackName = Literal["dlg", "idlg", "batch"]
+#: Every attack, in the order the table and ``leakage.json`` list them.
+_ATTACKS: tuple[AttackName, ...] = ("dlg", "idlg", "batch")
 
 
 @dataclass(frozen=True)
@@ -741,16 +743,15 @@ def format_leakage_table(report: LeakageReport) -> str:
     """The plain-text table: per condition, PSNR in dB (mean ± sd over targets) and mean
     MSE of each attack, iDLG's label accuracy and the mean seconds per target (observing
     the update and all attacks); then the "learned nothing" baselines."""
-    attacks: tuple[AttackName, ...] = ("dlg", "idlg", "batch")
     header = f"{'condition':<26}"
-    for attack in attacks:
+    for attack in _ATTACKS:
         header += f" {_ATTACK_TITLES[attack] + ' PSNR':>12} {'MSE':>7}"
     header += f" {'label acc':>9} {'s/target':>8}"
     lines = [header, "-" * len(header)]
     truths = report.truths
     for r in report.results:
         line = f"{r.condition.name:<26}"
-        for attack in attacks:
+        for attack in _ATTACKS:
             line += (
                 f" {_mean_sd(r.psnrs(truths, attack)):>12} {_mean_mse(r.mses(truths, attack)):>7}"
             )
@@ -801,7 +802,6 @@ def leakage_summary(report: LeakageReport, settings: LeakageSettings) -> dict[st
     "learned nothing" baselines. The numbers are those of :func:`format_leakage_table`
     before rounding; ``batch`` (DLG×K) is None outside secure aggregation."""
     truths = report.truths
-    attacks: tuple[AttackName, ...] = ("dlg", "idlg", "batch")
     conditions = [
         {
             "name": r.condition.name,
@@ -812,7 +812,7 @@ def leakage_summary(report: LeakageReport, settings: LeakageSettings) -> dict[st
             "label_accuracy": r.label_accuracy,
             "inferred_labels": [t.inferred_label for t in r.trials],
             "seconds": r.seconds,
-            "attacks": {a: _attack_summary(r, truths, a) for a in attacks},
+            "attacks": {a: _attack_summary(r, truths, a) for a in _ATTACKS},
         }
         for r in report.results
     ]

@@ -81,6 +81,24 @@ class ClientExecutor(Protocol):
     def close(self) -> None: ...
 
 
+class LocalClients:
+    """The :class:`ClientExecutor` answers of an engine that runs every client itself.
+
+    Simulation engines (in-process, process pool) reach every client at any time and keep
+    no counters of their own, so sampling and federated evaluation cover all clients and
+    the round record gets nothing extra.
+    """
+
+    def available_clients(self) -> None:
+        return None
+
+    def connected_clients(self) -> None:
+        return None
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {}
+
+
 CentralEvaluator = Callable[[np.ndarray], tuple[float, float]]
 
 
@@ -232,63 +250,19 @@ class FederatedServer:
         tasks = [
             FitTask(int(c), rnd, cfg.server.drop_stragglers, clip_norm, secure) for c in sampled
         ]
-        outcomes = self.executor.fit(tasks, state.weights)
+        updates, failures, dropped = _triage(self.executor.fit(tasks, state.weights), rnd, dp)
+        self._record_failures(rnd, failures)
 
-        updates: list[FitResult] = []
-        failures: list[ClientFailure] = []
-        dropped = 0
-        for out in outcomes:
-            if isinstance(out, ClientFailure):
-                failures.append(out)
-            elif out.held:
-                updates.append(out)
-            elif out.delta is None:
-                dropped += 1
-            elif not np.all(np.isfinite(out.delta)):
-                failures.append(ClientFailure(out.client_id, rnd, "update contains NaN or Inf", ""))
-            elif dp is not None and (why := _dp_reject(dp, out, dp.clip_norm)):
-                failures.append(ClientFailure(out.client_id, rnd, why, ""))
-            else:
-                updates.append(out)
-        updates.sort(key=lambda r: r.client_id)
-        for f in failures:
-            log.warning("round %d: client %d failed: %s", rnd, f.client_id, f.error)
-            if f.traceback:
-                log.debug("client %d traceback:\n%s", f.client_id, f.traceback)
-            if self.store is not None:
-                self.store.record_failure(rnd, f.client_id, f.error, f.traceback)
-
-        dp_fields: dict[str, Any] = {}
+        # Under DP every round aggregates, whoever answered (see the module docstring).
         aggregated = dp is not None or len(updates) >= cfg.server.min_aggregate_clients
+        secure_sum: np.ndarray | None = None
         secure_fields: dict[str, Any] = {}
         if secure and aggregated:
-            updates, secure_fields = self._secure_aggregate(rnd, updates, clip_norm)
+            updates, secure_sum, secure_fields = self._secure_aggregate(rnd, updates, clip_norm)
             aggregated = dp is not None or bool(updates)
-        if secure and aggregated and dp is None:
-            state.weights = state.optimizer.step(
-                state.weights, secure_fields.pop("_sum") / max(len(updates), 1)
-            )
-            for u in updates:
-                state.participation[u.client_id] += 1
-        elif dp is not None:
-            clipped = (
-                [secure_fields.pop("_sum")]
-                if secure and updates  # the sum is all there is
-                else [u.delta for u in updates if u.delta is not None]
-            )
-            update, dp_fields = dp.aggregate(
-                rnd,
-                clipped,
-                [u.metrics.get("below_clip", 0.0) for u in updates],
-                state.weights.shape[0],
-            )
-            state.weights = state.optimizer.step(state.weights, update)
-            for u in updates:
-                state.participation[u.client_id] += 1
-        elif aggregated:
-            update = weighted_mean(
-                [u.delta for u in updates if u.delta is not None], [u.num_examples for u in updates]
-            )
+        dp_fields: dict[str, Any] = {}
+        if aggregated:
+            update, dp_fields = self._aggregate(rnd, updates, secure_sum)
             state.weights = state.optimizer.step(state.weights, update)
             for u in updates:
                 state.participation[u.client_id] += 1
@@ -316,7 +290,6 @@ class FederatedServer:
             **_round_traffic(len(sampled), state.weights, updates, secure_fields),
             "epsilon": None,
         }
-        secure_fields.pop("_sum", None)
         record.update(secure_fields)
         local = [u.metrics["local_epsilon"] for u in updates if "local_epsilon" in u.metrics]
         if local:  # local DP-SGD: the worst client's ε so far (each reports its own)
@@ -337,14 +310,50 @@ class FederatedServer:
                 self.store.save_checkpoint(state.checkpoint(cfg.seed, self.executor.client_state()))
         return record
 
+    def _record_failures(self, rnd: int, failures: list[ClientFailure]) -> None:
+        for f in failures:
+            log.warning("round %d: client %d failed: %s", rnd, f.client_id, f.error)
+            if f.traceback:
+                log.debug("client %d traceback:\n%s", f.client_id, f.traceback)
+            if self.store is not None:
+                self.store.record_failure(rnd, f.client_id, f.error, f.traceback)
+
+    def _aggregate(
+        self, rnd: int, updates: list[FitResult], secure_sum: np.ndarray | None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The round's aggregated update and, under central DP, its record fields.
+
+        ``secure_sum`` is the secure-aggregation sum of ``updates`` (None when they came
+        in the clear). Central DP adds noise to the sum of the clipped updates (the secure
+        sum when there is one); without DP it is the unweighted mean of a secure sum or
+        the example-weighted mean of the clear updates.
+        """
+        dp = self.privacy
+        if dp is not None:
+            clipped = (
+                [secure_sum]
+                if secure_sum is not None and updates  # the sum is all there is
+                else [u.delta for u in updates if u.delta is not None]
+            )
+            return dp.aggregate(
+                rnd,
+                clipped,
+                [u.metrics.get("below_clip", 0.0) for u in updates],
+                self.state.weights.shape[0],
+            )
+        if secure_sum is not None:
+            return secure_sum / max(len(updates), 1), {}
+        deltas = [u.delta for u in updates if u.delta is not None]
+        return weighted_mean(deltas, [u.num_examples for u in updates]), {}
+
     def _secure_aggregate(
         self, rnd: int, held: list[FitResult], clip_norm: float | None
-    ) -> tuple[list[FitResult], dict[str, Any]]:
-        """SecAgg+ over the clients holding updates: (contributors, record fields + sum).
+    ) -> tuple[list[FitResult], np.ndarray | None, dict[str, Any]]:
+        """SecAgg+ over the clients holding updates: (contributors, sum, record fields).
 
         Coordinates are clipped to the central-DP clipping norm when there is one (an
         L2-clipped vector has no larger coordinate, so nothing more is lost), else to
-        ``privacy.secagg_clip_range``. An aborted round aggregates nothing.
+        ``privacy.secagg_clip_range``. An aborted round aggregates nothing (no sum).
         """
         p = self.cfg.privacy
         config = SecAggConfig(
@@ -356,20 +365,22 @@ class FederatedServer:
             result = self.executor.secure_sum(rnd, ids, self.state.weights.shape[0], config)
         except (RoundAbortedError, ValueError) as err:  # ValueError: a CKKS round aborted
             log.warning("round %d: secure aggregation aborted: %s", rnd, err)
-            return [], {
-                "secagg_aborted": str(err),
-                "secagg_bytes_up": getattr(err, "bytes_up", 0),
-                "secagg_bytes_down": getattr(err, "bytes_down", 0),
-                "_sum": None,
-            }
+            return (
+                [],
+                None,
+                {
+                    "secagg_aborted": str(err),
+                    "secagg_bytes_up": getattr(err, "bytes_up", 0),
+                    "secagg_bytes_down": getattr(err, "bytes_down", 0),
+                },
+            )
         contributors = set(result.contributors)
         fields = {
             "secagg_contributors": len(contributors),
             "secagg_bytes_up": result.bytes_up,
             "secagg_bytes_down": result.bytes_down,
-            "_sum": result.sum,
         }
-        return [u for u in held if u.client_id in contributors], fields
+        return [u for u in held if u.client_id in contributors], result.sum, fields
 
     def _sample(self, rnd: int) -> np.ndarray:
         """Sample among the clients the engine can reach (all of them in simulation).
@@ -407,10 +418,39 @@ class FederatedServer:
         return out
 
 
-def _dp_reject(dp: CentralDP, result: FitResult, clip_norm: float) -> str | None:
+def _triage(
+    outcomes: Sequence[FitResult | ClientFailure], rnd: int, dp: CentralDP | None
+) -> tuple[list[FitResult], list[ClientFailure], int]:
+    """Split a round's fit outcomes into usable updates (sorted by client id), failures,
+    and the number of dropped stragglers.
+
+    An update with NaN/Inf, or one central DP must refuse (:func:`_dp_reject`), becomes a
+    failure. A held update (secure aggregation) is usable as far as the server can tell.
+    """
+    updates: list[FitResult] = []
+    failures: list[ClientFailure] = []
+    dropped = 0
+    for out in outcomes:
+        if isinstance(out, ClientFailure):
+            failures.append(out)
+        elif out.held:
+            updates.append(out)
+        elif out.delta is None:
+            dropped += 1
+        elif not np.all(np.isfinite(out.delta)):
+            failures.append(ClientFailure(out.client_id, rnd, "update contains NaN or Inf", ""))
+        elif dp is not None and (why := _dp_reject(dp, out)):
+            failures.append(ClientFailure(out.client_id, rnd, why, ""))
+        else:
+            updates.append(out)
+    updates.sort(key=lambda r: r.client_id)
+    return updates, failures, dropped
+
+
+def _dp_reject(dp: CentralDP, result: FitResult) -> str | None:
     """Why a client's update must not enter the DP sum (None when it may)."""
     assert result.delta is not None
-    why = dp.check_update(result.delta, clip_norm)
+    why = dp.check_update(result.delta)
     if why is None and dp.adaptive is not None and "below_clip" not in result.metrics:
         why = "the client did not report the clipped-count bit that adaptive clipping needs"
     return why

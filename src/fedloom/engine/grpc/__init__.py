@@ -9,3 +9,19 @@ scratch venv: ``pip install grpcio-tools==1.62.3`` then ``python -m grpc_tools.p
 """
 
 PROTOCOL_VERSION = 1
+#: The gRPC service. Its methods are registered with raw-bytes handlers (no serializer),
+#: so each side parses the messages itself.
+SERVICE = "fedloom.v1.Federation"
+
+
+def max_message_bytes(chunk_bytes: int) -> int:
+    """The gRPC message size limit for ``chunk_bytes`` chunks: a chunk plus its header."""
+    return max(8 << 20, 2 * chunk_bytes)
+
+
+def secagg_message_limit(vector_length: int) -> int:
+    """The largest SecAgg+ stage message either side accepts; larger ones are refused unread.
+
+    A masked vector of up to 64-bit integers, plus framing.
+    """
+    return 8 * vector_length + (1 << 20)

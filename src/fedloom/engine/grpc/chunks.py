@@ -2,10 +2,10 @@
 
 Both ``TaskMessage`` and ``ResultMessage`` carry a chunk as field 2 (bytes). Building
 that message with protobuf would copy each chunk twice (slice, then serialize), so the
-sender writes the field's wire form directly: tag, length, bytes. The receiver parses
-each message with protobuf (untrusted input) and writes the chunks into one buffer of
-the announced size, so a large vector is received with a single copy and never grows
-past what was announced.
+sender writes the field's wire form directly: tag, length, bytes. The receiver (the
+server of a result, a client of a task) parses each message with protobuf (untrusted
+input) and writes the chunks into one buffer of the announced size, so a large vector
+is received with a single copy and never grows past what was announced.
 """
 
 from __future__ import annotations
@@ -48,17 +48,27 @@ def encode_chunks(data: bytes | bytearray | memoryview, chunk_bytes: int) -> Ite
         yield CHUNK_TAG + _varint(len(piece)) + piece
 
 
-def read_result_chunks(raws: Iterator[bytes], size: int) -> bytearray:
-    """Reassemble a result stream's chunks into exactly ``size`` bytes, or raise ChunkError."""
+def read_chunks(
+    raws: Iterator[bytes],
+    size: int,
+    message: type[pb.TaskMessage] | type[pb.ResultMessage] = pb.ResultMessage,
+) -> bytearray:
+    """Reassemble the chunks after a stream's header into exactly ``size`` bytes.
+
+    ``message`` is the stream's type: ``ResultMessage`` (what the server receives) or
+    ``TaskMessage`` (what a client receives). Raises :class:`ChunkError` for a message
+    that does not parse, a second header, or a payload longer or shorter than ``size``.
+    """
+    kind = "task" if message is pb.TaskMessage else "result"
     buf = bytearray(size)
     filled = 0
     for raw in raws:
         try:
-            msg = pb.ResultMessage.FromString(raw)
+            msg = message.FromString(raw)
         except DecodeError:
-            raise ChunkError("malformed", "unparseable result chunk") from None
+            raise ChunkError("malformed", f"unparseable {kind} chunk") from None
         if msg.WhichOneof("part") != "chunk":
-            raise ChunkError("malformed", "a second header inside a result stream")
+            raise ChunkError("malformed", f"a second header inside a {kind} stream")
         chunk = msg.chunk
         if filled + len(chunk) > size:
             raise ChunkError("oversized", f"payload exceeds {size} bytes")

@@ -31,9 +31,14 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from fedloom.config import RunConfig, config_from_json
-from fedloom.engine.grpc import PROTOCOL_VERSION
+from fedloom.engine.grpc import (
+    PROTOCOL_VERSION,
+    SERVICE,
+    max_message_bytes,
+    secagg_message_limit,
+)
 from fedloom.engine.grpc import fedloom_pb2 as pb
-from fedloom.engine.grpc.chunks import encode_chunks
+from fedloom.engine.grpc.chunks import ChunkError, encode_chunks, read_chunks
 from fedloom.engine.grpc.client_state import ClientStateFile, default_state_dir, site_name
 from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import WIRE_DTYPE
@@ -127,17 +132,14 @@ class Backoff:
 
 
 class _Stub:
+    """The service's methods; without (de)serializers, so requests and replies are bytes."""
+
     def __init__(self, channel: grpc.Channel) -> None:
-        ident: Callable[[bytes], bytes] = _identity
-        base = "/fedloom.v1.Federation/"
-        self.register = channel.unary_unary(base + "Register", ident, ident)
-        self.heartbeat = channel.unary_unary(base + "Heartbeat", ident, ident)
-        self.pull = channel.unary_stream(base + "PullTask", ident, ident)
-        self.push = channel.stream_unary(base + "PushResult", ident, ident)
-
-
-def _identity(data: bytes) -> bytes:
-    return data
+        base = f"/{SERVICE}/"
+        self.register = channel.unary_unary(base + "Register")
+        self.heartbeat = channel.unary_unary(base + "Heartbeat")
+        self.pull = channel.unary_stream(base + "PullTask")
+        self.push = channel.stream_unary(base + "PushResult")
 
 
 def run_client(
@@ -175,7 +177,7 @@ def run_client(
     state_file: ClientStateFile | None = None
     tally = [0]  # tasks completed, across sessions (kept when a session ends by a fault)
     closed_streak = 0
-    max_msg = max(8 << 20, 2 * chunk_bytes)
+    max_msg = max_message_bytes(chunk_bytes)
     try:
         while not stop.is_set():
             channel = credentials.channel(address, max_msg)
@@ -198,11 +200,12 @@ def run_client(
                     raise ClientRefusedError(reply.reason)
                 unreachable_since = None
                 backoff.reset()
-                if app is None or app_key != reply.config_json + str(reply.client_id):
+                key = reply.config_json + str(reply.client_id)
+                if app is None or app_key != key:
                     if state_file is not None:
                         state_file.close()  # the new app may take the same file
                     app = make_app(config_from_json(reply.config_json), int(reply.client_id))
-                    app_key = reply.config_json + str(reply.client_id)
+                    app_key = key
                     size = getattr(app, "num_parameters", reply.vector_size)
                     if size != reply.vector_size:
                         raise ClientRefusedError(
@@ -400,37 +403,29 @@ def _pull(stub: _Stub, session: str, size: int) -> tuple[pb.TaskHeader, bytearra
     stream: Iterator[bytes] = stub.pull(
         pb.PullRequest(session_id=session).SerializeToString(), timeout=120
     )
-    header: pb.TaskHeader | None = None
-    buf = bytearray()
-    filled = 0
-    for raw in stream:
-        try:
-            msg = pb.TaskMessage.FromString(raw)
-        except DecodeError as err:
-            raise _BadTaskError("unparseable task message") from err
-        if msg.WhichOneof("part") == "header":
-            header = msg.header
-            buf = bytearray(_expected_payload(header, size))
-            continue
-        chunk = msg.chunk
-        if header is None or filled + len(chunk) > len(buf):
-            raise _BadTaskError("task payload larger than announced")
-        buf[filled : filled + len(chunk)] = chunk
-        filled += len(chunk)
-    if header is None:
+    first = next(stream, None)
+    if first is None:
         raise _BadTaskError("task stream without a header")
-    if filled != len(buf):
-        raise _BadTaskError(f"task payload has {filled} bytes, expected {len(buf)}")
+    try:
+        msg = pb.TaskMessage.FromString(first)
+    except DecodeError as err:
+        raise _BadTaskError("unparseable task message") from err
+    if msg.WhichOneof("part") != "header":
+        raise _BadTaskError("task stream does not start with a header")
+    header = msg.header
     if header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE) and header.vector_size != size:
         raise _BadTaskError(f"task vector size {header.vector_size}, expected {size}")
-    return header, buf
+    try:
+        return header, read_chunks(stream, _expected_payload(header, size), pb.TaskMessage)
+    except ChunkError as err:
+        raise _BadTaskError(f"task payload: {err}") from None
 
 
 def _expected_payload(header: pb.TaskHeader, size: int) -> int:
     if header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE):
         return size * WIRE_DTYPE.itemsize
     if header.kind == pb.TASK_SECAGG:
-        if not 0 < header.payload_size <= 8 * size + (1 << 20):
+        if not 0 < header.payload_size <= secagg_message_limit(size):
             raise _BadTaskError(f"secure-aggregation payload of {header.payload_size} bytes")
         return int(header.payload_size)
     if header.kind == pb.TASK_HE:

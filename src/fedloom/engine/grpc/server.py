@@ -24,17 +24,17 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from fedloom.engine.grpc import PROTOCOL_VERSION
+from fedloom.engine.grpc import PROTOCOL_VERSION, SERVICE, secagg_message_limit
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.auth import TokenStore
-from fedloom.engine.grpc.chunks import ChunkError, encode_chunks, read_result_chunks
+from fedloom.engine.grpc.chunks import ChunkError, encode_chunks, read_chunks
 from fedloom.messages import (
     KEY_HOLDER_ID,
     ClientFailure,
@@ -47,9 +47,10 @@ from fedloom.params import WIRE_DTYPE, encode_vector
 from fedloom.privacy.secagg import STAGES, SecAggConfig, Stage
 from fedloom.privacy.secagg.transport import SecureSum, serve_secagg_round
 
-log = logging.getLogger("fedloom.deploy")
+if TYPE_CHECKING:
+    from fedloom.config import DeployConfig
 
-SERVICE = "fedloom.v1.Federation"
+log = logging.getLogger("fedloom.deploy")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,11 @@ class DeployOptions:
     chunk_bytes: int = 1 << 20
     wait_for_clients_s: float = 300.0
 
+    @classmethod
+    def from_config(cls, deploy: DeployConfig) -> DeployOptions:
+        """The options of a run config's ``[deploy]`` section."""
+        return cls(**{f.name: getattr(deploy, f.name) for f in fields(cls)})
+
 
 @dataclass
 class OpenTask:
@@ -101,7 +107,6 @@ class OpenTask:
     payload: bytes
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
-    delivered: bool = False
 
 
 @dataclass
@@ -127,11 +132,11 @@ class Registry:
         self.num_clients = num_clients
         #: Who may register as the CKKS key holder (None: the run has no key holder).
         self.key_holder_name = key_holder_name
-        self.key_holder: str | None = None  # the key holder's session id
         self.vector_size = vector_size
         self.config_json = config_json
         self.lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
+        #: Latest session id per client id; the key holder's is under KEY_HOLDER_ID.
         self.by_client: dict[int, str] = {}
         self.open_tasks: dict[str, OpenTask] = {}
         self.rejections: Counter[str] = Counter()
@@ -149,10 +154,16 @@ class Registry:
             return alive <= self.told_to_stop
 
     def alive_clients(self) -> list[int]:
+        """The connected clients that train; never the key holder, which is never sampled."""
         with self.lock:
-            return sorted(c for c, s in self.by_client.items() if self.sessions[s].alive)
+            return sorted(
+                c
+                for c, s in self.by_client.items()
+                if c != KEY_HOLDER_ID and self.sessions[s].alive
+            )
 
     def add_session(self, client_id: int, name: str) -> Session:
+        """A new session for a client (or, as KEY_HOLDER_ID, the key holder); its old one dies."""
         with self.lock:
             old = self.by_client.get(client_id)
             if old is not None:
@@ -162,19 +173,10 @@ class Registry:
             self.by_client[client_id] = session.session_id
             return session
 
-    def add_key_holder(self, name: str) -> Session:
-        with self.lock:
-            if self.key_holder is not None:
-                self._kill(self.sessions[self.key_holder], "replaced by a new key holder")
-            session = Session(secrets.token_hex(16), KEY_HOLDER_ID, name, time.monotonic())
-            self.sessions[session.session_id] = session
-            self.key_holder = session.session_id
-            return session
-
     def session_for(self, client_id: int) -> Session | None:
         """The live session of a client (or of the key holder); the caller holds the lock."""
-        sid = self.key_holder if client_id == KEY_HOLDER_ID else self.by_client.get(client_id)
-        session = self.sessions.get(sid) if sid is not None else None
+        sid = self.by_client.get(client_id)
+        session = self.sessions[sid] if sid is not None else None
         return session if session is not None and session.alive else None
 
     def key_holder_alive(self) -> bool:
@@ -182,8 +184,7 @@ class Registry:
             return self.session_for(KEY_HOLDER_ID) is not None
 
     def free_client_id(self) -> int | None:
-        with self.lock:
-            taken = {c for c, s in self.by_client.items() if self.sessions[s].alive}
+        taken = set(self.alive_clients())
         return next((c for c in range(self.num_clients) if c not in taken), None)
 
     def touch(self, session_id: str) -> Session | None:
@@ -264,14 +265,7 @@ class FederationServicer:
             return _refuse(reason)
         session = reg.add_session(int(client_id), name)
         log.info("client %d registered as '%s' from %s", client_id, name, context.peer())
-        return pb.RegisterReply(
-            accepted=True,
-            session_id=session.session_id,
-            client_id=int(client_id),
-            config_json=reg.config_json,
-            vector_size=reg.vector_size,
-            heartbeat_interval_s=self.options.heartbeat_interval_s,
-        ).SerializeToString()
+        return self._accept(session)
 
     def _register_key_holder(
         self, name: str, authenticated: bool, context: grpc.ServicerContext
@@ -290,14 +284,18 @@ class FederationServicer:
             )
             reg.reject("bad_role", reason)
             return _refuse(reason)
-        session = reg.add_key_holder(name)
+        session = reg.add_session(KEY_HOLDER_ID, name)
         log.info("key holder registered as '%s' from %s", name, context.peer())
+        return self._accept(session)
+
+    def _accept(self, session: Session) -> bytes:
+        """The reply to an accepted registration: the session and the experiment."""
         return pb.RegisterReply(
             accepted=True,
             session_id=session.session_id,
-            client_id=KEY_HOLDER_ID,
-            config_json=reg.config_json,
-            vector_size=reg.vector_size,
+            client_id=session.client_id,
+            config_json=self.registry.config_json,
+            vector_size=self.registry.vector_size,
             heartbeat_interval_s=self.options.heartbeat_interval_s,
         ).SerializeToString()
 
@@ -343,7 +341,6 @@ class FederationServicer:
                 continue
             if ot.done.is_set():  # expired or failed while queued
                 continue
-            ot.delivered = True
             yield from self._stream_task(ot)
             return
 
@@ -364,14 +361,14 @@ class FederationServicer:
                 header.clip_norm = task.clip_norm
         elif isinstance(task, EvalTask):
             header.kind = pb.TASK_EVALUATE
-        elif task.protocol == "secagg":
-            header.kind = pb.TASK_SECAGG
-            header.secagg_stage = task.stage
-            header.payload_size = len(ot.payload)
         else:
-            header.kind = pb.TASK_HE
-            header.he_stage = task.stage
             header.payload_size = len(ot.payload)
+            if task.protocol == "secagg":
+                header.kind = pb.TASK_SECAGG
+                header.secagg_stage = task.stage
+            else:
+                header.kind = pb.TASK_HE
+                header.he_stage = task.stage
         yield pb.TaskMessage(header=header).SerializeToString()
         yield from encode_chunks(ot.payload, self.options.chunk_bytes)
 
@@ -386,12 +383,11 @@ class FederationServicer:
         if first.WhichOneof("part") != "header":
             return self._refuse_result("malformed", "result stream does not start with a header")
         head = first.header
+        session = reg.touch(head.session_id)
+        if session is None:
+            return self._refuse_result("unknown_session", f"result for task '{head.task_id[:40]}'")
         with reg.lock:
             ot = reg.open_tasks.get(head.task_id)
-            session = reg.sessions.get(head.session_id)
-        if session is None or not session.alive:
-            return self._refuse_result("unknown_session", f"result for task '{head.task_id[:40]}'")
-        session.last_seen = time.monotonic()
         if ot is None:
             return self._refuse_result("task_not_open", f"task '{head.task_id[:40]}' is not open")
         if ot.session_id != session.session_id:
@@ -484,7 +480,7 @@ class FederationServicer:
     @staticmethod
     def _chunks(raws: Iterator[bytes], size: int) -> bytearray:
         try:
-            return read_result_chunks(raws, size)
+            return read_chunks(raws, size)
         except ChunkError as err:
             raise _RejectedError(err.reason, str(err)) from None
 
@@ -493,14 +489,14 @@ class FederationServicer:
         return pb.PushReply(accepted=False, reason=f"{reason}: {detail}").SerializeToString()
 
     def handler(self) -> grpc.GenericRpcHandler:
-        ident = _identity
+        """The service's methods; without (de)serializers, so requests and replies are bytes."""
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
-                "Register": grpc.unary_unary_rpc_method_handler(self.register, ident, ident),
-                "Heartbeat": grpc.unary_unary_rpc_method_handler(self.heartbeat, ident, ident),
-                "PullTask": grpc.unary_stream_rpc_method_handler(self.pull_task, ident, ident),
-                "PushResult": grpc.stream_unary_rpc_method_handler(self.push_result, ident, ident),
+                "Register": grpc.unary_unary_rpc_method_handler(self.register),
+                "Heartbeat": grpc.unary_unary_rpc_method_handler(self.heartbeat),
+                "PullTask": grpc.unary_stream_rpc_method_handler(self.pull_task),
+                "PushResult": grpc.stream_unary_rpc_method_handler(self.push_result),
             },
         )
 
@@ -515,10 +511,6 @@ def _finite_number(value: Any) -> bool:
     return (
         isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
     )
-
-
-def _identity(data: bytes) -> bytes:
-    return data
 
 
 def _drain(raws: Iterator[bytes], limit: int) -> None:
@@ -570,20 +562,22 @@ class GrpcExecutor:
 
         Raises ``TimeoutError`` with what is missing after ``deploy.wait_for_clients_s``.
         """
-        deadline = time.monotonic() + self.options.wait_for_clients_s
         wait_s = self.options.wait_for_clients_s
+        deadline = time.monotonic() + wait_s
         need_key_holder = self.secure_aggregation == "ckks"
-        while len(self.registry.alive_clients()) < count or (
-            need_key_holder and not self.registry.key_holder_alive()
-        ):
+        while True:
+            connected = len(self.registry.alive_clients())
+            holder_missing = need_key_holder and not self.registry.key_holder_alive()
+            if connected >= count and not holder_missing:
+                return
             if time.monotonic() > deadline:
-                if len(self.registry.alive_clients()) >= count:
+                if connected >= count:
                     raise TimeoutError(
                         f"no CKKS key holder connected within {wait_s:.0f} s; start one with "
                         "'fedloom client --key-holder --server ADDRESS ...'"
                     )
                 raise TimeoutError(
-                    f"only {len(self.registry.alive_clients())} of the {count} clients needed "
+                    f"only {connected} of the {count} clients needed "
                     f"connected within {wait_s:.0f} s; start more "
                     "clients or lower server.min_fit_clients"
                 )
@@ -614,7 +608,7 @@ class GrpcExecutor:
         """
         if self.secure_aggregation == "ckks":
             return self._ckks_sum(rnd, client_ids, vector_length)
-        limit = 8 * vector_length + (1 << 20)  # a masked vector of up to 64-bit integers
+        limit = secagg_message_limit(vector_length)
 
         def exchange(stage: Stage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
             return self._stage(rnd, "secagg", STAGES.index(stage), outgoing, limit)
@@ -714,9 +708,19 @@ class GrpcExecutor:
         self._reported = now
         return {"rejected_messages": sum(delta.values()), "rejected_by_reason": dict(delta)}
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Stop the reaper and end the run: each client is told so at its next poll.
+
+        With ``wait``, return once every live client has been told, or after one long
+        poll (plus 2 s) at the most; then stopping the gRPC server loses no one.
+        """
         self.registry.stopping = True
         self._stop.set()
+        if not wait:
+            return
+        deadline = time.monotonic() + self.options.poll_timeout_s + 2.0
+        while time.monotonic() < deadline and not self.registry.all_told_to_stop():
+            time.sleep(0.05)
 
 
 def start_grpc_server(

@@ -134,7 +134,7 @@ def run_secagg_round(
     ids = sorted(updates)
     if not ids:
         raise ValueError("secure aggregation needs at least one update")
-    length = _common_length(updates)
+    length = common_length(updates)
     silent_from = _first_silent_stage(dropouts or {}, set(ids))
     participants = {c: SecAggParticipant(c, updates[c], entropy) for c in ids}
     exchange = _InstrumentedExchange(participants, silent_from, intercept)
@@ -149,7 +149,11 @@ def run_secagg_round(
     )
 
 
-def _common_length(updates: Mapping[int, np.ndarray]) -> int:
+def common_length(updates: Mapping[int, np.ndarray]) -> int:
+    """The length every update shares; refuses anything but flat vectors of one length.
+
+    The in-process round drivers' check (also :func:`fedloom.privacy.he.run_he_round`'s).
+    """
     shapes = {np.shape(v) for v in updates.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"updates must be flat vectors of one length, got shapes {shapes}")

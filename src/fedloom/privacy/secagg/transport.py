@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -64,6 +65,30 @@ class SecureSum:
     bytes_down: int
 
 
+StageT = TypeVar("StageT")
+
+
+class CountingExchange(Generic[StageT]):
+    """An engine's exchange that also counts what it moves: ``down`` is every byte sent
+    to participants, ``up`` every byte of their replies.
+
+    Both server loops (:func:`serve_stages` here, ``he_protocol.serve_he_round`` for
+    CKKS) send through one, so a round's ``bytes_up`` / ``bytes_down`` and those carried
+    by its abort error are counted the same way.
+    """
+
+    def __init__(self, exchange: Callable[[StageT, Mapping[int, bytes]], dict[int, bytes]]) -> None:
+        self._exchange = exchange
+        self.up = 0
+        self.down = 0
+
+    def __call__(self, stage: StageT, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+        self.down += sum(len(b) for b in outgoing.values())
+        replies = self._exchange(stage, outgoing)
+        self.up += sum(len(b) for b in replies.values())
+        return replies
+
+
 def _sender(message: Message) -> int:
     if isinstance(message, AdvertiseKeys):
         return message.keys.client_id
@@ -93,41 +118,45 @@ def serve_stages(server: SecAggServer, exchange: Exchange) -> tuple[SecAggResult
     passes its own server (tests substitute recording ones) and an instrumented
     exchange. Returns the result and the bytes that went up and down.
     """
-    traffic = {"up": 0, "down": 0}
-
-    def collect(stage: Stage, outgoing: Mapping[int, bytes]) -> list[Message]:
-        accepted: list[Message] = []
-        traffic["down"] += sum(len(b) for b in outgoing.values())
-        replies = exchange(stage, outgoing)
-        traffic["up"] += sum(len(b) for b in replies.values())
-        for client, data in sorted(replies.items()):
-            try:
-                message = UPLINK[stage].from_bytes(data)
-                if _sender(message) != client:
-                    raise SecAggError(f"claims to come from client {_sender(message)}")
-            except (SecAggError, ValueError) as err:
-                log.warning("secagg %s: client %d's reply rejected: %s", stage, client, err)
-                continue
-            accepted.append(message)
-        return accepted
-
+    counted = CountingExchange(exchange)
     try:
-        setup = server.setup.to_bytes()
-        for m in collect(Stage.ADVERTISE_KEYS, dict.fromkeys(server.setup.client_ids, setup)):
-            _receive(server.receive_advertise_keys, m)
-        out = {c: b.to_bytes() for c, b in server.broadcast_keys().items()}
-        for m in collect(Stage.SHARE_KEYS, out):
-            _receive(server.receive_share_keys, m)
-        out = {c: b.to_bytes() for c, b in server.route_shares().items()}
-        for m in collect(Stage.MASKED_INPUT, out):
-            _receive(server.receive_masked_input, m)
-        out = {c: r.to_bytes() for c, r in server.unmask_requests().items()}
-        for m in collect(Stage.UNMASKING, out):
-            _receive(server.receive_unmask_response, m)
-        return server.finalize(), traffic["up"], traffic["down"]
+        result = _step_stages(server, counted)
     except RoundAbortedError as err:  # the bytes were still sent: the round record counts them
-        err.bytes_up, err.bytes_down = traffic["up"], traffic["down"]
+        err.bytes_up, err.bytes_down = counted.up, counted.down
         raise
+    return result, counted.up, counted.down
+
+
+def _step_stages(server: SecAggServer, exchange: Exchange) -> SecAggResult:
+    """Each stage: the server's messages out, the replies that decode in, then the next."""
+    out = dict.fromkeys(server.setup.client_ids, server.setup.to_bytes())
+    for m in _collect(exchange, Stage.ADVERTISE_KEYS, out):
+        _receive(server.receive_advertise_keys, m)
+    out = {c: b.to_bytes() for c, b in server.broadcast_keys().items()}
+    for m in _collect(exchange, Stage.SHARE_KEYS, out):
+        _receive(server.receive_share_keys, m)
+    out = {c: b.to_bytes() for c, b in server.route_shares().items()}
+    for m in _collect(exchange, Stage.MASKED_INPUT, out):
+        _receive(server.receive_masked_input, m)
+    out = {c: r.to_bytes() for c, r in server.unmask_requests().items()}
+    for m in _collect(exchange, Stage.UNMASKING, out):
+        _receive(server.receive_unmask_response, m)
+    return server.finalize()
+
+
+def _collect(exchange: Exchange, stage: Stage, outgoing: Mapping[int, bytes]) -> list[Message]:
+    """The stage's replies that decode and name their sender; the rest count as dropouts."""
+    accepted: list[Message] = []
+    for client, data in sorted(exchange(stage, outgoing).items()):
+        try:
+            message = UPLINK[stage].from_bytes(data)
+            if _sender(message) != client:
+                raise SecAggError(f"claims to come from client {_sender(message)}")
+        except (SecAggError, ValueError) as err:
+            log.warning("secagg %s: client %d's reply rejected: %s", stage, client, err)
+            continue
+        accepted.append(message)
+    return accepted
 
 
 def _receive(handler: Callable[..., None], message: Message) -> None:
