@@ -148,3 +148,20 @@ def test_ctrl_c_says_how_to_resume(
     err = capsys.readouterr().err.strip()
     expected = "fedloom: interrupted; completed rounds are kept. Continue with: "
     assert err == expected + resume.format(out=out)
+
+
+def test_server_on_an_address_it_cannot_bind_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for i, address in enumerate((f"127.0.0.1:{port}", "999.1.1.1:5")):
+            out = str(tmp_path / f"r{i}")
+            args = ["server", "--address", address, "--insecure", "--out", out]
+            assert main(args) == 2
+            err = capsys.readouterr().err.strip()
+            assert f"cannot listen on {address}" in err and len(err.splitlines()) == 1, err

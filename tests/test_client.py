@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fedloom.client.models import build_model
-from fedloom.client.trainer import LocalTrainer, plan_work
+from fedloom.client.trainer import LocalTrainer, WorkPlan, plan_work
 from fedloom.config import ClientConfig, RunConfig, load_config
 from fedloom.messages import FitTask
 from fedloom.seeding import SHUFFLE, torch_generator
@@ -121,3 +121,10 @@ def test_evaluate_accuracy_and_loss() -> None:
     loss, acc = trainer.evaluate(data.test, vec)
     assert loss == pytest.approx(np.log(2), rel=1e-6)  # zero weights: uniform prediction
     assert acc == pytest.approx(float(np.mean(data.test.y == 0)))
+
+
+def test_work_plan_batches_counts_steps_and_ends_without_data() -> None:
+    """``client.steps`` repeats passes and cuts the last; a client with no data stops."""
+    assert list(WorkPlan(1, 5, False).batches(lambda: [1, 2, 3])) == [1, 2, 3, 1, 2]
+    assert list(WorkPlan(2, None, False).batches(lambda: [1, 2])) == [1, 2, 1, 2]
+    assert list(WorkPlan(1, 5, False).batches(lambda: [])) == []  # used to loop forever

@@ -82,7 +82,7 @@ def test_secure_run_totals_count_model_downloads_and_protocol_traffic(
 
 
 def test_an_aborted_secure_round_keeps_the_model_and_counts_its_traffic(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """All but one client vanish after advertising keys: the round aborts, named, counted."""
     real = inprocess.exchange_in_process
@@ -102,6 +102,8 @@ def test_an_aborted_secure_round_keeps_the_model_and_counts_its_traffic(
     summary = run_simulation(cfg, tmp_path / "run")
     (record,) = summary["history"]
     assert "aborted at stage share_keys" in record["secagg_aborted"]
+    assert "secure aggregation aborted" in caplog.text  # the cause, logged once
+    assert "min_aggregate_clients" not in caplog.text  # not a misleading second reason
     assert record["clients_succeeded"] == 0
     assert record["secagg_bytes_up"] > 0 and record["bytes_up"] == record["secagg_bytes_up"]
     with RunStore.open(tmp_path / "run") as store:
@@ -154,3 +156,17 @@ def test_ckks_round_equals_unweighted_mean_of_updates(tmp_path: Path) -> None:
     mean = np.mean([trainer.fit(FitTask(c, 1), w0).delta for c in range(5)], axis=0)
     got = ckpt.tensors["global"] - w0
     assert np.linalg.norm(got - mean) / np.linalg.norm(mean) < 1e-4
+
+
+def test_held_updates_of_a_round_that_never_aggregated_are_dropped() -> None:
+    """A secure round below min_aggregate_clients never calls secure_sum; nothing lingers."""
+    cfg = load_config(None, [*SECURE, "rounds=2"])
+    trainer = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
+    executor = inprocess.InProcessExecutor(trainer)
+    w0 = trainer.initial_vector()
+    executor.fit([FitTask(c, 1, secure=True) for c in range(3)], w0)
+    assert sorted(executor._held) == [(1, 0), (1, 1), (1, 2)]
+    executor.fit([FitTask(c, 2, secure=True) for c in range(2)], w0)
+    assert sorted(executor._held) == [(2, 0), (2, 1)]
+    executor.close()
+    assert executor._held == {}

@@ -50,15 +50,19 @@ class WorkPlan:
         ``max_steps`` exactly that many batches (passes repeat; the last is cut short).
 
         ``epoch`` is called at the start of each pass, so a shuffle it draws happens then.
+        A pass that yields nothing ends the plan (a client without examples).
         Plain SGD and DP-SGD both train through this, so their plans mean the same work.
         """
         steps = passes = 0
         while (passes < self.epochs) if self.max_steps is None else (steps < self.max_steps):
+            before = steps
             for batch in epoch():
                 yield batch
                 steps += 1
                 if self.max_steps is not None and steps >= self.max_steps:
                     return
+            if steps == before:  # no data: another pass would not get closer to max_steps
+                return
             passes += 1
 
 

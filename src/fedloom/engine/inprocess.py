@@ -34,6 +34,9 @@ class InProcessExecutor(LocalClients):
     def fit(
         self, tasks: Sequence[FitTask], global_vector: np.ndarray
     ) -> list[FitResult | ClientFailure]:
+        if tasks:  # a round that never reached secure_sum must not keep its updates
+            first = min(t.round for t in tasks)
+            self._held = {k: v for k, v in self._held.items() if k[0] >= first}
         out = [run_safely(partial(self.trainer.fit, t, global_vector), t) for t in tasks]
         return [self._hold(r) if t.secure else r for t, r in zip(tasks, out, strict=True)]
 
@@ -49,7 +52,6 @@ class InProcessExecutor(LocalClients):
     ) -> SecureSum:
         """SecAgg+ among simulated clients; every message goes through its byte encoding."""
         updates = {c: self._held.pop((rnd, c)) for c in client_ids}
-        self._held = {k: v for k, v in self._held.items() if k[0] > rnd}
         if self.trainer.cfg.privacy.secure_aggregation == "ckks":
             return _ckks_sum(rnd, updates, vector_length)
         participants = {c: SecAggParticipant(c, u) for c, u in updates.items()}
@@ -71,7 +73,7 @@ class InProcessExecutor(LocalClients):
         self.trainer.restore_client_state(state)
 
     def close(self) -> None:
-        return None
+        self._held.clear()
 
 
 def _ckks_sum(rnd: int, updates: dict[int, np.ndarray], vector_length: int) -> SecureSum:

@@ -266,7 +266,7 @@ class FederatedServer:
             state.weights = state.optimizer.step(state.weights, update)
             for u in updates:
                 state.participation[u.client_id] += 1
-        else:
+        elif "secagg_aborted" not in secure_fields:  # an abort was logged with its cause
             log.warning(
                 "round %d: only %d usable updates, fewer than server.min_aggregate_clients=%d; "
                 "the global model is unchanged this round",

@@ -740,11 +740,15 @@ def start_grpc_server(
         maximum_concurrent_rpcs=max_workers * 4,
     )
     server.add_generic_rpc_handlers((servicer.handler(),))
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:  # grpcio >= 1.70 raises RuntimeError on a failed bind; older ones returned 0
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
     if port == 0:
+        server.stop(None)
         raise OSError(f"cannot listen on {address}; is the address valid and the port free?")
     server.start()
     return server, port
