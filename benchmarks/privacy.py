@@ -1,7 +1,7 @@
 """Privacy benchmarks: what privacy costs in accuracy, in time and in bytes.
 
 Run as a script: ``python benchmarks/privacy.py [--sections secagg,he]`` prints one
-section per benchmark (all by default: central-dp, accountants, secagg, he). Each
+section per benchmark (all by default: central-dp, accountants, secagg, he, local-dp). Each
 section is a function that returns its rows and a printer for them.
 
 Section "central DP": accuracy against ε on the embedded digits, DP-FedAvg (McMahan et
@@ -44,6 +44,13 @@ server's seconds; bytes are what each role's messages weigh on the wire (fedloom
 encodings, Flower's protobuf messages), not counting the model broadcast that every
 scheme shares, nor TLS framing. "rel. error" is ‖ĥ − h‖₂/‖h‖₂ against the float64 sum h
 of the contributors' vectors.
+
+Section "local-dp": what local DP-SGD (Opacus, :mod:`fedloom.client.dpsgd`) costs per
+client fit on the default digits experiment (20 non-IID clients, one local epoch), in
+one run on the same tasks: plain SGD, DP-SGD with seeded noise, and DP-SGD with noise
+from the OS CSPRNG (``privacy.secure_noise``). Each configuration trains every client
+once per repeat, repeats interleaved; the table gives the median seconds per sweep and
+the ratio to seeded DP-SGD.
 
 Section "he": the CKKS parameter choice, with one 100k vector from each of 20 clients:
 the chain fedloom uses ([60, 60]: addition needs no multiplicative depth) against
@@ -630,6 +637,52 @@ def print_ckks_parameter_rows(rows: Sequence[CkksParamRow], clients: int, dim: i
 Section = Callable[[argparse.Namespace], None]
 
 
+@dataclass(frozen=True)
+class LocalDpRow:
+    name: str
+    seconds: float
+
+
+def local_dp_fit_costs(repeats: int = 5) -> list[LocalDpRow]:
+    """Median seconds for one fit of every digits client, per way of training it."""
+    from fedloom.client.trainer import LocalTrainer
+    from fedloom.data import build_federated_dataset
+    from fedloom.messages import FitTask
+
+    variants = {
+        "plain SGD": ["privacy.local_dp=false"],
+        "DP-SGD, seeded noise": ["privacy.local_dp=true", "privacy.secure_noise=false"],
+        "DP-SGD, CSPRNG noise": ["privacy.local_dp=true", "privacy.secure_noise=true"],
+    }
+    trainers = {}
+    for name, overrides in variants.items():
+        cfg = load_config(None, ["client.epochs=1", *overrides])
+        trainers[name] = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
+    w0 = next(iter(trainers.values())).initial_vector()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rnd in range(1, repeats + 1):
+        for name, trainer in trainers.items():
+            started = time.perf_counter()
+            for client in range(trainer.data.num_clients):
+                trainer.fit(FitTask(client, rnd), w0)
+            times[name].append(time.perf_counter() - started)
+    return [LocalDpRow(name, statistics.median(t)) for name, t in times.items()]
+
+
+def print_local_dp_rows(rows: Sequence[LocalDpRow]) -> None:
+    seeded = next(r.seconds for r in rows if r.name == "DP-SGD, seeded noise")
+    print("## Local DP-SGD: time per sweep of the 20 digits clients (one epoch each)\n")
+    print("| training | s per sweep (median) | vs seeded DP-SGD |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r.name} | {r.seconds:.3f} | {r.seconds / seeded:.2f}x |")
+    print()
+
+
+def section_local_dp(args: argparse.Namespace) -> None:
+    print_local_dp_rows(local_dp_fit_costs())
+
+
 def section_central_dp(args: argparse.Namespace) -> None:
     seeds = list(range(args.seeds))
     print_dp_rows(central_dp_tradeoff(args.epsilons, seeds, args.set), len(seeds))
@@ -654,6 +707,7 @@ SECTIONS: dict[str, Section] = {
     "accountants": section_accountants,
     "secagg": section_secagg,
     "he": section_he,
+    "local-dp": section_local_dp,
 }
 
 
