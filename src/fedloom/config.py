@@ -84,6 +84,11 @@ class ClientConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     proximal_mu: float = Field(0.0, ge=0.0)
     straggler_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    #: The client algorithm, by registered name (``sgd``, ``scaffold``, ``fednova``,
+    #: ``fedper``, ``fedrep``, ``ditto``, or one a user registered).
+    algorithm: str = "sgd"
+    #: Free-form settings for a user-registered client algorithm.
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class ServerConfig(_Section):
@@ -101,13 +106,35 @@ class ServerConfig(_Section):
     min_fit_clients: int = Field(2, ge=1)
     min_aggregate_clients: int = Field(1, ge=1)
     drop_stragglers: bool = False
-    aggregator: Literal["mean"] = "mean"
-    optimizer: Literal["sgd", "momentum", "adam", "yogi", "adagrad"] = "sgd"
+    #: The server half of the algorithm, by registered name (``fedavg``, ``scaffold``,
+    #: ``fednova``, ``personal``, or a user's).
+    algorithm: str = "fedavg"
+    #: The aggregator, by registered name (``mean`` or a user's).
+    aggregator: str = "mean"
+    #: Free-form settings passed to the aggregator's factory.
+    aggregator_options: dict[str, Any] = Field(default_factory=dict)
+    #: The server optimizer (``sgd``, ``momentum``, ``adam``, ``yogi``, ``adagrad``, a user's).
+    optimizer: str = "sgd"
     lr: float = Field(1.0, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
     tau: float = Field(1e-3, gt=0.0)
+
+
+class PersonalizationConfig(_Section):
+    """Which parameters stay on the client, and the personal models' training.
+
+    ``layers`` are parameter-name prefixes (``"net.2"`` keeps ``net.2.weight`` and
+    ``net.2.bias`` personal); empty means the model's last layer (the classifier head,
+    FedPer's and FedRep's choice). ``lam`` is Ditto's λ (Li et al. 2021, Eq. 2);
+    ``personal_epochs`` the epochs of Ditto's personal model or FedRep's head per round.
+    """
+
+    layers: list[str] = Field(default_factory=list)
+    lam: float = Field(0.1, ge=0.0)
+    personal_epochs: int = Field(1, ge=1)
+    personal_lr: float | None = Field(None, gt=0.0)
 
 
 class EvalConfig(_Section):
@@ -219,7 +246,48 @@ STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
         "privacy": {"mechanism": "central"},
         "server": {"optimizer": "sgd", "lr": 1.0, "sampling": "poisson"},
     },
+    # Karimireddy et al. 2020: control variates on both sides (option II), global lr 1.
+    "scaffold": {
+        "client": {"algorithm": "scaffold"},
+        "server": {"algorithm": "scaffold", "optimizer": "sgd", "lr": 1.0},
+    },
+    # Wang et al. 2020: normalized averaging of heterogeneous local work.
+    "fednova": {
+        "client": {"algorithm": "fednova"},
+        "server": {"algorithm": "fednova", "optimizer": "sgd", "lr": 1.0},
+    },
+    # Arivazhagan et al. 2019 (FedPer), Collins et al. 2021 (FedRep): personal heads.
+    "fedper": {
+        "client": {"algorithm": "fedper"},
+        "server": {"algorithm": "personal", "optimizer": "sgd", "lr": 1.0},
+        "eval": {"federated": True},
+        "data": {"client_test_fraction": 0.25},
+    },
+    "fedrep": {
+        "client": {"algorithm": "fedrep"},
+        "server": {"algorithm": "personal", "optimizer": "sgd", "lr": 1.0},
+        "eval": {"federated": True},
+        "data": {"client_test_fraction": 0.25},
+    },
+    # Li et al. 2021 (Ditto): FedAvg for the global model, a regularized personal model.
+    "ditto": {
+        "client": {"algorithm": "ditto"},
+        "server": {"algorithm": "fedavg", "optimizer": "sgd", "lr": 1.0},
+        "eval": {"federated": True},
+        "data": {"client_test_fraction": 0.25},
+    },
 }
+
+
+def register_strategy(name: str, composition: dict[str, dict[str, Any]]) -> None:
+    """Name a composition of stage settings (``{section: {key: value}}``) as a strategy.
+
+    ``composition`` names stages by their registered names, e.g.
+    ``{"server": {"aggregator": "my-median"}}``; values the user sets explicitly win.
+    """
+    if name in STRATEGIES:
+        raise ValueError(f"a strategy named '{name}' is already registered")
+    STRATEGIES[name] = composition
 
 
 class RunConfig(_Section):
@@ -228,10 +296,7 @@ class RunConfig(_Section):
     name: str = "fedloom"
     seed: int = 0
     rounds: int = Field(30, ge=1)
-    strategy: (
-        Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "dp-fedavg"]
-        | None
-    ) = "fedavg"
+    strategy: str | None = "fedavg"
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
     checkpoint_every: int = Field(1, ge=1)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -242,9 +307,18 @@ class RunConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    personal: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    #: Registered callbacks to add to the run, by name, with their options.
+    callbacks: list[str] = Field(default_factory=list)
+    callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> RunConfig:
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"config key 'strategy': unknown strategy '{self.strategy}'; choose one of "
+                f"{', '.join(sorted(STRATEGIES))}"
+            )
         if self.server.min_aggregate_clients > self.data.num_clients:
             raise ValueError(
                 f"server.min_aggregate_clients ({self.server.min_aggregate_clients}) exceeds "

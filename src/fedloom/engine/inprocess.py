@@ -1,91 +1,100 @@
 """The default engine: clients run one after another in this process.
 
-Exact and reproducible, and with the flat-parameter trainer nearly free of per-client
-overhead, so it is also the reference every other engine is compared against.
+Exact and reproducible, and with the flat-parameter learner nearly free of per-client
+overhead, so it is also the reference every other engine is compared against. Client
+state lives in a :class:`~fedloom.client_store.ClientStateStore`; protocol messages
+(secure aggregation) are answered by the same runtime, through their byte encoding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+import logging
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
-import numpy as np
-
+from fedloom.client.runtime import ClientRuntime
 from fedloom.client.safety import run_safely
-from fedloom.client.trainer import LocalTrainer
-from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
-from fedloom.privacy.secagg import SecAggConfig
-from fedloom.privacy.secagg.transport import (
-    SecAggParticipant,
-    SecureSum,
-    exchange_in_process,
-    serve_secagg_round,
-)
-from fedloom.server.loop import LocalClients
+from fedloom.client_store import ClientStateStore
+from fedloom.exchange import ExchangeRequest
+from fedloom.messages import Broadcast, ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+
+log = logging.getLogger("fedloom.engine")
+
+
+class LocalClients:
+    """The :class:`~fedloom.server.loop.ClientExecutor` answers of an engine that runs
+    every client itself: every client is reachable, and there are no engine counters."""
+
+    def available_clients(self) -> None:
+        return None
+
+    def connected_clients(self) -> None:
+        return None
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {}
 
 
 class InProcessExecutor(LocalClients):
-    def __init__(self, trainer: LocalTrainer) -> None:
-        self.trainer = trainer
-        self._held: dict[tuple[int, int], np.ndarray] = {}
+    def __init__(self, runtime: ClientRuntime, store: ClientStateStore) -> None:
+        self.runtime = runtime
+        self.store = store
 
     def fit(
-        self, tasks: Sequence[FitTask], global_vector: np.ndarray
+        self, tasks: Sequence[FitTask], broadcast: Broadcast
     ) -> list[FitResult | ClientFailure]:
-        if tasks:  # a round that never reached secure_sum must not keep its updates
-            first = min(t.round for t in tasks)
-            self._held = {k: v for k, v in self._held.items() if k[0] >= first}
-        out = [run_safely(partial(self.trainer.fit, t, global_vector), t) for t in tasks]
-        return [self._hold(r) if t.secure else r for t, r in zip(tasks, out, strict=True)]
-
-    def _hold(self, result: FitResult | ClientFailure) -> FitResult | ClientFailure:
-        """Keep a secure-aggregation update on the 'client' side, as a deployment does."""
-        if isinstance(result, ClientFailure) or result.delta is None:
-            return result
-        self._held[(result.round, result.client_id)] = result.delta
-        return replace(result, delta=None, held=True)
-
-    def secure_sum(
-        self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
-    ) -> SecureSum:
-        """SecAgg+ among simulated clients; every message goes through its byte encoding."""
-        updates = {c: self._held.pop((rnd, c)) for c in client_ids}
-        if self.trainer.cfg.privacy.secure_aggregation == "ckks":
-            return _ckks_sum(rnd, updates, vector_length)
-        participants = {c: SecAggParticipant(c, u) for c, u in updates.items()}
-        return serve_secagg_round(
-            client_ids, vector_length, config, exchange_in_process(participants)
-        )
+        out: list[FitResult | ClientFailure] = []
+        for task in tasks:
+            state = self.store.get(task.client_id)
+            result = run_safely(partial(self.runtime.fit, task, broadcast, state), task)
+            if isinstance(result, FitResult):  # a failed fit leaves the state as it was
+                self.store.put(task.client_id, state, round=task.round)
+            out.append(result)
+        return out
 
     def evaluate(
-        self, tasks: Sequence[EvalTask], global_vector: np.ndarray
+        self, tasks: Sequence[EvalTask], broadcast: Broadcast
     ) -> list[EvalResult | ClientFailure]:
         return [
-            run_safely(partial(self.trainer.evaluate_client, t, global_vector), t) for t in tasks
+            run_safely(
+                partial(self.runtime.evaluate, t, broadcast, self.store.get(t.client_id)), t
+            )
+            for t in tasks
         ]
 
-    def client_state(self) -> dict[str, Any]:
-        return self.trainer.client_state()
+    def exchange(self, request: ExchangeRequest, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+        return exchange_locally(self.runtime, request, outgoing)
 
-    def restore_client_state(self, state: dict[str, Any]) -> None:
-        self.trainer.restore_client_state(state)
+    def save_client_state(self) -> dict[str, Any]:
+        return self.store.manifest()
+
+    def load_client_state(self, manifest: Mapping[str, Any]) -> None:
+        self.store.restore(manifest)
 
     def close(self) -> None:
-        self._held.clear()
+        self.runtime.forget_all()
 
 
-def _ckks_sum(rnd: int, updates: dict[int, np.ndarray], vector_length: int) -> SecureSum:
-    """CKKS aggregation (TenSEAL) through the deployment's protocol, every message in bytes.
-
-    The simulated key holder releases sums of any size: the simulation is one party.
-    """
-    from fedloom.privacy.he_protocol import (
-        HEKeyHolderParticipant,
-        exchange_he_in_process,
-        serve_he_round,
-    )
-
-    exchange = exchange_he_in_process(HEKeyHolderParticipant(min_contributors=1), updates)
-    return serve_he_round(rnd, sorted(updates), vector_length, exchange)
+def exchange_locally(
+    runtime: ClientRuntime, request: ExchangeRequest, outgoing: Mapping[int, bytes]
+) -> dict[int, bytes]:
+    """Every participant answers in this process; one that refuses is a dropout."""
+    replies: dict[int, bytes] = {}
+    for pid, payload in outgoing.items():
+        try:
+            reply = runtime.respond(request, pid, payload)
+        except Exception as err:
+            log.warning(
+                "%s stage %d: participant %d did not answer: %s",
+                request.protocol,
+                request.stage,
+                pid,
+                err,
+            )
+            continue
+        if len(reply) > request.reply_limit:
+            log.warning("%s: participant %d's reply is too long; dropped", request.protocol, pid)
+            continue
+        replies[pid] = reply
+    return replies

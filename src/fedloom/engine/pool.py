@@ -10,25 +10,27 @@ Workers run one torch thread each: with many small clients, process parallelism 
 intra-op threading. A worker that dies takes only its in-flight task with it; that task
 comes back as a failure and the remaining tasks go to the surviving workers.
 
-State a client keeps across rounds (local DP's privacy ledger,
-:meth:`LocalTrainer.client_state <fedloom.client.trainer.LocalTrainer.client_state>`)
-lives in the parent, not in the workers: a client may land on a different worker each
-round, and a per-worker ledger would split its history. Each fit task carries the
-client's share of that state; the worker installs it (replacing whatever the previous
-task left), trains, and returns the client's updated share with the result, which the
-parent merges. A task that fails or whose worker dies returns nothing, so the state is
-unchanged, as it is when the in-process trainer raises. The result is the in-process
-state exactly, whichever worker ran each client, and it is what checkpoints carry.
+State a client keeps across rounds (a local-DP ledger, SCAFFOLD's control variate,
+personal layers) lives in the parent's :class:`~fedloom.client_store.ClientStateStore`,
+not in the workers: a client may land on a different worker each round. Each task
+carries the client's state as bytes; the worker trains and returns the updated state
+with the result, which the parent stores. A task that fails or whose worker dies returns
+nothing, so the state is unchanged, as it is when the in-process runtime raises. The
+result is the in-process state exactly, whichever worker ran each client.
+
+Workers build their :class:`~fedloom.client.runtime.ClientRuntime` from a picklable
+factory (the wiring passes one made from the run config). Secure aggregation needs
+every client's held upload in one place, so this engine answers no protocol exchange
+(the configuration refuses the combination).
 """
 
 from __future__ import annotations
 
-import copy
 import multiprocessing as mp
 import os
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection, wait
@@ -36,36 +38,34 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.config import RunConfig
-from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.client.runtime import ClientRuntime
+from fedloom.client.safety import run_safely
+from fedloom.client_store import ClientState, ClientStateStore
+from fedloom.engine.inprocess import LocalClients
+from fedloom.exchange import ExchangeRequest
+from fedloom.messages import Broadcast, ClientFailure, EvalResult, EvalTask, FitResult, FitTask
 from fedloom.params import decode_vector, encode_vector
-from fedloom.privacy.secagg import SecAggConfig
-from fedloom.privacy.secagg.transport import SecureSum
-from fedloom.server.loop import LocalClients
 
 Task = FitTask | EvalTask
 Outcome = FitResult | EvalResult | ClientFailure
 
 
-def _worker_main(conn: Connection, cfg_json: str) -> None:
+RuntimeFactory = Callable[[], ClientRuntime]
+
+
+def _worker_main(conn: Connection, factory: RuntimeFactory, torch_threads: int) -> None:
     """Entry point of a worker process: build once, then serve tasks until told to stop."""
     try:
         import torch
 
-        from fedloom.client.safety import run_safely
-        from fedloom.client.trainer import LocalTrainer
-        from fedloom.config import config_from_json
-        from fedloom.data import build_federated_dataset
-
-        cfg = config_from_json(cfg_json)
-        torch.set_num_threads(cfg.engine.torch_threads)
-        trainer = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
-        size = trainer.num_parameters
+        torch.set_num_threads(torch_threads)
+        runtime = factory()
+        size = runtime.learner.num_parameters
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ready", size))
-    vector = np.zeros(size, dtype=np.float32)
+    broadcast: dict[str, np.ndarray] = {}
     while True:
         try:
             msg = conn.recv()
@@ -74,47 +74,29 @@ def _worker_main(conn: Connection, cfg_json: str) -> None:
         kind = msg[0]
         if kind == "stop":
             return
-        if kind == "weights":
-            vector = decode_vector(conn.recv_bytes(), size)
+        if kind == "broadcast":
+            broadcast = {name: decode_vector(conn.recv_bytes(), n) for name, n in msg[1]}
         elif kind == "fit":
-            task = FitTask(msg[1], msg[2], msg[3], msg[4])
-            trainer.restore_client_state(msg[5])
-            out = run_safely(partial(trainer.fit, task, vector), task)
-            state = trainer.client_state(task.client_id) if isinstance(out, FitResult) else {}
-            _send_outcome(conn, out, state)
+            task: FitTask = msg[1]
+            state = ClientState.from_bytes(msg[2])
+            out = run_safely(partial(runtime.fit, task, broadcast, state), task)
+            _send_outcome(conn, out, state.to_bytes() if isinstance(out, FitResult) else None)
         elif kind == "eval":
-            etask = EvalTask(msg[1], msg[2])
-            _send_outcome(conn, run_safely(partial(trainer.evaluate_client, etask, vector), etask))
+            etask: EvalTask = msg[1]
+            state = ClientState.from_bytes(msg[2])
+            _send_outcome(conn, run_safely(partial(runtime.evaluate, etask, broadcast, state), etask))
 
 
-def _send_outcome(conn: Connection, out: Outcome, state: dict[str, Any] | None = None) -> None:
+def _send_outcome(conn: Connection, out: Outcome, state: bytes | None = None) -> None:
     """Send a result; a fit result carries the client's updated state (see module doc)."""
-    if isinstance(out, ClientFailure):
-        conn.send(("fail", out.client_id, out.round, out.error, out.traceback))
-    elif isinstance(out, EvalResult):
-        conn.send(("eval", out.client_id, out.round, out.num_examples, out.loss, out.accuracy))
-    else:
-        has_delta = out.delta is not None
-        conn.send(
-            (
-                "fit",
-                out.client_id,
-                out.round,
-                out.num_examples,
-                out.straggler,
-                out.metrics,
-                has_delta,
-                state or {},
-            )
-        )
-        if out.delta is not None:
-            conn.send_bytes(encode_vector(out.delta))
-
-
-def _state_of(state: dict[str, Any], client_id: int) -> dict[str, Any]:
-    """One client's share of the client state: ``{part: {id: entry}}`` for its id only."""
-    key = str(client_id)
-    return {part: {key: by_id[key]} for part, by_id in state.items() if key in by_id}
+    if isinstance(out, ClientFailure | EvalResult):
+        conn.send(("outcome", out))
+        return
+    vectors = out.vectors
+    out.vectors = {}
+    conn.send(("fit", out, [(k, int(v.size)) for k, v in vectors.items()], state))
+    for v in vectors.values():
+        conn.send_bytes(encode_vector(v))
 
 
 @dataclass
@@ -129,22 +111,25 @@ class ProcessPoolExecutor(LocalClients):
 
     def __init__(
         self,
-        cfg: RunConfig,
+        factory: RuntimeFactory,
         client_sizes: Sequence[int],
+        store: ClientStateStore,
+        *,
         workers: int = 0,
+        torch_threads: int = 1,
         start_timeout_s: float = 300.0,
     ) -> None:
         self.client_sizes = list(client_sizes)
+        self.store = store
         count = workers or os.cpu_count() or 1
         ctx = mp.get_context("spawn")
         self.workers: list[_Worker] = []
         self.size = 0
-        #: Authoritative client state, shaped as LocalTrainer.client_state() (module doc).
-        self._client_state: dict[str, Any] = {}
-        cfg_json = cfg.model_dump_json()
         for _ in range(count):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, cfg_json), daemon=True)
+            proc = ctx.Process(
+                target=_worker_main, args=(child, factory, torch_threads), daemon=True
+            )
             proc.start()
             child.close()
             self.workers.append(_Worker(proc, parent))
@@ -159,19 +144,25 @@ class ProcessPoolExecutor(LocalClients):
             self.size = int(payload)
 
     def fit(
-        self, tasks: Sequence[FitTask], global_vector: np.ndarray
+        self, tasks: Sequence[FitTask], broadcast: Broadcast
     ) -> list[FitResult | ClientFailure]:
-        return [o for o in self._run(tasks, global_vector) if not isinstance(o, EvalResult)]
+        return [o for o in self._run(tasks, broadcast) if not isinstance(o, EvalResult)]
 
     def evaluate(
-        self, tasks: Sequence[EvalTask], global_vector: np.ndarray
+        self, tasks: Sequence[EvalTask], broadcast: Broadcast
     ) -> list[EvalResult | ClientFailure]:
-        return [o for o in self._run(tasks, global_vector) if not isinstance(o, FitResult)]
+        return [o for o in self._run(tasks, broadcast) if not isinstance(o, FitResult)]
 
-    def _run(self, tasks: Sequence[Task], global_vector: np.ndarray) -> list[Outcome]:
-        payload = encode_vector(global_vector)
+    def exchange(self, request: ExchangeRequest, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+        raise NotImplementedError(
+            "the pool engine runs no protocol exchange (secure aggregation is refused with it)"
+        )
+
+    def _run(self, tasks: Sequence[Task], broadcast: Broadcast) -> list[Outcome]:
+        header = ("broadcast", [(k, int(v.size)) for k, v in broadcast.items()])
+        payloads = [encode_vector(v) for v in broadcast.values()]
         for w in self._alive():
-            self._send(w, ("weights",), payload)
+            self._send(w, header, payloads)
         pending = deque(sorted(tasks, key=lambda t: -self.client_sizes[t.client_id]))
         inflight: dict[int, Task] = {}
         results: dict[tuple[int, int], Outcome] = {}
@@ -191,23 +182,16 @@ class ProcessPoolExecutor(LocalClients):
                 while pending:
                     t = pending.popleft()
                     results[(t.client_id, t.round)] = ClientFailure(
-                        t.client_id, t.round, "no live pool worker to run this client", ""
+                        client_id=t.client_id,
+                        round=t.round,
+                        error="no live pool worker to run this client",
                     )
         return [results[(t.client_id, t.round)] for t in tasks]
 
     def _dispatch(self, i: int, pending: deque[Task], inflight: dict[int, Task]) -> None:
         task = pending.popleft()
-        if isinstance(task, FitTask):
-            msg: tuple[Any, ...] = (
-                "fit",
-                task.client_id,
-                task.round,
-                task.drop_stragglers,
-                task.clip_norm,
-                _state_of(self._client_state, task.client_id),
-            )
-        else:
-            msg = ("eval", task.client_id, task.round)
+        kind = "fit" if isinstance(task, FitTask) else "eval"
+        msg = (kind, task, self.store.get(task.client_id).to_bytes())
         if self._send(self.workers[i], msg):
             inflight[i] = task
         else:
@@ -216,10 +200,10 @@ class ProcessPoolExecutor(LocalClients):
             if alive:
                 self._dispatch(alive[0], pending, inflight)
 
-    def _send(self, w: _Worker, msg: tuple[Any, ...], payload: bytes | None = None) -> bool:
+    def _send(self, w: _Worker, msg: tuple[Any, ...], payloads: Sequence[bytes] = ()) -> bool:
         try:
             w.conn.send(msg)
-            if payload is not None:
+            for payload in payloads:
                 w.conn.send_bytes(payload)
             return True
         except (BrokenPipeError, EOFError, OSError):
@@ -230,36 +214,31 @@ class ProcessPoolExecutor(LocalClients):
         w = self.workers[i]
         try:
             msg = w.conn.recv()
-            if msg[0] == "fail":
-                return ClientFailure(msg[1], msg[2], msg[3], msg[4])
-            if msg[0] == "eval":
-                return EvalResult(msg[1], msg[2], msg[3], msg[4], msg[5])
-            delta = decode_vector(w.conn.recv_bytes(), self.size) if msg[6] else None
-            for part, entries in msg[7].items():
-                self._client_state.setdefault(part, {}).update(entries)
-            return FitResult(msg[1], msg[2], delta, msg[3], straggler=msg[4], metrics=msg[5])
+            if msg[0] == "outcome":
+                outcome: Outcome = msg[1]
+                return outcome
+            result: FitResult = msg[1]
+            result.vectors = {name: decode_vector(w.conn.recv_bytes(), n) for name, n in msg[2]}
+            if msg[3] is not None:
+                self.store.put(task.client_id, ClientState.from_bytes(msg[3]), round=task.round)
+            return result
         except (EOFError, OSError):
             w.alive = False
             code = w.process.exitcode
             return ClientFailure(
-                task.client_id, task.round, f"pool worker process died (exit code {code})", ""
+                client_id=task.client_id,
+                round=task.round,
+                error=f"pool worker process died (exit code {code})",
             )
 
     def _alive(self) -> list[_Worker]:
         return [w for w in self.workers if w.alive]
 
-    def secure_sum(
-        self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
-    ) -> SecureSum:
-        raise NotImplementedError(
-            "secure aggregation is not available on the pool engine (the config refuses it)"
-        )
+    def save_client_state(self) -> dict[str, Any]:
+        return self.store.manifest()
 
-    def client_state(self) -> dict[str, Any]:
-        return copy.deepcopy(self._client_state)
-
-    def restore_client_state(self, state: dict[str, Any]) -> None:
-        self._client_state = copy.deepcopy(state)
+    def load_client_state(self, manifest: Mapping[str, Any]) -> None:
+        self.store.restore(manifest)
 
     def close(self) -> None:
         for w in self.workers:

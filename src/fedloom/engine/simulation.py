@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +18,66 @@ import numpy as np
 import torch
 
 from fedloom import __version__
-from fedloom.client.trainer import LocalTrainer
-from fedloom.config import RunConfig, config_from_dict
+from fedloom.callbacks import Callback
+from fedloom.client.learner import Learner
+from fedloom.client.runtime import ClientRuntime
+from fedloom.client_store import ClientStateStore
+from fedloom.config import ConfigError, RunConfig, config_from_dict
 from fedloom.data import build_federated_dataset
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
-from fedloom.messages import FitTask
+from fedloom.messages import GLOBAL, FitTask
 from fedloom.seeding import EVAL_SUBSET, derive_rng
+from fedloom.server.callbacks import Checkpointer, Evaluation, RoundRecorder
 from fedloom.server.loop import ClientExecutor, FederatedServer
 from fedloom.server.metrics import run_metrics
 from fedloom.store import RunStore
+from fedloom.strategies import (
+    build_client_runtime,
+    build_learner,
+    build_strategy,
+    simulation_runtime,
+)
 
 log = logging.getLogger("fedloom")
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
-def make_executor(cfg: RunConfig, trainer: LocalTrainer) -> ClientExecutor:
+@dataclass
+class Wiring:
+    """What an engine is built from: the run's config, data, client runtime and store."""
+
+    cfg: RunConfig
+    data: FederatedDataset
+    runtime: ClientRuntime
+    client_store: ClientStateStore
+    roles: list[Any]
+    #: A picklable recipe for the runtime in another process (None: only this process).
+    runtime_factory: Callable[[], ClientRuntime] | None = None
+
+
+def make_executor(wiring: Wiring) -> ClientExecutor:
+    cfg = wiring.cfg
     torch.set_num_threads(cfg.engine.torch_threads)
     if cfg.engine.name == "pool":
+        if wiring.runtime_factory is None:
+            raise ConfigError(
+                "engine.name = 'pool' rebuilds the model in worker processes, which needs a "
+                "built-in model; use engine.name = 'inprocess' with your own model"
+            )
         return ProcessPoolExecutor(
-            cfg, trainer.data.client_sizes().tolist(), workers=cfg.engine.workers
+            wiring.runtime_factory,
+            wiring.data.client_sizes().tolist(),
+            wiring.client_store,
+            workers=cfg.engine.workers,
+            torch_threads=cfg.engine.torch_threads,
         )
-    return InProcessExecutor(trainer)
+    return InProcessExecutor(wiring.runtime, wiring.client_store)
 
 
-ExecutorFactory = Callable[[RunConfig, LocalTrainer], ClientExecutor]
+ExecutorFactory = Callable[[Wiring], ClientExecutor]
 
 
 def run_simulation(
@@ -67,32 +102,74 @@ def run_federation(
     resume: bool = False,
     on_start: Callable[[RunConfig, FederatedDataset, int], None] | None = None,
     on_round: RoundCallback | None = None,
+    *,
+    deployment: bool = False,
+    data: FederatedDataset | None = None,
+    learner_factory: Callable[[], Learner] | None = None,
+    callbacks: Sequence[Callback] = (),
+    aggregator: Any = None,
 ) -> dict[str, Any]:
-    """The run every runtime shares: store, server state, rounds, outputs.
+    """The run every runtime shares: store, strategy, rounds, outputs.
 
     Only ``executor_factory`` differs between runtimes (in-process, pool, gRPC
-    deployment), which is what makes their results comparable.
+    deployment), which is what makes their results comparable. ``data`` and
+    ``learner_factory`` replace the config's built-in data set and model (the Python API).
     """
     store = RunStore.open(out_dir) if resume else None
     if store is not None:
         cfg = config_from_dict(store.config())
-    data = build_federated_dataset(cfg.data, cfg.seed)
+    if data is None:
+        data = build_federated_dataset(cfg.data, cfg.seed)
     if store is None:
         store = RunStore.create(out_dir, cfg.to_dict(), __version__)
         _write_data_summary(data, out_dir)
-    trainer = LocalTrainer(cfg, data)
+    learner = learner_factory() if learner_factory is not None else build_learner(cfg, data)
+    runtime = build_client_runtime(
+        cfg, learner, _data_of(data), num_clients=data.num_clients
+    )
+    strategy = build_strategy(
+        cfg,
+        num_clients=data.num_clients,
+        spec=learner.binding.spec,
+        roles_in_process=not deployment,
+        aggregator=aggregator,
+    )
     test_set = central_test_set(data, cfg)
     started = time.perf_counter()
     wall_before = float(store.get_meta("wall_s", 0.0))
-    executor = executor_factory(cfg, trainer)
+    wiring = Wiring(
+        cfg=cfg,
+        data=data,
+        runtime=runtime,
+        client_store=ClientStateStore(out_dir / "client_state"),
+        roles=strategy.roles(),
+        runtime_factory=None
+        if learner_factory is not None
+        else partial(simulation_runtime, cfg.model_dump_json()),
+    )
+    executor = executor_factory(wiring)
     try:
-        server = FederatedServer(
-            cfg,
-            executor=executor,
-            initial_weights=trainer.initial_vector(),
-            num_clients=data.num_clients,
-            central_evaluator=lambda v: trainer.evaluate(test_set, v, cfg.eval.batch_size),
+        evaluation = Evaluation(
+            every=cfg.eval.every,
+            centralized=cfg.eval.centralized,
+            federated=cfg.eval.federated,
+            central_evaluator=lambda v: learner.evaluate(v, test_set, cfg.eval.batch_size),
             eval_clients=[c.client_id for c in data.clients if c.test is not None and len(c.test)],
+        )
+        server = FederatedServer(
+            strategy=strategy,
+            executor=executor,
+            initial_weights=learner.initial_vector(),
+            num_clients=data.num_clients,
+            rounds=cfg.rounds,
+            seed=cfg.seed,
+            callbacks=[
+                evaluation,
+                *strategy.callbacks,
+                *callbacks,
+                RoundRecorder(),
+                Checkpointer(cfg.checkpoint_every),
+            ],
             store=store,
         )
         if resume:
@@ -109,6 +186,13 @@ def run_federation(
     summary = write_outputs(store, out_dir, cfg, data.num_clients, server.state.participation)
     store.close()
     return summary
+
+
+def _data_of(data: FederatedDataset) -> Callable[[int], ClientData]:
+    def data_of(client_id: int) -> ClientData:
+        return data.clients[client_id]
+
+    return data_of
 
 
 def central_test_set(data: FederatedDataset, cfg: RunConfig) -> ArrayDataset:
@@ -140,12 +224,18 @@ def write_outputs(
     final: dict[str, Any] = next(
         (r for r in reversed(history) if r.get("accuracy") is not None), {}
     )
+    final_out: dict[str, Any] = {"accuracy": final.get("accuracy"), "loss": final.get("loss")}
+    # Federated and personalized evaluation: the last round that had each.
+    for key in ("fed_accuracy", "personalized_accuracy", "personalized_loss"):
+        value = next((r[key] for r in reversed(history) if r.get(key) is not None), None)
+        if value is not None:
+            final_out[key] = value
     summary = {
         "fedloom_version": __version__,
         "config": cfg.to_dict(),
         "rounds_completed": len(history),
         "wall_s": float(store.get_meta("wall_s", 0.0)),
-        "final": {"accuracy": final.get("accuracy"), "loss": final.get("loss")},
+        "final": final_out,
         "metrics": metrics,
         "history": history,
     }
@@ -202,19 +292,23 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     central_cfg.client.steps = None
     central_cfg.client.straggler_fraction = 0.0
     central_cfg.client.proximal_mu = 0.0
+    central_cfg.client.algorithm = "sgd"
     # The baseline is non-private training on pooled data: no client-side clipping.
     central_cfg.privacy.mechanism = "none"
-    trainer = LocalTrainer(central_cfg, pooled)
+    central_cfg.privacy.local_dp = False
+    central_cfg.privacy.local_delta = None
+    learner = build_learner(central_cfg, pooled)
+    runtime = build_client_runtime(central_cfg, learner, _data_of(pooled), num_clients=1)
     started = time.perf_counter()
-    w0 = trainer.initial_vector()
-    result = trainer.fit(FitTask(0, 1), w0)
-    assert result.delta is not None
-    loss, acc = trainer.evaluate(
-        central_test_set(data, cfg), w0 + result.delta, cfg.eval.batch_size
+    w0 = learner.initial_vector()
+    result = runtime.fit(
+        FitTask(client_id=0, round=1, model_version=0), {GLOBAL: w0}, ClientStateStore().get(0)
     )
+    assert result.delta is not None
+    metrics = learner.evaluate(w0 + result.delta, central_test_set(data, cfg), cfg.eval.batch_size)
     return {
-        "accuracy": acc,
-        "loss": loss,
+        "accuracy": metrics.get("accuracy"),
+        "loss": metrics["loss"],
         "epochs": epochs,
         "examples": len(pooled.clients[0].train),
         "wall_s": time.perf_counter() - started,

@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from fedloom.config import ServerConfig
+from fedloom.registry import SERVER_OPTIMIZERS
 
 
 class ServerOptimizer(Protocol):
@@ -110,8 +111,16 @@ class ServerAdaptive:
 
 
 def make_server_optimizer(cfg: ServerConfig, size: int) -> ServerOptimizer:
-    if cfg.optimizer == "sgd":
-        return ServerSGD(cfg.lr)
-    if cfg.optimizer == "momentum":
-        return ServerMomentum(cfg.lr, cfg.momentum, size)
-    return ServerAdaptive(cfg.optimizer, cfg.lr, cfg.beta1, cfg.beta2, cfg.tau, size)
+    """The optimizer ``cfg.optimizer`` names, built from the ``server`` section's keys."""
+    return SERVER_OPTIMIZERS.create(cfg.optimizer, cfg, size)
+
+
+SERVER_OPTIMIZERS.add("sgd", lambda cfg, size: ServerSGD(cfg.lr))
+SERVER_OPTIMIZERS.add("momentum", lambda cfg, size: ServerMomentum(cfg.lr, cfg.momentum, size))
+for _name in ("adam", "yogi", "adagrad"):
+    SERVER_OPTIMIZERS.add(
+        _name,
+        lambda cfg, size, _name=_name: ServerAdaptive(
+            _name, cfg.lr, cfg.beta1, cfg.beta2, cfg.tau, size
+        ),
+    )

@@ -74,3 +74,11 @@ class SecAggConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def secagg_message_limit(vector_length: int) -> int:
+    """The largest SecAgg+ stage message either side accepts; larger ones are refused unread.
+
+    A masked vector of up to 64-bit integers, plus framing.
+    """
+    return 8 * vector_length + (1 << 20)

@@ -10,7 +10,7 @@ update a client sends is then (ε, δ)-DP with respect to any one of *its own* e
 
 Choices:
 
-* **A plain model per fit.** The flat-bound model of :class:`~fedloom.client.trainer.LocalTrainer`
+* **A plain model per fit.** The flat-bound model of :class:`~fedloom.client.learner.Learner`
   owns ``p.grad`` as views into one buffer; Opacus' ``GradSampleModule`` and
   ``DPOptimizer`` manage ``p.grad`` and ``p.grad_sample`` themselves. So each fit trains a
   fresh copy of an unbound template model, loaded with
@@ -31,17 +31,16 @@ Choices:
   seed. Opacus' own ``secure_mode`` would need torchcsprng, which is not installable
   here. Updates are then not reproducible, by design; ε is unchanged.
 * **Accounting.** Opacus' RDP accountant; its ``history`` is a list of
-  (σ, q, steps) triples, plain data, kept per client id in :class:`LocalDPSGD` so a
-  client's ε composes over every round it trains in. The pool engine keeps the
-  authoritative ledgers in its parent process and ships a client's entries with each
-  task, so the history (and ε) is the in-process one whichever worker trains it. ε is
+  (σ, q, steps) triples, plain data, kept in the client's own state (the client state
+  store, :mod:`fedloom.client_store`) so a client's ε composes over every round it
+  trains in, whichever engine, worker or restarted process trains it. ε is
   reported at δ = ``privacy.local_delta``, or min(``privacy.delta``, 1 / (10 n)) for a
   client with n examples (δ well below 1/n, the usual rule).
 * **FedProx.** The proximal gradient μ(w − w_t) does not depend on the data, so it is
   added to the noised gradient (post-processing) just before the optimizer step.
 * **Unsupported layers** (BatchNorm, whose running statistics mix examples; ``nn.LSTM``,
   which Opacus replaces by ``DPLSTM`` with different parameter names) are refused when
-  the trainer is built, with one line naming the layer.
+  the client runtime is built, with one line naming the layer.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -64,15 +62,16 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedloom.config import ConfigError, RunConfig
-from fedloom.data.base import ArrayDataset
-from fedloom.messages import FitTask
+from fedloom.algorithms.base import ClientContext, ClientUpdate, full_global
+from fedloom.algorithms.dpsgd import LEDGER_KEY, LocalDPSettings
+from fedloom.algorithms.sgd import evaluate_global
+from fedloom.client.learner import Learner
+from fedloom.client_store import ClientState
+from fedloom.config import ConfigError
+from fedloom.messages import DELTA
 from fedloom.params import module_to_vector, vector_to_module
 from fedloom.privacy.noise import secure_standard_normal
 from fedloom.seeding import torch_generator
-
-if TYPE_CHECKING:
-    from fedloom.client.trainer import WorkPlan
 
 # Purpose tags for the generators of local DP (see fedloom.seeding; kept apart from its
 # small integers so they never collide with a tag added there).
@@ -112,90 +111,83 @@ def check_opacus_compatible(model: nn.Module) -> None:
         )
 
 
-def local_delta(cfg: RunConfig, num_examples: int) -> float:
+def local_delta(settings: LocalDPSettings, num_examples: int) -> float:
     """The δ a client reports its ε at (see the module docstring)."""
-    p = cfg.privacy
-    if p.local_delta is not None:
-        return p.local_delta
-    return min(p.delta, 1.0 / (10 * max(num_examples, 1)))
+    if settings.local_delta is not None:
+        return settings.local_delta
+    return min(settings.central_delta, 1.0 / (10 * max(num_examples, 1)))
 
 
-class LocalDPSGD:
-    """DP-SGD for any client of a process, with each client's privacy ledger."""
+def ledger_of(state: ClientState) -> list[HistoryEntry]:
+    """The client's DP-SGD history from its persisted state (empty before it trains)."""
+    return [(float(s), float(q), int(n)) for s, q, n in state.meta.get(LEDGER_KEY, [])]
 
-    def __init__(self, cfg: RunConfig, template: nn.Module) -> None:
-        self.cfg = cfg
-        self.template = copy.deepcopy(template).train()
-        check_opacus_compatible(self.template)
-        #: Client id → Opacus RDP accountant history: every DP-SGD step the client took.
-        self.histories: dict[int, list[HistoryEntry]] = {}
 
-    def ledger(self, client_id: int | None = None) -> dict[str, list[list[float]]]:
-        """The per-client histories (all, or ``client_id``'s) as JSON-able data.
+class DPSGDClient:
+    """DP-SGD client algorithm; the client's ledger lives in its state (``"local_dp"``)."""
 
-        For checkpoints, and for the pool engine, which ships one client's part between
-        its parent and the worker that trains the client.
-        """
-        return {
-            str(cid): [[float(s), float(q), float(n)] for s, q, n in h]
-            for cid, h in self.histories.items()
-            if client_id is None or cid == client_id
-        }
+    def __init__(self, settings: LocalDPSettings, *, proximal_mu: float = 0.0) -> None:
+        self.settings = settings
+        self.proximal_mu = proximal_mu
+        self._template: nn.Module | None = None
 
-    def restore_ledger(self, ledger: dict[str, list[list[float]]]) -> None:
-        """Replace every history with ``ledger`` (a client absent from it has spent nothing)."""
-        self.histories = {
-            int(cid): [(float(s), float(q), int(n)) for s, q, n in h] for cid, h in ledger.items()
-        }
+    def _fresh_model(self, learner: Learner) -> nn.Module:
+        if self._template is None:
+            self._template = learner.unbound_copy().train()
+            check_opacus_compatible(self._template)
+        return copy.deepcopy(self._template).train()
 
-    def epsilon(self, client_id: int, delta: float) -> float:
-        """ε the client has spent so far at ``delta`` (0 before it trains)."""
-        history = self.histories.get(client_id)
-        return _epsilon(history, delta) if history else 0.0
+    def check(self, learner: Learner) -> None:
+        """Refuse, before training, a model Opacus cannot train (one line naming the layer)."""
+        self._fresh_model(learner)
 
-    def fit(
-        self, task: FitTask, train: ArrayDataset, global_vector: np.ndarray, plan: WorkPlan
-    ) -> tuple[np.ndarray, dict[str, float]]:
-        """Train one client for one round from ``global_vector``; return Δ and metrics."""
-        cfg, cc, p = self.cfg, self.cfg.client, self.cfg.privacy
-        client_id, rnd = task.client_id, task.round
-        model = copy.deepcopy(self.template).train()
+    def evaluate(self, ctx: ClientContext) -> dict[str, float]:
+        return evaluate_global(ctx)
+
+    def fit(self, ctx: ClientContext) -> ClientUpdate:
+        """Train one client for one round from the global model; return Δ and metrics."""
+        p, sgd, plan = self.settings, ctx.sgd, ctx.plan
+        assert plan is not None
+        client_id, rnd, train = ctx.client_id, ctx.round, ctx.data.train
+        global_vector = full_global(ctx)
+        model = self._fresh_model(ctx.learner)
         vector_to_module(global_vector, model)
         dataset = TensorDataset(torch.from_numpy(train.x), torch.from_numpy(train.y))
         secure = p.secure_noise
         loader = DataLoader(
             dataset,
-            batch_size=cc.batch_size,
+            batch_size=ctx.work.batch_size,
             generator=_urandom_generator()
             if secure
-            else torch_generator(cfg.seed, LOCAL_DP_SAMPLING, rnd, client_id),
+            else torch_generator(ctx.seed, LOCAL_DP_SAMPLING, rnd, client_id),
         )
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay
+            model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay
         )
         with warnings.catch_warnings():
             # "Secure RNG turned off": Opacus' secure mode needs torchcsprng; the seeded
             # or the CSPRNG noise of this module replaces it (see the module docstring).
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-            engine.accountant.history = list(self.histories.get(client_id, []))
+            engine.accountant.history = ledger_of(ctx.state)
             module, dp_opt, dp_loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
-                noise_multiplier=p.local_noise_multiplier,
-                max_grad_norm=p.local_max_grad_norm,
+                noise_multiplier=p.noise_multiplier,
+                max_grad_norm=p.max_grad_norm,
                 poisson_sampling=True,
                 noise_generator=None
                 if secure
-                else torch_generator(cfg.seed, LOCAL_DP_NOISE, rnd, client_id),
+                else torch_generator(ctx.seed, LOCAL_DP_NOISE, rnd, client_id),
             )
         assert isinstance(module, GradSampleModule) and isinstance(dp_opt, DPOptimizer)
         if secure:
             dp_opt = SecureNoiseDPOptimizer.replacing(dp_opt)
-        if cc.proximal_mu:
-            _add_proximal_term(dp_opt, list(model.parameters()), cc.proximal_mu)
+        if self.proximal_mu:
+            _add_proximal_term(dp_opt, list(model.parameters()), self.proximal_mu)
 
+        loss_fn = ctx.learner.loss
         loss_sum = torch.zeros((), dtype=torch.float64)
         nonempty = steps = 0
         with warnings.catch_warnings():
@@ -203,7 +195,7 @@ class LocalDPSGD:
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for xb, yb in plan.batches(lambda: dp_loader):
                 dp_opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(module(xb), yb)
+                loss = loss_fn(module(xb), yb)
                 loss.backward()
                 dp_opt.step()
                 if len(yb):
@@ -212,20 +204,19 @@ class LocalDPSGD:
                 steps += 1
         module._close()  # remove Opacus' hooks; the plain copy is discarded anyway
 
-        self.histories[client_id] = [
-            (float(s), float(q), int(n)) for s, q, n in engine.accountant.history
-        ]
-        delta_at = local_delta(cfg, len(train))
+        history = [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
+        ctx.state.meta[LEDGER_KEY] = [[s, q, float(n)] for s, q, n in history]
+        delta_at = local_delta(p, len(train))
         with torch.no_grad():
             delta = (module_to_vector(model) - global_vector).astype(np.float32)
         metrics = {
             "train_loss": float(loss_sum) / max(nonempty, 1),
             "steps": float(steps),
-            "local_epsilon": _epsilon(self.histories[client_id], delta_at),
+            "local_epsilon": epsilon_of(history, delta_at),
             "local_delta": delta_at,
             "local_sample_rate": float(dp_loader.sample_rate),
         }
-        return delta, metrics
+        return ClientUpdate({DELTA: delta}, metrics)
 
 
 class SecureNoiseDPOptimizer(DPOptimizer):
@@ -284,7 +275,7 @@ def _urandom_generator() -> torch.Generator:
     return generator
 
 
-def _epsilon(history: list[HistoryEntry], delta: float) -> float:
+def epsilon_of(history: list[HistoryEntry], delta: float) -> float:
     """ε of a DP-SGD history at ``delta`` from Opacus' RDP accountant."""
     accountant = RDPAccountant()
     accountant.history = list(history)

@@ -1,0 +1,4 @@
+"""Federated algorithms as client and server halves, registered by name."""
+
+from fedloom.algorithms import dpsgd as dpsgd
+from fedloom.algorithms import sgd as sgd

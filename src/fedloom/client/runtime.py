@@ -1,0 +1,131 @@
+"""The client side of a strategy, as every engine runs it: algorithm, codecs, held
+uploads and protocol participants, over the client's persisted state.
+
+Engines call three methods: :meth:`ClientRuntime.fit`, :meth:`ClientRuntime.evaluate`
+and :meth:`ClientRuntime.respond` (a stage of a protocol such as secure aggregation).
+They pass each client's state in and store it afterwards; they never look inside a task,
+a result or a protocol message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedloom.algorithms.base import ClientAlgorithm, ClientContext
+from fedloom.client.learner import Learner, SGDSettings, WorkSettings, plan_work
+from fedloom.client_store import ClientState
+from fedloom.codecs.base import UpdateCodec
+from fedloom.data.base import ClientData
+from fedloom.exchange import ExchangeRequest, Participant
+from fedloom.messages import (
+    DROP_STRAGGLERS,
+    HOLD,
+    Broadcast,
+    EvalResult,
+    EvalTask,
+    FitResult,
+    FitTask,
+    upload_order,
+)
+from fedloom.registry import PROTOCOL_PARTICIPANTS
+
+#: Metrics a client keeps to itself: the pre-clip update norm is outside what central DP
+#: accounts for, so it never leaves a deployed client.
+PRIVATE_METRICS = frozenset({"update_norm"})
+
+
+@dataclass(kw_only=True)
+class ClientRuntime:
+    """One process's client side; serves any client whose data it can reach."""
+
+    learner: Learner
+    algorithm: ClientAlgorithm
+    codecs: list[UpdateCodec] = field(default_factory=list)
+    data_of: Callable[[int], ClientData]
+    seed: int
+    work: WorkSettings
+    sgd: SGDSettings
+    eval_batch_size: int = 512
+    _held: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    _participants: dict[tuple[str, int, int], Participant] = field(default_factory=dict)
+
+    def initial_vector(self) -> np.ndarray:
+        return self.learner.initial_vector()
+
+    def _context(
+        self, client_id: int, rnd: int, config: Any, broadcast: Broadcast, state: ClientState
+    ) -> ClientContext:
+        return ClientContext(
+            client_id=client_id,
+            round=rnd,
+            config=config,
+            broadcast=broadcast,
+            data=self.data_of(client_id),
+            learner=self.learner,
+            state=state,
+            seed=self.seed,
+            work=self.work,
+            sgd=self.sgd,
+            eval_batch_size=self.eval_batch_size,
+        )
+
+    def fit(self, task: FitTask, broadcast: Broadcast, state: ClientState) -> FitResult:
+        """Train one client; ``state`` is updated in place (store it only on success)."""
+        ctx = self._context(task.client_id, task.round, task.config, broadcast, state)
+        n = len(ctx.data.train)
+        plan = plan_work(
+            self.work, seed=self.seed, round=task.round, client_id=task.client_id, num_examples=n
+        )
+        base = {"client_id": task.client_id, "round": task.round, "model_version": task.model_version}
+        if plan.straggler and task.config.get(DROP_STRAGGLERS, False):
+            return FitResult(**base, num_examples=n, straggler=True)
+        ctx.plan = plan
+        update = self.algorithm.fit(ctx)
+        vectors = update.vectors
+        for codec in self.codecs:
+            vectors = codec.encode(vectors, update.metrics, config=task.config, state=state)
+        protocol = task.config.get(HOLD)
+        if isinstance(protocol, str) and protocol:
+            self._forget_before(task.round)
+            flat = np.concatenate([vectors[k] for k in upload_order(list(vectors))])
+            self._held[(task.round, task.client_id)] = flat.astype(np.float32, copy=False)
+            return FitResult(
+                **base, num_examples=n, metrics=update.metrics, straggler=plan.straggler, held=True
+            )
+        return FitResult(
+            **base, num_examples=n, vectors=vectors, metrics=update.metrics, straggler=plan.straggler
+        )
+
+    def evaluate(self, task: EvalTask, broadcast: Broadcast, state: ClientState) -> EvalResult:
+        ctx = self._context(task.client_id, task.round, task.config, broadcast, state)
+        test = ctx.data.test
+        n = 0 if test is None else len(test)
+        metrics = self.algorithm.evaluate(ctx) if n else {}
+        return EvalResult(client_id=task.client_id, round=task.round, num_examples=n, metrics=metrics)
+
+    def respond(self, request: ExchangeRequest, participant_id: int, payload: bytes) -> bytes:
+        """Answer one protocol stage as ``participant_id`` (raises to refuse)."""
+        key = (request.protocol, request.round, participant_id)
+        participant = self._participants.get(key)
+        if participant is None:
+            held = self._held.pop((request.round, participant_id), None)
+            factory = PROTOCOL_PARTICIPANTS.get(request.protocol)
+            participant = factory(participant_id=participant_id, held=held)
+            self._participants[key] = participant
+        reply = participant.respond(request.stage, payload)
+        if participant.finished(request.stage):
+            self._participants.pop(key, None)
+        return reply
+
+    def _forget_before(self, rnd: int) -> None:
+        """A round that never reached its protocol must not keep its uploads."""
+        self._held = {k: v for k, v in self._held.items() if k[0] >= rnd}
+        self._participants = {k: v for k, v in self._participants.items() if k[1] >= rnd}
+
+    def forget_all(self) -> None:
+        self._held.clear()
+        self._participants.clear()
