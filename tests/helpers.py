@@ -7,16 +7,21 @@ like :mod:`tests.deploy_helpers`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from fedloom.client.runtime import ClientRuntime
+from fedloom.client_store import ClientState
 from fedloom.config import RunConfig
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
 from fedloom.engine.simulation import run_simulation
+from fedloom.messages import GLOBAL, FitResult, FitTask, Scalar
 from fedloom.store import Checkpoint, RunStore
+from fedloom.strategies import build_client_runtime, build_learner
 
 
 def toy_dataset(n: int = 40, clients: int = 2) -> FederatedDataset:
@@ -63,3 +68,25 @@ def interrupt_after(cfg: RunConfig, run_dir: Path, last_round: int) -> None:
 
     with pytest.raises(InterruptError):
         run_simulation(cfg, run_dir, on_round=stop)
+
+
+def client_runtime(cfg: RunConfig, data: FederatedDataset) -> ClientRuntime:
+    """The client side of ``cfg`` over ``data``, as every engine builds it."""
+    learner = build_learner(cfg, data)
+    return build_client_runtime(
+        cfg, learner, lambda c: data.clients[c], num_clients=data.num_clients
+    )
+
+
+def fit_once(
+    runtime: ClientRuntime,
+    weights: np.ndarray,
+    *,
+    client: int,
+    round: int,
+    config: Mapping[str, Scalar] | None = None,
+    state: ClientState | None = None,
+) -> FitResult:
+    """One fit task of ``client`` in ``round`` from the global model ``weights``."""
+    task = FitTask(client_id=client, round=round, model_version=round - 1, config=config or {})
+    return runtime.fit(task, {GLOBAL: weights}, ClientState() if state is None else state)

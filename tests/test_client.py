@@ -5,13 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedloom.algorithms.sgd import proximal_correction
+from fedloom.client.learner import SGDSettings, WorkPlan, WorkSettings, _sgd_step, plan_work
 from fedloom.client.models import build_model
-from fedloom.client.trainer import LocalTrainer, WorkPlan, plan_work
-from fedloom.config import ClientConfig, RunConfig, load_config
-from fedloom.messages import FitTask
+from fedloom.config import RunConfig, load_config
+from fedloom.messages import DROP_STRAGGLERS
 from fedloom.seeding import SHUFFLE, torch_generator
+from fedloom.strategies import build_learner
 
-from .helpers import toy_dataset
+from .helpers import client_runtime, fit_once, toy_dataset
 
 
 def _cfg(*overrides: str) -> RunConfig:
@@ -22,9 +24,9 @@ def _cfg(*overrides: str) -> RunConfig:
 def test_local_sgd_matches_torch_optim_sgd(extra: list[str]) -> None:
     cfg = _cfg("client.epochs=2", *extra)
     data = toy_dataset()
-    trainer = LocalTrainer(cfg, data)
-    w0 = trainer.initial_vector()
-    result = trainer.fit(FitTask(1, 3), w0)
+    runtime = client_runtime(cfg, data)
+    w0 = runtime.initial_vector()
+    result = fit_once(runtime, w0, client=1, round=3)
 
     model = build_model(cfg.model, data, cfg.seed)
     opt = torch.optim.SGD(
@@ -51,11 +53,11 @@ def test_local_sgd_matches_torch_optim_sgd(extra: list[str]) -> None:
 
 def test_fedprox_proximal_gradient_hand_computed() -> None:
     """One step with zero data gradient contribution isolated: mu*(w - w0) term."""
-    cc = ClientConfig(lr=0.5, momentum=0.0, proximal_mu=2.0)
+    sgd = SGDSettings(lr=0.5, momentum=0.0)
     w = torch.tensor([1.0, -1.0])
     w0 = torch.tensor([0.0, 0.0])
     g = torch.tensor([0.1, 0.2])
-    LocalTrainer._sgd_step(w, g, w0, torch.zeros(2), cc)
+    _sgd_step(w, g, torch.zeros(2), sgd, proximal_correction(2.0, w0))
     # g' = g + mu (w - w0) = [0.1 + 2, 0.2 - 2]; w = w - 0.5 g'
     np.testing.assert_allclose(w.numpy(), [1.0 - 0.5 * 2.1, -1.0 - 0.5 * (-1.8)], rtol=1e-6)
 
@@ -64,9 +66,9 @@ def test_fedprox_pulls_towards_global_model() -> None:
     data = toy_dataset()
     far = _cfg("client.epochs=5", "client.lr=0.5")
     near = _cfg("client.epochs=5", "client.lr=0.5", "client.proximal_mu=5.0")
-    w0 = LocalTrainer(far, data).initial_vector()
-    d_far = LocalTrainer(far, data).fit(FitTask(0, 1), w0).delta
-    d_near = LocalTrainer(near, data).fit(FitTask(0, 1), w0).delta
+    w0 = client_runtime(far, data).initial_vector()
+    d_far = fit_once(client_runtime(far, data), w0, client=0, round=1).delta
+    d_near = fit_once(client_runtime(near, data), w0, client=0, round=1).delta
     assert d_far is not None and d_near is not None
     assert np.linalg.norm(d_near) < 0.5 * np.linalg.norm(d_far)
 
@@ -74,22 +76,22 @@ def test_fedprox_pulls_towards_global_model() -> None:
 def test_fit_is_deterministic_and_order_independent() -> None:
     cfg = _cfg()
     data = toy_dataset()
-    a, b = LocalTrainer(cfg, data), LocalTrainer(cfg, data)
+    a, b = client_runtime(cfg, data), client_runtime(cfg, data)
     w0 = a.initial_vector()
-    first = a.fit(FitTask(1, 2), w0).delta
-    a.fit(FitTask(0, 2), w0)  # another client in between must not leak state
-    again = a.fit(FitTask(1, 2), w0).delta
-    other = b.fit(FitTask(1, 2), w0).delta
+    first = fit_once(a, w0, client=1, round=2).delta
+    fit_once(a, w0, client=0, round=2)  # another client in between must not leak state
+    again = fit_once(a, w0, client=1, round=2).delta
+    other = fit_once(b, w0, client=1, round=2).delta
     assert first is not None and again is not None and other is not None
     np.testing.assert_array_equal(first, again)
     np.testing.assert_array_equal(first, other)
-    different_round = b.fit(FitTask(1, 3), w0).delta
+    different_round = fit_once(b, w0, client=1, round=3).delta
     assert different_round is not None and not np.array_equal(first, different_round)
 
 
 def test_straggler_plan_follows_fedprox_systems_model() -> None:
-    cc = ClientConfig(epochs=20, straggler_fraction=0.9)
-    plans = [plan_work(cc, 0, FitTask(c, 1), 100) for c in range(2000)]
+    work = WorkSettings(epochs=20, straggler_fraction=0.9)
+    plans = [plan_work(work, seed=0, round=1, client_id=c, num_examples=100) for c in range(2000)]
     stragglers = [p for p in plans if p.straggler]
     assert 0.87 < len(stragglers) / len(plans) < 0.93
     epochs = np.array([p.epochs for p in stragglers])
@@ -97,7 +99,11 @@ def test_straggler_plan_follows_fedprox_systems_model() -> None:
     assert all(p.epochs == 20 for p in plans if not p.straggler)
     one_epoch = [
         plan_work(
-            ClientConfig(epochs=1, batch_size=10, straggler_fraction=1.0), 0, FitTask(c, 1), 100
+            WorkSettings(epochs=1, batch_size=10, straggler_fraction=1.0),
+            seed=0,
+            round=1,
+            client_id=c,
+            num_examples=100,
         )
         for c in range(50)
     ]
@@ -106,19 +112,20 @@ def test_straggler_plan_follows_fedprox_systems_model() -> None:
 
 def test_dropped_straggler_does_no_work_and_kept_one_does_less() -> None:
     data = toy_dataset()
-    keep = LocalTrainer(_cfg("client.epochs=4", "client.straggler_fraction=1.0"), data)
+    keep = client_runtime(_cfg("client.epochs=4", "client.straggler_fraction=1.0"), data)
     w0 = keep.initial_vector()
-    res = keep.fit(FitTask(0, 1, drop_stragglers=True), w0)
-    assert res.straggler and res.delta is None
-    res = keep.fit(FitTask(0, 1, drop_stragglers=False), w0)
+    res = fit_once(keep, w0, client=0, round=1, config={DROP_STRAGGLERS: True})
+    assert res.straggler and res.delta is None and not res.vectors
+    res = fit_once(keep, w0, client=0, round=1, config={DROP_STRAGGLERS: False})
     assert res.straggler and res.delta is not None and res.metrics["steps"] < 4 * 5
 
 
 def test_evaluate_accuracy_and_loss() -> None:
     data = toy_dataset()
-    trainer = LocalTrainer(_cfg(), data)
-    vec = np.zeros(trainer.num_parameters, np.float32)
-    loss, acc = trainer.evaluate(data.test, vec)
+    learner = build_learner(_cfg(), data)
+    vec = np.zeros(learner.num_parameters, np.float32)
+    metrics = learner.evaluate(vec, data.test)
+    loss, acc = metrics["loss"], metrics["accuracy"]
     assert loss == pytest.approx(np.log(2), rel=1e-6)  # zero weights: uniform prediction
     assert acc == pytest.approx(float(np.mean(data.test.y == 0)))
 
