@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,40 @@ class ParamSpec:
             e.name: vector[a:b].reshape(e.shape)
             for e, (a, b) in zip(self.entries, self.offsets(), strict=True)
         }
+
+    def personal_mask(self, prefixes: Sequence[str]) -> np.ndarray:
+        """Which coordinates of the flat vector stay on the client (True) in personalized FL.
+
+        A prefix names a module (``"net.2"`` selects ``net.2.weight`` and ``net.2.bias``,
+        not ``net.20.weight``) or one parameter. No prefixes means the model's last layer:
+        every entry that shares the last parameter's module prefix, the classifier head
+        that FedPer (Arivazhagan et al. 2019) and FedRep (Collins et al. 2021) keep home.
+        A prefix that matches nothing is refused: a typo would otherwise federate the
+        whole model silently.
+        """
+        if not self.entries:
+            raise ValueError("the model has no parameters to split into shared and personal")
+        if prefixes:
+            wanted = [p.rstrip(".") for p in prefixes]
+            if "" in wanted:
+                raise ValueError("an empty personal layer prefix would select every parameter")
+        else:
+            last = self.entries[-1].name
+            wanted = [last.rsplit(".", 1)[0]] if "." in last else [""]
+        mask = np.zeros(self.size, dtype=bool)
+        matched: set[str] = set()
+        for entry, (a, b) in zip(self.entries, self.offsets(), strict=True):
+            for prefix in wanted:
+                if prefix == "" or entry.name == prefix or entry.name.startswith(prefix + "."):
+                    mask[a:b] = True
+                    matched.add(prefix)
+        missing = [p for p in wanted if p not in matched]
+        if missing:
+            raise ValueError(
+                f"personal layer prefix {', '.join(repr(p) for p in missing)} matches no "
+                f"parameter; the model's parameters are {', '.join(self.names)}"
+            )
+        return mask
 
     def check_vector(self, vector: np.ndarray) -> None:
         if vector.ndim != 1 or vector.shape[0] != self.size:
