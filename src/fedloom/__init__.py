@@ -1,3 +1,22 @@
 """fedloom: federated learning that runs the same experiment in simulation and for real."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from fedloom.api import simulate
+
+__all__ = ["__version__", "simulate"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use (PEP 562): ``import fedloom.config`` stays free of torch, and
+    # fedloom.engine.simulation can import __version__ from here without a cycle.
+    if name == "simulate":
+        from fedloom.api import simulate
+
+        return simulate
+    raise AttributeError(f"module 'fedloom' has no attribute {name!r}")
