@@ -1,6 +1,14 @@
-"""Privacy accounting: fedloom's ε against dp-accounting (directly) and Opacus, calibration."""
+"""Privacy accounting: fedloom's ε against independent analyses, and calibration.
 
+Poisson sampling is checked against Opacus' own RDP analysis of the sampled Gaussian
+mechanism, on the same RDP orders; fixed-size sampling against the general upper bound of
+Wang, Balle & Kasiviswanathan (2019, Theorem 9), implemented here in NumPy/math.
+"""
+
+import functools
 import itertools
+import math
+import warnings
 
 import dp_accounting
 import numpy as np
@@ -20,6 +28,25 @@ from fedloom.privacy.accounting import (
 POPULATION = 1000
 # (q, z, T, δ): the issue's test vectors.
 VECTORS = [(0.01, 1.1, 1000, 1e-5), (0.1, 1.0, 100, 1e-5), (0.05, 0.8, 500, 1e-6)]
+# (q, z, T, δ) grid for the comparison with Opacus.
+GRID = list(itertools.product([0.01, 0.1, 0.5], [0.8, 1.1, 4.0], [10, 1000], [1e-5, 1e-6]))
+# Cases where fedloom's ε (dp-accounting 0.6) is more than 1 % above Opacus' on the same
+# orders (measured: up to +65 % at q = 0.5, z = 0.8, T = 1000, where ε ≈ 571 vs 347). All
+# have ε > 25 and an optimal order below 2.5. The difference is the fractional-order
+# analysis, not the grid: at fractional α, dp-accounting's series for log A_α adds the
+# binomial terms' absolute values and drops orders whose series does not converge in 1000
+# terms (a valid but looser upper bound), while Opacus keeps the terms' signs; Opacus'
+# RDP there agrees with numerical integration of E[(μ/μ0)^α] to 1e-8. At integer orders
+# the two agree to 1e-7; the test brackets fedloom's ε between them in every case.
+LOOSE_AT_FRACTIONAL_ORDERS = {
+    (0.1, 0.8, 1000, 1e-5),
+    (0.1, 0.8, 1000, 1e-6),
+    (0.5, 0.8, 1000, 1e-5),
+    (0.5, 0.8, 1000, 1e-6),
+    (0.5, 1.1, 1000, 1e-5),
+    (0.5, 1.1, 1000, 1e-6),
+    (0.5, 4.0, 1000, 1e-6),
+}
 
 
 def _poisson(q: float) -> ClientSampling:
@@ -33,19 +60,153 @@ def _direct_rdp_poisson(q: float, z: float, steps: int, delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
+@functools.cache
+def _fedloom_poisson(q: float, z: float, delta: float) -> PrivacyAccountant:
+    """One ledger per (q, z, δ): it computes the per-round RDP once, for every T."""
+    return PrivacyAccountant("rdp", _poisson(q), z, delta)
+
+
+@functools.cache
+def _opacus_rdp_per_round(q: float, z: float, orders: tuple[float, ...]) -> np.ndarray:
+    """Opacus' RDP of one Poisson-subsampled Gaussian step (Mironov, Talwar & Zhang 2019)."""
+    return np.asarray(compute_rdp(q=q, noise_multiplier=z, steps=1, orders=list(orders)))
+
+
+def _opacus_epsilon(
+    q: float, z: float, steps: int, delta: float, orders: tuple[float, ...]
+) -> float:
+    """ε from Opacus over ``orders``: T times the per-step RDP (what ``compute_rdp(steps=T)``
+    returns) and Opacus' RDP-to-(ε, δ) conversion (Balle et al. 2020, Theorem 21, the same
+    conversion as dp-accounting's)."""
+    with warnings.catch_warnings():  # "optimal order is the largest alpha" hints
+        warnings.simplefilter("ignore")
+        eps, _order = get_privacy_spent(
+            orders=list(orders), rdp=steps * _opacus_rdp_per_round(q, z, orders), delta=delta
+        )
+    return float(eps)
+
+
 @pytest.mark.parametrize(("q", "z", "steps", "delta"), VECTORS)
-def test_rdp_epsilon_equals_dp_accounting_and_matches_opacus(
-    q: float, z: float, steps: int, delta: float
-) -> None:
+def test_rdp_epsilon_equals_dp_accounting(q: float, z: float, steps: int, delta: float) -> None:
     reported = PrivacyAccountant("rdp", _poisson(q), z, delta).epsilon(steps)
     assert reported == pytest.approx(_direct_rdp_poisson(q, z, steps, delta), rel=1e-12)
-    orders = list(RDP_ORDERS)
-    opacus_eps, _ = get_privacy_spent(
-        orders=orders,
-        rdp=compute_rdp(q=q, noise_multiplier=z, steps=steps, orders=orders),
-        delta=delta,
-    )
-    assert reported == pytest.approx(opacus_eps, rel=0.05)
+
+
+@pytest.mark.parametrize(("q", "z", "steps", "delta"), GRID + VECTORS)
+def test_rdp_epsilon_matches_opacus_on_the_same_orders(
+    q: float, z: float, steps: int, delta: float
+) -> None:
+    """fedloom's ε against Opacus' analysis over fedloom's own RDP orders.
+
+    Within 1 % except in ``LOOSE_AT_FRACTIONAL_ORDERS``; measured largest relative
+    difference elsewhere: 6.4e-3 (q = 0.1, z = 1.1, T = 1000, δ = 1e-6), most cases agree to
+    better than 1e-4. Everywhere: Opacus over all of fedloom's orders ≤ fedloom's ε ≤ Opacus
+    over the integer orders among them, where both compute A_α exactly (binomial
+    expansion), so fedloom is never more optimistic than Opacus on the same orders and never
+    looser than its integer-order analysis (measured: both sides hold to 5e-13).
+    """
+    reported = _fedloom_poisson(q, z, delta).epsilon(steps)
+    opacus = _opacus_epsilon(q, z, steps, delta, RDP_ORDERS)
+    integer_orders = tuple(a for a in RDP_ORDERS if a.is_integer())
+    assert reported >= opacus * (1 - 1e-6)
+    assert reported <= _opacus_epsilon(q, z, steps, delta, integer_orders) * (1 + 1e-6)
+    if (q, z, steps, delta) not in LOOSE_AT_FRACTIONAL_ORDERS:
+        assert reported == pytest.approx(opacus, rel=0.01)
+
+
+# Fixed-size sampling: fedloom's ε against an independent bound.
+
+# (population N, clients per round k, z, T, δ); measured fedloom ε / bound: 1.0000, 1.0000,
+# 0.9086, 1.0000 (dp-accounting uses WBK's Theorem 27, the Gaussian-specific refinement of
+# Theorem 9, which is tighter only in the third case). The mis-accountings checked below
+# land at most at 0.69 × the bound (one round instead of T = 10), 0.40 × (sensitivity C
+# instead of 2C) and 0.19 × (Poisson sampling).
+FIXED_CASES = [
+    (1000, 10, 1.1, 200, 1e-5),
+    (1000, 10, 2.0, 1000, 1e-5),
+    (100, 10, 4.0, 100, 1e-6),
+    (1000, 10, 0.8, 10, 1e-5),
+]
+WBK_ORDERS = range(2, 257)  # Theorem 9 holds at integer orders α ≥ 2
+
+
+def _wbk_theorem9_rdp(gamma: float, noise_multiplier: float, alpha: int) -> float:
+    """RDP ε'(α), integer α ≥ 2, of one fedloom round with fixed-size client sampling.
+
+    Wang, Balle & Kasiviswanathan, "Subsampled Rényi Differential Privacy and Analytical
+    Moments Accountant", AISTATS 2019, Theorem 9 (general upper bound for subsampling m of
+    n without replacement, γ = m/n, replace-one adjacency; Theorem 27 in arXiv:1808.00087v2
+    is its Gaussian-specific refinement, which dp-accounting implements). For a mechanism
+    that is (α, ε(α))-RDP:
+
+        ε'(α) ≤ 1/(α−1) · log(1 + γ² C(α,2) min{4(e^{ε(2)} − 1), e^{ε(2)} min{2, (e^{ε(∞)} − 1)²}}
+                               + Σ_{j=3..α} γ^j C(α,j) e^{(j−1) ε(j)} min{2, (e^{ε(∞)} − 1)^j})
+
+    The Gaussian mechanism has ε(∞) = ∞, so both inner minima are 2. Sensitivity
+    convention: fedloom adds N(0, (zC)² I) to the sum of clients' updates clipped to norm
+    C, and replacing one client's update by another's moves that sum by up to Δ = 2C, so
+    ε(α) = α Δ² / (2σ²) = α / (2 (z/2)²) = 2α / z²; in dp-accounting's terms
+    (``GaussianDpEvent``'s noise multiplier is σ / L2 sensitivity) the base mechanism has
+    noise multiplier z/2, and ``SampledWithoutReplacementDpEvent`` needs REPLACE_ONE.
+    Summed in log space (log-sum-exp).
+    """
+
+    def eps(order: float) -> float:
+        return 2.0 * order / noise_multiplier**2
+
+    def log_binom(n: int, j: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+
+    log_gamma = math.log(gamma)
+    terms = [
+        0.0,
+        2 * log_gamma
+        + log_binom(alpha, 2)
+        + min(math.log(4.0) + math.log(math.expm1(eps(2))), eps(2) + math.log(2.0)),
+    ]
+    terms += [
+        j * log_gamma + log_binom(alpha, j) + (j - 1) * eps(j) + math.log(2.0)
+        for j in range(3, alpha + 1)
+    ]
+    log_terms = np.asarray(terms)
+    top = log_terms.max()
+    return float(top + np.log(np.exp(log_terms - top).sum())) / (alpha - 1)
+
+
+def _wbk_fixed_epsilon(gamma: float, noise_multiplier: float, rounds: int, delta: float) -> float:
+    """ε(δ) after ``rounds`` rounds from :func:`_wbk_theorem9_rdp`.
+
+    RDP composes additively (Mironov 2017, Proposition 1): RDP_T(α) = T ε'(α). Conversion
+    to (ε, δ): the one dp-accounting and Opacus use (Canonne, Kamath & Steinke 2020,
+    Proposition 12; Balle et al. 2020, Theorem 21), not Mironov's looser
+    ε = RDP_T(α) + log(1/δ)/(α−1):
+
+        ε = min_α  RDP_T(α) + log((α−1)/α) − (log δ + log α)/(α−1)
+    """
+    orders = np.asarray(list(WBK_ORDERS), dtype=float)
+    rdp = rounds * np.array([_wbk_theorem9_rdp(gamma, noise_multiplier, a) for a in WBK_ORDERS])
+    eps = rdp + np.log1p(-1.0 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
+    return max(0.0, float(eps.min()))
+
+
+@pytest.mark.parametrize(("population", "k", "z", "steps", "delta"), FIXED_CASES)
+def test_fixed_size_epsilon_is_the_wbk_bound_or_a_little_tighter(
+    population: int, k: int, z: float, steps: int, delta: float
+) -> None:
+    sampling = ClientSampling("fixed", population, k)
+    bound = _wbk_fixed_epsilon(k / population, z, steps, delta)
+    reported = PrivacyAccountant("rdp", sampling, z, delta).epsilon(steps)
+    assert 0.8 * bound <= reported <= 1.01 * bound
+    # The lower limit has teeth: each plausible mis-accounting falls below it.
+    mistakes = {
+        "Poisson sampling (add/remove, sensitivity C)": compute_epsilon(
+            "rdp", ClientSampling("poisson", population, k), z, steps, delta
+        ),
+        "sensitivity C instead of 2C": compute_epsilon("rdp", sampling, 2 * z, steps, delta),
+        "one round, composition ignored": PrivacyAccountant("rdp", sampling, z, delta).epsilon(1),
+    }
+    for mistake, eps in mistakes.items():
+        assert eps < 0.8 * bound, mistake
 
 
 @pytest.mark.parametrize(("q", "z", "steps", "delta"), VECTORS)
