@@ -83,10 +83,10 @@ class Proc:
 
 def num_parameters(cfg: RunConfig) -> int:
     """The size of the experiment's model vector (what a server's Registry is built with)."""
-    from fedloom.client.trainer import LocalTrainer
     from fedloom.data import build_federated_dataset
+    from fedloom.strategies import build_learner
 
-    return LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed)).num_parameters
+    return build_learner(cfg, build_federated_dataset(cfg.data, cfg.seed)).binding.spec.size
 
 
 @contextmanager
@@ -199,9 +199,9 @@ def _slow_main() -> int:
         SecAggParticipant.respond = stalling  # type: ignore[method-assign]
 
     class SlowApp(BuiltinApp):
-        def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
+        def fit(self, task: FitTask, broadcast: dict[str, np.ndarray]) -> FitResult:
             time.sleep(args.delay)
-            return super().fit(task, global_vector)
+            return super().fit(task, broadcast)
 
     import logging
 

@@ -8,15 +8,14 @@ executor: a gRPC service that connected clients pull tasks from.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
-from fedloom.client.trainer import LocalTrainer
+from fedloom.algorithms.base import StageContext
 from fedloom.config import ConfigError, RunConfig
 from fedloom.engine.grpc import max_message_bytes
 from fedloom.engine.grpc.auth import TokenStore
@@ -27,10 +26,12 @@ from fedloom.engine.grpc.server import (
     Registry,
     start_grpc_server,
 )
-from fedloom.engine.simulation import RoundCallback, run_federation
-from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
-from fedloom.privacy.secagg import SecAggConfig
-from fedloom.privacy.secagg.transport import SecureSum
+from fedloom.engine.simulation import RoundCallback, Wiring, run_federation
+from fedloom.exchange import ExchangeRequest
+from fedloom.messages import Broadcast, ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.registry import SERVER_ALGORITHMS
+from fedloom.server.sampling import expected_clients_per_round
+from fedloom.strategies import algorithm_settings
 
 log = logging.getLogger("fedloom.deploy")
 
@@ -44,9 +45,11 @@ class ServerSecurity:
     client_ca: Path | None = None
     tokens: Path | None = None
     insecure: bool = False
-    #: CKKS runs: the authenticated name (token owner or certificate common name) the
-    #: key holder must register under; anyone else asking for the role is refused.
-    key_holder_name: str = "key-holder"
+    #: Per role a strategy may need besides the clients (CKKS's ``key-holder``): the
+    #: authenticated name (token owner or certificate common name) that may register for
+    #: it; anyone else asking for the role is refused. A role not listed here may be
+    #: taken only under its own name.
+    role_names: dict[str, str] = field(default_factory=dict)
 
 
 def is_loopback(address: str) -> bool:
@@ -79,25 +82,47 @@ def server_credentials(address: str, sec: ServerSecurity) -> grpc.ServerCredenti
     )
 
 
+def upload_sizes(wiring: Wiring) -> dict[str, int]:
+    """The vectors a fit result must carry (name → length): the server algorithm's
+    ``upload_sizes`` for this run, built the way :func:`fedloom.strategies.build_strategy`
+    builds it (the server algorithm alone decides them)."""
+    cfg = wiring.cfg
+    spec = wiring.runtime.learner.binding.spec
+    num_clients = wiring.data.num_clients
+    context = StageContext(
+        num_clients=num_clients,
+        spec=spec,
+        seed=cfg.seed,
+        expected_clients=expected_clients_per_round(cfg.server, num_clients),
+    )
+    algorithm = SERVER_ALGORITHMS.create(cfg.server.algorithm, algorithm_settings(cfg), context)
+    return dict(algorithm.upload_sizes(spec.size))
+
+
 class DeploymentExecutor:
-    """Owns the gRPC server for the duration of the run; delegates to :class:`GrpcExecutor`."""
+    """Owns the gRPC server for the duration of the run; delegates to :class:`GrpcExecutor`.
+
+    Built from the run's :class:`~fedloom.engine.simulation.Wiring`: the experiment's
+    config, model size, expected uploads and the roles the strategy needs.
+    """
 
     def __init__(
         self,
-        cfg: RunConfig,
-        trainer: LocalTrainer,
+        wiring: Wiring,
         address: str,
         sec: ServerSecurity,
         on_listening: Callable[[int], None] | None = None,
     ) -> None:
+        cfg = wiring.cfg
         self.options = DeployOptions.from_config(cfg.deploy)
         self.min_clients = cfg.server.min_fit_clients
-        ckks = cfg.privacy.secure_aggregation == "ckks"
         self.registry = Registry(
-            trainer.data.num_clients,
-            trainer.num_parameters,
+            wiring.data.num_clients,
+            wiring.runtime.learner.binding.spec.size,
             cfg.model_dump_json(),
-            key_holder_name=sec.key_holder_name if ckks else None,
+            upload_sizes=upload_sizes(wiring),
+            roles=wiring.roles,
+            authorized=sec.role_names,
         )
         tokens = TokenStore(sec.tokens) if sec.tokens is not None else None
         servicer = FederationServicer(self.registry, self.options, tokens)
@@ -111,39 +136,37 @@ class DeploymentExecutor:
         log.info("listening on port %d", self.port)
         if on_listening is not None:
             on_listening(self.port)
-        self.inner = GrpcExecutor(self.registry, self.options, cfg.privacy.secure_aggregation)
+        self.inner = GrpcExecutor(self.registry, self.options)
 
     def available_clients(self) -> Sequence[int]:
         self.inner.wait_for_clients(self.min_clients)
         return self.inner.available_clients()
 
     def connected_clients(self) -> Sequence[int]:
-        return self.inner.available_clients()
+        return self.inner.connected_clients()
 
     def fit(
-        self, tasks: Sequence[FitTask], global_vector: np.ndarray
+        self, tasks: Sequence[FitTask], broadcast: Broadcast
     ) -> list[FitResult | ClientFailure]:
-        return self.inner.fit(tasks, global_vector)
+        return self.inner.fit(tasks, broadcast)
 
     def evaluate(
-        self, tasks: Sequence[EvalTask], global_vector: np.ndarray
+        self, tasks: Sequence[EvalTask], broadcast: Broadcast
     ) -> list[EvalResult | ClientFailure]:
-        return self.inner.evaluate(tasks, global_vector)
+        return self.inner.evaluate(tasks, broadcast)
+
+    def exchange(self, request: ExchangeRequest, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+        return self.inner.exchange(request, outgoing)
 
     def round_metrics(self) -> dict[str, Any]:
         return self.inner.round_metrics()
 
-    def client_state(self) -> dict[str, Any]:
+    def save_client_state(self) -> dict[str, Any]:
         """Deployed clients keep their own state on their machines."""
-        return {}
+        return self.inner.save_client_state()
 
-    def restore_client_state(self, state: dict[str, Any]) -> None:
-        return None
-
-    def secure_sum(
-        self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
-    ) -> SecureSum:
-        return self.inner.secure_sum(rnd, client_ids, vector_length, config)
+    def load_client_state(self, manifest: Mapping[str, Any]) -> None:
+        self.inner.load_client_state(manifest)
 
     def close(self) -> None:
         """Tell every client the run is over (their next poll), then stop serving."""
@@ -162,7 +185,7 @@ def run_server(
 ) -> dict[str, Any]:
     """Serve the experiment to connecting clients until its last round; write the run dir."""
 
-    def factory(run_cfg: RunConfig, trainer: LocalTrainer) -> DeploymentExecutor:
-        return DeploymentExecutor(run_cfg, trainer, address, sec, on_listening)
+    def factory(wiring: Wiring) -> DeploymentExecutor:
+        return DeploymentExecutor(wiring, address, sec, on_listening)
 
-    return run_federation(cfg, out_dir, factory, resume=resume, on_round=on_round)
+    return run_federation(cfg, out_dir, factory, resume=resume, on_round=on_round, deployment=True)

@@ -8,7 +8,8 @@ scratch venv: ``pip install grpcio-tools==1.62.3`` then ``python -m grpc_tools.p
 -I src --python_out=src --pyi_out=src src/fedloom/engine/grpc/fedloom.proto``.
 """
 
-PROTOCOL_VERSION = 1
+#: Version 2: named vectors (VectorInfo), task config as JSON, generic exchange tasks.
+PROTOCOL_VERSION = 2
 #: The gRPC service. Its methods are registered with raw-bytes handlers (no serializer),
 #: so each side parses the messages itself.
 SERVICE = "fedloom.v1.Federation"
@@ -19,9 +20,13 @@ def max_message_bytes(chunk_bytes: int) -> int:
     return max(8 << 20, 2 * chunk_bytes)
 
 
-def secagg_message_limit(vector_length: int) -> int:
-    """The largest SecAgg+ stage message either side accepts; larger ones are refused unread.
+def exchange_message_limit(dimension: int) -> int:
+    """The largest protocol message a client accepts from the server, unread beyond it.
 
-    A masked vector of up to 64-bit integers, plus framing.
+    The transport knows no protocol, so one bound covers every built-in one: a CKKS
+    public context (up to 32 MiB) or aggregate (up to ~450 bytes per value with the
+    largest parameters), a SecAgg+ message (a masked vector of up to 8-byte integers plus
+    framing). The server bounds each *reply* by the protocol's own limit
+    (:attr:`fedloom.exchange.ExchangeRequest.reply_limit`).
     """
-    return 8 * vector_length + (1 << 20)
+    return (1 << 26) + 512 * max(dimension, 1)

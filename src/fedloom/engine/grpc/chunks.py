@@ -10,7 +10,7 @@ is received with a single copy and never grows past what was announced.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from google.protobuf.message import DecodeError
 
@@ -46,6 +46,18 @@ def encode_chunks(data: bytes | bytearray | memoryview, chunk_bytes: int) -> Ite
     for start in range(0, len(view), chunk_bytes):
         piece = view[start : start + chunk_bytes]
         yield CHUNK_TAG + _varint(len(piece)) + piece
+
+
+def encode_buffers(
+    buffers: Iterable[bytes | bytearray | memoryview], chunk_bytes: int
+) -> Iterator[bytes]:
+    """Chunk messages for several buffers sent back to back (named vectors, in order).
+
+    Each buffer is chunked on its own, so none is copied into a joint one; the receiver
+    reassembles by total size and never sees the boundaries.
+    """
+    for data in buffers:
+        yield from encode_chunks(data, chunk_bytes)
 
 
 def read_chunks(

@@ -1,15 +1,19 @@
 """The deployment client: register, pull tasks, train locally, push results, keep alive.
 
 A client process reads only its own data. It learns the experiment (model, local
-training settings, seed) from the server at registration, so the same config drives
-simulation and deployment. It survives server restarts and network faults by
+training settings, seed, strategy) from the server at registration, so the same config
+drives simulation and deployment. It survives server restarts and network faults by
 re-registering with exponential backoff and jitter.
 
-Bring-your-own-model users implement :class:`ClientApp` (two methods) and call
-:func:`run_client` with a factory for it; the built-in models use :class:`BuiltinApp`.
-An app with state that must outlive the process (local DP's privacy ledger) also
-implements :class:`StatefulApp`; the client then keeps that state in a file on this
-machine (:mod:`fedloom.engine.grpc.client_state`), saved after every fit.
+The built-in apps (:class:`BuiltinApp`, :class:`OwnDataApp`) run the strategy's
+client side, a :class:`~fedloom.client.runtime.ClientRuntime`, exactly as the
+simulation does, and keep the client's :class:`~fedloom.client_store.ClientState` in a
+file on this machine (:mod:`fedloom.engine.grpc.client_state`), saved after every fit
+before the update is sent. Bring-your-own-model users implement :class:`ClientApp` (two
+methods) and call :func:`run_client` with a factory for it. A process that holds a role
+(CKKS's key holder) runs a :class:`ParticipantApp` around the role's participant. This
+module knows no algorithm, privacy mechanism or protocol: tasks carry named vectors and
+a scalar config, and protocol stages are opaque bytes for the app to answer.
 """
 
 from __future__ import annotations
@@ -21,64 +25,94 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from fedloom.client.runtime import PRIVATE_METRICS, ClientRuntime
+from fedloom.client_store import ClientState
 from fedloom.config import RunConfig, config_from_json
 from fedloom.engine.grpc import (
     PROTOCOL_VERSION,
     SERVICE,
+    exchange_message_limit,
     max_message_bytes,
-    secagg_message_limit,
 )
 from fedloom.engine.grpc import fedloom_pb2 as pb
-from fedloom.engine.grpc.chunks import ChunkError, encode_chunks, read_chunks
-from fedloom.engine.grpc.client_state import ClientStateFile, default_state_dir, site_name
+from fedloom.engine.grpc.chunks import ChunkError, encode_buffers, read_chunks
+from fedloom.engine.grpc.client_state import (
+    ClientStateError,
+    ClientStateFile,
+    default_state_dir,
+    site_name,
+)
+from fedloom.engine.grpc.wire import (
+    WireError,
+    check_infos,
+    decode_config,
+    payload_bytes,
+    result_order,
+    split_vectors,
+    vector_buffers,
+    vector_infos,
+)
+from fedloom.exchange import ExchangeRequest, Participant
 from fedloom.messages import EvalResult, EvalTask, FitResult, FitTask
-from fedloom.params import WIRE_DTYPE
-from fedloom.privacy.secagg import STAGES, Stage
-from fedloom.privacy.secagg.transport import SecAggParticipant
-
-if TYPE_CHECKING:
-    from fedloom.client.trainer import LocalTrainer
 
 log = logging.getLogger("fedloom.client")
 
+#: A broadcast may hold at most this many model-sized vectors (the global model, a
+#: server control variate, ...); a task announcing more is refused unread.
+MAX_BROADCAST_MODELS = 16
+
+Buffer = bytes | bytearray | memoryview
+
 
 class ClientApp(Protocol):
-    """What a deployment client runs. ``delta`` in a FitResult is ``w_local - w_global``.
+    """What a deployment client runs.
 
-    ``fit`` gets the round's global vector (float32, the server's ParamSpec order) and
-    returns the update and the number of examples it trained on; ``evaluate`` scores the
-    global vector on the client's local test data. Exceptions are reported to the
-    server with their traceback and the client keeps serving.
+    ``fit`` gets the round's task (client id, round, model version, the strategy's
+    scalar config) and broadcast vectors (``{"global": w, ...}``: float32, the server's
+    ParamSpec order) and returns a :class:`~fedloom.messages.FitResult` whose vectors
+    are the strategy's uploads (``{"delta": w_local - w_global}`` for FedAvg) and the
+    number of examples it trained on; ``evaluate`` scores the global model on the
+    client's local test data (``metrics={"loss": ..., "accuracy": ...}``). Exceptions
+    are reported to the server with their traceback and the client keeps serving.
     """
 
-    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult: ...
+    def fit(self, task: FitTask, broadcast: dict[str, np.ndarray]) -> FitResult: ...
 
-    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult: ...
+    def evaluate(self, task: EvalTask, broadcast: dict[str, np.ndarray]) -> EvalResult: ...
+
+
+@runtime_checkable
+class ExchangeApp(Protocol):
+    """An app that answers protocol stages (secure aggregation, a role such as CKKS's
+    key holder). ``participant_id`` is this process's id in the run."""
+
+    def respond(self, request: ExchangeRequest, participant_id: int, payload: bytes) -> bytes: ...
 
 
 @runtime_checkable
 class StatefulApp(Protocol):
     """A :class:`ClientApp` whose state must survive a restart of the client process.
 
-    Local DP is the case: the ledger of DP-SGD steps is the site's spent privacy budget,
-    and forgetting it on a restart would under-count ε. :func:`run_client` restores the
-    state when it builds the app and saves it after every fit, before the update is sent.
+    Local DP is the case that makes it a safety property: the ledger of DP-SGD steps is
+    the site's spent privacy budget, and forgetting it on a restart would under-count ε.
+    :func:`run_client` restores the state when it builds the app and saves it after
+    every fit, before the update is sent; nothing is written while the state is empty.
     """
 
-    def client_state(self) -> dict[str, Any] | None:
-        """JSON-able state to keep, or None when this app keeps none (nothing is written)."""
+    def client_state(self) -> ClientState:
+        """The state to keep (empty: nothing to keep yet)."""
         ...
 
-    def restore_client_state(self, state: dict[str, Any]) -> None:
+    def restore_client_state(self, state: ClientState) -> None:
         """Continue from what :meth:`client_state` returned before the restart."""
         ...
 
@@ -158,8 +192,10 @@ def run_client(
 ) -> int:
     """Serve tasks until the server says the run is over; return the number of tasks done.
 
-    ``role = "key-holder"`` registers as a CKKS run's key holder (``make_app`` then
-    builds a :class:`KeyHolderApp`): it trains nothing and is never sampled. Raises
+    ``role`` registers for a role the run's strategy needs besides the clients (such
+    as CKKS's ``key-holder``; ``make_app`` then builds an app that answers the role's
+    exchanges, e.g. a :class:`ParticipantApp`): it trains nothing and is never sampled.
+    Raises
     :class:`ClientRefusedError` if the server refuses the registration, and
     ``ConnectionError`` when the server stays unreachable for ``max_wait_s``.
 
@@ -216,8 +252,8 @@ def run_client(
                     state_file = _resume_state(
                         app, state_dir, site or site_name(partition), reply.config_json
                     )
-                if role == "key-holder":
-                    log.info("registered as the key holder")
+                if role:
+                    log.info("registered as the %s", role)
                 else:
                     log.info("registered as client %d", reply.client_id)
                 if _serve_session(stub, reply, app, chunk_bytes, stop, tally, state_file):
@@ -271,33 +307,45 @@ def run_client(
 def _resume_state(
     app: ClientApp, state_dir: Path | None, site: str, config_json: str
 ) -> ClientStateFile | None:
-    """Open the app's state file and restore what it holds; None if the app keeps no state.
+    """The app's state file, with what it holds restored; None if the app keeps no state.
 
+    The file is opened (and locked) now only if it exists; otherwise at the first save
+    of a non-empty state, so an algorithm that keeps nothing never touches the disk.
     Raises :class:`ClientStateError` rather than starting fresh from a file it cannot use.
     """
-    if not isinstance(app, StatefulApp) or app.client_state() is None:
+    if not isinstance(app, StatefulApp):
         return None
     state_file = ClientStateFile(state_dir or default_state_dir(), site, config_json)
+    if not state_file.path.exists():
+        return state_file
     saved = state_file.open()
     if saved is None:
-        log.info("keeping this client's state in %s", state_file.path)
         return state_file
-    try:
-        app.restore_client_state(saved)
-    except (TypeError, ValueError, KeyError, AttributeError) as err:
-        state_file.close()
-        raise state_file.unusable(f"malformed state: {err}") from None
+    app.restore_client_state(saved)
     log.info("resumed this client's state from %s", state_file.path)
     return state_file
 
 
 def _save_state(app: ClientApp, state_file: ClientStateFile | None) -> None:
-    """Persist the app's state after a fit, before its result is sent (see client_state)."""
+    """Persist the app's state after a fit, before its result is sent (see client_state).
+
+    Raises :class:`ClientStateError` (the client stops; the update is never sent) when
+    the file cannot be taken or written.
+    """
     if state_file is None or not isinstance(app, StatefulApp):
         return
     state = app.client_state()
-    if state is not None:
-        state_file.save(state)
+    if not state_file.is_open:
+        if state.is_empty():
+            return
+        if state_file.open() is not None:
+            state_file.close()
+            raise ClientStateError(
+                f"client state file '{state_file.path}' appeared while this client ran "
+                "(another client of this site?); restart this client to resume from it"
+            )
+        log.info("keeping this client's state in %s", state_file.path)
+    state_file.save(state)
 
 
 def _is_tls_failure(err: grpc.RpcError) -> bool:
@@ -338,6 +386,7 @@ def _serve_session(
     the caller registers again. Network faults propagate as ``grpc.RpcError``.
     """
     session = reply.session_id
+    own_id = int(reply.client_id)
     alive = threading.Event()
     beat = threading.Thread(
         target=_heartbeat_loop,
@@ -345,12 +394,11 @@ def _serve_session(
         daemon=True,
     )
     beat.start()
-    held: dict[int, SecAggParticipant] = {}  # round -> update kept for secure aggregation
     busy = Backoff(initial_s=0.2, max_s=5.0)
     try:
         while not stop.is_set() and not alive.is_set():
             try:
-                header, payload = _pull(stub, session, int(reply.vector_size))
+                header, payload, layout = _pull(stub, session, int(reply.vector_size))
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
@@ -363,14 +411,12 @@ def _serve_session(
             if header.kind == pb.TASK_STOP:
                 log.info("the server ended the run")
                 return True
-            result: tuple[pb.ResultHeader, bytes | memoryview]
-            if header.kind == pb.TASK_SECAGG:
-                result = _run_secagg_stage(held, header, payload)
-            elif header.kind == pb.TASK_HE:
-                result = _run_he_stage(app, held, header, payload)
+            result: tuple[pb.ResultHeader, Sequence[Buffer]]
+            if header.kind == pb.TASK_EXCHANGE:
+                limit = exchange_message_limit(int(reply.vector_size))
+                result = _run_exchange(app, header, payload, own_id, limit)
             elif header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE):
-                vector = np.frombuffer(payload, dtype=WIRE_DTYPE)
-                result = _run_task(app, header, vector, held, state_file)
+                result = _run_task(app, header, payload, layout, own_id, state_file)
             else:  # a newer server's task: fail it (the server counts it), keep serving
                 result = _unsupported(header)
             _push(stub, session, header, result, chunk_bytes)
@@ -394,11 +440,15 @@ def _heartbeat_loop(stub: _Stub, session: str, interval: float, ended: threading
             continue
 
 
-def _pull(stub: _Stub, session: str, size: int) -> tuple[pb.TaskHeader, bytearray]:
-    """One task: its header and payload (the global vector, or a secure-aggregation message).
+def _pull(
+    stub: _Stub, session: str, dimension: int
+) -> tuple[pb.TaskHeader, bytearray, list[tuple[str, int]]]:
+    """One task: its header, payload and the payload's vector layout (fit, evaluate).
 
-    Chunks are written into one buffer of the announced size, so a large model is
-    received with a single copy and stays writable for the trainer.
+    The payload is the broadcast vectors or a protocol message. Chunks are written into
+    one buffer of the announced size, so a large model is received with a single copy
+    and stays writable for training; an announcement beyond the bounds is refused
+    before anything is allocated.
     """
     stream: Iterator[bytes] = stub.pull(
         pb.PullRequest(session_id=session).SerializeToString(), timeout=120
@@ -413,146 +463,123 @@ def _pull(stub: _Stub, session: str, size: int) -> tuple[pb.TaskHeader, bytearra
     if msg.WhichOneof("part") != "header":
         raise _BadTaskError("task stream does not start with a header")
     header = msg.header
-    if header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE) and header.vector_size != size:
-        raise _BadTaskError(f"task vector size {header.vector_size}, expected {size}")
+    layout: list[tuple[str, int]] = []
+    size = 0
+    if header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE):
+        try:
+            layout = check_infos(header.vectors, max_total=MAX_BROADCAST_MODELS * max(dimension, 1))
+        except WireError as err:
+            raise _BadTaskError(f"task vectors: {err}") from None
+        size = payload_bytes(layout)
+    elif header.kind == pb.TASK_EXCHANGE:
+        if not 0 < header.payload_size <= exchange_message_limit(dimension):
+            raise _BadTaskError(f"exchange payload of {header.payload_size} bytes")
+        size = int(header.payload_size)
     try:
-        return header, read_chunks(stream, _expected_payload(header, size), pb.TaskMessage)
+        return header, read_chunks(stream, size, pb.TaskMessage), layout
     except ChunkError as err:
         raise _BadTaskError(f"task payload: {err}") from None
 
 
-def _expected_payload(header: pb.TaskHeader, size: int) -> int:
-    if header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE):
-        return size * WIRE_DTYPE.itemsize
-    if header.kind == pb.TASK_SECAGG:
-        if not 0 < header.payload_size <= secagg_message_limit(size):
-            raise _BadTaskError(f"secure-aggregation payload of {header.payload_size} bytes")
-        return int(header.payload_size)
-    if header.kind == pb.TASK_HE:
-        # A public context (up to 32 MiB) or an aggregate (up to ~450 bytes per value
-        # with the largest CKKS parameters).
-        if not 0 < header.payload_size <= (1 << 26) + 512 * size:
-            raise _BadTaskError(f"CKKS payload of {header.payload_size} bytes")
-        return int(header.payload_size)
-    return 0
-
-
-def _run_secagg_stage(
-    held: dict[int, SecAggParticipant], header: pb.TaskHeader, payload: bytearray
-) -> tuple[pb.ResultHeader, bytes]:
-    """Answer one secure-aggregation stage with the update held since this round's fit."""
-    head = pb.ResultHeader(task_id=header.task_id, round=header.round)
-    participant = held.get(header.round)
-    try:
-        if participant is None:
-            raise ValueError(f"no update held for round {header.round}")
-        stage = STAGES[header.secagg_stage]
-        reply = participant.respond(stage, bytes(payload))
-    except Exception as exc:  # reported to the server, which counts this client as dropped
-        head.error = f"{type(exc).__name__}: {exc}"
-        return head, b""
-    if stage is Stage.UNMASKING:
-        held.pop(header.round, None)
-    head.payload_size = len(reply)
-    return head, reply
-
-
-def _unsupported(header: pb.TaskHeader) -> tuple[pb.ResultHeader, bytes]:
+def _unsupported(header: pb.TaskHeader) -> tuple[pb.ResultHeader, Sequence[Buffer]]:
     log.warning("task kind %d is unknown to this client; upgrade fedloom", header.kind)
     head = pb.ResultHeader(task_id=header.task_id, round=header.round)
     head.error = f"task kind {header.kind} is not supported by this client; upgrade fedloom"
-    return head, b""
+    return head, ()
 
 
-def _run_he_stage(
-    app: ClientApp,
-    held: dict[int, SecAggParticipant],
-    header: pb.TaskHeader,
-    payload: bytearray,
-) -> tuple[pb.ResultHeader, bytes]:
-    """Answer one CKKS stage: as the key holder, or by encrypting this round's held update."""
-    from fedloom.privacy.he_protocol import HE_STAGES, encrypt_for_round
+def _check_participant(header: pb.TaskHeader, own_id: int) -> None:
+    if header.client_id != own_id:
+        raise ValueError(f"task for participant {header.client_id}, but this client is {own_id}")
 
+
+def _run_exchange(
+    app: ClientApp, header: pb.TaskHeader, payload: bytearray, own_id: int, limit: int
+) -> tuple[pb.ResultHeader, Sequence[Buffer]]:
+    """Answer one protocol stage through the app; a refusal is reported (a dropout)."""
     head = pb.ResultHeader(task_id=header.task_id, round=header.round)
     try:
-        stage = HE_STAGES[header.he_stage]
-        if isinstance(app, KeyHolderApp):
-            reply = app.participant.respond(stage, bytes(payload))
-        else:
-            participant = held.pop(header.round, None)
-            if participant is None:
-                raise ValueError(f"no update held for round {header.round}")
-            reply = encrypt_for_round(participant.update, bytes(payload))
-    except Exception as exc:  # reported to the server: a dropout (or an aborted round)
-        log.warning("CKKS stage refused: %s", exc)
+        _check_participant(header, own_id)
+        if not isinstance(app, ExchangeApp):
+            raise ValueError(f"this client answers no protocol ('{header.protocol[:40]}')")
+        request = ExchangeRequest(
+            protocol=header.protocol,
+            round=int(header.round),
+            stage=int(header.stage),
+            reply_limit=limit,
+        )
+        reply = app.respond(request, own_id, bytes(payload))
+        if not 0 < len(reply) <= limit:
+            raise ValueError(f"a reply of {len(reply)} bytes is outside 1..{limit}")
+    except Exception as exc:  # reported to the server, which counts this as a dropout
+        log.warning("%s stage %d refused: %s", header.protocol[:40], header.stage, exc)
         head.error = f"{type(exc).__name__}: {exc}"
-        return head, b""
+        return head, ()
     head.payload_size = len(reply)
-    return head, reply
+    return head, (reply,)
 
 
 def _run_task(
     app: ClientApp,
     header: pb.TaskHeader,
-    vector: np.ndarray,
-    held: dict[int, SecAggParticipant],
+    payload: bytearray,
+    layout: list[tuple[str, int]],
+    own_id: int,
     state_file: ClientStateFile | None = None,
-) -> tuple[pb.ResultHeader, bytes | memoryview]:
-    """Run one task; a failure becomes an error header carrying the traceback.
+) -> tuple[pb.ResultHeader, Sequence[Buffer]]:
+    """Run one fit or evaluate task; a failure becomes an error header with the traceback.
 
     After a fit the app's state is saved before anything is returned for sending: if
-    the save fails, the task fails and the update never leaves the machine.
+    the save fails, the client stops (:class:`ClientStateError`) and the update never
+    leaves the machine. Private metrics (:data:`~fedloom.client.runtime.PRIVATE_METRICS`)
+    never leave it either.
     """
     head = pb.ResultHeader(task_id=header.task_id, round=header.round)
     try:
+        _check_participant(header, own_id)
+        rnd, version = int(header.round), int(header.model_version)
+        config = decode_config(header.config_json)
+        broadcast = split_vectors(payload, layout)
         if header.kind == pb.TASK_FIT:
-            clip = header.clip_norm if header.HasField("clip_norm") else None
-            task = FitTask(
-                int(header.client_id),
-                int(header.round),
-                header.drop_stragglers,
-                clip,
-                header.secure,
+            res = app.fit(
+                FitTask(client_id=own_id, round=rnd, model_version=version, config=config),
+                broadcast,
             )
-            res = app.fit(task, vector)
             _save_state(app, state_file)
             if "local_epsilon" in res.metrics:
                 log.info(
                     "round %d: local DP epsilon spent by this client so far: %.6g (delta %.3g)",
-                    task.round,
+                    header.round,
                     res.metrics["local_epsilon"],
                     res.metrics.get("local_delta", float("nan")),
                 )
             head.num_examples = res.num_examples
             head.straggler = res.straggler
             head.metrics_json = json.dumps(_shareable(res.metrics))
-            if res.delta is None:
-                head.straggler = True
-                return head, b""
-            if header.secure:
-                for old_round in [r for r in held if r < header.round]:
-                    del held[old_round]
-                held[header.round] = SecAggParticipant(int(header.client_id), res.delta)
+            if res.held:
                 head.held = True
-                return head, b""
-            head.has_vector = True
-            head.vector_size = int(res.delta.size)
-            return head, np.ascontiguousarray(res.delta, dtype=WIRE_DTYPE).data
-        ev = app.evaluate(EvalTask(int(header.client_id), int(header.round)), vector)
+                return head, ()
+            if not res.vectors:
+                head.straggler = True
+                return head, ()
+            order = result_order(res.vectors)
+            head.vectors.extend(vector_infos(res.vectors, order=order))
+            return head, vector_buffers(res.vectors, order)
+        ev = app.evaluate(
+            EvalTask(client_id=own_id, round=rnd, model_version=version, config=config),
+            broadcast,
+        )
         head.num_examples = ev.num_examples
-        head.metrics_json = json.dumps({"loss": ev.loss, "accuracy": ev.accuracy})
-        return head, b""
+        head.metrics_json = json.dumps(_shareable(ev.metrics))
+        return head, ()
+    except ClientStateError:
+        raise
     except Exception as exc:  # reported to the server, never raised
         log.exception("task %s failed", header.task_id)
         failed = pb.ResultHeader(task_id=header.task_id, round=header.round)
         failed.error = f"{type(exc).__name__}: {exc}"
         failed.metrics_json = json.dumps({"traceback": traceback.format_exc()})
-        return failed, b""
-
-
-#: Metrics a client keeps to itself: the pre-clip update norm is outside what central
-#: DP accounts for, so it never leaves the machine.
-PRIVATE_METRICS = frozenset({"update_norm"})
+        return failed, ()
 
 
 def _shareable(metrics: dict[str, float]) -> dict[str, float]:
@@ -563,7 +590,7 @@ def _push(
     stub: _Stub,
     session: str,
     header: pb.TaskHeader,
-    result: tuple[pb.ResultHeader, bytes | memoryview],
+    result: tuple[pb.ResultHeader, Sequence[Buffer]],
     chunk_bytes: int,
 ) -> None:
     head, payload = result
@@ -571,70 +598,83 @@ def _push(
 
     def messages() -> Iterator[bytes]:
         yield pb.ResultMessage(header=head).SerializeToString()
-        yield from encode_chunks(payload, chunk_bytes)
+        yield from encode_buffers(payload, chunk_bytes)
 
     reply = pb.PushReply.FromString(stub.push(messages(), timeout=max(60.0, header.deadline_s)))
     if not reply.accepted:
         log.warning("server rejected the result of task %s: %s", header.task_id, reply.reason)
 
 
-class KeyHolderApp:
-    """A CKKS run's key holder: makes a key pair per round and decrypts only the sum.
+# ----------------------------------------------------------------------------- apps
 
-    Run it on a machine the server's operator does not control (see the threat model in
-    :mod:`fedloom.privacy.he`). ``min_contributors`` is this operator's policy: sums of
-    fewer client contributions are not decrypted. It trains and evaluates nothing.
+
+class ParticipantApp:
+    """A process that holds a role: answers one protocol's stages, trains nothing.
+
+    CKKS's key holder is one (``fedloom client --key-holder`` builds it around
+    :class:`fedloom.privacy.stages.KeyHolderSide`); run it on a machine the server's
+    operator does not control (see the threat model in :mod:`fedloom.privacy.he`).
     """
 
-    def __init__(self, cfg: RunConfig, client_id: int, min_contributors: int = 2) -> None:
-        from fedloom.privacy.he_protocol import HEKeyHolderParticipant
+    def __init__(self, *, protocol: str, participant: Participant) -> None:
+        self.protocol = protocol
+        self.participant = participant
 
-        self.participant = HEKeyHolderParticipant(min_contributors=min_contributors)
+    def respond(self, request: ExchangeRequest, participant_id: int, payload: bytes) -> bytes:
+        if request.protocol != self.protocol:
+            raise ValueError(
+                f"this participant answers '{self.protocol}', not '{request.protocol[:40]}'"
+            )
+        return self.participant.respond(request.stage, payload)
 
-    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
-        raise RuntimeError("the key holder trains nothing")
+    def fit(self, task: FitTask, broadcast: dict[str, np.ndarray]) -> FitResult:
+        raise RuntimeError(f"a {self.protocol} participant trains nothing")
 
-    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
-        raise RuntimeError("the key holder evaluates nothing")
+    def evaluate(self, task: EvalTask, broadcast: dict[str, np.ndarray]) -> EvalResult:
+        raise RuntimeError(f"a {self.protocol} participant evaluates nothing")
 
 
-class _TrainerApp:
-    """A site served by a :class:`~fedloom.client.trainer.LocalTrainer`: the built-in apps.
+class RuntimeApp:
+    """One site served by the strategy's client runtime, as the simulation runs it.
 
-    A :class:`StatefulApp` when local DP is on. Its state is the trainer's for this
-    client, re-keyed from ``{part: {id: …}}`` to ``{part: …}``: the server may give a
-    restarted own-data client another id, and the ledger is about the site, not the id.
+    Keeps the site's :class:`~fedloom.client_store.ClientState` (a :class:`StatefulApp`);
+    a fit that raises leaves it as it was. Protocol stages go to the runtime, which
+    holds this round's upload for them.
     """
 
-    trainer: LocalTrainer
-    client_id: int
+    def __init__(self, runtime: ClientRuntime, client_id: int) -> None:
+        self.runtime = runtime
+        self.client_id = client_id
+        self.num_parameters = runtime.learner.binding.spec.size
+        self.state = ClientState()
 
-    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
-        return self.trainer.fit(task, global_vector)
+    def fit(self, task: FitTask, broadcast: dict[str, np.ndarray]) -> FitResult:
+        work = self.state.copy()
+        result = self.runtime.fit(task, broadcast, work)
+        self.state = work
+        return result
 
-    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
-        return self.trainer.evaluate_client(task, global_vector)
+    def evaluate(self, task: EvalTask, broadcast: dict[str, np.ndarray]) -> EvalResult:
+        return self.runtime.evaluate(task, broadcast, self.state.copy())
 
-    def client_state(self) -> dict[str, Any] | None:
-        if self.trainer.local_dp is None:
-            return None  # only local DP keeps state across rounds today
-        own = str(self.client_id)
-        by_part = self.trainer.client_state(self.client_id)
-        return {part: ids[own] for part, ids in by_part.items() if own in ids}
+    def respond(self, request: ExchangeRequest, participant_id: int, payload: bytes) -> bytes:
+        return self.runtime.respond(request, participant_id, payload)
 
-    def restore_client_state(self, state: dict[str, Any]) -> None:
-        own = str(self.client_id)
-        self.trainer.restore_client_state({part: {own: value} for part, value in state.items()})
+    def client_state(self) -> ClientState:
+        return self.state
+
+    def restore_client_state(self, state: ClientState) -> None:
+        self.state = state.copy()
 
 
-class BuiltinApp(_TrainerApp):
+class BuiltinApp(RuntimeApp):
     """A client of a built-in data set: the partition ``client_id`` of the config's data."""
 
     def __init__(self, cfg: RunConfig, client_id: int) -> None:
         import torch
 
-        from fedloom.client.trainer import LocalTrainer
         from fedloom.data import build_federated_dataset
+        from fedloom.strategies import build_client_runtime, build_learner
 
         torch.set_num_threads(cfg.engine.torch_threads)
         data = build_federated_dataset(cfg.data, cfg.seed)
@@ -642,11 +682,16 @@ class BuiltinApp(_TrainerApp):
             raise ClientRefusedError(
                 f"partition {client_id} does not exist (0..{data.num_clients - 1})"
             )
-        self.trainer = LocalTrainer(cfg, data)
-        self.client_id = client_id
+        runtime = build_client_runtime(
+            cfg,
+            build_learner(cfg, data),
+            lambda cid: data.clients[cid],
+            num_clients=data.num_clients,
+        )
+        super().__init__(runtime, client_id)
 
 
-class OwnDataApp(_TrainerApp):
+class OwnDataApp(RuntimeApp):
     """A client that trains on its own file: the experiment's data format, read locally.
 
     The server's config names the format (``data.name``: csv, mnist, shakespeare, ...)
@@ -658,9 +703,9 @@ class OwnDataApp(_TrainerApp):
     def __init__(self, cfg: RunConfig, client_id: int, data_path: Path) -> None:
         import torch
 
-        from fedloom.client.trainer import LocalTrainer
         from fedloom.data import build_federated_dataset
         from fedloom.data.base import ClientData
+        from fedloom.strategies import build_client_runtime, build_learner
 
         torch.set_num_threads(cfg.engine.torch_threads)
         if cfg.data.name == "csv" and cfg.data.classes is None:
@@ -672,8 +717,8 @@ class OwnDataApp(_TrainerApp):
         if local_cfg.partition != "natural":
             local_cfg = local_cfg.model_copy(update={"partition": "iid"})
         local = build_federated_dataset(local_cfg, cfg.seed)
-        trainer = LocalTrainer(cfg, local)
-        trainer.own_data = ClientData(client_id, str(data_path), local.pooled_train(), local.test)
-        self.trainer = trainer
-        self.client_id = client_id
-        self.num_parameters = trainer.num_parameters
+        own = ClientData(client_id, str(data_path), local.pooled_train(), local.test)
+        runtime = build_client_runtime(
+            cfg, build_learner(cfg, local), lambda _cid: own, num_clients=cfg.data.num_clients
+        )
+        super().__init__(runtime, client_id)

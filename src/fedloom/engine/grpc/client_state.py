@@ -1,10 +1,13 @@
-"""A deployed client's durable state: local DP's privacy ledger, on the client's own machine.
+"""A deployed client's durable state, on the client's own machine.
 
-With ``privacy.local_dp`` a client's ε is the composition of every DP-SGD step it has
-taken in the experiment (:mod:`fedloom.client.dpsgd`). In a deployment that ledger lives
-in the client process; kept only in memory, a restart would silently return the site's
-spent budget to zero and account its next releases as if none had come before. So the
-client writes its state to a file after every fit and reads it back when it starts.
+A client's :class:`~fedloom.client_store.ClientState` is what its algorithm keeps across
+rounds: tensors (SCAFFOLD's control variate, personal layers) and JSON, among them
+local DP's privacy ledger (``meta["local_dp"]``). With ``privacy.local_dp`` a client's ε
+is the composition of every DP-SGD step it has taken in the experiment
+(:mod:`fedloom.algorithms.dpsgd_opacus`); kept only in memory, a restart would silently
+return the site's spent budget to zero and account its next releases as if none had
+come before. So the client writes its state to a file after every fit and reads it back
+when it starts.
 
 Choices:
 
@@ -21,7 +24,9 @@ Choices:
   same folder, fsync, ``os.replace``, fsync of the folder). A torn write leaves the
   previous ledger.
 * **Versioned JSON** naming its site and config digest, checked when read: a file from a
-  newer fedloom, another site or another experiment is refused, not misread.
+  newer fedloom, another site or another experiment is refused, not misread. The state's
+  JSON is kept readable (``meta``); its tensors are one base64 safetensors document
+  (``tensors``). Version 1 files (a ledger only, under ``state``) are read as ``meta``.
 * **Never silently reset**: an unreadable or corrupt file stops the client with one line
   (:class:`ClientStateError`, exit 2); only the operator may delete it.
 * **One writer**: an exclusive ``flock`` on ``FILE.lock`` while the client runs; two
@@ -30,6 +35,7 @@ Choices:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -38,6 +44,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from fedloom.algorithms.dpsgd import LEDGER_KEY
+from fedloom.client_store import ClientState
 from fedloom.config import ConfigError
 from fedloom.store import atomic_write
 
@@ -46,7 +54,9 @@ if sys.platform != "win32":
 
 STATE_FORMAT = "fedloom-client-state"
 #: Bump when the file's layout changes; a reader refuses versions it does not know.
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: Older versions this fedloom still reads.
+READABLE_VERSIONS = (1, STATE_VERSION)
 
 
 class ClientStateError(ConfigError):
@@ -98,7 +108,11 @@ class ClientStateFile:
         self.path = state_dir / f"{site}-{self.digest[:16]}.json"
         self._lock: IO[bytes] | None = None
 
-    def open(self) -> dict[str, Any] | None:
+    @property
+    def is_open(self) -> bool:
+        return self._lock is not None
+
+    def open(self) -> ClientState | None:
         """Take this file for this process; return the saved state (None: none saved yet).
 
         Raises :class:`ClientStateError` if the folder cannot be made, another running
@@ -128,7 +142,7 @@ class ClientStateFile:
             self.close()
             raise
 
-    def _read(self) -> dict[str, Any] | None:
+    def _read(self) -> ClientState | None:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -144,17 +158,29 @@ class ClientStateFile:
         if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
             raise self.unusable("not a fedloom client state file")
         version = doc.get("version")
-        if version != STATE_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ClientStateError(
                 f"client state file '{self.path}' has state version {version!r} and this "
                 f"fedloom reads version {STATE_VERSION}; run the fedloom release that wrote it"
             )
         if doc.get("site") != self.site or doc.get("config_sha256") != self.digest:
             raise self.unusable("it belongs to another site or experiment")
-        state = doc.get("state")
-        if not isinstance(state, dict):
-            raise self.unusable("its 'state' is not an object")
-        return state
+        if version == 1:
+            meta, tensors = doc.get("state"), None
+        else:
+            meta, tensors = doc.get("meta"), doc.get("tensors")
+        if not isinstance(meta, dict):
+            raise self.unusable("its state's JSON is not an object")
+        check_ledger(meta, self.unusable)
+        if tensors is None:
+            return ClientState({}, meta)
+        if not isinstance(tensors, str):
+            raise self.unusable("its 'tensors' is not a string")
+        try:
+            raw = base64.b64decode(tensors.encode("ascii"), validate=True)
+            return ClientState(ClientState.from_bytes(raw).tensors, meta)
+        except Exception as err:  # base64's, safetensors' own error types
+            raise self.unusable(f"its tensors do not decode: {str(err)[:80]}") from None
 
     def unusable(self, why: str) -> ClientStateError:
         """The one-line refusal for a state file that exists but cannot be used.
@@ -167,16 +193,19 @@ class ClientStateFile:
             "delete it to knowingly start again from zero"
         )
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(self, state: ClientState) -> None:
         """Replace the file with ``state`` atomically and durably (see the module doc)."""
-        doc = {
+        doc: dict[str, Any] = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "site": self.site,
             "config_sha256": self.digest,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "state": state,
+            "meta": state.meta,
         }
+        if state.tensors:
+            tensors_only = ClientState(state.tensors, {})
+            doc["tensors"] = base64.b64encode(tensors_only.to_bytes()).decode("ascii")
         atomic_write(self.path, json.dumps(doc, indent=1) + "\n")
 
     def close(self) -> None:
@@ -184,3 +213,21 @@ class ClientStateFile:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def check_ledger(meta: dict[str, Any], unusable: Any) -> None:
+    """Refuse at start, not at the next fit, a local-DP ledger no accountant can read.
+
+    The ledger is Opacus' RDP history, ``[[noise multiplier, sample rate, steps], ...]``.
+    """
+    ledger = meta.get(LEDGER_KEY)
+    if ledger is None:
+        return
+    ok = isinstance(ledger, list) and all(
+        isinstance(entry, list)
+        and len(entry) == 3
+        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in entry)
+        for entry in ledger
+    )
+    if not ok:
+        raise unusable("malformed state: its local-DP ledger is not [[sigma, q, steps], ...]")

@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -11,14 +12,12 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_FIT: _ClassVar[TaskKind]
     TASK_EVALUATE: _ClassVar[TaskKind]
     TASK_STOP: _ClassVar[TaskKind]
-    TASK_SECAGG: _ClassVar[TaskKind]
-    TASK_HE: _ClassVar[TaskKind]
+    TASK_EXCHANGE: _ClassVar[TaskKind]
 TASK_IDLE: TaskKind
 TASK_FIT: TaskKind
 TASK_EVALUATE: TaskKind
 TASK_STOP: TaskKind
-TASK_SECAGG: TaskKind
-TASK_HE: TaskKind
+TASK_EXCHANGE: TaskKind
 
 class RegisterRequest(_message.Message):
     __slots__ = ("protocol_version", "token", "partition", "name", "num_examples", "role")
@@ -72,33 +71,39 @@ class PullRequest(_message.Message):
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
+class VectorInfo(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "task_id", "round", "client_id", "vector_size", "drop_stragglers", "deadline_s", "clip_norm", "secure", "secagg_stage", "payload_size", "he_stage")
+    __slots__ = ("kind", "task_id", "round", "client_id", "deadline_s", "payload_size", "model_version", "config_json", "vectors", "protocol", "stage")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
-    VECTOR_SIZE_FIELD_NUMBER: _ClassVar[int]
-    DROP_STRAGGLERS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
-    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
-    SECURE_FIELD_NUMBER: _ClassVar[int]
-    SECAGG_STAGE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
-    HE_STAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     task_id: str
     round: int
     client_id: int
-    vector_size: int
-    drop_stragglers: bool
     deadline_s: float
-    clip_norm: float
-    secure: bool
-    secagg_stage: int
     payload_size: int
-    he_stage: int
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., vector_size: _Optional[int] = ..., drop_stragglers: bool = ..., deadline_s: _Optional[float] = ..., clip_norm: _Optional[float] = ..., secure: bool = ..., secagg_stage: _Optional[int] = ..., payload_size: _Optional[int] = ..., he_stage: _Optional[int] = ...) -> None: ...
+    model_version: int
+    config_json: str
+    vectors: _containers.RepeatedCompositeFieldContainer[VectorInfo]
+    protocol: str
+    stage: int
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., deadline_s: _Optional[float] = ..., payload_size: _Optional[int] = ..., model_version: _Optional[int] = ..., config_json: _Optional[str] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ..., protocol: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -109,30 +114,28 @@ class TaskMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("session_id", "task_id", "round", "num_examples", "straggler", "has_vector", "vector_size", "metrics_json", "error", "payload_size", "held")
+    __slots__ = ("session_id", "task_id", "round", "num_examples", "straggler", "metrics_json", "error", "payload_size", "held", "vectors")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     STRAGGLER_FIELD_NUMBER: _ClassVar[int]
-    HAS_VECTOR_FIELD_NUMBER: _ClassVar[int]
-    VECTOR_SIZE_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     task_id: str
     round: int
     num_examples: int
     straggler: bool
-    has_vector: bool
-    vector_size: int
     metrics_json: str
     error: str
     payload_size: int
     held: bool
-    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., straggler: bool = ..., has_vector: bool = ..., vector_size: _Optional[int] = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., payload_size: _Optional[int] = ..., held: bool = ...) -> None: ...
+    vectors: _containers.RepeatedCompositeFieldContainer[VectorInfo]
+    def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., straggler: bool = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., payload_size: _Optional[int] = ..., held: bool = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")

@@ -1,21 +1,28 @@
 """The deployment server: gRPC service, client sessions, and the executor the round loop uses.
 
 The round loop (:class:`fedloom.server.loop.FederatedServer`) is the same one the
-simulation uses; :class:`GrpcExecutor` is just another :class:`ClientExecutor`. It puts
-tasks in the queues of connected clients' sessions, and waits for results until the
-round deadline. Clients pull tasks (long poll) and push results, so the server never
-dials out and clients behind NAT work.
+simulation uses; :class:`GrpcExecutor` is just another
+:class:`~fedloom.server.loop.ClientExecutor`. It puts tasks in the queues of connected
+clients' sessions, and waits for results until the round deadline. Clients pull tasks
+(long poll) and push results, so the server never dials out and clients behind NAT work.
+
+The transport is generic: a fit or evaluate task carries the round's named broadcast
+vectors and the strategy's scalar config, a result carries named upload vectors and
+metrics, and a protocol that runs inside a round (secure aggregation) is a series of
+:class:`ExchangeTask` s of opaque bytes. Nothing here knows an algorithm, a privacy
+mechanism or a protocol; the roles a strategy needs besides the clients (CKKS's key
+holder) are names and participant ids handed in by the wiring.
 
 Everything that arrives is untrusted. Handlers receive raw bytes and parse them
 themselves, so a malformed message is *our* rejection (logged and counted by reason)
-rather than an opaque gRPC error; vectors are length-checked and must be finite; a
-result must match a task that is open, assigned to the sender's session, and not yet
-answered. Every rejection leaves the round and the other results untouched.
+rather than an opaque gRPC error; uploaded vectors must be exactly the ones the
+strategy expects (names and sizes) and finite; a result must match a task that is open,
+assigned to the sender's session, and not yet answered. Every rejection leaves the
+round and the other results untouched.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import secrets
@@ -25,61 +32,66 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from fedloom.engine.grpc import PROTOCOL_VERSION, SERVICE, secagg_message_limit
+from fedloom.engine.grpc import PROTOCOL_VERSION, SERVICE
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.auth import TokenStore
-from fedloom.engine.grpc.chunks import ChunkError, encode_chunks, read_chunks
+from fedloom.engine.grpc.chunks import ChunkError, encode_buffers, read_chunks
+from fedloom.engine.grpc.wire import (
+    WireError,
+    broadcast_order,
+    check_infos,
+    decode_metrics,
+    encode_config,
+    numeric_metrics,
+    payload_bytes,
+    split_vectors,
+    vector_buffers,
+    vector_infos,
+)
+from fedloom.exchange import ExchangeRequest, Role
 from fedloom.messages import (
-    KEY_HOLDER_ID,
+    DELTA,
+    HOLD,
+    Broadcast,
     ClientFailure,
     EvalResult,
     EvalTask,
     FitResult,
     FitTask,
 )
-from fedloom.params import WIRE_DTYPE, encode_vector
-from fedloom.privacy.secagg import STAGES, SecAggConfig, Stage
-from fedloom.privacy.secagg.transport import SecureSum, serve_secagg_round
 
 if TYPE_CHECKING:
     from fedloom.config import DeployConfig
 
 log = logging.getLogger("fedloom.deploy")
 
+Buffer = bytes | bytearray | memoryview
 
-@dataclass(frozen=True)
-class StageTask:
-    """One stage of a secure-aggregation protocol for one participant.
 
-    ``protocol`` is ``"secagg"`` (stage indexes :data:`fedloom.privacy.secagg.STAGES`) or
-    ``"he"`` (stage indexes :data:`fedloom.privacy.he_protocol.HE_STAGES`; participant
-    :data:`~fedloom.messages.KEY_HOLDER_ID` is the key holder). ``reply_limit`` bounds the
-    answer's size: anything larger is refused unread.
-    """
+@dataclass(frozen=True, kw_only=True)
+class ExchangeTask:
+    """One stage of a protocol for one participant; the payload travels beside it."""
 
     client_id: int
     round: int
-    protocol: Literal["secagg", "he"]
-    stage: int
-    payload: bytes
-    reply_limit: int
+    request: ExchangeRequest
 
 
-@dataclass
-class StageReply:
+@dataclass(kw_only=True)
+class ExchangeReply:
     client_id: int
     round: int
     payload: bytes
 
 
-Task = FitTask | EvalTask | StageTask
-Outcome = FitResult | EvalResult | StageReply | ClientFailure
+Task = FitTask | EvalTask | ExchangeTask
+Outcome = FitResult | EvalResult | ExchangeReply | ClientFailure
 
 
 @dataclass
@@ -104,7 +116,10 @@ class OpenTask:
     task_id: str
     task: Task
     session_id: str
-    payload: bytes
+    #: The payload's buffers, streamed back to back (broadcast vectors or a message).
+    payload: Sequence[Buffer]
+    #: The broadcast vectors' names and sizes (fit and evaluate tasks).
+    infos: Sequence[pb.VectorInfo] = ()
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
 
@@ -120,23 +135,35 @@ class Session:
 
 
 class Registry:
-    """Sessions and open tasks, shared by the gRPC handlers and the executor."""
+    """Sessions and open tasks, shared by the gRPC handlers and the executor.
+
+    ``upload_sizes`` are the vectors a fit result must carry (the strategy's
+    ``upload_sizes``: name → length). ``roles`` are the participants the strategy needs
+    besides the clients; a registration for a role is accepted only from the name
+    ``authorized[role]`` (the role's own name by default) when clients authenticate, is
+    registered under the role's participant id, and is never sampled.
+    """
 
     def __init__(
         self,
         num_clients: int,
         vector_size: int,
         config_json: str,
-        key_holder_name: str | None = None,
+        *,
+        upload_sizes: Mapping[str, int] | None = None,
+        roles: Sequence[Role] = (),
+        authorized: Mapping[str, str] | None = None,
     ) -> None:
         self.num_clients = num_clients
-        #: Who may register as the CKKS key holder (None: the run has no key holder).
-        self.key_holder_name = key_holder_name
         self.vector_size = vector_size
         self.config_json = config_json
+        self.upload_sizes = dict(upload_sizes or {DELTA: vector_size})
+        self.roles = {r.name: r.participant_id for r in roles}
+        self.authorized = {name: (authorized or {}).get(name, name) for name in self.roles}
+        self._role_names = {pid: name for name, pid in self.roles.items()}
         self.lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
-        #: Latest session id per client id; the key holder's is under KEY_HOLDER_ID.
+        #: Latest session id per participant id (client ids, and roles' ids).
         self.by_client: dict[int, str] = {}
         self.open_tasks: dict[str, OpenTask] = {}
         self.rejections: Counter[str] = Counter()
@@ -154,16 +181,25 @@ class Registry:
             return alive <= self.told_to_stop
 
     def alive_clients(self) -> list[int]:
-        """The connected clients that train; never the key holder, which is never sampled."""
+        """The connected clients that train; never a role, which is never sampled."""
         with self.lock:
             return sorted(
                 c
                 for c, s in self.by_client.items()
-                if c != KEY_HOLDER_ID and self.sessions[s].alive
+                if c not in self._role_names and self.sessions[s].alive
             )
 
+    def missing_roles(self) -> list[str]:
+        """The roles the run needs that have no live session."""
+        with self.lock:
+            return [name for name, pid in self.roles.items() if self.session_for(pid) is None]
+
+    def describe(self, participant_id: int) -> str:
+        role = self._role_names.get(participant_id)
+        return role if role is not None else f"client {participant_id}"
+
     def add_session(self, client_id: int, name: str) -> Session:
-        """A new session for a client (or, as KEY_HOLDER_ID, the key holder); its old one dies."""
+        """A new session for a participant (a client, or a role's id); its old one dies."""
         with self.lock:
             old = self.by_client.get(client_id)
             if old is not None:
@@ -174,14 +210,10 @@ class Registry:
             return session
 
     def session_for(self, client_id: int) -> Session | None:
-        """The live session of a client (or of the key holder); the caller holds the lock."""
+        """The live session of a participant; the caller holds the lock."""
         sid = self.by_client.get(client_id)
         session = self.sessions[sid] if sid is not None else None
         return session if session is not None and session.alive else None
-
-    def key_holder_alive(self) -> bool:
-        with self.lock:
-            return self.session_for(KEY_HOLDER_ID) is not None
 
     def free_client_id(self) -> int | None:
         taken = set(self.alive_clients())
@@ -205,12 +237,12 @@ class Registry:
 
     def _kill(self, session: Session, why: str) -> None:
         session.alive = False
-        who = "key holder" if session.client_id == KEY_HOLDER_ID else f"client {session.client_id}"
+        who = self.describe(session.client_id)
         log.warning("%s (%s) lost: %s", who, session.name, why)
         for ot in self.open_tasks.values():
             if ot.session_id == session.session_id and not ot.done.is_set():
                 ot.outcome = ClientFailure(
-                    ot.task.client_id, ot.task.round, f"client lost: {why}", ""
+                    client_id=ot.task.client_id, round=ot.task.round, error=f"client lost: {why}"
                 )
                 ot.done.set()
 
@@ -252,12 +284,8 @@ class FederationServicer:
             name = owner
         else:
             name = _mtls_name(context) or name
-        if req.role == "key-holder":
-            return self._register_key_holder(name, authenticated, context)
         if req.role not in ("", "trainer"):
-            reason = f"unknown role '{req.role[:40]}'; a client is a trainer or the key-holder"
-            reg.reject("bad_role", reason)
-            return _refuse(reason)
+            return self._register_role(req.role, name, authenticated, context)
         client_id = req.partition if req.partition >= 0 else reg.free_client_id()
         if client_id is None or not 0 <= client_id < reg.num_clients:
             reason = f"client id {req.partition} is outside 0..{reg.num_clients - 1}"
@@ -267,25 +295,29 @@ class FederationServicer:
         log.info("client %d registered as '%s' from %s", client_id, name, context.peer())
         return self._accept(session)
 
-    def _register_key_holder(
-        self, name: str, authenticated: bool, context: grpc.ServicerContext
+    def _register_role(
+        self, role: str, name: str, authenticated: bool, context: grpc.ServicerContext
     ) -> bytes:
-        """Accept the CKKS key holder, if this run has one and the credentials name it."""
+        """Accept a participant for a role the run needs, if the credentials name it."""
         reg = self.registry
-        wanted = reg.key_holder_name
-        if wanted is None:
-            reason = "this run does not use CKKS aggregation, so it has no key holder"
+        if role not in reg.roles:
+            needed = ", ".join(f"'{r}'" for r in reg.roles) or "none"
+            reason = (
+                f"this run has no role '{role[:40]}' (roles it needs: {needed}); "
+                "start this process as a training client"
+            )
             reg.reject("bad_role", reason)
             return _refuse(reason)
+        wanted = reg.authorized[role]
         if authenticated and name != wanted:
             reason = (
-                f"'{name}' is not this run's key holder ('{wanted}'); give the key holder "
+                f"'{name}' is not this run's {role} ('{wanted}'); give the {role} "
                 f"the token or certificate issued to '{wanted}'"
             )
             reg.reject("bad_role", reason)
             return _refuse(reason)
-        session = reg.add_session(KEY_HOLDER_ID, name)
-        log.info("key holder registered as '%s' from %s", name, context.peer())
+        session = reg.add_session(reg.roles[role], name)
+        log.info("%s registered as '%s' from %s", role, name, context.peer())
         return self._accept(session)
 
     def _accept(self, session: Session) -> bytes:
@@ -350,27 +382,20 @@ class FederationServicer:
             task_id=ot.task_id,
             round=task.round,
             client_id=task.client_id,
-            vector_size=self.registry.vector_size,
             deadline_s=self.options.round_timeout_s,
         )
-        if isinstance(task, FitTask):
-            header.kind = pb.TASK_FIT
-            header.drop_stragglers = task.drop_stragglers
-            header.secure = task.secure
-            if task.clip_norm is not None:
-                header.clip_norm = task.clip_norm
-        elif isinstance(task, EvalTask):
-            header.kind = pb.TASK_EVALUATE
+        if isinstance(task, ExchangeTask):
+            header.kind = pb.TASK_EXCHANGE
+            header.protocol = task.request.protocol
+            header.stage = task.request.stage
+            header.payload_size = sum(len(memoryview(b).cast("B")) for b in ot.payload)
         else:
-            header.payload_size = len(ot.payload)
-            if task.protocol == "secagg":
-                header.kind = pb.TASK_SECAGG
-                header.secagg_stage = task.stage
-            else:
-                header.kind = pb.TASK_HE
-                header.he_stage = task.stage
+            header.kind = pb.TASK_FIT if isinstance(task, FitTask) else pb.TASK_EVALUATE
+            header.model_version = task.model_version
+            header.config_json = encode_config(task.config)
+            header.vectors.extend(ot.infos)
         yield pb.TaskMessage(header=header).SerializeToString()
-        yield from encode_chunks(ot.payload, self.options.chunk_bytes)
+        yield from encode_buffers(ot.payload, self.options.chunk_bytes)
 
     # --- PushResult -------------------------------------------------------------------
 
@@ -404,8 +429,8 @@ class FederationServicer:
             )
         try:
             outcome = self._read_outcome(ot, head, raws)
-        except _RejectedError as rej:
-            return self._refuse_result(rej.reason, rej.detail)
+        except WireError as rej:
+            return self._refuse_result(rej.reason, str(rej))
         with reg.lock:
             if ot.done.is_set():
                 return self._refuse_result("duplicate", f"task {ot.task_id} already answered")
@@ -415,66 +440,63 @@ class FederationServicer:
 
     def _read_outcome(self, ot: OpenTask, head: Any, raws: Iterator[bytes]) -> Outcome:
         task = ot.task
-        try:
-            metrics = json.loads(head.metrics_json) if head.metrics_json else {}
-        except json.JSONDecodeError:
-            raise _RejectedError("malformed", "metrics_json is not JSON") from None
-        if not isinstance(metrics, dict):
-            raise _RejectedError("malformed", "metrics_json is not an object")
+        metrics = decode_metrics(head.metrics_json)
+        who = {"client_id": task.client_id, "round": task.round}
         if head.error:
             _drain(raws, limit=0)
             tb = metrics.get("traceback", "")
-            return ClientFailure(task.client_id, task.round, head.error[:2000], str(tb)[:20000])
+            return ClientFailure(**who, error=head.error[:2000], traceback=str(tb)[:20000])
         if head.num_examples < 0:
-            raise _RejectedError("bad_value", f"num_examples {head.num_examples} is negative")
+            raise WireError("bad_value", f"num_examples {head.num_examples} is negative")
+        if isinstance(task, ExchangeTask):
+            payload = self._read_payload(head, raws, task.request.reply_limit)
+            return ExchangeReply(**who, payload=payload)
         if isinstance(task, EvalTask):
             _drain(raws, limit=0)
-            loss: Any = metrics.get("loss")
-            acc: Any = metrics.get("accuracy")
-            if not (_finite_number(loss) and _finite_number(acc)):
-                raise _RejectedError("bad_value", "evaluation loss/accuracy missing or not finite")
             return EvalResult(
-                task.client_id, task.round, int(head.num_examples), float(loss), float(acc)
+                **who, num_examples=int(head.num_examples), metrics=_eval_metrics(head, metrics)
             )
-        if isinstance(task, StageTask):
-            payload = self._read_payload(head, raws, task.reply_limit)
-            return StageReply(task.client_id, task.round, payload)
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        clean = numeric_metrics(metrics)
+
+        def result(**kw: Any) -> FitResult:
+            return FitResult(
+                client_id=task.client_id,
+                round=task.round,
+                model_version=task.model_version,
+                num_examples=int(head.num_examples),
+                metrics=clean,
+                **kw,
+            )
+
         if head.held:
             _drain(raws, limit=0)
-            if not task.secure:
-                raise _RejectedError("unexpected_held", "a held update for a non-secure task")
-            return FitResult(
-                task.client_id, task.round, None, int(head.num_examples), False, clean, held=True
-            )
-        if not head.has_vector:
+            if not task.config.get(HOLD):
+                raise WireError("unexpected_held", "a held update for a task that holds none")
+            return result(straggler=bool(head.straggler), held=True)
+        sizes = self.registry.upload_sizes
+        layout = check_infos(head.vectors, expected=sizes, max_total=sum(sizes.values()))
+        if not layout:
             _drain(raws, limit=0)
             if not head.straggler:
-                raise _RejectedError("missing_vector", "a training result without an update")
-            return FitResult(task.client_id, task.round, None, int(head.num_examples), True, clean)
-        expected = self.registry.vector_size * WIRE_DTYPE.itemsize
-        if head.vector_size != self.registry.vector_size:
-            raise _RejectedError(
-                "wrong_shape",
-                f"vector size {head.vector_size}, expected {self.registry.vector_size}",
-            )
-        delta = np.frombuffer(self._chunks(raws, expected), dtype=WIRE_DTYPE)
-        if not np.all(np.isfinite(delta)):
-            raise _RejectedError("not_finite", "update contains NaN or Inf")
-        return FitResult(
-            task.client_id, task.round, delta, int(head.num_examples), bool(head.straggler), clean
-        )
+                raise WireError("missing_vector", "a training result without an update")
+            return result(straggler=True)
+        vectors = split_vectors(self._chunks(raws, payload_bytes(layout)), layout)
+        for name, vector in vectors.items():
+            # The strategy checks again (every engine's results); refusing here counts it.
+            if not np.all(np.isfinite(vector)):
+                raise WireError("not_finite", f"vector '{name}' contains NaN or Inf")
+        return result(vectors=vectors, straggler=bool(head.straggler))
 
     def _read_payload(self, head: Any, raws: Iterator[bytes], limit: int) -> bytes:
         """A protocol-stage reply: exactly ``payload_size`` bytes, at most ``limit``.
 
-        The limit is the largest legitimate reply at that stage (e.g. a masked vector of
-        ``vector_size`` integers of up to 8 bytes each plus framing); anything claiming
-        more is refused unread.
+        The limit is the protocol's largest legitimate reply at that stage
+        (:attr:`~fedloom.exchange.ExchangeRequest.reply_limit`); anything claiming more
+        is refused unread.
         """
         size = int(head.payload_size)
         if not 0 < size <= limit:
-            raise _RejectedError("oversized", f"secure-aggregation payload of {size} bytes")
+            raise WireError("oversized", f"exchange reply of {size} bytes (limit {limit})")
         return bytes(self._chunks(raws, size))
 
     @staticmethod
@@ -482,7 +504,7 @@ class FederationServicer:
         try:
             return read_chunks(raws, size)
         except ChunkError as err:
-            raise _RejectedError(err.reason, str(err)) from None
+            raise WireError(err.reason, str(err)) from None
 
     def _refuse_result(self, reason: str, detail: str) -> bytes:
         self.registry.reject(reason, detail)
@@ -501,10 +523,18 @@ class FederationServicer:
         )
 
 
-class _RejectedError(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
+def _eval_metrics(head: Any, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """An evaluation's metrics: finite numbers only, with ``loss`` when it had examples."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not _finite_number(value):
+            raise WireError(
+                "bad_value", f"evaluation metric '{str(key)[:40]}' is not a finite number"
+            )
+        out[str(key)] = float(value)
+    if head.num_examples > 0 and "loss" not in out:
+        raise WireError("bad_value", "evaluation loss missing")
+    return out
 
 
 def _finite_number(value: Any) -> bool:
@@ -516,7 +546,7 @@ def _finite_number(value: Any) -> bool:
 def _drain(raws: Iterator[bytes], limit: int) -> None:
     for count, _ in enumerate(raws, start=1):
         if count > limit:
-            raise _RejectedError("oversized", "unexpected chunks after a vector-less result")
+            raise WireError("oversized", "unexpected chunks after a vector-less result")
 
 
 def _refuse(reason: str) -> bytes:
@@ -534,18 +564,18 @@ def _mtls_name(context: grpc.ServicerContext) -> str | None:
 
 
 class GrpcExecutor:
-    """A :class:`~fedloom.server.loop.ClientExecutor` over connected client processes."""
+    """A :class:`~fedloom.server.loop.ClientExecutor` over connected client processes.
 
-    def __init__(
-        self,
-        registry: Registry,
-        options: DeployOptions,
-        secure_aggregation: Literal["none", "secagg+", "ckks"] = "none",
-    ) -> None:
+    Deployed clients keep their own state on their own machines, so the checkpoint's
+    client-state reference is empty and restoring one is a no-op.
+    """
+
+    def __init__(self, registry: Registry, options: DeployOptions) -> None:
         self.registry = registry
         self.options = options
-        self.secure_aggregation = secure_aggregation
         self._reported: Counter[str] = Counter()
+        #: Tasks opened and not yet collected (the round loop is one thread).
+        self._pending: list[OpenTask | Outcome] = []
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
         self._reaper.start()
@@ -557,24 +587,27 @@ class GrpcExecutor:
     def available_clients(self) -> list[int]:
         return self.registry.alive_clients()
 
+    def connected_clients(self) -> list[int]:
+        return self.registry.alive_clients()
+
     def wait_for_clients(self, count: int) -> None:
-        """Block until ``count`` clients (and a CKKS run's key holder) are connected.
+        """Block until ``count`` clients and every role the run needs are connected.
 
         Raises ``TimeoutError`` with what is missing after ``deploy.wait_for_clients_s``.
         """
         wait_s = self.options.wait_for_clients_s
         deadline = time.monotonic() + wait_s
-        need_key_holder = self.secure_aggregation == "ckks"
         while True:
             connected = len(self.registry.alive_clients())
-            holder_missing = need_key_holder and not self.registry.key_holder_alive()
-            if connected >= count and not holder_missing:
+            missing = self.registry.missing_roles()
+            if connected >= count and not missing:
                 return
             if time.monotonic() > deadline:
                 if connected >= count:
+                    role = missing[0]
                     raise TimeoutError(
-                        f"no CKKS key holder connected within {wait_s:.0f} s; start one with "
-                        "'fedloom client --key-holder --server ADDRESS ...'"
+                        f"no {role} connected within {wait_s:.0f} s; start one with "
+                        f"'fedloom client --{role} --server ADDRESS ...'"
                     )
                 raise TimeoutError(
                     f"only {connected} of the {count} clients needed "
@@ -584,96 +617,69 @@ class GrpcExecutor:
             time.sleep(0.05)
 
     def fit(
-        self, tasks: Sequence[FitTask], global_vector: np.ndarray
+        self, tasks: Sequence[FitTask], broadcast: Broadcast
     ) -> list[FitResult | ClientFailure]:
-        payload = encode_vector(global_vector)
-        out = self._run(tasks, [payload] * len(tasks))
+        out = self._run(tasks, *_encode_broadcast(broadcast))
         return [o for o in out if isinstance(o, FitResult | ClientFailure)]
 
     def evaluate(
-        self, tasks: Sequence[EvalTask], global_vector: np.ndarray
+        self, tasks: Sequence[EvalTask], broadcast: Broadcast
     ) -> list[EvalResult | ClientFailure]:
-        payload = encode_vector(global_vector)
-        out = self._run(tasks, [payload] * len(tasks))
+        out = self._run(tasks, *_encode_broadcast(broadcast))
         return [o for o in out if isinstance(o, EvalResult | ClientFailure)]
 
-    def secure_sum(
-        self, rnd: int, client_ids: Sequence[int], vector_length: int, config: SecAggConfig
-    ) -> SecureSum:
-        """Secure aggregation with connected clients: each stage is a task per participant.
+    def exchange(self, request: ExchangeRequest, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
+        """One protocol stage: a task per participant, the replies that came back in time.
 
-        A client that fails, dies or misses the deadline at a stage is a dropout there,
-        which SecAgg+ recovers from (or aborts the round, naming the cause); under CKKS
-        it is left out of the sum, and a silent key holder aborts the round.
+        A participant that fails, dies, misses the deadline or answers with more than
+        ``request.reply_limit`` bytes is absent from the result (a dropout there).
         """
-        if self.secure_aggregation == "ckks":
-            return self._ckks_sum(rnd, client_ids, vector_length)
-        limit = secagg_message_limit(vector_length)
-
-        def exchange(stage: Stage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
-            return self._stage(rnd, "secagg", STAGES.index(stage), outgoing, limit)
-
-        return serve_secagg_round(client_ids, vector_length, config, exchange)
-
-    def _ckks_sum(self, rnd: int, client_ids: Sequence[int], vector_length: int) -> SecureSum:
-        """CKKS: the key holder's public key out, ciphertexts in, the sum decrypted by it.
-
-        Imported here because TenSEAL is an optional extra. This process only ever
-        loads the public context (HEAggregator refuses a secret key).
-        """
-        from fedloom.privacy.he_protocol import (
-            HE_STAGES,
-            EncryptRequest,
-            HEStage,
-            reply_limit,
-            serve_he_round,
-        )
-
-        def exchange(stage: HEStage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
-            public = None
-            if stage is HEStage.ENCRYPT and outgoing:
-                public = EncryptRequest.from_bytes(next(iter(outgoing.values()))).public_context
-            limit = reply_limit(stage, vector_length, public)
-            return self._stage(rnd, "he", HE_STAGES.index(stage), outgoing, limit)
-
-        return serve_he_round(rnd, client_ids, vector_length, exchange)
-
-    def _stage(
-        self,
-        rnd: int,
-        protocol: Literal["secagg", "he"],
-        stage: int,
-        outgoing: Mapping[int, bytes],
-        reply_limit: int,
-    ) -> dict[int, bytes]:
-        tasks = [
-            StageTask(c, rnd, protocol, stage, data, reply_limit) for c, data in outgoing.items()
-        ]
         replies: dict[int, bytes] = {}
-        for out in self._run(tasks, [t.payload for t in tasks]):
-            if isinstance(out, StageReply):
+        for pid, data in outgoing.items():
+            task = ExchangeTask(client_id=pid, round=request.round, request=request)
+            self._open(task, [data])
+        for out in self._collect():
+            if isinstance(out, ExchangeReply):
                 replies[out.client_id] = out.payload
-            else:
+            elif isinstance(out, ClientFailure):
                 log.warning(
-                    "%s stage %d: participant %d dropped out", protocol, stage, out.client_id
+                    "%s stage %d: %s dropped out: %s",
+                    request.protocol,
+                    request.stage,
+                    self.registry.describe(out.client_id),
+                    out.error,
                 )
         return replies
 
-    def _run(self, tasks: Sequence[Task], payloads: Sequence[bytes]) -> list[Outcome]:
+    def _run(
+        self, tasks: Sequence[Task], payload: Sequence[Buffer], infos: Sequence[pb.VectorInfo]
+    ) -> list[Outcome]:
+        for task in tasks:
+            self._open(task, payload, infos)
+        return self._collect()
+
+    def _open(
+        self, task: Task, payload: Sequence[Buffer], infos: Sequence[pb.VectorInfo] = ()
+    ) -> None:
         reg = self.registry
-        opened: list[OpenTask | Outcome] = []
-        for task, payload in zip(tasks, payloads, strict=True):
-            with reg.lock:
-                session = reg.session_for(task.client_id)
-                if session is None:
-                    opened.append(
-                        ClientFailure(task.client_id, task.round, "client not connected", "")
+        with reg.lock:
+            session = reg.session_for(task.client_id)
+            if session is None:
+                self._pending.append(
+                    ClientFailure(
+                        client_id=task.client_id, round=task.round, error="client not connected"
                     )
-                    continue
-                ot = OpenTask(secrets.token_hex(16), task, session.session_id, payload)
-                reg.open_tasks[ot.task_id] = ot
-            session.tasks.put(ot)
-            opened.append(ot)
+                )
+                return
+            ot = OpenTask(secrets.token_hex(16), task, session.session_id, payload, infos)
+            reg.open_tasks[ot.task_id] = ot
+        session.tasks.put(ot)
+        self._pending.append(ot)
+
+    def _collect(self) -> list[Outcome]:
+        """Wait for the opened tasks until the round deadline; their outcomes in order."""
+        reg = self.registry
+        opened, self._pending = self._pending, []
         deadline = time.monotonic() + self.options.round_timeout_s
         outcomes: list[Outcome] = []
         for item in opened:
@@ -693,12 +699,21 @@ class GrpcExecutor:
         task = ot.task
         if ot.outcome is not None:
             return ot.outcome
-        log.warning("client %d missed the round %d deadline", task.client_id, task.round)
+        who = self.registry.describe(task.client_id)
+        log.warning("%s missed the round %d deadline", who, task.round)
         with self.registry.lock:
             self.registry.rejections["deadline_missed"] += 1
         if isinstance(task, FitTask):
-            return FitResult(task.client_id, task.round, None, 0, straggler=True)
-        return ClientFailure(task.client_id, task.round, "missed the round deadline", "")
+            return FitResult(
+                client_id=task.client_id,
+                round=task.round,
+                model_version=task.model_version,
+                num_examples=0,
+                straggler=True,
+            )
+        return ClientFailure(
+            client_id=task.client_id, round=task.round, error="missed the round deadline"
+        )
 
     def round_metrics(self) -> dict[str, Any]:
         """Rejections since the last call, by reason, for the round record."""
@@ -707,6 +722,13 @@ class GrpcExecutor:
         delta = now - self._reported
         self._reported = now
         return {"rejected_messages": sum(delta.values()), "rejected_by_reason": dict(delta)}
+
+    def save_client_state(self) -> dict[str, Any]:
+        """Deployed clients keep their own state on their machines: nothing to reference."""
+        return {}
+
+    def load_client_state(self, manifest: Mapping[str, Any]) -> None:
+        return None
 
     def close(self, wait: bool = False) -> None:
         """Stop the reaper and end the run: each client is told so at its next poll.
@@ -721,6 +743,12 @@ class GrpcExecutor:
         deadline = time.monotonic() + self.options.poll_timeout_s + 2.0
         while time.monotonic() < deadline and not self.registry.all_told_to_stop():
             time.sleep(0.05)
+
+
+def _encode_broadcast(broadcast: Broadcast) -> tuple[list[memoryview], list[pb.VectorInfo]]:
+    """The broadcast's buffers (shared by every task of the round) and their header entries."""
+    order = broadcast_order(broadcast)
+    return vector_buffers(broadcast, order), vector_infos(broadcast, order=order)
 
 
 def start_grpc_server(
