@@ -1,6 +1,8 @@
-"""Local (example-level) DP on clients: DP-SGD through Opacus (fedloom.client.dpsgd)."""
+"""Local (example-level) DP on clients: DP-SGD through Opacus (fedloom.algorithms.dpsgd_opacus)."""
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -9,20 +11,29 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-import fedloom.client.dpsgd as dpsgd_mod
-import fedloom.client.trainer as trainer_mod
-from fedloom.client.dpsgd import SecureNoiseDPOptimizer, check_opacus_compatible, local_delta
+import fedloom.algorithms.dpsgd_opacus as dpsgd_mod
+from fedloom.algorithms.dpsgd import LEDGER_KEY
+from fedloom.algorithms.dpsgd_opacus import (
+    SecureNoiseDPOptimizer,
+    check_opacus_compatible,
+    epsilon_of,
+    ledger_of,
+    local_delta,
+)
+from fedloom.client.learner import Learner, WorkSettings, plan_work
 from fedloom.client.models import CharLSTM
-from fedloom.client.trainer import LocalTrainer, plan_work
+from fedloom.client_store import ClientStateStore
 from fedloom.config import ConfigError, RunConfig, load_config
 from fedloom.data import build_federated_dataset
+from fedloom.data.base import FederatedDataset
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.engine.simulation import run_simulation
-from fedloom.messages import FitResult, FitTask
+from fedloom.messages import GLOBAL, FitResult, FitTask
 from fedloom.store import RunStore
+from fedloom.strategies import algorithm_settings, build_client_runtime, simulation_runtime
 
-from .helpers import interrupt_after, latest_checkpoint, toy_dataset
+from .helpers import client_runtime, interrupt_after, latest_checkpoint, toy_dataset
 
 
 def _cfg(*overrides: str) -> RunConfig:
@@ -39,6 +50,38 @@ def _cfg(*overrides: str) -> RunConfig:
     )
 
 
+def _clients(cfg: RunConfig, data: FederatedDataset | None = None) -> InProcessExecutor:
+    """The in-process engine over ``cfg``'s client side: it keeps each client's state
+    (its DP-SGD ledger) in an in-memory store between fits, as a run does."""
+    runtime = client_runtime(cfg, toy_dataset(clients=3) if data is None else data)
+    return InProcessExecutor(runtime, ClientStateStore())
+
+
+def _fit(clients: Any, client: int, rnd: int, w: np.ndarray) -> FitResult:
+    (result,) = clients.fit(
+        [FitTask(client_id=client, round=rnd, model_version=rnd - 1)], {GLOBAL: w}
+    )
+    assert isinstance(result, FitResult), result
+    return result
+
+
+def _delta_of(cfg: RunConfig, n: int) -> float:
+    settings = algorithm_settings(cfg).local_dp
+    assert settings is not None
+    return local_delta(settings, n)
+
+
+def _ledgers(store: ClientStateStore) -> dict[int, Any]:
+    return {c: store.get(c).meta[LEDGER_KEY] for c in store.clients()}
+
+
+def _run_ledgers(run_dir: Path) -> dict[int, Any]:
+    """Every client's DP-SGD ledger as of a run directory's last checkpoint."""
+    store = ClientStateStore(run_dir / "client_state")
+    store.restore(latest_checkpoint(run_dir).meta["client_state"])
+    return _ledgers(store)
+
+
 def _dp_accounting_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     acc = dp_accounting.rdp.RdpAccountant()
     acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
@@ -47,11 +90,11 @@ def _dp_accounting_epsilon(sigma: float, q: float, steps: int, delta: float) -> 
 
 def test_epsilon_matches_accountants_and_composes_over_rounds() -> None:
     cfg = _cfg()
-    trainer = LocalTrainer(cfg, toy_dataset(clients=3))
-    w = trainer.initial_vector()
+    clients = _clients(cfg)
+    w = clients.runtime.initial_vector()
     # n = 40, B = 8: q = 1/5 and 5 steps per epoch, 2 epochs: 10 steps per round.
-    r1 = trainer.fit(FitTask(1, 1), w)
-    delta = local_delta(cfg, 40)
+    r1 = _fit(clients, 1, 1, w)
+    delta = _delta_of(cfg, 40)
     assert delta == pytest.approx(min(cfg.privacy.delta, 1 / 400))
     assert r1.metrics["local_delta"] == delta
     assert r1.metrics["steps"] == 10 and r1.metrics["local_sample_rate"] == pytest.approx(0.2)
@@ -62,30 +105,31 @@ def test_epsilon_matches_accountants_and_composes_over_rounds() -> None:
     assert eps1 == pytest.approx(_dp_accounting_epsilon(1.1, 0.2, 10, delta), rel=0.01)
 
     # Another client's training does not touch client 1's ledger.
-    trainer.fit(FitTask(2, 2), w)
-    r2 = trainer.fit(FitTask(1, 3), w)
+    _fit(clients, 2, 2, w)
+    r2 = _fit(clients, 1, 3, w)
     eps2 = r2.metrics["local_epsilon"]
     assert eps2 > eps1
     assert eps2 == pytest.approx(_dp_accounting_epsilon(1.1, 0.2, 20, delta), rel=0.01)
-    assert trainer.local_dp is not None
-    assert trainer.local_dp.histories[1] == [(1.1, 0.2, 20)]
-    assert trainer.local_dp.epsilon(0, delta) == 0.0  # never trained
+    # Opacus' RDP history composes the two rounds into one (σ, q, steps) entry.
+    assert ledger_of(clients.store.get(1)) == [(1.1, 0.2, 20)]
+    assert ledger_of(clients.store.get(2)) == [(1.1, 0.2, 10)]
+    assert ledger_of(clients.store.get(0)) == []  # never trained
+    assert epsilon_of(ledger_of(clients.store.get(0)), delta) == 0.0
 
     # The ledger is plain data and round-trips (for checkpoints).
-    fresh = LocalTrainer(cfg, toy_dataset(clients=3))
-    assert fresh.local_dp is not None
-    fresh.local_dp.restore_ledger(trainer.local_dp.ledger())
-    assert fresh.local_dp.epsilon(1, delta) == pytest.approx(eps2, rel=1e-12)
+    fresh = ClientStateStore()
+    fresh.restore(clients.store.manifest())
+    assert epsilon_of(ledger_of(fresh.get(1)), delta) == pytest.approx(eps2, rel=1e-12)
 
 
 def test_deterministic_per_seed_client_round() -> None:
     cfg = _cfg()
-    a, b = LocalTrainer(cfg, toy_dataset(clients=3)), LocalTrainer(cfg, toy_dataset(clients=3))
-    w = a.initial_vector()
-    ra, rb = a.fit(FitTask(1, 4), w), b.fit(FitTask(1, 4), w)
+    a, b = _clients(cfg), _clients(cfg)
+    w = a.runtime.initial_vector()
+    ra, rb = _fit(a, 1, 4, w), _fit(b, 1, 4, w)
     assert ra.delta is not None and rb.delta is not None
     np.testing.assert_array_equal(ra.delta, rb.delta)
-    other = a.fit(FitTask(1, 5), w)
+    other = _fit(a, 1, 5, w)
     assert other.delta is not None and not np.array_equal(other.delta, ra.delta)
     assert np.all(np.isfinite(ra.delta)) and ra.delta.dtype == np.float32
 
@@ -106,11 +150,11 @@ def test_large_noise_dominates_the_update(secure: bool) -> None:
         f"privacy.local_max_grad_norm={clip}",
         f"privacy.secure_noise={str(secure).lower()}",
     )
-    trainer = LocalTrainer(cfg, toy_dataset(clients=3))
-    w = trainer.initial_vector()
+    clients = _clients(cfg)
+    w = clients.runtime.initial_vector()
     norms = []
     for rnd in range(4):
-        r = trainer.fit(FitTask(0, rnd), w)
+        r = _fit(clients, 0, rnd, w)
         assert r.delta is not None and r.metrics["steps"] == 1
         norms.append(float(np.linalg.norm(r.delta)))
     expected = lr * sigma * clip * np.sqrt(w.size) / bs
@@ -120,15 +164,15 @@ def test_large_noise_dominates_the_update(secure: bool) -> None:
 
 def test_stragglers_train_less_and_spend_less_epsilon() -> None:
     cfg = _cfg("client.epochs=3", "client.straggler_fraction=1.0")
-    trainer = LocalTrainer(cfg, toy_dataset(clients=3))
-    task = FitTask(1, 1)
-    plan = plan_work(cfg.client, cfg.seed, task, 40)
+    clients = _clients(cfg)
+    work = WorkSettings(epochs=3, batch_size=8, straggler_fraction=1.0)
+    plan = plan_work(work, seed=cfg.seed, round=1, client_id=1, num_examples=40)
     assert plan.straggler and plan.epochs < 3
-    r = trainer.fit(task, trainer.initial_vector())
+    r = _fit(clients, 1, 1, clients.runtime.initial_vector())
     assert r.straggler and r.metrics["steps"] == 5 * plan.epochs
     opacus = RDPAccountant()
     opacus.history = [(1.1, 0.2, 5 * plan.epochs)]
-    assert r.metrics["local_epsilon"] == pytest.approx(opacus.get_epsilon(local_delta(cfg, 40)))
+    assert r.metrics["local_epsilon"] == pytest.approx(opacus.get_epsilon(_delta_of(cfg, 40)))
 
 
 def test_local_dp_then_central_clipping_and_fedprox() -> None:
@@ -137,17 +181,17 @@ def test_local_dp_then_central_clipping_and_fedprox() -> None:
         "privacy.noise_multiplier=1.0",
         "privacy.clipping_norm=0.01",
     )
-    trainer = LocalTrainer(cfg, toy_dataset(clients=3))
-    r = trainer.fit(FitTask(1, 1), trainer.initial_vector())
+    clients = _clients(cfg)
+    # The strategy tells clients the clipping norm in the task config (central DP's codec).
+    task = FitTask(client_id=1, round=1, model_version=0, config={"clip_norm": 0.01})
+    (r,) = clients.fit([task], {GLOBAL: clients.runtime.initial_vector()})
+    assert isinstance(r, FitResult)
     assert r.delta is not None and np.linalg.norm(r.delta) <= 0.01 * (1 + 1e-5)
     assert r.metrics["local_epsilon"] > 0 and r.metrics["below_clip"] == 0.0
 
-    plain, prox = (
-        LocalTrainer(_cfg(), toy_dataset(clients=3)),
-        LocalTrainer(_cfg("client.proximal_mu=1.0"), toy_dataset(clients=3)),
-    )
-    w = plain.initial_vector()
-    d0, d1 = plain.fit(FitTask(1, 1), w).delta, prox.fit(FitTask(1, 1), w).delta
+    plain, prox = _clients(_cfg()), _clients(_cfg("client.proximal_mu=1.0"))
+    w = plain.runtime.initial_vector()
+    d0, d1 = _fit(plain, 1, 1, w).delta, _fit(prox, 1, 1, w).delta
     assert d0 is not None and d1 is not None
     # Same batches and noise; the proximal pull towards w_t shrinks the update.
     assert np.linalg.norm(d1) < np.linalg.norm(d0)
@@ -164,14 +208,21 @@ class _BNNet(nn.Module):
         return self.out(torch.relu(self.bn1(self.fc(x))))
 
 
-def test_unsupported_layer_is_refused_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trainer_mod, "build_model", lambda *args: _BNNet())
+def test_unsupported_layer_is_refused_with_its_name() -> None:
+    data = toy_dataset(clients=3)
+
+    def build(cfg: RunConfig) -> Any:
+        return build_client_runtime(
+            cfg, Learner(_BNNet()), lambda c: data.clients[c], num_clients=3
+        )
+
     with pytest.raises(ConfigError) as err:
-        LocalTrainer(_cfg(), toy_dataset(clients=3))
+        build(_cfg())  # refused when the client side is built, before any training
     msg = str(err.value)
     assert "\n" not in msg and "'bn1' (BatchNorm1d)" in msg and "GroupNorm" in msg
     # The same model trains normally without local DP.
-    LocalTrainer(load_config(None, ["client.batch_size=8"]), toy_dataset(clients=3))
+    plain = InProcessExecutor(build(load_config(None, ["client.batch_size=8"])), ClientStateStore())
+    assert _fit(plain, 0, 1, plain.runtime.initial_vector()).delta is not None
 
     with pytest.raises(ConfigError, match=r"'lstm' \(LSTM\)") as err2:
         check_opacus_compatible(CharLSTM(10, 4, 8, 1))
@@ -292,10 +343,10 @@ def test_secure_noise_is_not_reproducible_and_leaves_epsilon_unchanged(
     results = {}
     for secure in (False, True):
         cfg = _cfg(f"privacy.secure_noise={str(secure).lower()}")
-        a, b = LocalTrainer(cfg, toy_dataset(clients=3)), LocalTrainer(cfg, toy_dataset(clients=3))
-        w = a.initial_vector()
-        results[secure] = (a.fit(FitTask(1, 4), w), b.fit(FitTask(1, 4), w), a)
-    (seeded_a, seeded_b, seeded_trainer), (secure_a, secure_b, secure_trainer) = (
+        a, b = _clients(cfg), _clients(cfg)
+        w = a.runtime.initial_vector()
+        results[secure] = (_fit(a, 1, 4, w), _fit(b, 1, 4, w), a)
+    (seeded_a, seeded_b, seeded_clients), (secure_a, secure_b, secure_clients) = (
         results[False],
         results[True],
     )
@@ -309,8 +360,7 @@ def test_secure_noise_is_not_reproducible_and_leaves_epsilon_unchanged(
     # The accountant sees the same (σ, q, steps) whatever the generator: same ε.
     for key in ("local_epsilon", "local_delta", "local_sample_rate", "steps"):
         assert secure_a.metrics[key] == secure_b.metrics[key] == seeded_a.metrics[key]
-    assert seeded_trainer.local_dp is not None and secure_trainer.local_dp is not None
-    assert secure_trainer.local_dp.ledger() == seeded_trainer.local_dp.ledger()
+    assert _ledgers(secure_clients.store) == _ledgers(seeded_clients.store) != {}
 
 
 # ------------------------------------------------------------------ pool engine
@@ -324,37 +374,37 @@ def test_pool_ships_each_clients_ledger_to_whichever_worker_trains_it() -> None:
     data = build_federated_dataset(cfg.data, cfg.seed)
     sizes = data.client_sizes().tolist()
     small, big = int(np.argmin(sizes)), int(np.argmax(sizes))
-    inproc = InProcessExecutor(LocalTrainer(cfg, data))
-    w = inproc.trainer.initial_vector()
-    pool = ProcessPoolExecutor(cfg, sizes, workers=2)
+    inproc = _clients(cfg, data)
+    w = inproc.runtime.initial_vector()
+    factory = partial(simulation_runtime, cfg.model_dump_json())
+    pool = ProcessPoolExecutor(factory, sizes, ClientStateStore(), workers=2)
     try:
         # Tasks go out largest client first, to worker 0, then 1: `small` trains on
         # worker 0, then on worker 1 (beside `big`), then on worker 0 again, where a
         # per-worker ledger would have missed its second round.
         for rnd, clients in enumerate([[small], [big, small], [small]], start=1):
-            tasks = [FitTask(c, rnd) for c in clients]
-            for a, b in zip(inproc.fit(tasks, w), pool.fit(tasks, w), strict=True):
+            tasks = [FitTask(client_id=c, round=rnd, model_version=rnd - 1) for c in clients]
+            pairs = zip(inproc.fit(tasks, {GLOBAL: w}), pool.fit(tasks, {GLOBAL: w}), strict=True)
+            for a, b in pairs:
                 assert isinstance(a, FitResult) and isinstance(b, FitResult)
                 assert a.delta is not None and b.delta is not None
                 assert b.metrics == a.metrics  # local_epsilon included, exactly
                 np.testing.assert_array_equal(b.delta, a.delta)
-        state = pool.client_state()
-        assert state == inproc.client_state()
-        assert set(state["local_dp"]) == {str(small), str(big)}
+        ledgers = _ledgers(pool.store)
+        assert ledgers == _ledgers(inproc.store)
+        assert set(ledgers) == {small, big}
 
         # A restored pool continues from the restored ledger, not from its workers'.
-        pool.restore_client_state({})
-        (fresh,) = pool.fit([FitTask(small, 9)], w)
-        assert isinstance(fresh, FitResult)
-        first = LocalTrainer(cfg, data).fit(FitTask(small, 9), w)
+        pool.load_client_state(ClientStateStore().manifest())
+        fresh = _fit(pool, small, 9, w)
+        first = _fit(_clients(cfg, data), small, 9, w)
         assert fresh.metrics["local_epsilon"] == first.metrics["local_epsilon"]
     finally:
         pool.close()
 
 
-def _final_checkpoint(run_dir: Path) -> tuple[np.ndarray, dict]:
-    ckpt = latest_checkpoint(run_dir)
-    return ckpt.tensors["global"], ckpt.meta["client_state"]
+def _final_checkpoint(run_dir: Path) -> tuple[np.ndarray, dict[int, Any]]:
+    return latest_checkpoint(run_dir).tensors["global"], _run_ledgers(run_dir)
 
 
 def test_digits_on_the_pool_and_resumed_equals_in_process(tmp_path: Path) -> None:
@@ -370,7 +420,7 @@ def test_digits_on_the_pool_and_resumed_equals_in_process(tmp_path: Path) -> Non
     assert eps == [r["local_epsilon_max"] for r in whole["history"]]
     weights, ledgers = _final_checkpoint(tmp_path / "pool")
     expected_weights, expected_ledgers = _final_checkpoint(tmp_path / "inproc")
-    assert ledgers == expected_ledgers and len(ledgers["local_dp"]) >= 3
+    assert ledgers == expected_ledgers and len(ledgers) >= 3
     np.testing.assert_array_equal(weights, expected_weights)
 
 
@@ -393,9 +443,9 @@ def test_local_dp_composes_with_secure_aggregation(tmp_path: Path) -> None:
     assert all(e > 0 for e in eps) and eps == sorted(eps)
     assert history[-1]["accuracy"] > history[0]["accuracy"] + 0.2  # it learns
 
-    trainer = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
-    w0 = trainer.initial_vector()
-    results = [trainer.fit(FitTask(c, 1), w0) for c in range(4)]
+    clients = _clients(cfg, build_federated_dataset(cfg.data, cfg.seed))
+    w0 = clients.runtime.initial_vector()
+    results = [_fit(clients, c, 1, w0) for c in range(4)]
     with RunStore.open(tmp_path / "run") as store:
         round1 = store.load_checkpoint(store.checkpoint_path(1))
         last = store.latest_checkpoint()
@@ -404,10 +454,9 @@ def test_local_dp_composes_with_secure_aggregation(tmp_path: Path) -> None:
     expected = w0 + np.mean([r.delta for r in results], axis=0)
     np.testing.assert_allclose(round1.tensors["global"], expected, atol=step)
     # Every client reported its ε, and its ledger goes on composing over the rounds.
-    ledgers = last.meta["client_state"]["local_dp"]
-    assert set(ledgers) == {"0", "1", "2", "3"}
-    assert trainer.local_dp is not None
-    trainer.local_dp.restore_ledger(ledgers)
+    ledgers = _run_ledgers(tmp_path / "run")
+    assert set(ledgers) == {0, 1, 2, 3}
     for c, r in enumerate(results):
         assert r.metrics["local_epsilon"] > 0
-        assert trainer.local_dp.epsilon(c, r.metrics["local_delta"]) > r.metrics["local_epsilon"]
+        history = [(float(s), float(q), int(n)) for s, q, n in ledgers[c]]
+        assert epsilon_of(history, r.metrics["local_delta"]) > r.metrics["local_epsilon"]
