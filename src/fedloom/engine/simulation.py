@@ -260,6 +260,11 @@ def write_outputs(
 def _write_data_summary(data: FederatedDataset, out_dir: Path) -> None:
     from fedloom.data.summary import format_label_histogram, plot_label_histogram
 
+    if any(c.train.y.dtype.kind == "f" for c in data.clients):
+        # Regression targets have no classes to count: list each client's size only.
+        rows = [f"{c.client_id}\t{c.name}\t{len(c.train)}" for c in data.clients]
+        (out_dir / "clients.txt").write_text("\n".join(["client\tname\texamples", *rows]) + "\n")
+        return
     (out_dir / "clients.txt").write_text(format_label_histogram(data) + "\n")
     plot_label_histogram(data, out_dir / "clients.png")
 
