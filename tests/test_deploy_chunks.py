@@ -42,3 +42,25 @@ def test_task_streams_reassemble_alike_and_refuse_a_second_header() -> None:
     with pytest.raises(ChunkError, match="a second header inside a task stream") as err:
         read_chunks(iter([chunks[0], header, *chunks[1:]]), len(data), pb.TaskMessage)
     assert err.value.reason == "malformed"
+
+
+def test_named_vectors_stream_back_to_back_and_split_exactly() -> None:
+    """Several vectors are chunked one after another (no joint copy) and split by layout."""
+    from fedloom.engine.grpc.chunks import encode_buffers
+    from fedloom.engine.grpc.wire import payload_bytes, split_vectors, vector_buffers
+
+    vectors = {
+        "global": np.arange(1001, dtype=np.float32),
+        "control": -np.arange(7, dtype=np.float32),
+    }
+    order = list(vectors)
+    chunks = list(encode_buffers(vector_buffers(vectors, order), 1000))
+    assert len(chunks) == 5 + 1  # 4004 bytes: 4 full chunks and 4 bytes; then 28 bytes
+    layout = [(n, vectors[n].size) for n in order]
+    buf = read_chunks(iter(chunks), payload_bytes(layout), pb.TaskMessage)
+    out = split_vectors(buf, layout)
+    assert list(out) == order
+    for name in order:
+        np.testing.assert_array_equal(out[name], vectors[name])
+    out["global"][0] = 5.0  # views into one writable buffer, as training needs
+    assert buf[:4] == np.float32(5.0).tobytes()

@@ -27,7 +27,9 @@ from fedloom.engine.grpc.server import (
     Registry,
     start_grpc_server,
 )
-from fedloom.messages import FitResult, FitTask
+from fedloom.engine.grpc.wire import WireError, check_infos, decode_config
+from fedloom.exchange import ExchangeRequest, Role
+from fedloom.messages import GLOBAL, EvalTask, FitResult, FitTask
 
 from .deploy_helpers import num_parameters, serving
 
@@ -45,6 +47,19 @@ def _header(**kw: object) -> bytes:
 
 def _chunk(data: bytes) -> bytes:
     return pb.ResultMessage(chunk=data).SerializeToString()
+
+
+def _fit(client_id: int, rnd: int, **config: object) -> FitTask:
+    return FitTask(client_id=client_id, round=rnd, model_version=rnd - 1, config=config)  # type: ignore[arg-type]
+
+
+def _infos(**sizes: int) -> list[pb.VectorInfo]:
+    return [pb.VectorInfo(name=n, size=s) for n, s in sizes.items()]
+
+
+def _pull_header(stub: _Stub, sid: str) -> tuple[pb.TaskHeader, list[bytes]]:
+    msgs = list(stub.pull(pb.PullRequest(session_id=sid).SerializeToString()))
+    return pb.TaskMessage.FromString(msgs[0]).header, msgs
 
 
 def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
@@ -67,19 +82,21 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
         sid = reply.session_id
         w0 = np.zeros(size, np.float32)
         outcome: list[object] = []
-        fit = threading.Thread(target=lambda: outcome.extend(executor.fit([FitTask(0, 1)], w0)))
+        fit = threading.Thread(
+            target=lambda: outcome.extend(executor.fit([_fit(0, 1, lr_scale=0.5)], {GLOBAL: w0}))
+        )
         fit.start()
-        msgs = list(stub.pull(pb.PullRequest(session_id=sid).SerializeToString()))
-        header = pb.TaskMessage.FromString(msgs[0]).header
+        header, msgs = _pull_header(stub, sid)
         assert header.kind == pb.TASK_FIT and len(msgs) > 2  # chunked: 4 KiB chunks
+        assert [(v.name, v.size) for v in header.vectors] == [(GLOBAL, size)]
+        assert json.loads(header.config_json) == {"lr_scale": 0.5} and header.model_version == 0
         task_id = header.task_id
         good = {
             "session_id": sid,
             "task_id": task_id,
             "round": 1,
             "num_examples": 10,
-            "has_vector": True,
-            "vector_size": size,
+            "vectors": _infos(delta=size),
             "metrics_json": "{}",
         }
         delta = rng.normal(size=size).astype("<f4")
@@ -108,8 +125,18 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
         hostile += [[random_bytes()] for _ in range(100)]
         hostile += [[_chunk(payload[:64]), _header(**good)] for _ in range(50)]  # chunk first
         hostile += [
-            [_header(**{**good, "vector_size": size + 1}), _chunk(payload)] for _ in range(50)
+            [_header(**{**good, "vectors": _infos(delta=size + 1)}), _chunk(payload)]
+            for _ in range(50)
         ]  # wrong shape
+        hostile += [
+            [_header(**{**good, "vectors": _infos(control=size)}), _chunk(payload)]
+            for _ in range(30)
+        ]  # a vector the strategy does not expect
+        hostile += [
+            [_header(**{**good, "vectors": _infos(delta=size) * 2}), _chunk(payload * 2)]
+            for _ in range(20)
+        ]  # the same vector twice
+        hostile += [[_header(**{**good, "vectors": [], "held": True})] for _ in range(30)]
         hostile += [[_header(**good), _chunk(payload[: len(payload) // 2])] for _ in range(50)]
         hostile += [[_header(**good), _chunk(payload), _chunk(b"\0" * 8)] for _ in range(50)]
         nan = delta.copy()
@@ -127,7 +154,7 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
             [_header(**{**good, "metrics_json": "{not json"}), _chunk(payload)] for _ in range(50)
         ]
         hostile += [[_header(**good), _header(**good)] for _ in range(50)]
-        hostile += [[_header(**{**good, "has_vector": False})] for _ in range(50)]
+        hostile += [[_header(**{**good, "vectors": []})] for _ in range(50)]
         hostile += [[_header(**{**good, "num_examples": -5}), _chunk(payload)] for _ in range(50)]
         for messages in hostile:
             assert not push(messages).accepted
@@ -141,6 +168,7 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
         fit.join(30)
         assert len(outcome) == 1 and isinstance(outcome[0], FitResult)
         np.testing.assert_array_equal(outcome[0].delta, delta)
+        assert outcome[0].model_version == 0 and set(outcome[0].vectors) == {"delta"}
         assert sent >= 1000
         assert registry.rejections.total() == sent
         counts = registry.rejections
@@ -155,6 +183,8 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
             "unknown_session",
             "missing_vector",
             "bad_value",
+            "unknown_vector",
+            "unexpected_held",
         ):
             assert counts[reason] > 0, reason
         assert json.dumps(executor.round_metrics())  # reported with the round
@@ -176,9 +206,10 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
         )
         client.start()
         executor.wait_for_clients(2)
-        results = executor.fit([FitTask(1, 2)], w0)
+        results = executor.fit([_fit(1, 2)], {GLOBAL: w0})
         assert isinstance(results[0], FitResult) and results[0].delta is not None
         assert np.all(np.isfinite(results[0].delta))
+        assert "update_norm" not in results[0].metrics  # private metrics stay on the client
         executor.close()
         client.join(30)
         assert done == [1]
@@ -186,6 +217,91 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
         executor.close()
         channel.close()
         server.stop(0).wait(5)
+
+
+class _EchoApp:
+    """Answers every protocol stage with its payload repeated ``stage`` times."""
+
+    def fit(self, task: FitTask, broadcast: dict[str, np.ndarray]) -> FitResult:
+        raise RuntimeError("not used")
+
+    def evaluate(self, task: EvalTask, broadcast: dict[str, np.ndarray]) -> object:
+        raise RuntimeError("not used")
+
+    def respond(self, request: ExchangeRequest, participant_id: int, payload: bytes) -> bytes:
+        return f"{request.protocol}/{participant_id}:".encode() + payload * request.stage
+
+
+def test_exchange_is_generic_and_bounds_replies(tmp_path: Path) -> None:
+    """An exchange is a task per participant; a reply over the limit is a counted dropout."""
+    cfg = load_config(None, ["data.num_clients=3"])
+    registry = Registry(3, 4, cfg.model_dump_json())
+    options = DeployOptions(round_timeout_s=60, poll_timeout_s=1)
+    executor = GrpcExecutor(registry, options)
+    stops = [threading.Event() for _ in range(2)]
+    with serving(registry, options) as port:
+        threads = [
+            threading.Thread(
+                target=run_client,
+                args=(f"127.0.0.1:{port}", lambda cfg, cid: _EchoApp(), Credentials(insecure=True)),
+                kwargs={"partition": i, "stop": stops[i]},
+            )
+            for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            executor.wait_for_clients(2)
+            request = ExchangeRequest(protocol="echo", round=3, stage=2, reply_limit=64)
+            replies = executor.exchange(request, {0: b"ab", 1: b"cd", 2: b"ef"})
+            assert replies == {0: b"echo/0:abab", 1: b"echo/1:cdcd"}  # 2 is not connected
+            small = ExchangeRequest(protocol="echo", round=3, stage=2, reply_limit=8)
+            assert executor.exchange(small, {0: b"ab", 1: b"long-payload"}) == {}
+            assert registry.rejections["oversized"] == 2
+        finally:
+            executor.close()
+            for stop, t in zip(stops, threads, strict=True):
+                stop.set()
+                t.join(30)
+
+
+def test_client_side_checks_of_what_the_server_sends() -> None:
+    """A task's config and broadcast layout are refused unless well-formed and bounded."""
+    assert decode_config('{"clip_norm": 1.5, "hold": "secagg", "drop": true, "n": 3}') == {
+        "clip_norm": 1.5,
+        "hold": "secagg",
+        "drop": True,
+        "n": 3,
+    }
+    for bad, reason in [
+        ("[1]", "malformed"),
+        ('{"a": [1]}', "malformed"),
+        ('{"a": {"b": 1}}', "malformed"),
+        ('{"a": null}', "malformed"),
+        ('{"a": NaN}', "malformed"),
+        ('{"a": 1e999}', "bad_value"),
+        ("{not json", "malformed"),
+        ('{"a": "' + "x" * 5000 + '"}', "oversized"),
+        (json.dumps({f"k{i}": i for i in range(300)}), "oversized"),
+        ('{"a": "' + "x" * (70 << 10) + '"}', "oversized"),
+    ]:
+        with pytest.raises(WireError) as err:
+            decode_config(bad)
+        assert err.value.reason == reason, bad[:40]
+    assert check_infos(_infos(**{GLOBAL: 10, "control": 10}), max_total=20) == [
+        (GLOBAL, 10),
+        ("control", 10),
+    ]
+    for infos, reason in [
+        (_infos(**{GLOBAL: 10, "control": 11}), "oversized"),
+        (_infos(**{GLOBAL: -1}), "malformed"),
+        (_infos(**{GLOBAL: 1}) * 2, "malformed"),
+        (_infos(**{"": 1}), "malformed"),
+        ([pb.VectorInfo(name=f"v{i}", size=0) for i in range(65)], "malformed"),
+    ]:
+        with pytest.raises(WireError) as err:
+            check_infos(infos, max_total=20)
+        assert err.value.reason == reason
 
 
 def test_protocol_version_mismatch_is_refused(tmp_path: Path) -> None:
@@ -197,21 +313,36 @@ def test_protocol_version_mismatch_is_refused(tmp_path: Path) -> None:
 
 
 def test_roles_are_checked_at_registration(tmp_path: Path) -> None:
-    """Only a CKKS run has a key holder, only under its name; unknown roles are refused."""
+    """A role exists only when the strategy needs it, is taken only under its authorized
+    name, registers as the role's participant id and is never sampled; the wait for
+    clients also waits for it."""
     tokens = tmp_path / "tokens.txt"
-    names = {n: add_token(tokens, n) for n in ("hospital-a", "key-holder")}
+    names = {n: add_token(tokens, n) for n in ("hospital-a", "kh-operator")}
+    holder = Role(name="key-holder", participant_id=-1)
     plain = Registry(2, 4, "{}")
-    ckks = Registry(2, 4, "{}", key_holder_name="key-holder")
-    for registry, role, who, accepted, reason in [
-        (plain, "key-holder", "key-holder", False, "does not use CKKS"),
-        (ckks, "key-holder", "hospital-a", False, "is not this run's key holder"),
-        (ckks, "captain", "hospital-a", False, "unknown role"),
-        (ckks, "key-holder", "key-holder", True, ""),
-    ]:
-        with serving(registry, tokens=TokenStore(tokens)) as port:
-            reply = _register(port, protocol_version=PROTOCOL_VERSION, token=names[who], role=role)
-        assert reply.accepted == accepted and reason in reply.reason, reply.reason
-    assert ckks.key_holder_alive() and ckks.alive_clients() == []  # never sampled
+    ckks = Registry(2, 4, "{}", roles=[holder], authorized={"key-holder": "kh-operator"})
+    executor = GrpcExecutor(ckks, DeployOptions(wait_for_clients_s=0.3))
+    try:
+        with pytest.raises(TimeoutError, match="no key-holder connected"):
+            executor.wait_for_clients(0)
+        for registry, role, who, accepted, reason in [
+            (plain, "key-holder", "kh-operator", False, "has no role 'key-holder'"),
+            (ckks, "key-holder", "hospital-a", False, "is not this run's key-holder"),
+            (ckks, "captain", "hospital-a", False, "has no role 'captain'"),
+            (ckks, "key-holder", "kh-operator", True, ""),
+        ]:
+            with serving(registry, tokens=TokenStore(tokens)) as port:
+                reply = _register(
+                    port, protocol_version=PROTOCOL_VERSION, token=names[who], role=role
+                )
+            assert reply.accepted == accepted and reason in reply.reason, reply.reason
+            if accepted:
+                assert reply.client_id == -1
+        assert ckks.missing_roles() == [] and ckks.alive_clients() == []  # never sampled
+        executor.wait_for_clients(0)
+    finally:
+        executor.close()
+    assert plain.rejections["bad_role"] == 1 and ckks.rejections["bad_role"] == 2
 
 
 def test_a_client_without_tenseal_refuses_a_ckks_run(
@@ -221,7 +352,7 @@ def test_a_client_without_tenseal_refuses_a_ckks_run(
 
     cfg = load_config(None, ["data.num_clients=2"])
     cfg.privacy.secure_aggregation = "ckks"
-    registry = Registry(2, 4, cfg.model_dump_json(), key_holder_name="key-holder")
+    registry = Registry(2, 4, cfg.model_dump_json())
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "tenseal" else real(name, *a)
