@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedloom.config import ServerConfig
-from fedloom.server.aggregate import weighted_mean
+from fedloom.server.aggregators import AggregationInput, MeanAggregator, weighted_mean
 from fedloom.server.optimizers import ServerAdaptive, ServerMomentum, make_server_optimizer
 from fedloom.server.sampling import clients_per_round, sample_clients
 
@@ -20,6 +20,25 @@ def test_weighted_mean_rejects_empty_and_mismatch() -> None:
         weighted_mean([], [])
     with pytest.raises(ValueError):
         weighted_mean([np.zeros(2, np.float32)], [1, 2])
+
+
+def test_mean_aggregator_weights_clear_updates_and_averages_a_secure_sum() -> None:
+    """In the clear the example-weighted mean; of a secure sum, each client counts once."""
+    rows = np.array([[1.0, 0.0], [4.0, 3.0]], np.float32)
+    clear = AggregationInput(
+        round=1, dimension=2, updates=rows, weights=np.array([10.0, 30.0]), count=2
+    )
+    out, fields = MeanAggregator().aggregate(clear)
+    np.testing.assert_allclose(out, [3.25, 2.25])
+    assert fields == {} and out.dtype == np.float32
+    secure = AggregationInput(
+        round=1, dimension=2, updates=None, weights=np.zeros(2), total=rows.sum(0), count=2
+    )
+    np.testing.assert_allclose(MeanAggregator().aggregate(secure)[0], [2.5, 1.5])
+    with pytest.raises(ValueError):
+        MeanAggregator().aggregate(
+            AggregationInput(round=1, dimension=2, updates=None, weights=np.zeros(0))
+        )
 
 
 def test_fedavg_server_step_is_plain_addition() -> None:
