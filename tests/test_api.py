@@ -263,3 +263,20 @@ def test_a_federated_dataset_is_used_whole_and_not_changed() -> None:
     assert [len(c.train) for c in data.clients] == before  # the share came out of a copy
     assert summary["final"]["accuracy"] is not None
     assert summary["history"][-1]["fed_accuracy"] is not None
+
+
+def test_a_train_step_replaces_forward_and_loss() -> None:
+    calls: list[int] = []
+
+    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(len(y))
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    fedloom.simulate(
+        model=mlp,
+        clients=[toy_arrays(20, 1), toy_arrays(20, 2)],
+        train_step=step,
+        rounds=2,
+        config={"client": {"steps": 3, "batch_size": 8}},
+    )
+    assert calls == [8, 8, 4] * 4  # 2 rounds x 2 clients x 3 steps over 20 examples
