@@ -133,7 +133,7 @@ def simulate(
         return module
 
     regression = given.regression
-    if regression and loss is None and train_step is None:
+    if regression and loss is None:  # evaluation needs it even beside a train_step
         raise ValueError(
             "y holds floating targets (regression) but no loss was given; pass "
             "loss=torch.nn.functional.mse_loss (or give integer class labels)"
@@ -144,9 +144,9 @@ def simulate(
         if metrics is not None
         else ({} if regression else dict(CLASSIFICATION_METRICS))
     )
-    probe = build_model()
+    first_model = build_model()  # refuses a model that cannot train before any work
     if regression:
-        _match_target_shape(probe, data)
+        _match_target_shape(first_model, data)
 
     def learner_factory() -> Learner:
         return Learner(
