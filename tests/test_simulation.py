@@ -8,11 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedloom.client.trainer import LocalTrainer
+from fedloom.client.runtime import ClientRuntime
+from fedloom.client_store import ClientState
 from fedloom.config import RunConfig, load_config
 from fedloom.engine.simulation import run_centralized, run_simulation
-from fedloom.messages import FitResult, FitTask
+from fedloom.messages import Broadcast, FitResult, FitTask
 from fedloom.store import RunStore
+from fedloom.strategies import build_learner
 
 from .helpers import final_weights, interrupt_after
 
@@ -94,14 +96,16 @@ def test_pool_engine_equals_inprocess(tmp_path: Path) -> None:
 def test_failing_client_is_reported_and_round_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    original = LocalTrainer.fit
+    original = ClientRuntime.fit
 
-    def flaky(self: LocalTrainer, task: FitTask, vec: np.ndarray) -> FitResult:
+    def flaky(
+        self: ClientRuntime, task: FitTask, broadcast: Broadcast, state: ClientState
+    ) -> FitResult:
         if task.client_id == 2:
             raise RuntimeError("disk on fire")
-        return original(self, task, vec)
+        return original(self, task, broadcast, state)
 
-    monkeypatch.setattr(LocalTrainer, "fit", flaky)
+    monkeypatch.setattr(ClientRuntime, "fit", flaky)
     summary = run_simulation(load_config(None, SMALL), tmp_path / "run")
     for rec in summary["history"]:
         assert rec["clients_failed"] == 1 and rec["clients_succeeded"] == 5 and rec["aggregated"]
@@ -117,14 +121,16 @@ def test_failing_client_is_reported_and_round_goes_on(
 def test_too_few_successes_leaves_model_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self: LocalTrainer, task: FitTask, vec: np.ndarray) -> FitResult:
+    def broken(
+        self: ClientRuntime, task: FitTask, broadcast: Broadcast, state: ClientState
+    ) -> FitResult:
         raise ValueError("no data today")
 
-    monkeypatch.setattr(LocalTrainer, "fit", broken)
+    monkeypatch.setattr(ClientRuntime, "fit", broken)
     cfg = load_config(None, [*SMALL, "server.min_aggregate_clients=2"])
     summary = run_simulation(cfg, tmp_path / "run")
     assert all(not r["aggregated"] and r["clients_failed"] == 6 for r in summary["history"])
-    initial = LocalTrainer(cfg, _data(cfg)).initial_vector()
+    initial = build_learner(cfg, _data(cfg)).initial_vector()
     np.testing.assert_array_equal(final_weights(tmp_path / "run"), initial)
 
 
