@@ -10,7 +10,7 @@ of central DP: the attacker sees one client's noised contribution); and real Sec
 rounds in which the server sees only the sum of K clients' updates. Attacks: DLG (Zhu
 et al. 2019) and iDLG (Zhao et al. 2020) treating the observation as one client's
 gradient, and, under secure aggregation, DLG with K dummy images ("DLG×K"), scored by
-the dummy closest to the target. See :mod:`fedloom.privacy.leakage` for the details.
+the dummy closest to the target. See :mod:`fedloom.attacks.leakage` for the details.
 
 Prints one row per condition: PSNR in dB (mean ± sd over targets, peak 1.0, capped at
 100 dB) and mean MSE of each attack against the target's true image, the share of
@@ -21,7 +21,7 @@ prints its path.
 
 Full run (8 conditions × 20 targets): about 2 minutes on one core. ``--quick`` (6
 conditions × 3 targets, DLG×K with 300 iterations): about 10 s. The options are those of
-``fedloom leakage`` (:mod:`fedloom.privacy.leakage_settings`), which runs the quick
+``fedloom leakage`` (:mod:`fedloom.attacks.leakage_settings`), which runs the quick
 settings by default and also writes ``leakage.json``.
 """
 
@@ -34,8 +34,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fedloom.privacy.leakage import format_leakage_report, run_leakage, write_leakage_png
-from fedloom.privacy.leakage_settings import (
+from fedloom.attacks.leakage import format_leakage_report, run_leakage, write_leakage_png
+from fedloom.attacks.leakage_settings import (
     FULL_SETTINGS,
     QUICK_SETTINGS,
     LeakageSettingsError,

@@ -1,4 +1,4 @@
-"""Gradient leakage (fedloom.privacy.leakage): the attacks work; which defences stop them.
+"""Gradient leakage (fedloom.attacks.leakage): the attacks work; which defences stop them.
 
 Thresholds come from the measured numbers (seed 0, 20 targets: the benchmark's table) with wide
 margins, so that a change in torch's floating-point details cannot flip them:
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedloom.privacy.leakage import (
+from fedloom.attacks.leakage import (
     DEFAULT_CLIP_NORM,
     DEFAULT_LR,
     PSNR_CAP_DB,

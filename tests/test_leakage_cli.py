@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from fedloom.attacks.leakage import DEFAULT_CONDITIONS, QUICK_CONDITIONS
+from fedloom.attacks.leakage_settings import FULL_SETTINGS, QUICK_SETTINGS
 from fedloom.cli import main
-from fedloom.privacy.leakage import DEFAULT_CONDITIONS, QUICK_CONDITIONS
-from fedloom.privacy.leakage_settings import FULL_SETTINGS, QUICK_SETTINGS
 
 TINY = ["--targets", "2", "--secagg-clients", "16", "--batch-iterations", "20"]
 

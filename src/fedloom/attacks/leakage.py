@@ -72,7 +72,7 @@ keys and masks, but with deterministic rounding the unmasked sum is exact and so
 identical in every run.
 
 **Running it.** ``fedloom leakage`` and ``benchmarks/leakage.py`` call
-:func:`run_leakage` with a :class:`~fedloom.privacy.leakage_settings.LeakageSettings`
+:func:`run_leakage` with a :class:`~fedloom.attacks.leakage_settings.LeakageSettings`
 read from their shared options, print :func:`format_leakage_report`, and write
 :func:`write_leakage_png` (the CLI also :func:`write_leakage_json`).
 """
@@ -96,9 +96,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedloom.data.digits import NUM_CLASSES, NUM_PIXELS, load_digits_arrays
-from fedloom.privacy.central import clip_update
-from fedloom.privacy.leakage_settings import (
+from fedloom.attacks.leakage_settings import (
     DEFAULT_CLIP_NORM,
     DEFAULT_LR,
     FULL_SETTINGS,
@@ -107,6 +105,8 @@ from fedloom.privacy.leakage_settings import (
     LeakageSettings,
     LeakageSettingsError,
 )
+from fedloom.data.digits import NUM_CLASSES, NUM_PIXELS, load_digits_arrays
+from fedloom.privacy.central import clip_update
 from fedloom.privacy.noise import UPDATE_STREAM, SeededGaussianNoise
 from fedloom.privacy.secagg.config import SecAggConfig
 from fedloom.privacy.secagg.driver import run_secagg_round

@@ -1,11 +1,11 @@
 """Settings of the gradient-leakage evaluation, and the command-line options that set them.
 
 ``fedloom leakage`` and ``benchmarks/leakage.py`` both run
-:func:`fedloom.privacy.leakage.run_leakage`; they read the same options through
+:func:`fedloom.attacks.leakage.run_leakage`; they read the same options through
 :func:`add_leakage_arguments` and :func:`leakage_settings_from_args`, so an option means
 the same thing in both and is checked in one place.
 
-This module is kept apart from :mod:`fedloom.privacy.leakage` because that one imports
+This module is kept apart from :mod:`fedloom.attacks.leakage` because that one imports
 torch and SecAgg+ (about 2 s): the ``fedloom`` command builds every subcommand's options
 at start-up, and ``fedloom run --help`` must not pay for the leakage attack.
 """
@@ -54,7 +54,7 @@ class LeakageSettings:
     ``dp`` condition per z and ``secagg_clients`` one ``secagg`` condition per K. The
     defaults are the quick evaluation (6 conditions × 3 targets, about 10 s on one core);
     :data:`FULL_SETTINGS` is the benchmark's. ``lr`` (the victim's η) has no option: the
-    module doc of :mod:`fedloom.privacy.leakage` explains why one small step is the case
+    module doc of :mod:`fedloom.attacks.leakage` explains why one small step is the case
     measured. Bad values raise :class:`LeakageSettingsError` here, before any work starts.
     """
 

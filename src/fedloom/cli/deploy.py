@@ -1,6 +1,7 @@
 """The deployment half of the ``fedloom`` command: server, client, certs, token.
 
-Kept apart from :mod:`fedloom.cli` so the simulation commands never import gRPC.
+Each command imports gRPC and the deployment engine when it runs, so the simulation
+commands never import them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from functools import partial
 
 from rich.console import Console
 
+from fedloom.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, config_and_run_dir, interrupted
 from fedloom.config import ConfigError
 
 
@@ -28,7 +30,6 @@ def run_deploy_command(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_server(args: argparse.Namespace, console: Console) -> int:
-    from fedloom.cli import config_and_run_dir, interrupted
     from fedloom.engine.deploy import ServerSecurity, run_server
     from fedloom.engine.grpc.auth import TokenFileError
     from fedloom.report import summary_table
@@ -84,7 +85,6 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from fedloom.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR
     from fedloom.engine.grpc.client import (
         AppFactory,
         BuiltinApp,

@@ -1,0 +1,1 @@
+"""Attacks: evaluations of what an adversary recovers, kept apart from the privacy mechanisms."""

@@ -1,0 +1,70 @@
+"""What the ``fedloom`` command modules share: exit codes, console, logging, run directory.
+
+Imports point one way: :mod:`fedloom.cli.main` imports the command modules
+(:mod:`~fedloom.cli.run`, :mod:`~fedloom.cli.deploy`, :mod:`~fedloom.cli.leakage`), and
+they import this one, which imports none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from fedloom.config import ConfigError, RunConfig, load_config
+
+EXIT_USER_ERROR = 2
+#: What a shell reports for a process ended by SIGINT (128 + 2); Ctrl-C exits with it.
+EXIT_INTERRUPTED = 130
+
+
+def make_console() -> Console:
+    """The console every command prints its results on (stdout)."""
+    return Console(stderr=False)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log to stderr: every round with ``-v``, else warnings only."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def user_error(err: object) -> int:
+    """Report an error the user can fix in one line on stderr; return the exit code (2)."""
+    print(f"fedloom: error: {err}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def config_and_run_dir(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """The config and run directory of ``run`` / ``server``: new, or ``--resume DIR``.
+
+    A resumed run uses the config stored in its directory (the returned one is only a
+    placeholder the runner replaces), so CONFIG, ``--set`` and ``--out`` are refused.
+    """
+    if args.resume is not None:
+        if args.config is not None or args.overrides or args.out is not None:
+            raise ConfigError(
+                "--resume continues a run with its stored config; drop CONFIG, --set and --out"
+            )
+        return load_config(None), args.resume
+    cfg = load_config(args.config, args.overrides)
+    return cfg, args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def interrupted(resume_command: str) -> int:
+    """Tell the user Ctrl-C lost nothing and how to continue; return the exit code (130).
+
+    One wording for ``fedloom run`` and ``fedloom server``: both keep every completed
+    round in the run directory, so the only thing that differs is the resume command.
+    """
+    print(
+        f"fedloom: interrupted; completed rounds are kept. Continue with: {resume_command}",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
