@@ -10,9 +10,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedloom.config import ConfigError, PrivacyConfig, load_config
+from fedloom.config import ConfigError, PrivacyConfig, RunConfig, load_config
+from fedloom.engine.inprocess import LocalClients
 from fedloom.engine.simulation import run_simulation
-from fedloom.messages import ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.exchange import ExchangeRequest
+from fedloom.messages import (
+    DELTA,
+    Broadcast,
+    ClientFailure,
+    EvalResult,
+    EvalTask,
+    FitResult,
+    FitTask,
+)
+from fedloom.params import ParamEntry, ParamSpec
 from fedloom.privacy.accounting import ClientSampling, PrivacyAccountant
 from fedloom.privacy.central import (
     AdaptiveClipping,
@@ -27,10 +38,12 @@ from fedloom.privacy.noise import (
     secure_box_muller,
     secure_uniform,
 )
+from fedloom.privacy.stages import CentralDPAggregator
 from fedloom.seeding import SAMPLING, derive_rng
-from fedloom.server.loop import FederatedServer, LocalClients
+from fedloom.server.loop import FederatedServer
 from fedloom.server.sampling import poisson_sample_clients, sample_clients, select_clients
 from fedloom.store import RunStore
+from fedloom.strategies import build_strategy
 
 from .helpers import final_weights, interrupt_after, latest_checkpoint
 
@@ -248,37 +261,76 @@ class _FixedUpdates(LocalClients):
         self.tasks: list[FitTask] = []
 
     def fit(
-        self, tasks: Sequence[FitTask], global_vector: np.ndarray
+        self, tasks: Sequence[FitTask], broadcast: Broadcast
     ) -> list[FitResult | ClientFailure]:
         out: list[FitResult | ClientFailure] = []
         for t in tasks:
             self.tasks.append(t)
             if t.client_id in self.fail:
-                out.append(ClientFailure(t.client_id, t.round, "RuntimeError: offline", ""))
+                out.append(
+                    ClientFailure(
+                        client_id=t.client_id, round=t.round, error="RuntimeError: offline"
+                    )
+                )
                 continue
             delta = self.deltas[t.client_id]
             metrics: dict[str, float] = {}
-            if self.clip and t.clip_norm is not None:
-                c = clip_update(delta, t.clip_norm)
+            clip_norm = t.config.get("clip_norm")
+            if self.clip and clip_norm is not None:
+                c = clip_update(delta, float(clip_norm))
                 delta, metrics = c.delta, {"below_clip": float(c.below_clip)}
             out.append(
-                FitResult(t.client_id, t.round, delta, 10 * (t.client_id + 1), False, metrics)
+                FitResult(
+                    client_id=t.client_id,
+                    round=t.round,
+                    model_version=t.model_version,
+                    num_examples=10 * (t.client_id + 1),
+                    vectors={DELTA: delta},
+                    metrics=metrics,
+                )
             )
         return out
 
     def evaluate(
-        self, tasks: Sequence[EvalTask], global_vector: np.ndarray
+        self, tasks: Sequence[EvalTask], broadcast: Broadcast
     ) -> list[EvalResult | ClientFailure]:
         return []
 
-    def client_state(self) -> dict[str, Any]:
+    def exchange(self, request: ExchangeRequest, outgoing: Any) -> dict[int, bytes]:
+        raise AssertionError("no protocol runs in these rounds")
+
+    def save_client_state(self) -> dict[str, Any]:
         return {}
 
-    def restore_client_state(self, state: dict[str, Any]) -> None:
+    def load_client_state(self, manifest: Any) -> None:
         return None
 
     def close(self) -> None:
         return None
+
+
+def _server(
+    cfg: RunConfig, executor: _FixedUpdates, dimension: int, num_clients: int
+) -> FederatedServer:
+    """The round loop over ``cfg``'s strategy for a model of ``dimension`` zeros."""
+    spec = ParamSpec((ParamEntry("w", (dimension,)),))
+    strategy = build_strategy(cfg, num_clients=num_clients, spec=spec, roles_in_process=True)
+    return FederatedServer(
+        strategy=strategy,
+        executor=executor,
+        initial_weights=np.zeros(dimension, np.float32),
+        num_clients=num_clients,
+        rounds=cfg.rounds,
+        seed=cfg.seed,
+        callbacks=strategy.callbacks,
+    )
+
+
+def _mechanism(server: FederatedServer) -> Any:
+    """The central-DP mechanism (accountant, clipping norm) the strategy aggregates with."""
+    aggregator = server.strategy.aggregator
+    assert isinstance(aggregator, CentralDPAggregator)
+    return aggregator.dp
 
 
 def test_server_aggregates_unweighted_clipped_sum_over_expected_count() -> None:
@@ -303,11 +355,11 @@ def test_server_aggregates_unweighted_clipped_sum_over_expected_count() -> None:
         4: np.array([1.0, 1.0], np.float32),
     }
     executor = _FixedUpdates(deltas, fail=frozenset({4}))
-    server = FederatedServer(cfg, executor, np.zeros(2, np.float32), num_clients=5)
+    server = _server(cfg, executor, 2, 5)
     server.run()
     by_hand = np.array([0.6 + 0.3 + 0.0 - 1.0, 0.8 - 0.4 + 0.5 + 0.0]) / 5.0
     np.testing.assert_allclose(server.state.weights, by_hand, atol=1e-6)
-    assert all(t.clip_norm == 1.0 for t in executor.tasks)
+    assert executor.tasks and all(t.config["clip_norm"] == 1.0 for t in executor.tasks)
     rec = server.state.history[0]
     assert rec["aggregated"] and rec["clip_norm"] == 1.0 and rec["clients_failed"] == 1
     expected_eps = PrivacyAccountant("rdp", ClientSampling("fixed", 5, 5), 1e-9, 1e-5).epsilon(1)
@@ -321,7 +373,7 @@ def test_server_rejects_an_unclipped_update_as_a_failure() -> None:
     )
     cfg.server.fraction_fit = 1.0
     deltas = {i: np.full(4, 2.0, np.float32) for i in range(3)}  # norm 4 > C = 1
-    server = FederatedServer(cfg, _FixedUpdates(deltas, clip=False), np.zeros(4, np.float32), 3)
+    server = _server(cfg, _FixedUpdates(deltas, clip=False), 4, 3)
     rec = server.run_round(1)
     assert rec["clients_failed"] == 3 and rec["clients_succeeded"] == 0
     assert rec["epsilon"] is not None and rec["epsilon"] > 0  # the noise release is counted
@@ -342,18 +394,19 @@ def test_poisson_round_with_no_clients_releases_noise_and_is_counted() -> None:
         for r in range(1, 200)
         if len(select_clients(cfg.server, 20, derive_rng(cfg.seed, SAMPLING, r))) == 0
     )
-    server = FederatedServer(cfg, _FixedUpdates({}), np.zeros(8, np.float32), 20)
-    server.privacy.accountant.rounds = empty - 1  # type: ignore[union-attr]
+    server = _server(cfg, _FixedUpdates({}), 8, 20)
+    dp = _mechanism(server)
+    dp.accountant.rounds = empty - 1
     rec = server.run_round(empty)
     assert rec["clients_sampled"] == 0 and rec["aggregated"]
-    assert server.privacy is not None and server.privacy.accountant.rounds == empty
-    assert rec["epsilon"] == server.privacy.accountant.epsilon(empty)
+    assert dp.accountant.rounds == empty
+    assert rec["epsilon"] == dp.accountant.epsilon(empty)
     # The mechanism released noise of std z·C/(qN) = 1.0 on every coordinate.
     assert float(np.abs(server.state.weights).max()) > 0.0
 
     plain = load_config(None, ["server.sampling=poisson", "server.fraction_fit=0.05"])
     plain.data.num_clients = 20
-    server = FederatedServer(plain, _FixedUpdates({}), np.zeros(8, np.float32), 20)
+    server = _server(plain, _FixedUpdates({}), 8, 20)
     rec = server.run_round(empty)
     assert rec["clients_sampled"] == 0 and not rec["aggregated"] and rec["epsilon"] is None
     np.testing.assert_array_equal(server.state.weights, np.zeros(8, np.float32))
@@ -411,6 +464,9 @@ def test_resume_keeps_the_ledger_and_the_model(tmp_path: Path, adaptive: bool) -
     assert resumed["privacy"]["rounds"] == 5
     clip_norms = [r["clip_norm"] for r in whole["history"]]
     assert (len(set(clip_norms)) > 1) == adaptive  # adaptive C moved, and was checkpointed
+    # The mechanism's state travels in the checkpoint as the aggregator stage's state.
+    stage = latest_checkpoint(tmp_path / "cut").meta["stages"]["agg/privacy"]
+    assert stage["rounds"] == 5 and stage["noise_multiplier"] == 1.0
 
 
 def test_resume_with_secure_noise_counts_replayed_rounds_again(tmp_path: Path) -> None:
@@ -442,7 +498,7 @@ def test_target_epsilon_calibrates_and_is_recorded(tmp_path: Path) -> None:
 
 
 def test_pool_engine_clips_with_the_configured_norm(tmp_path: Path) -> None:
-    """The pool does not forward the per-round norm; fixed clipping falls back to the config."""
+    """The pool clips with the norm the task config carries, exactly as in-process."""
     base = [*DP_SMALL, "rounds=2"]
     inproc = run_simulation(load_config(None, base), tmp_path / "inproc")
     pool = run_simulation(
