@@ -30,7 +30,6 @@ EXAMPLES = ROOT / "examples"
 #: write_outputs takes summary["final"] from the last round that has an accuracy; a
 #: regression run has none, so its final loss is None. The fix belongs in
 #: fedloom.engine.simulation.write_outputs (fall back to the last evaluated round).
-REGRESSION_FINAL = "summary['final'] is chosen by accuracy, which a regression run lacks"
 
 
 def run_example(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -144,10 +143,10 @@ def test_regression_loss_decreases() -> None:
     assert history[-1].get("accuracy") is None
 
 
-@pytest.mark.xfail(strict=True, reason=REGRESSION_FINAL)
 def test_regression_summary_reports_the_final_loss() -> None:
     summary = regression_run()
     assert summary["final"]["loss"] == summary["history"][-1]["loss"]
+    assert summary["config"]["data"]["name"] == "custom"
 
 
 class PairDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):

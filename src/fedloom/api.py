@@ -34,7 +34,7 @@ from fedloom.client.learner import (
     MetricFn,
     TrainStep,
 )
-from fedloom.config import _merge, config_from_dict
+from fedloom.config import config_from_dict, merge_trees
 from fedloom.data import data_rng
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
 from fedloom.engine.simulation import make_executor, run_federation
@@ -90,7 +90,7 @@ def simulate(
     instances added to the run. ``out`` is the run directory (None: a temporary one,
     removed afterwards). Problems with the inputs raise a one-line ``ValueError``.
     """
-    tree = _merge(dict(config or {}), overrides)
+    tree = merge_trees(dict(config or {}), overrides)
     if strategy is not None:
         tree["strategy"] = strategy
     tree.setdefault("strategy", DEFAULT_STRATEGY)
@@ -98,21 +98,21 @@ def simulate(
         tree["rounds"] = rounds
     tree.setdefault("rounds", DEFAULT_ROUNDS)
     if isinstance(aggregator, str):
-        tree = _merge(tree, {"server": {"aggregator": aggregator}})
+        tree = merge_trees(tree, {"server": {"aggregator": aggregator}})
         aggregator = None
 
     given = _federated_data(clients, test)
-    tree = _merge(tree, {"data": {"num_clients": given.num_clients}})
+    tree = merge_trees(tree, {"data": {"name": "custom", "num_clients": given.num_clients}})
     if not given.test_given:
-        tree = _merge(tree, {"eval": {"centralized": False}})
+        tree = merge_trees(tree, {"eval": {"centralized": False}})
     cfg = config_from_dict(tree)
     data = given.dataset
     if cfg.data.client_test_fraction > 0.0:
         # The strategies that evaluate on clients' own data (fedper, fedrep, ditto) hold
         # out a share of each client's data, exactly as for the built-in data sets.
-        from fedloom.data import _hold_out_client_tests
+        from fedloom.data import hold_out_client_tests
 
-        _hold_out_client_tests(data, cfg.data.client_test_fraction, data_rng(cfg.seed, 1))
+        hold_out_client_tests(data, cfg.data.client_test_fraction, data_rng(cfg.seed, 1))
 
     def build_model() -> nn.Module:
         with torch.random.fork_rng(devices=[]):

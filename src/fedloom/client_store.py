@@ -158,7 +158,9 @@ class ClientStateStore:
         self._cache.clear()
         if self.directory is None:
             mem = manifest.get("memory", {})
-            self._memory = {int(c): ClientState.from_bytes(bytes.fromhex(h)) for c, h in mem.items()}
+            self._memory = {
+                int(c): ClientState.from_bytes(bytes.fromhex(h)) for c, h in mem.items()
+            }
             return
         self._versions = {int(c): int(r) for c, r in manifest.get("versions", {}).items()}
         self._kept = [dict(self._versions)]

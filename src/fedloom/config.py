@@ -42,7 +42,8 @@ class SyntheticConfig(_Section):
 class DataConfig(_Section):
     """Which data set, and how it is split across clients."""
 
-    name: Literal["digits", "synthetic", "mnist", "shakespeare", "csv"] = "digits"
+    #: "custom": data handed to the Python API (fedloom.simulate), not loaded by name.
+    name: Literal["digits", "synthetic", "mnist", "shakespeare", "csv", "custom"] = "digits"
     path: str | None = None
     num_clients: int = Field(20, ge=1)
     partition: Literal["iid", "dirichlet", "shards", "natural"] = "dirichlet"
@@ -451,11 +452,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -488,7 +489,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             ) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file '{p}' is not valid TOML ({err})") from None
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = merge_trees(tree, parse_overrides(overrides or []))
     return config_from_dict(tree)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -80,9 +81,15 @@ class ClientRuntime:
         plan = plan_work(
             self.work, seed=self.seed, round=task.round, client_id=task.client_id, num_examples=n
         )
-        base = {"client_id": task.client_id, "round": task.round, "model_version": task.model_version}
+        base = partial(
+            FitResult,
+            client_id=task.client_id,
+            round=task.round,
+            model_version=task.model_version,
+            num_examples=n,
+        )
         if plan.straggler and task.config.get(DROP_STRAGGLERS, False):
-            return FitResult(**base, num_examples=n, straggler=True)
+            return base(straggler=True)
         ctx.plan = plan
         update = self.algorithm.fit(ctx)
         vectors = update.vectors
@@ -93,19 +100,17 @@ class ClientRuntime:
             self._forget_before(task.round)
             flat = np.concatenate([vectors[k] for k in upload_order(list(vectors))])
             self._held[(task.round, task.client_id)] = flat.astype(np.float32, copy=False)
-            return FitResult(
-                **base, num_examples=n, metrics=update.metrics, straggler=plan.straggler, held=True
-            )
-        return FitResult(
-            **base, num_examples=n, vectors=vectors, metrics=update.metrics, straggler=plan.straggler
-        )
+            return base(metrics=update.metrics, straggler=plan.straggler, held=True)
+        return base(vectors=vectors, metrics=update.metrics, straggler=plan.straggler)
 
     def evaluate(self, task: EvalTask, broadcast: Broadcast, state: ClientState) -> EvalResult:
         ctx = self._context(task.client_id, task.round, task.config, broadcast, state)
         test = ctx.data.test
         n = 0 if test is None else len(test)
         metrics = self.algorithm.evaluate(ctx) if n else {}
-        return EvalResult(client_id=task.client_id, round=task.round, num_examples=n, metrics=metrics)
+        return EvalResult(
+            client_id=task.client_id, round=task.round, num_examples=n, metrics=metrics
+        )
 
     def respond(self, request: ExchangeRequest, participant_id: int, payload: bytes) -> bytes:
         """Answer one protocol stage as ``participant_id`` (raises to refuse)."""

@@ -35,7 +35,16 @@ DATA_STREAM_TAG = 0xDA7A
 
 Builder = Callable[[DataConfig, np.random.Generator], FederatedDataset]
 
+
+def _user_data(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
+    raise ConfigError(
+        "data.name = 'custom' names data given from Python (fedloom.simulate(clients=...)); "
+        "a config file needs a built-in data set (digits, synthetic, mnist, shakespeare, csv)"
+    )
+
+
 _BUILDERS: dict[str, Builder] = {
+    "custom": _user_data,
     "digits": build_digits,
     "synthetic": build_synthetic,
     "mnist": build_mnist,
@@ -68,11 +77,11 @@ def build_federated_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
             f"data.partition '{cfg.partition}' is ignored"
         )
     if cfg.client_test_fraction > 0.0:
-        _hold_out_client_tests(dataset, cfg.client_test_fraction, data_rng(seed, 1))
+        hold_out_client_tests(dataset, cfg.client_test_fraction, data_rng(seed, 1))
     return dataset
 
 
-def _hold_out_client_tests(
+def hold_out_client_tests(
     dataset: FederatedDataset, fraction: float, rng: np.random.Generator
 ) -> None:
     """Give each client without a local test set a random ``fraction`` of its own data.

@@ -124,9 +124,7 @@ def run_federation(
         store = RunStore.create(out_dir, cfg.to_dict(), __version__)
         _write_data_summary(data, out_dir)
     learner = learner_factory() if learner_factory is not None else build_learner(cfg, data)
-    runtime = build_client_runtime(
-        cfg, learner, _data_of(data), num_clients=data.num_clients
-    )
+    runtime = build_client_runtime(cfg, learner, _data_of(data), num_clients=data.num_clients)
     strategy = build_strategy(
         cfg,
         num_clients=data.num_clients,
@@ -221,12 +219,18 @@ def write_outputs(
     centralized = store.get_meta("centralized_accuracy")
     contributors = {int(i) for i in np.flatnonzero(participation)}
     metrics = run_metrics(history, num_clients, cfg.target_accuracy, centralized, contributors)
+    # The last centrally evaluated round (accuracy, or loss alone for regression).
     final: dict[str, Any] = next(
-        (r for r in reversed(history) if r.get("accuracy") is not None), {}
+        (
+            r
+            for r in reversed(history)
+            if r.get("accuracy") is not None or r.get("loss") is not None
+        ),
+        {},
     )
     final_out: dict[str, Any] = {"accuracy": final.get("accuracy"), "loss": final.get("loss")}
     # Federated and personalized evaluation: the last round that had each.
-    for key in ("fed_accuracy", "personalized_accuracy", "personalized_loss"):
+    for key in ("fed_accuracy", "fed_loss", "personalized_accuracy", "personalized_loss"):
         value = next((r[key] for r in reversed(history) if r.get(key) is not None), None)
         if value is not None:
             final_out[key] = value

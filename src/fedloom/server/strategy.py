@@ -41,6 +41,7 @@ from fedloom.server.sampling import select_clients
 
 log = logging.getLogger("fedloom.server")
 
+
 @dataclass
 class FitOutcome:
     """A round's fit phase as the strategy concluded it."""
@@ -169,10 +170,10 @@ class Strategy:
         extras: dict[str, np.ndarray] = {}
         for name in names[1:]:
             if updates:
-                summed = (
+                summed: np.ndarray = (
                     parts[name].astype(np.float64)
                     if total is not None
-                    else np.sum([u.vectors[name] for u in updates], axis=0, dtype=np.float64)
+                    else np.stack([u.vectors[name] for u in updates]).sum(axis=0, dtype=np.float64)
                 )
                 extras[name] = (summed / len(updates)).astype(np.float32)
             else:
