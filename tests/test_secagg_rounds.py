@@ -7,15 +7,23 @@ import numpy as np
 import pytest
 
 import fedloom.engine.inprocess as inprocess
-from fedloom.client.trainer import LocalTrainer
-from fedloom.config import ConfigError, load_config
+from fedloom.client.runtime import ClientRuntime
+from fedloom.client_store import ClientStateStore
+from fedloom.config import ConfigError, RunConfig, load_config
 from fedloom.data import build_federated_dataset
 from fedloom.engine.simulation import run_simulation
-from fedloom.messages import FitTask
-from fedloom.privacy.secagg.config import Stage
-from fedloom.privacy.secagg.transport import Exchange, SecAggParticipant
+from fedloom.exchange import ExchangeRequest
+from fedloom.messages import GLOBAL, HOLD, FitResult, FitTask
+from fedloom.privacy.secagg.config import STAGES, Stage
 from fedloom.report import summarize_history
 from fedloom.store import RunStore
+
+from .helpers import client_runtime, fit_once
+
+
+def _runtime(cfg: RunConfig) -> ClientRuntime:
+    return client_runtime(cfg, build_federated_dataset(cfg.data, cfg.seed))
+
 
 SECURE = [
     "data.num_clients=8",
@@ -34,9 +42,10 @@ def test_secure_round_equals_unweighted_mean_of_updates(tmp_path: Path) -> None:
         ckpt = store.latest_checkpoint()
     assert ckpt is not None
 
-    trainer = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
-    w0 = trainer.initial_vector()
-    deltas = [trainer.fit(FitTask(c, 1), w0).delta for c in range(8)]
+    runtime = _runtime(cfg)
+    w0 = runtime.initial_vector()
+    # The same clients in the clear (no HOLD in the task config): their plain updates.
+    deltas = [fit_once(runtime, w0, client=c, round=1).delta for c in range(8)]
     expected = w0 + np.mean(deltas, axis=0)
     step = 4.0 / (2**15 - 1)  # quantization step of the default 16 bits over [-4, 4]
     np.testing.assert_allclose(ckpt.tensors["global"], expected, atol=step)
@@ -48,25 +57,20 @@ def test_secure_run_totals_count_model_downloads_and_protocol_traffic(
 ) -> None:
     """A SecAgg+ run's totals are what crossed the wire, counted here at the exchange."""
     wire = {"up": 0, "down": 0}
-    real = inprocess.exchange_in_process
+    real = inprocess.exchange_locally
 
-    def counting(participants: Mapping[int, SecAggParticipant]) -> Exchange:
-        inner = real(participants)
+    def counting(
+        runtime: ClientRuntime, request: ExchangeRequest, outgoing: Mapping[int, bytes]
+    ) -> dict[int, bytes]:
+        wire["down"] += sum(len(b) for b in outgoing.values())
+        replies = real(runtime, request, outgoing)
+        wire["up"] += sum(len(b) for b in replies.values())
+        return replies
 
-        def exchange(stage: Stage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
-            wire["down"] += sum(len(b) for b in outgoing.values())
-            replies = inner(stage, outgoing)
-            wire["up"] += sum(len(b) for b in replies.values())
-            return replies
-
-        return exchange
-
-    monkeypatch.setattr(inprocess, "exchange_in_process", counting)
+    monkeypatch.setattr(inprocess, "exchange_locally", counting)
     cfg = load_config(None, [*SECURE, "rounds=2", "eval.every=2"])
     summary = run_simulation(cfg, tmp_path / "run")
-    model_bytes = (
-        4 * LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed)).initial_vector().size
-    )
+    model_bytes = 4 * _runtime(cfg).initial_vector().size
     downloads = 2 * 8 * model_bytes  # the global model, to each of 8 clients, in 2 rounds
     assert wire["up"] > 0 and wire["down"] > 0
     metrics = summary["metrics"]
@@ -85,19 +89,16 @@ def test_an_aborted_secure_round_keeps_the_model_and_counts_its_traffic(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """All but one client vanish after advertising keys: the round aborts, named, counted."""
-    real = inprocess.exchange_in_process
+    real = inprocess.exchange_locally
 
-    def vanishing(participants: Mapping[int, SecAggParticipant]) -> Exchange:
-        inner = real(participants)
+    def vanishing(
+        runtime: ClientRuntime, request: ExchangeRequest, outgoing: Mapping[int, bytes]
+    ) -> dict[int, bytes]:
+        replies = real(runtime, request, outgoing)
+        keep = STAGES[request.stage] is Stage.ADVERTISE_KEYS
+        return {c: r for c, r in replies.items() if keep or c == min(replies)}
 
-        def exchange(stage: Stage, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
-            replies = inner(stage, outgoing)
-            keep = stage is Stage.ADVERTISE_KEYS
-            return {c: r for c, r in replies.items() if keep or c == min(replies)}
-
-        return exchange
-
-    monkeypatch.setattr(inprocess, "exchange_in_process", vanishing)
+    monkeypatch.setattr(inprocess, "exchange_locally", vanishing)
     cfg = load_config(None, [*SECURE, "rounds=1"])
     summary = run_simulation(cfg, tmp_path / "run")
     (record,) = summary["history"]
@@ -109,7 +110,7 @@ def test_an_aborted_secure_round_keeps_the_model_and_counts_its_traffic(
     with RunStore.open(tmp_path / "run") as store:
         ckpt = store.latest_checkpoint()
     assert ckpt is not None
-    w0 = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed)).initial_vector()
+    w0 = _runtime(cfg).initial_vector()
     np.testing.assert_array_equal(ckpt.tensors["global"], w0)
 
 
@@ -151,22 +152,31 @@ def test_ckks_round_equals_unweighted_mean_of_updates(tmp_path: Path) -> None:
     with RunStore.open(tmp_path / "run") as store:
         ckpt = store.latest_checkpoint()
     assert ckpt is not None
-    trainer = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
-    w0 = trainer.initial_vector()
-    mean = np.mean([trainer.fit(FitTask(c, 1), w0).delta for c in range(5)], axis=0)
+    runtime = _runtime(cfg)
+    w0 = runtime.initial_vector()
+    mean = np.mean([fit_once(runtime, w0, client=c, round=1).delta for c in range(5)], axis=0)
     got = ckpt.tensors["global"] - w0
     assert np.linalg.norm(got - mean) / np.linalg.norm(mean) < 1e-4
 
 
 def test_held_updates_of_a_round_that_never_aggregated_are_dropped() -> None:
-    """A secure round below min_aggregate_clients never calls secure_sum; nothing lingers."""
+    """A secure round below min_aggregate_clients never runs its protocol; nothing lingers."""
     cfg = load_config(None, [*SECURE, "rounds=2"])
-    trainer = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
-    executor = inprocess.InProcessExecutor(trainer)
-    w0 = trainer.initial_vector()
-    executor.fit([FitTask(c, 1, secure=True) for c in range(3)], w0)
-    assert sorted(executor._held) == [(1, 0), (1, 1), (1, 2)]
-    executor.fit([FitTask(c, 2, secure=True) for c in range(2)], w0)
-    assert sorted(executor._held) == [(2, 0), (2, 1)]
+    runtime = _runtime(cfg)
+    executor = inprocess.InProcessExecutor(runtime, ClientStateStore())
+    broadcast = {GLOBAL: runtime.initial_vector()}
+
+    def tasks(rnd: int, clients: int) -> list[FitTask]:
+        config = {HOLD: "secagg"}
+        return [
+            FitTask(client_id=c, round=rnd, model_version=rnd - 1, config=config)
+            for c in range(clients)
+        ]
+
+    results = executor.fit(tasks(1, 3), broadcast)
+    assert all(isinstance(r, FitResult) and r.held and not r.vectors for r in results)
+    assert sorted(runtime._held) == [(1, 0), (1, 1), (1, 2)]
+    executor.fit(tasks(2, 2), broadcast)
+    assert sorted(runtime._held) == [(2, 0), (2, 1)]
     executor.close()
-    assert executor._held == {}
+    assert runtime._held == {}
