@@ -445,7 +445,7 @@ def _server_main(args: argparse.Namespace) -> int:
         Registry,
         start_grpc_server,
     )
-    from fedloom.messages import FitResult, FitTask
+    from fedloom.messages import GLOBAL, FitResult, FitTask
 
     logging.basicConfig(level=logging.WARNING, format="server %(levelname)s: %(message)s")
     d = DeployConfig()
@@ -492,10 +492,12 @@ def _server_main(args: argparse.Namespace) -> int:
         vector = np.full(args.vector_size, 0.5, dtype=np.float32)
         rounds: list[dict[str, float]] = []
         for rnd in range(1, args.rounds + 1):
-            tasks = [FitTask(c, rnd) for c in range(args.clients)]
+            tasks = [
+                FitTask(client_id=c, round=rnd, model_version=rnd - 1) for c in range(args.clients)
+            ]
             b0, c0 = proxy.totals() if proxy else (0, 0), proc_cpu_s()
             t0 = time.perf_counter()
-            outcomes = executor.fit(tasks, vector)
+            outcomes = executor.fit(tasks, {GLOBAL: vector})
             seconds = time.perf_counter() - t0
             cpu = proc_cpu_s() - c0
             good = sum(
@@ -534,15 +536,26 @@ class EchoApp:
     cfg: RunConfig
     client_id: int
 
-    def fit(self, task: FitTask, global_vector: np.ndarray) -> FitResult:
-        from fedloom.messages import FitResult
+    def fit(self, task: FitTask, broadcast: dict[str, np.ndarray]) -> FitResult:
+        from fedloom.messages import DELTA, GLOBAL, FitResult
 
-        return FitResult(task.client_id, task.round, global_vector, 1)
+        return FitResult(
+            client_id=task.client_id,
+            round=task.round,
+            model_version=task.model_version,
+            num_examples=1,
+            vectors={DELTA: broadcast[GLOBAL]},
+        )
 
-    def evaluate(self, task: EvalTask, global_vector: np.ndarray) -> EvalResult:
+    def evaluate(self, task: EvalTask, broadcast: dict[str, np.ndarray]) -> EvalResult:
         from fedloom.messages import EvalResult
 
-        return EvalResult(task.client_id, task.round, 1, 0.0, 1.0)
+        return EvalResult(
+            client_id=task.client_id,
+            round=task.round,
+            num_examples=1,
+            metrics={"loss": 0.0, "accuracy": 1.0},
+        )
 
 
 def _clients_main(args: argparse.Namespace) -> int:
