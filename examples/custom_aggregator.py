@@ -13,7 +13,10 @@ under a name is enough for ``server.aggregator = "example-median"`` or
 
 The registries live in the process that reads the config, so a plain ``fedloom run
 --set server.aggregator=example-median`` does not know the name ("unknown aggregator");
-the module that registers it has to be imported first, which is what ``cli`` mode does.
+the module that registers it has to be imported first: ``cli`` mode does it in Python,
+and from a shell ``--import`` does it (run from this folder)::
+
+    fedloom run --import custom_aggregator --set server.aggregator="'example-median'"
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ which import :mod:`~fedloom.cli.common` and never this module.
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import sys
 from pathlib import Path
 
 from fedloom import __version__
@@ -109,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         "(default: $XDG_STATE_HOME/fedloom or ~/.local/state/fedloom)",
     )
     client.add_argument("--max-wait", type=float, default=300.0, help="give up after S seconds")
+    _add_import_arg(client)
     client.add_argument("-v", "--verbose", action="store_true")
 
     certs = sub.add_parser("certs", help="make a development CA, server and client certificates")
@@ -151,7 +155,34 @@ benchmark's full run, --targets 20 --batch-iterations 1000 --noise-multiplier
 0.001,0.01,0.1,1 (8 conditions × 20 targets), takes about 2 minutes."""
 
 
+def _add_import_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a Python module first, so the stages it registers can be named in the "
+        "config (e.g. --import my_aggregators; repeatable)",
+    )
+
+
+def _import_user_modules(names: list[str]) -> None:
+    """Import the modules that register a user's own stages (``--import``)."""
+    if names and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a module beside the config, as `python -m` finds it
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(
+                f"--import {name}: cannot import it ({err}); check the module name and that "
+                "its folder is the current directory or on PYTHONPATH"
+            ) from None
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    _add_import_arg(p)
     p.add_argument("config", nargs="?", type=Path, help="TOML config (default: embedded digits)")
     p.add_argument(
         "--set",
@@ -168,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()
     setup_logging(getattr(args, "verbose", False))
     try:
+        _import_user_modules(getattr(args, "imports", []))
         if args.command == "run":
             return cmd_run(args, console)
         if args.command == "centralized":
