@@ -387,7 +387,7 @@ def test_ckks_over_grpc_equals_simulation_and_the_server_holds_no_secret_key(
     port = _port(server)
     impostor = procs(fedloom("client", *_key_holder_args(pki, port, pki["plain"][0])))
     assert impostor.wait(60) == 2
-    assert "is not this run's key holder ('key-holder')" in impostor.output, impostor.output
+    assert "is not this run's key-holder ('key-holder')" in impostor.output, impostor.output
     clients = _clients(procs, pki, port, 3)
     holder = procs(fedloom("client", *_key_holder_args(pki, port, pki["key_holder"])))
     assert server.wait(180) == 0, server.output
@@ -460,7 +460,7 @@ def test_restarted_client_keeps_its_local_dp_budget(pki: dict, procs, tmp_path: 
     server.wait_for(r"^round 1:", timeout=120)
     os.kill(victim.popen.pid, signal.SIGKILL)  # waiting out round 2's delay, untrained
     (ledger_file,) = (tmp_path / "state").glob("partition-1-*.json")
-    ((sigma, q, steps),) = json.loads(ledger_file.read_text())["state"]["local_dp"]
+    ((sigma, q, steps),) = json.loads(ledger_file.read_text())["meta"]["local_dp"]
     restarted = procs(fedloom("client", *_client_args(pki, port, 1), *state, "-v"))
     assert server.wait(180) == 0, server.output
     assert restarted.wait(60) == 0, restarted.output
@@ -473,5 +473,35 @@ def test_restarted_client_keeps_its_local_dp_budget(pki: dict, procs, tmp_path: 
     reported = restarted.wait_for(r"round 3: local DP epsilon spent by this client so far: (\S+)")
     assert float(reported.group(1)) > 1.1 * eps_round_1  # a fresh ledger would equal it
     assert float(reported.group(1)) == pytest.approx(eps_uninterrupted, rel=1e-5)
-    assert json.loads(ledger_file.read_text())["state"]["local_dp"] == [[sigma, q, 2 * steps]]
+    assert json.loads(ledger_file.read_text())["meta"]["local_dp"] == [[sigma, q, 2 * steps]]
     assert len(list((tmp_path / "state").glob("partition-0-*.json"))) == 1
+
+
+def test_scaffold_deployment_equals_simulation(pki: dict, procs, tmp_path: Path) -> None:
+    """SCAFFOLD over gRPC: two named uploads (delta and the control-variate change), a
+    broadcast beyond the global model, and each client's control variate kept in its own
+    state file across rounds; the final model equals the simulation's."""
+    from fedloom.registry import CLIENT_ALGORITHMS
+
+    if "scaffold" not in CLIENT_ALGORITHMS:
+        pytest.skip("SCAFFOLD is not registered yet")
+    overrides = ["strategy=scaffold", "rounds=2", "data.num_clients=2", "server.min_fit_clients=2"]
+    overrides += FAST
+    state = ["--state-dir", str(tmp_path / "state")]
+    server = procs(_server_args(pki, tmp_path / "deploy", overrides))
+    port = _port(server)
+    clients = [procs(fedloom("client", *_client_args(pki, port, i), *state)) for i in range(2)]
+    assert server.wait(180) == 0, server.output
+    for c in clients:
+        assert c.wait(60) == 0, c.output
+    assert len(list((tmp_path / "state").glob("partition-*.json"))) == 2  # c_i kept per site
+
+    run_simulation(load_config(None, overrides), tmp_path / "sim")
+    finals = []
+    for name in ("deploy", "sim"):
+        with RunStore.open(tmp_path / name) as store:
+            ckpt = store.latest_checkpoint()
+        assert ckpt is not None and ckpt.round == 2
+        finals.append(ckpt.tensors["global"])
+    np.testing.assert_allclose(finals[0], finals[1], atol=1e-5)
+    assert all(r["clients_succeeded"] == 2 for r in _history(tmp_path / "deploy"))

@@ -12,11 +12,19 @@ import os
 import sys
 import threading
 from functools import partial
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from fedloom.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, config_and_run_dir, interrupted
 from fedloom.config import ConfigError
+
+if TYPE_CHECKING:
+    from fedloom.config import RunConfig
+    from fedloom.engine.grpc.client import ParticipantApp
+
+#: The role name CKKS's key holder registers under (``--key-holder``, ``--key-holder-name``).
+KEY_HOLDER_ROLE = "key-holder"
 
 
 def run_deploy_command(args: argparse.Namespace, console: Console) -> int:
@@ -47,7 +55,8 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
         args.client_ca,
         args.tokens,
         args.insecure,
-        key_holder_name=args.key_holder_name,
+        # The roles a strategy may need, by the name that may take each (CKKS's key holder).
+        role_names={KEY_HOLDER_ROLE: args.key_holder_name},
     )
     host = args.address.rsplit(":", 1)[0]
 
@@ -90,7 +99,6 @@ def _cmd_client(args: argparse.Namespace) -> int:
         BuiltinApp,
         ClientRefusedError,
         Credentials,
-        KeyHolderApp,
         OwnDataApp,
         run_client,
     )
@@ -123,7 +131,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     try:
         make_app: AppFactory
         if args.key_holder:
-            make_app = partial(KeyHolderApp, min_contributors=args.min_contributors)
+            make_app = partial(_key_holder_app, min_contributors=args.min_contributors)
         elif args.data is None:
             make_app = BuiltinApp
         else:
@@ -136,7 +144,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             name=args.name,
             max_wait_s=args.max_wait,
             stop=stop,
-            role="key-holder" if args.key_holder else "",
+            role=KEY_HOLDER_ROLE if args.key_holder else "",
             state_dir=args.state_dir,
             site=site_name(args.partition, args.data),
         )
@@ -150,6 +158,24 @@ def _cmd_client(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print(f"run over; this client completed {done} tasks", flush=True)
     return 0
+
+
+def _key_holder_app(
+    cfg: RunConfig, participant_id: int, *, min_contributors: int
+) -> ParticipantApp:
+    """CKKS's key holder: makes a key pair per round and decrypts only the sum.
+
+    ``min_contributors`` is this operator's policy: sums of fewer client contributions
+    are not decrypted. The deployment engine never imports the privacy package; the
+    participant is built here and the client loop only hands it exchanges.
+    """
+    from fedloom.engine.grpc.client import ParticipantApp
+    from fedloom.privacy.stages import CKKSAggregation, KeyHolderSide
+
+    return ParticipantApp(
+        protocol=CKKSAggregation.protocol,
+        participant=KeyHolderSide(min_contributors=min_contributors),
+    )
 
 
 def _cmd_certs(args: argparse.Namespace, console: Console) -> int:
