@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedloom.config import ConfigError, load_config
+from fedloom.data import build_federated_dataset
 from fedloom.engine.grpc import PROTOCOL_VERSION
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.auth import TokenStore, add_token
@@ -30,6 +31,7 @@ from fedloom.engine.grpc.server import (
 from fedloom.engine.grpc.wire import WireError, check_infos, decode_config
 from fedloom.exchange import ExchangeRequest, Role
 from fedloom.messages import GLOBAL, EvalTask, FitResult, FitTask
+from fedloom.strategies import build_learner, build_strategy
 
 from .deploy_helpers import num_parameters, serving
 
@@ -58,12 +60,18 @@ def _infos(**sizes: int) -> list[pb.VectorInfo]:
 
 
 def _pull_header(stub: _Stub, sid: str) -> tuple[pb.TaskHeader, list[bytes]]:
-    msgs = list(stub.pull(pb.PullRequest(session_id=sid).SerializeToString()))
-    return pb.TaskMessage.FromString(msgs[0]).header, msgs
+    """The next task for session ``sid`` (long polls that come back idle are repeated)."""
+    while True:
+        msgs = list(stub.pull(pb.PullRequest(session_id=sid).SerializeToString()))
+        header = pb.TaskMessage.FromString(msgs[0]).header
+        if header.kind != pb.TASK_IDLE:
+            return header, msgs
 
 
 def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
-    cfg = load_config(None, ["data.num_clients=2", "client.epochs=1"])
+    # Central DP: the client's clip codec computes the pre-clip norm, which must stay there.
+    dp = ["strategy=dp-fedavg", "privacy.noise_multiplier=1.0"]
+    cfg = load_config(None, ["data.num_clients=2", "client.epochs=1", *dp])
     size = num_parameters(cfg)
     token = add_token(tmp_path / "tokens.txt", "hospital-a")
     options = DeployOptions(
@@ -139,12 +147,6 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
         hostile += [[_header(**{**good, "vectors": [], "held": True})] for _ in range(30)]
         hostile += [[_header(**good), _chunk(payload[: len(payload) // 2])] for _ in range(50)]
         hostile += [[_header(**good), _chunk(payload), _chunk(b"\0" * 8)] for _ in range(50)]
-        nan = delta.copy()
-        nan[7] = np.nan
-        hostile += [[_header(**good), _chunk(nan.tobytes())] for _ in range(50)]
-        inf = delta.copy()
-        inf[-1] = np.inf
-        hostile += [[_header(**good), _chunk(inf.tobytes())] for _ in range(50)]
         hostile += [[_header(**{**good, "round": 0}), _chunk(payload)] for _ in range(50)]
         hostile += [[_header(**{**good, "task_id": "f" * 32}), _chunk(payload)] for _ in range(50)]
         hostile += [
@@ -177,7 +179,6 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
             "wrong_shape",
             "truncated",
             "oversized",
-            "not_finite",
             "stale_round",
             "task_not_open",
             "unknown_session",
@@ -188,6 +189,30 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
         ):
             assert counts[reason] > 0, reason
         assert json.dumps(executor.round_metrics())  # reported with the round
+
+        # A diverged update (NaN, Inf) is answered at once and refused by the strategy, as
+        # in simulation: a recorded failure of that client, not a stall until the deadline.
+        plain = load_config(None, ["data.num_clients=2"])
+        spec = build_learner(plain, build_federated_dataset(plain.data, plain.seed)).binding.spec
+        strategy = build_strategy(plain, num_clients=2, spec=spec, roles_in_process=False)
+        for rnd, bad in ((3, np.nan), (4, np.inf)):
+            later: list[object] = []
+            waiting = threading.Thread(
+                target=lambda rnd=rnd, later=later: later.extend(
+                    executor.fit([_fit(0, rnd)], {GLOBAL: w0})
+                )
+            )
+            waiting.start()
+            head, _ = _pull_header(stub, sid)
+            poisoned = delta.copy()
+            poisoned[7] = bad
+            answer = {**good, "task_id": head.task_id, "round": rnd}
+            assert push([_header(**answer), _chunk(poisoned.tobytes())]).accepted
+            waiting.join(30)
+            (result,) = later
+            assert isinstance(result, FitResult) and not np.all(np.isfinite(result.delta))
+            outcome = strategy.process_fit(rnd, [result], w0, executor.exchange)
+            assert not outcome.updates and "NaN or Inf" in outcome.failures[0].error
 
         # A normal client still completes a round afterwards.
         stop = threading.Event()
@@ -209,7 +234,8 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
         results = executor.fit([_fit(1, 2)], {GLOBAL: w0})
         assert isinstance(results[0], FitResult) and results[0].delta is not None
         assert np.all(np.isfinite(results[0].delta))
-        assert "update_norm" not in results[0].metrics  # private metrics stay on the client
+        assert "below_clip" in results[0].metrics  # the clip codec ran on the client ...
+        assert "update_norm" not in results[0].metrics  # ... and its private metric stayed
         executor.close()
         client.join(30)
         assert done == [1]

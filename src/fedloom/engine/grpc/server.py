@@ -16,9 +16,10 @@ holder) are names and participant ids handed in by the wiring.
 Everything that arrives is untrusted. Handlers receive raw bytes and parse them
 themselves, so a malformed message is *our* rejection (logged and counted by reason)
 rather than an opaque gRPC error; uploaded vectors must be exactly the ones the
-strategy expects (names and sizes) and finite; a result must match a task that is open,
-assigned to the sender's session, and not yet answered. Every rejection leaves the
-round and the other results untouched.
+strategy expects (names and sizes; their values are the strategy's to check, as for
+every engine); a result must match a task that is open, assigned to the sender's
+session, and not yet answered. Every rejection leaves the round and the other results
+untouched.
 """
 
 from __future__ import annotations
@@ -480,11 +481,10 @@ class FederationServicer:
             if not head.straggler:
                 raise WireError("missing_vector", "a training result without an update")
             return result(straggler=True)
+        # Values are the strategy's to judge (NaN or Inf makes the update a recorded
+        # failure of this client, as in simulation): the task is answered now rather
+        # than left open until the round deadline.
         vectors = split_vectors(self._chunks(raws, payload_bytes(layout)), layout)
-        for name, vector in vectors.items():
-            # The strategy checks again (every engine's results); refusing here counts it.
-            if not np.all(np.isfinite(vector)):
-                raise WireError("not_finite", f"vector '{name}' contains NaN or Inf")
         return result(vectors=vectors, straggler=bool(head.straggler))
 
     def _read_payload(self, head: Any, raws: Iterator[bytes], limit: int) -> bytes:
