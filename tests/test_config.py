@@ -68,6 +68,13 @@ def test_cli_config_error_exit_2_no_traceback(
         (["run", "missing.toml"], "does not exist"),
         (["run", "--set", "data.name='mnist'", "--set", "data.path='/nonexistent/x'"], "data.path"),
         (["report", "/nonexistent/run"], "/nonexistent/run"),
+        # Stage names are looked up in the registries when the run is assembled.
+        (["run", "--set", "server.aggregator='median'"], "unknown aggregator 'median'"),
+        (["run", "--set", "client.algorithm='nope'"], "client.algorithm: unknown client algorithm"),
+        (
+            ["run", "--set", "strategy='scaffold'", "--set", "privacy.local_dp=true"],
+            "privacy.local_dp trains clients with DP-SGD",
+        ),
     ],
 )
 def test_cli_user_errors(
