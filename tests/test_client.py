@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from fedloom.algorithms.sgd import proximal_correction
 from fedloom.client.learner import SGDSettings, WorkPlan, WorkSettings, _sgd_step, plan_work
 from fedloom.client.models import build_model
+from fedloom.client_store import ClientState
 from fedloom.config import RunConfig, load_config
-from fedloom.messages import DROP_STRAGGLERS
+from fedloom.messages import DROP_STRAGGLERS, GLOBAL, EvalTask
 from fedloom.seeding import SHUFFLE, torch_generator
 from fedloom.strategies import build_learner
 
@@ -128,6 +129,14 @@ def test_evaluate_accuracy_and_loss() -> None:
     loss, acc = metrics["loss"], metrics["accuracy"]
     assert loss == pytest.approx(np.log(2), rel=1e-6)  # zero weights: uniform prediction
     assert acc == pytest.approx(float(np.mean(data.test.y == 0)))
+    # What engines call: the client's own test split, through its algorithm.
+    runtime = client_runtime(_cfg(), data)
+    task = EvalTask(client_id=1, round=1, model_version=1)
+    result = runtime.evaluate(task, {GLOBAL: vec}, ClientState())
+    test = data.clients[1].test
+    assert test is not None and result.num_examples == len(test) == 8
+    assert result.metrics["loss"] == pytest.approx(np.log(2), rel=1e-6)
+    assert result.metrics["accuracy"] == pytest.approx(float(np.mean(test.y == 0)))
 
 
 def test_work_plan_batches_counts_steps_and_ends_without_data() -> None:
