@@ -16,9 +16,9 @@ from fedloom.algorithms.base import AlgorithmSettings, StageContext
 from fedloom.algorithms.dpsgd import LocalDPSettings
 from fedloom.callbacks import Callback
 from fedloom.client.learner import Learner, SGDSettings, WorkSettings
+from fedloom.client.models import build_model
 from fedloom.client.runtime import ClientRuntime
 from fedloom.config import ConfigError, RunConfig
-from fedloom.client.models import build_model
 from fedloom.data.base import ClientData, FederatedDataset
 from fedloom.params import ParamSpec
 from fedloom.registry import (
@@ -123,7 +123,9 @@ def build_strategy(
     settings = algorithm_settings(cfg)
     algorithm = SERVER_ALGORITHMS.create(cfg.server.algorithm, settings, context)
     if aggregator is None:
-        aggregator = AGGREGATORS.create(cfg.server.aggregator, cfg.server.aggregator_options, context)
+        aggregator = AGGREGATORS.create(
+            cfg.server.aggregator, cfg.server.aggregator_options, context
+        )
     codecs: list[Any] = []
     stage_callbacks: list[Callback] = []
     dp = None
@@ -176,7 +178,9 @@ def build_client_runtime(
         seed=cfg.seed,
         expected_clients=expected_clients_per_round(cfg.server, num_clients),
     )
-    algorithm = CLIENT_ALGORITHMS.create(client_algorithm_name(cfg), algorithm_settings(cfg), context)
+    algorithm = CLIENT_ALGORITHMS.create(
+        client_algorithm_name(cfg), algorithm_settings(cfg), context
+    )
     check = getattr(algorithm, "check", None)
     if check is not None:
         check(learner)

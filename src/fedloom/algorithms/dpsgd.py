@@ -43,6 +43,8 @@ class LocalEpsilonReport(Callback):
     """Adds the worst client's local ε so far to the round record (each reports its own)."""
 
     def on_round_end(self, rnd: int, record: dict[str, Any], run: RunContext) -> None:
-        local = [u.metrics["local_epsilon"] for u in run.fit_results if "local_epsilon" in u.metrics]
+        local = [
+            u.metrics["local_epsilon"] for u in run.fit_results if "local_epsilon" in u.metrics
+        ]
         if local:
             record["local_epsilon_max"] = max(local)

@@ -51,7 +51,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.grad_sample import GradSampleModule

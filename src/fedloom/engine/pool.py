@@ -84,7 +84,9 @@ def _worker_main(conn: Connection, factory: RuntimeFactory, torch_threads: int) 
         elif kind == "eval":
             etask: EvalTask = msg[1]
             state = ClientState.from_bytes(msg[2])
-            _send_outcome(conn, run_safely(partial(runtime.evaluate, etask, broadcast, state), etask))
+            _send_outcome(
+                conn, run_safely(partial(runtime.evaluate, etask, broadcast, state), etask)
+            )
 
 
 def _send_outcome(conn: Connection, out: Outcome, state: bytes | None = None) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fedloom.callbacks import Callback, RunContext
 from fedloom.client_store import ClientState
 from fedloom.codecs.base import RejectedUpdateError
 from fedloom.config import ConfigError, PrivacyConfig
@@ -31,7 +32,6 @@ from fedloom.privacy.secagg.config import secagg_message_limit
 from fedloom.privacy.secagg.transport import SecAggParticipant, SecureSum, serve_secagg_round
 from fedloom.registry import CODECS, PROTOCOL_PARTICIPANTS, SECURE_AGGREGATIONS
 from fedloom.server.aggregators import AggregationInput
-from fedloom.callbacks import Callback, RunContext
 
 log = logging.getLogger("fedloom.privacy")
 

@@ -47,9 +47,7 @@ class ClientExecutor(Protocol):
         self, tasks: Sequence[EvalTask], broadcast: Broadcast
     ) -> list[EvalResult | ClientFailure]: ...
 
-    def exchange(
-        self, request: ExchangeRequest, outgoing: Mapping[int, bytes]
-    ) -> dict[int, bytes]:
+    def exchange(self, request: ExchangeRequest, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
         """Deliver protocol messages to participants; their replies (see fedloom.exchange)."""
         ...
 
@@ -121,7 +119,11 @@ class FederatedServer:
     # ------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Checkpoint:
         tensors, stage_meta = self.strategy.state()
-        tensors = {"global": self.state.weights, "participation": self.state.participation, **tensors}
+        tensors = {
+            "global": self.state.weights,
+            "participation": self.state.participation,
+            **tensors,
+        }
         meta: dict[str, Any] = {
             "round": self.state.round,
             "optimizer": self.strategy.optimizer.name,
