@@ -57,9 +57,7 @@ class InProcessExecutor(LocalClients):
         self, tasks: Sequence[EvalTask], broadcast: Broadcast
     ) -> list[EvalResult | ClientFailure]:
         return [
-            run_safely(
-                partial(self.runtime.evaluate, t, broadcast, self.store.get(t.client_id)), t
-            )
+            run_safely(partial(self.runtime.evaluate, t, broadcast, self.store.get(t.client_id)), t)
             for t in tasks
         ]
 

@@ -65,8 +65,7 @@ class Evaluation(Callback):
             return
         config, broadcast = server.strategy.configure_evaluate(rnd, weights)
         tasks = [
-            EvalTask(client_id=c, round=rnd, model_version=rnd, config=config)
-            for c in evaluators
+            EvalTask(client_id=c, round=rnd, model_version=rnd, config=config) for c in evaluators
         ]
         results = [
             r
