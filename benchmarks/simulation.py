@@ -16,11 +16,15 @@ Contenders, all in one invocation on the same machine and the same data:
   ``zero_grad / cross_entropy / backward / step``; then the weighted average of the
   clients' weights. Single process, with torch's default thread count and with
   ``torch.set_num_threads(1)``; the faster of the two is the floor.
-* **fedloom in-process**: :class:`~fedloom.server.loop.FederatedServer` with the
-  :class:`~fedloom.engine.inprocess.InProcessExecutor` (no run store, no evaluation),
-  with torch's default thread count and with one thread.
+* **fedloom in-process**: :class:`~fedloom.server.loop.FederatedServer` running the
+  FedAvg strategy of :func:`~fedloom.strategies.build_strategy` with the
+  :class:`~fedloom.engine.inprocess.InProcessExecutor` over the client runtime of
+  :func:`~fedloom.strategies.build_client_runtime` and an in-memory
+  :class:`~fedloom.client_store.ClientStateStore` (no run store, no evaluation), with
+  torch's default thread count and with one thread.
 * **fedloom pool**: the same server with the
-  :class:`~fedloom.engine.pool.ProcessPoolExecutor`, one worker per core.
+  :class:`~fedloom.engine.pool.ProcessPoolExecutor`, one worker per core, each building
+  its runtime with :func:`~fedloom.strategies.simulation_runtime`.
 * **Flower** (when ``flwr`` is importable): ``flwr.simulation.run_simulation`` (Ray)
   with FedAvg sampling 10% of 1000 virtual clients and no evaluation, written two ways:
   the Message API (``@app.train()`` + ``flwr.serverapp.strategy.FedAvg``, what current
@@ -70,18 +74,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedloom.client.learner import Learner
 from fedloom.client.models import build_model
-from fedloom.client.trainer import LocalTrainer
+from fedloom.client.runtime import ClientRuntime
+from fedloom.client_store import ClientState, ClientStateStore
 from fedloom.config import RunConfig, config_from_dict, config_from_json
 from fedloom.data import build_federated_dataset
 from fedloom.data.base import FederatedDataset
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
-from fedloom.messages import FitTask
+from fedloom.messages import GLOBAL, Broadcast, ClientFailure, FitResult, FitTask
 from fedloom.params import module_to_vector
 from fedloom.seeding import SAMPLING, SHUFFLE, derive_rng, torch_generator
+from fedloom.server.callbacks import RoundRecorder
 from fedloom.server.loop import ClientExecutor, FederatedServer
-from fedloom.server.sampling import sample_clients
+from fedloom.server.sampling import select_clients
+from fedloom.strategies import (
+    build_client_runtime,
+    build_learner,
+    build_strategy,
+    simulation_runtime,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,13 +141,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 
 def sampled_clients(cfg: RunConfig, rnd: int) -> np.ndarray:
-    """The clients fedloom's round loop samples in round ``rnd`` (sorted ids)."""
-    return sample_clients(
-        cfg.data.num_clients,
-        cfg.server.fraction_fit,
-        cfg.server.min_fit_clients,
-        derive_rng(cfg.seed, SAMPLING, rnd),
-    )
+    """The clients fedloom's strategy samples in round ``rnd`` (sorted ids), every client
+    being available (:meth:`fedloom.server.strategy.Strategy.sample`)."""
+    return select_clients(cfg.server, cfg.data.num_clients, derive_rng(cfg.seed, SAMPLING, rnd))
 
 
 def initial_vector(cfg: RunConfig, data: FederatedDataset) -> np.ndarray:
@@ -166,6 +175,17 @@ def bare_model(
 def sgd_steps(num_examples: int, cfg: RunConfig) -> int:
     """Local SGD steps of a client with ``num_examples`` examples (last batch may be short)."""
     return -(-num_examples // cfg.client.batch_size) * cfg.client.epochs
+
+
+def client_runtime(
+    cfg: RunConfig, data: FederatedDataset, learner: Learner | None = None
+) -> ClientRuntime:
+    """fedloom's client side for ``cfg`` over ``data`` (what the in-process engine runs)."""
+    learner = build_learner(cfg, data) if learner is None else learner
+    clients = data.clients
+    return build_client_runtime(
+        cfg, learner, lambda cid: clients[cid], num_clients=data.num_clients
+    )
 
 
 def client_tensors(data: FederatedDataset) -> Tensors:
@@ -336,12 +356,14 @@ class _BudgetedExecutor:
     def __init__(self, inner: ClientExecutor, owner: Contender) -> None:
         self.inner, self.owner = inner, owner
 
-    def fit(self, tasks: Sequence[FitTask], global_vector: np.ndarray) -> list[Any]:
-        out: list[Any] = []
+    def fit(
+        self, tasks: Sequence[FitTask], broadcast: Broadcast
+    ) -> list[FitResult | ClientFailure]:
+        out: list[FitResult | ClientFailure] = []
         for task in tasks:
             if time.perf_counter() > self.owner.deadline:
                 raise BudgetExceededError
-            out.extend(self.inner.fit([task], global_vector))
+            out.extend(self.inner.fit([task], broadcast))
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -354,17 +376,34 @@ class FedloomEngine(Contender):
     def start(self) -> None:
         cfg = self.cfg
         data = build_federated_dataset(cfg.data, cfg.seed)
-        trainer = LocalTrainer(cfg, data)
+        learner = build_learner(cfg, data)
         executor: ClientExecutor
         if cfg.engine.name == "pool":
+            # Each worker builds data, model and runtime once from the config, as
+            # run_simulation's pool does.
+            factory = functools.partial(simulation_runtime, cfg.model_dump_json())
             sizes = data.client_sizes().tolist()
-            executor = ProcessPoolExecutor(cfg, sizes, workers=cfg.engine.workers)
+            executor = ProcessPoolExecutor(
+                factory, sizes, ClientStateStore(), workers=cfg.engine.workers
+            )
         else:
-            executor = InProcessExecutor(trainer)
+            executor = InProcessExecutor(client_runtime(cfg, data, learner), ClientStateStore())
         if self.budgeted:
             executor = cast(ClientExecutor, _BudgetedExecutor(executor, self))
         self.executor = executor
-        self.server = FederatedServer(cfg, executor, trainer.initial_vector(), data.num_clients)
+        strategy = build_strategy(
+            cfg, num_clients=data.num_clients, spec=learner.binding.spec, roles_in_process=True
+        )
+        self.server = FederatedServer(
+            strategy=strategy,
+            executor=executor,
+            initial_weights=learner.initial_vector(),
+            num_clients=data.num_clients,
+            rounds=cfg.rounds,
+            seed=cfg.seed,
+            # RoundRecorder without a run store only times the round (record["round_s"]).
+            callbacks=[*strategy.callbacks, RoundRecorder()],
+        )
 
     def run_round(self, rnd: int) -> float | None:
         return float(self.server.run_round(rnd)["round_s"])
@@ -788,10 +827,11 @@ def probe_client_steps(
             train_client(model, x, y, torch.Generator(), cc.epochs, cc.batch_size, cc.lr)
             if timed:
                 out["bare"] = (time.perf_counter() - t) / steps * 1e6
-        trainer = LocalTrainer(cfg, data)
+        runtime = client_runtime(cfg, data)
         for cid, timed in ((warm, False), (target, True)):
+            task = FitTask(client_id=cid, round=1, model_version=0)
             t = time.perf_counter()
-            trainer.fit(FitTask(cid, 1), init)
+            runtime.fit(task, {GLOBAL: init}, ClientState())
             if timed:
                 out["fedloom"] = (time.perf_counter() - t) / steps * 1e6
     return out
