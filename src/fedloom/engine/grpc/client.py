@@ -236,28 +236,36 @@ def run_client(
                     raise ClientRefusedError(reply.reason)
                 unreachable_since = None
                 backoff.reset()
-                key = reply.config_json + str(reply.client_id)
-                if app is None or app_key != key:
-                    if state_file is not None:
-                        state_file.close()  # the new app may take the same file
-                    app = make_app(config_from_json(reply.config_json), int(reply.client_id))
-                    app_key = key
-                    size = getattr(app, "num_parameters", reply.vector_size)
-                    if size != reply.vector_size:
-                        raise ClientRefusedError(
-                            f"this client's data give a model with {size} parameters but the "
-                            f"server's has {reply.vector_size}; the local file must have the "
-                            "experiment's features and classes"
+                # Heartbeats start now: building the app (data, model, checks) can take
+                # longer than the server's heartbeat timeout, and it may assign a task at once.
+                ended = _start_heartbeats(stub, reply)
+                try:
+                    key = reply.config_json + str(reply.client_id)
+                    if app is None or app_key != key:
+                        if state_file is not None:
+                            state_file.close()  # the new app may take the same file
+                        app = make_app(config_from_json(reply.config_json), int(reply.client_id))
+                        app_key = key
+                        size = getattr(app, "num_parameters", reply.vector_size)
+                        if size != reply.vector_size:
+                            raise ClientRefusedError(
+                                f"this client's data give a model with {size} parameters but the "
+                                f"server's has {reply.vector_size}; the local file must have the "
+                                "experiment's features and classes"
+                            )
+                        state_file = _resume_state(
+                            app, state_dir, site or site_name(partition), reply.config_json
                         )
-                    state_file = _resume_state(
-                        app, state_dir, site or site_name(partition), reply.config_json
-                    )
-                if role:
-                    log.info("registered as the %s", role)
-                else:
-                    log.info("registered as client %d", reply.client_id)
-                if _serve_session(stub, reply, app, chunk_bytes, stop, tally, state_file):
-                    return tally[0]
+                    if role:
+                        log.info("registered as the %s", role)
+                    else:
+                        log.info("registered as client %d", reply.client_id)
+                    if _serve_session(
+                        stub, reply, app, chunk_bytes, stop, tally, ended, state_file
+                    ):
+                        return tally[0]
+                finally:
+                    ended.set()
             except _BadTaskError as err:
                 log.warning("malformed task from the server (%s); registering again", err)
                 stop.wait(backoff.next_delay())
@@ -378,52 +386,56 @@ def _serve_session(
     chunk_bytes: int,
     stop: threading.Event,
     tally: list[int],
+    ended: threading.Event,
     state_file: ClientStateFile | None = None,
 ) -> bool:
     """Pull and run tasks for one session, counting them in ``tally``; True: the run is over.
 
-    Returns early, run not over, when the server forgets the session (a restart), so
-    the caller registers again. Network faults propagate as ``grpc.RpcError``.
+    Returns early, run not over, when the server forgets the session (a restart: the
+    heartbeats set ``ended``), so the caller registers again. Network faults propagate
+    as ``grpc.RpcError``.
     """
     session = reply.session_id
     own_id = int(reply.client_id)
-    alive = threading.Event()
-    beat = threading.Thread(
-        target=_heartbeat_loop,
-        args=(stub, session, reply.heartbeat_interval_s, alive),
-        daemon=True,
-    )
-    beat.start()
     busy = Backoff(initial_s=0.2, max_s=5.0)
-    try:
-        while not stop.is_set() and not alive.is_set():
-            try:
-                header, payload, layout = _pull(stub, session, int(reply.vector_size))
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-                # The server is at its concurrent-call limit: keep the session, poll later.
-                stop.wait(busy.next_delay())
-                continue
-            busy.reset()
-            if header.kind == pb.TASK_IDLE:
-                continue
-            if header.kind == pb.TASK_STOP:
-                log.info("the server ended the run")
-                return True
-            result: tuple[pb.ResultHeader, Sequence[Buffer]]
-            if header.kind == pb.TASK_EXCHANGE:
-                limit = exchange_message_limit(int(reply.vector_size))
-                result = _run_exchange(app, header, payload, own_id, limit)
-            elif header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE):
-                result = _run_task(app, header, payload, layout, own_id, state_file)
-            else:  # a newer server's task: fail it (the server counts it), keep serving
-                result = _unsupported(header)
-            _push(stub, session, header, result, chunk_bytes)
-            tally[0] += 1
-        return False
-    finally:
-        alive.set()
+    while not stop.is_set() and not ended.is_set():
+        try:
+            header, payload, layout = _pull(stub, session, int(reply.vector_size))
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            # The server is at its concurrent-call limit: keep the session, poll later.
+            stop.wait(busy.next_delay())
+            continue
+        busy.reset()
+        if header.kind == pb.TASK_IDLE:
+            continue
+        if header.kind == pb.TASK_STOP:
+            log.info("the server ended the run")
+            return True
+        result: tuple[pb.ResultHeader, Sequence[Buffer]]
+        if header.kind == pb.TASK_EXCHANGE:
+            limit = exchange_message_limit(int(reply.vector_size))
+            result = _run_exchange(app, header, payload, own_id, limit)
+        elif header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE):
+            result = _run_task(app, header, payload, layout, own_id, state_file)
+        else:  # a newer server's task: fail it (the server counts it), keep serving
+            result = _unsupported(header)
+        _push(stub, session, header, result, chunk_bytes)
+        tally[0] += 1
+    return False
+
+
+def _start_heartbeats(stub: _Stub, reply: pb.RegisterReply) -> threading.Event:
+    """Keep the session alive from a thread; set the returned event to stop (it is also
+    set when the server no longer knows the session)."""
+    ended = threading.Event()
+    threading.Thread(
+        target=_heartbeat_loop,
+        args=(stub, reply.session_id, reply.heartbeat_interval_s, ended),
+        daemon=True,
+    ).start()
+    return ended
 
 
 def _heartbeat_loop(stub: _Stub, session: str, interval: float, ended: threading.Event) -> None:
