@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -281,9 +282,13 @@ def test_exchange_is_generic_and_bounds_replies(tmp_path: Path) -> None:
             request = ExchangeRequest(protocol="echo", round=3, stage=2, reply_limit=64)
             replies = executor.exchange(request, {0: b"ab", 1: b"cd", 2: b"ef"})
             assert replies == {0: b"echo/0:abab", 1: b"echo/1:cdcd"}  # 2 is not connected
+            # A reply over the limit is refused, counted, and that participant's dropout
+            # at once (not at the 60 s deadline: the call returns without waiting for it).
             small = ExchangeRequest(protocol="echo", round=3, stage=2, reply_limit=8)
+            started = time.monotonic()
             assert executor.exchange(small, {0: b"ab", 1: b"long-payload"}) == {}
             assert registry.rejections["oversized"] == 2
+            assert time.monotonic() - started < options.round_timeout_s
         finally:
             executor.close()
             for stop, t in zip(stops, threads, strict=True):

@@ -431,7 +431,20 @@ class FederationServicer:
         try:
             outcome = self._read_outcome(ot, head, raws)
         except WireError as rej:
-            return self._refuse_result(rej.reason, str(rej))
+            refused = self._refuse_result(rej.reason, str(rej))  # counted before it closes
+            if isinstance(ot.task, ExchangeTask):
+                # A participant answers a protocol stage once: a refused reply (over the
+                # protocol's limit) is its dropout there, now rather than at the deadline.
+                failure = ClientFailure(
+                    client_id=ot.task.client_id,
+                    round=ot.task.round,
+                    error=f"reply refused ({rej.reason}): {rej}",
+                )
+                with reg.lock:
+                    if not ot.done.is_set():
+                        ot.outcome = failure
+                        ot.done.set()
+            return refused
         with reg.lock:
             if ot.done.is_set():
                 return self._refuse_result("duplicate", f"task {ot.task_id} already answered")
