@@ -45,7 +45,7 @@ encodings, Flower's protobuf messages), not counting the model broadcast that ev
 scheme shares, nor TLS framing. "rel. error" is ‖ĥ − h‖₂/‖h‖₂ against the float64 sum h
 of the contributors' vectors.
 
-Section "local-dp": what local DP-SGD (Opacus, :mod:`fedloom.client.dpsgd`) costs per
+Section "local-dp": what local DP-SGD (Opacus, :mod:`fedloom.algorithms.dpsgd`) costs per
 client fit on the default digits experiment (20 non-IID clients, one local epoch), in
 one run on the same tasks: plain SGD, DP-SGD with seeded noise, and DP-SGD with noise
 from the OS CSPRNG (``privacy.secure_noise``). Each configuration trains every client
@@ -60,6 +60,7 @@ TenSEAL's tutorial chain ([60, 40, 40, 60]), both at N = 8192 and scale 2^40.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import statistics
@@ -78,6 +79,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fedloom.config import RunConfig, load_config
+from fedloom.data.base import ClientData, FederatedDataset
 from fedloom.engine.simulation import run_simulation
 from fedloom.params import decode_vector, encode_vector
 from fedloom.privacy.accounting import ClientSampling, calibrate_noise_multiplier
@@ -643,28 +645,45 @@ class LocalDpRow:
     seconds: float
 
 
+def _client_data(data: FederatedDataset, client_id: int) -> ClientData:
+    return data.clients[client_id]
+
+
 def local_dp_fit_costs(repeats: int = 5) -> list[LocalDpRow]:
     """Median seconds for one fit of every digits client, per way of training it."""
-    from fedloom.client.trainer import LocalTrainer
+    from fedloom.client_store import ClientState
     from fedloom.data import build_federated_dataset
-    from fedloom.messages import FitTask
+    from fedloom.messages import GLOBAL, FitTask
+    from fedloom.strategies import build_client_runtime, build_learner
 
     variants = {
         "plain SGD": ["privacy.local_dp=false"],
         "DP-SGD, seeded noise": ["privacy.local_dp=true", "privacy.secure_noise=false"],
         "DP-SGD, CSPRNG noise": ["privacy.local_dp=true", "privacy.secure_noise=true"],
     }
-    trainers = {}
+    runtimes = {}
+    num_clients = 0
     for name, overrides in variants.items():
         cfg = load_config(None, ["client.epochs=1", *overrides])
-        trainers[name] = LocalTrainer(cfg, build_federated_dataset(cfg.data, cfg.seed))
-    w0 = next(iter(trainers.values())).initial_vector()
+        data = build_federated_dataset(cfg.data, cfg.seed)
+        num_clients = data.num_clients
+        runtimes[name] = build_client_runtime(
+            cfg,
+            build_learner(cfg, data),
+            functools.partial(_client_data, data),
+            num_clients=num_clients,
+        )
+    w0 = next(iter(runtimes.values())).initial_vector()
+    # Each client keeps its state (its local-DP ledger) from sweep to sweep, as an engine's
+    # client store keeps it from round to round; every sweep trains from the same w0.
+    states = {name: [ClientState() for _ in range(num_clients)] for name in variants}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rnd in range(1, repeats + 1):
-        for name, trainer in trainers.items():
+        for name, runtime in runtimes.items():
             started = time.perf_counter()
-            for client in range(trainer.data.num_clients):
-                trainer.fit(FitTask(client, rnd), w0)
+            for client in range(num_clients):
+                task = FitTask(client_id=client, round=rnd, model_version=rnd - 1)
+                runtime.fit(task, {GLOBAL: w0}, states[name][client])
             times[name].append(time.perf_counter() - started)
     return [LocalDpRow(name, statistics.median(t)) for name, t in times.items()]
 
