@@ -73,6 +73,26 @@ def test_round_trip_and_canonical_config_key(tmp_path: Path) -> None:
     last.close()
 
 
+def test_a_new_run_starts_algorithm_state_afresh_and_keeps_the_ledger(tmp_path: Path) -> None:
+    """Control variates and personal layers belong to one run; the privacy ledger to the
+    site. A resumed server keeps its run id, so its clients keep both."""
+    cfg = _config_json()
+    full = ClientState({"scaffold/c": np.ones(4, dtype=np.float32)}, LEDGER.meta)
+    writer = ClientStateFile(tmp_path, "partition-0", cfg, run_id="run-a")
+    writer.open()
+    writer.save(full)
+    writer.close()
+
+    resumed = ClientStateFile(tmp_path, "partition-0", cfg, run_id="run-a")
+    assert _same(resumed.open(), full)
+    resumed.close()
+
+    fresh = ClientStateFile(tmp_path, "partition-0", cfg, run_id="run-b")
+    state = fresh.open()
+    assert state is not None and state.tensors == {} and state.meta == LEDGER.meta
+    fresh.close()
+
+
 def test_version_1_files_are_read_as_the_ledger(tmp_path: Path) -> None:
     """A file from before ClientState (version 1: the ledger under "state") resumes."""
     cfg = _config_json()

@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 
-from fedloom.algorithms.base import StageContext
 from fedloom.config import ConfigError, RunConfig
 from fedloom.engine.grpc import max_message_bytes
 from fedloom.engine.grpc.auth import TokenStore
@@ -29,9 +28,6 @@ from fedloom.engine.grpc.server import (
 from fedloom.engine.simulation import RoundCallback, Wiring, run_federation
 from fedloom.exchange import ExchangeRequest
 from fedloom.messages import Broadcast, ClientFailure, EvalResult, EvalTask, FitResult, FitTask
-from fedloom.registry import SERVER_ALGORITHMS
-from fedloom.server.sampling import expected_clients_per_round
-from fedloom.strategies import algorithm_settings
 
 log = logging.getLogger("fedloom.deploy")
 
@@ -82,23 +78,6 @@ def server_credentials(address: str, sec: ServerSecurity) -> grpc.ServerCredenti
     )
 
 
-def upload_sizes(wiring: Wiring) -> dict[str, int]:
-    """The vectors a fit result must carry (name → length): the server algorithm's
-    ``upload_sizes`` for this run, built the way :func:`fedloom.strategies.build_strategy`
-    builds it (the server algorithm alone decides them)."""
-    cfg = wiring.cfg
-    spec = wiring.runtime.learner.binding.spec
-    num_clients = wiring.data.num_clients
-    context = StageContext(
-        num_clients=num_clients,
-        spec=spec,
-        seed=cfg.seed,
-        expected_clients=expected_clients_per_round(cfg.server, num_clients),
-    )
-    algorithm = SERVER_ALGORITHMS.create(cfg.server.algorithm, algorithm_settings(cfg), context)
-    return dict(algorithm.upload_sizes(spec.size))
-
-
 class DeploymentExecutor:
     """Owns the gRPC server for the duration of the run; delegates to :class:`GrpcExecutor`.
 
@@ -120,7 +99,8 @@ class DeploymentExecutor:
             wiring.data.num_clients,
             wiring.runtime.learner.binding.spec.size,
             cfg.model_dump_json(),
-            upload_sizes=upload_sizes(wiring),
+            upload_sizes=wiring.upload_sizes,
+            run_id=wiring.run_id,
             roles=wiring.roles,
             authorized=sec.role_names,
         )

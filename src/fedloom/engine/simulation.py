@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ class Wiring:
     runtime: ClientRuntime
     client_store: ClientStateStore
     roles: list[Any]
+    #: The vectors a fit result carries (name → length), as the strategy expects them.
+    upload_sizes: dict[str, int] = field(default_factory=dict)
+    #: This run's identity (kept across resumes): deployed clients keep algorithm state
+    #: (control variates, personal layers) for one run only.
+    run_id: str = ""
     #: A picklable recipe for the runtime in another process (None: only this process).
     runtime_factory: Callable[[], ClientRuntime] | None = None
 
@@ -141,6 +147,8 @@ def run_federation(
         runtime=runtime,
         client_store=ClientStateStore(out_dir / "client_state"),
         roles=strategy.roles(),
+        upload_sizes=strategy.upload_sizes(),
+        run_id=_run_id(store),
         runtime_factory=None
         if learner_factory is not None
         else partial(simulation_runtime, cfg.model_dump_json()),
@@ -184,6 +192,15 @@ def run_federation(
     summary = write_outputs(store, out_dir, cfg, data.num_clients, server.state.participation)
     store.close()
     return summary
+
+
+def _run_id(store: RunStore) -> str:
+    """The run's random identity, made once when the run starts and kept by resumes."""
+    run_id = store.get_meta("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        run_id = uuid.uuid4().hex
+        store.set_meta("run_id", run_id)
+    return run_id
 
 
 def _data_of(data: FederatedDataset) -> Callable[[int], ClientData]:

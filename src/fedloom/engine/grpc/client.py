@@ -240,7 +240,7 @@ def run_client(
                 # longer than the server's heartbeat timeout, and it may assign a task at once.
                 ended = _start_heartbeats(stub, reply)
                 try:
-                    key = reply.config_json + str(reply.client_id)
+                    key = f"{reply.run_id}:{reply.client_id}:{reply.config_json}"
                     if app is None or app_key != key:
                         if state_file is not None:
                             state_file.close()  # the new app may take the same file
@@ -254,7 +254,11 @@ def run_client(
                                 "experiment's features and classes"
                             )
                         state_file = _resume_state(
-                            app, state_dir, site or site_name(partition), reply.config_json
+                            app,
+                            state_dir,
+                            site or site_name(partition),
+                            reply.config_json,
+                            run_id=reply.run_id,
                         )
                     if role:
                         log.info("registered as the %s", role)
@@ -313,7 +317,7 @@ def run_client(
 
 
 def _resume_state(
-    app: ClientApp, state_dir: Path | None, site: str, config_json: str
+    app: ClientApp, state_dir: Path | None, site: str, config_json: str, *, run_id: str = ""
 ) -> ClientStateFile | None:
     """The app's state file, with what it holds restored; None if the app keeps no state.
 
@@ -323,7 +327,7 @@ def _resume_state(
     """
     if not isinstance(app, StatefulApp):
         return None
-    state_file = ClientStateFile(state_dir or default_state_dir(), site, config_json)
+    state_file = ClientStateFile(state_dir or default_state_dir(), site, config_json, run_id=run_id)
     if not state_file.path.exists():
         return state_file
     saved = state_file.open()

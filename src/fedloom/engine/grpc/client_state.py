@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -57,6 +58,8 @@ STATE_FORMAT = "fedloom-client-state"
 STATE_VERSION = 2
 #: Older versions this fedloom still reads.
 READABLE_VERSIONS = (1, STATE_VERSION)
+
+log = logging.getLogger("fedloom.client")
 
 
 class ClientStateError(ConfigError):
@@ -102,8 +105,10 @@ class ClientStateFile:
     atomically; :meth:`close` releases the lock (so does the process's end, even a kill).
     """
 
-    def __init__(self, state_dir: Path, site: str, config_json: str) -> None:
+    def __init__(self, state_dir: Path, site: str, config_json: str, *, run_id: str = "") -> None:
         self.site = site
+        #: The server run this state's tensors belong to ("" when the server sent none).
+        self.run_id = run_id
         self.digest = config_digest(config_json)
         self.path = state_dir / f"{site}-{self.digest[:16]}.json"
         self._lock: IO[bytes] | None = None
@@ -172,6 +177,17 @@ class ClientStateFile:
         if not isinstance(meta, dict):
             raise self.unusable("its state's JSON is not an object")
         check_ledger(meta, self.unusable)
+        saved_run = doc.get("run_id", "")
+        if tensors is not None and saved_run and self.run_id and saved_run != self.run_id:
+            # Algorithm state (control variates, personal layers) belongs to one run; a
+            # new run of the same experiment starts it afresh. The privacy ledger is the
+            # site's and is kept: its data spent that budget whatever the run.
+            log.info(
+                "client state file '%s' holds algorithm state of another run; starting it "
+                "afresh (the privacy ledger is kept)",
+                self.path,
+            )
+            tensors = None
         if tensors is None:
             return ClientState({}, meta)
         if not isinstance(tensors, str):
@@ -200,6 +216,7 @@ class ClientStateFile:
             "version": STATE_VERSION,
             "site": self.site,
             "config_sha256": self.digest,
+            "run_id": self.run_id,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "meta": state.meta,
         }

@@ -36,7 +36,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., partition: _Optional[int] = ..., name: _Optional[str] = ..., num_examples: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("accepted", "reason", "session_id", "client_id", "config_json", "vector_size", "heartbeat_interval_s")
+    __slots__ = ("accepted", "reason", "session_id", "client_id", "config_json", "vector_size", "heartbeat_interval_s", "run_id")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class RegisterReply(_message.Message):
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     VECTOR_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     session_id: str
@@ -51,7 +52,8 @@ class RegisterReply(_message.Message):
     config_json: str
     vector_size: int
     heartbeat_interval_s: float
-    def __init__(self, accepted: bool = ..., reason: _Optional[str] = ..., session_id: _Optional[str] = ..., client_id: _Optional[int] = ..., config_json: _Optional[str] = ..., vector_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    run_id: str
+    def __init__(self, accepted: bool = ..., reason: _Optional[str] = ..., session_id: _Optional[str] = ..., client_id: _Optional[int] = ..., config_json: _Optional[str] = ..., vector_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -154,8 +154,10 @@ class Registry:
         upload_sizes: Mapping[str, int] | None = None,
         roles: Sequence[Role] = (),
         authorized: Mapping[str, str] | None = None,
+        run_id: str = "",
     ) -> None:
         self.num_clients = num_clients
+        self.run_id = run_id
         self.vector_size = vector_size
         self.config_json = config_json
         self.upload_sizes = dict(upload_sizes or {DELTA: vector_size})
@@ -328,6 +330,7 @@ class FederationServicer:
             session_id=session.session_id,
             client_id=session.client_id,
             config_json=self.registry.config_json,
+            run_id=self.registry.run_id,
             vector_size=self.registry.vector_size,
             heartbeat_interval_s=self.options.heartbeat_interval_s,
         ).SerializeToString()
