@@ -34,13 +34,13 @@ from fedloom.client.learner import (
     MetricFn,
     TrainStep,
 )
-from fedloom.config import config_from_dict, merge_trees
+from fedloom.config import RunConfig, config_from_dict, merge_trees
 from fedloom.data import data_rng
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
 from fedloom.engine.simulation import make_executor, run_federation
 from fedloom.seeding import MODEL_INIT, derive_seed
 
-__all__ = ["simulate"]
+__all__ = ["connect", "serve", "simulate"]
 
 #: Rounds and strategy when neither the keyword nor ``config`` sets them.
 DEFAULT_ROUNDS = 10
@@ -115,22 +115,7 @@ def simulate(
         hold_out_client_tests(data, cfg.data.client_test_fraction, data_rng(cfg.seed, 1))
 
     def build_model() -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(cfg.seed, MODEL_INIT))
-            module = model()
-        if not isinstance(module, nn.Module):
-            raise ValueError(f"model() must return a torch.nn.Module, got {type(module).__name__}")
-        wrong = [
-            f"{name} ({p.dtype})"
-            for name, p in module.named_parameters()
-            if p.dtype != torch.float32
-        ]
-        if wrong:
-            raise ValueError(
-                f"fedloom trains float32 parameters; {wrong[0]} is not: "
-                "build the model with float32 parameters (module.float())"
-            )
-        return module
+        return _seeded_model(model, cfg.seed)
 
     regression = given.regression
     if regression and loss is None:  # evaluation needs it even beside a train_step
@@ -139,11 +124,7 @@ def simulate(
             "loss=torch.nn.functional.mse_loss (or give integer class labels)"
         )
     chosen_loss: LossFn = loss if loss is not None else torch.nn.functional.cross_entropy
-    chosen_metrics = (
-        dict(metrics)
-        if metrics is not None
-        else ({} if regression else dict(CLASSIFICATION_METRICS))
-    )
+    chosen_metrics = _metrics_for(metrics, regression=regression)
     first_model = build_model()  # refuses a model that cannot train before any work
     if regression:
         _match_target_shape(first_model, data)
@@ -168,6 +149,174 @@ def simulate(
         return run(Path(out))
     with tempfile.TemporaryDirectory(prefix="fedloom-") as tmp:
         return run(Path(tmp) / "run")
+
+
+def _seeded_model(model: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``model()`` with torch seeded from the run seed (the caller's stream untouched), so
+    every process that builds it (server, clients) starts from the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, MODEL_INIT))
+        module = model()
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"model() must return a torch.nn.Module, got {type(module).__name__}")
+    wrong = [
+        f"{name} ({p.dtype})" for name, p in module.named_parameters() if p.dtype != torch.float32
+    ]
+    if wrong:
+        raise ValueError(
+            f"fedloom trains float32 parameters; {wrong[0]} is not: "
+            "build the model with float32 parameters (module.float())"
+        )
+    return module
+
+
+def _metrics_for(
+    metrics: Mapping[str, MetricFn] | None, *, regression: bool
+) -> dict[str, MetricFn]:
+    """The user's metrics, else accuracy for classification and none for regression."""
+    if metrics is not None:
+        return dict(metrics)
+    return {} if regression else dict(CLASSIFICATION_METRICS)
+
+
+def serve(
+    *,
+    model: Callable[[], nn.Module],
+    num_clients: int,
+    address: str = "127.0.0.1:8443",
+    out: str | Path,
+    test: Any = None,
+    loss: LossFn | None = None,
+    metrics: Mapping[str, MetricFn] | None = None,
+    strategy: str | None = None,
+    rounds: int | None = None,
+    config: Mapping[str, Any] | None = None,
+    security: Any = None,
+    on_listening: Callable[[int], None] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Serve a federation of ``model`` to ``num_clients`` clients that run :func:`connect`.
+
+    The deployment twin of :func:`simulate`: the same configuration rules, the same
+    stages, the same run directory (``out``). The server holds no client data; ``test``
+    (optional) is its own evaluation set, and ``loss``/``metrics`` are used for that
+    evaluation only. ``security`` is a
+    :class:`fedloom.engine.deploy.ServerSecurity` (default: plaintext, which the server
+    allows on a loopback address only). ``on_listening(port)`` is called once the server
+    listens (``address`` may name port 0). Returns the run summary.
+    """
+    from fedloom.engine.deploy import ServerSecurity, deploy_federation
+
+    tree = merge_trees(dict(config or {}), overrides)
+    tree["strategy"] = strategy if strategy is not None else tree.get("strategy", DEFAULT_STRATEGY)
+    tree["rounds"] = rounds if rounds is not None else tree.get("rounds", DEFAULT_ROUNDS)
+    test_part = _to_arrays(test, "test") if test is not None else None
+    tree = merge_trees(tree, {"data": {"name": "custom", "num_clients": num_clients}})
+    if test_part is None:
+        tree = merge_trees(tree, {"eval": {"centralized": False}})
+    cfg = config_from_dict(tree)
+    if test_part is not None:
+        x, y = test_part
+        regression = bool(np.issubdtype(y.dtype, np.floating))
+        test_set = ArrayDataset(x, y.astype(np.float32 if regression else np.int64))
+    else:
+        regression = loss is not None and metrics is not None and not metrics
+        test_set = ArrayDataset(np.zeros((0, 1), np.float32), np.zeros(0, np.int64))
+    # The server knows its clients only by id: each has no data here.
+    empty = ArrayDataset(test_set.x[:0], test_set.y[:0])
+    data = FederatedDataset(
+        name="custom",
+        kind="tabular",
+        clients=[ClientData(i, f"client {i}", empty) for i in range(num_clients)],
+        test=test_set,
+        num_classes=1,
+        input_shape=tuple(int(d) for d in test_set.x.shape[1:]),
+    )
+    chosen_loss: LossFn = loss if loss is not None else torch.nn.functional.cross_entropy
+    chosen_metrics = _metrics_for(metrics, regression=regression)
+
+    def learner_factory() -> Learner:
+        return Learner(_seeded_model(model, cfg.seed), loss=chosen_loss, metrics=chosen_metrics)
+
+    return deploy_federation(
+        cfg,
+        Path(out),
+        address,
+        security if security is not None else ServerSecurity(),
+        data=data,
+        learner_factory=learner_factory,
+        on_listening=on_listening,
+    )
+
+
+def connect(
+    *,
+    server: str,
+    model: Callable[[], nn.Module],
+    train: Any,
+    test: Any = None,
+    loss: LossFn | None = None,
+    metrics: Mapping[str, MetricFn] | None = None,
+    train_step: TrainStep | None = None,
+    credentials: Any = None,
+    client_id: int = -1,
+    name: str = "client",
+    state_dir: str | Path | None = None,
+    max_wait_s: float = 300.0,
+) -> int:
+    """Join a :func:`serve` federation (or a ``fedloom server``) with ``model`` trained on
+    this machine's ``train`` data; returns the number of tasks done when the run ends.
+
+    The client half of every strategy runs here exactly as in simulation: the same
+    :class:`~fedloom.client.runtime.ClientRuntime` around the same seeded model, so
+    SCAFFOLD, FedProx, the personalized strategies and DP-SGD work unchanged. ``test``
+    (optional) serves federated and personalized evaluation. ``credentials`` is a
+    :class:`fedloom.engine.grpc.client.Credentials` (default: plaintext, for loopback
+    trials). ``client_id`` asks for a particular id (-1: the server assigns one).
+    """
+    from fedloom.engine.grpc.client import Credentials, RuntimeApp, run_client
+    from fedloom.strategies import build_client_runtime
+
+    x, y = _to_arrays(train, "train")
+    test_part = _to_arrays(test, "test") if test is not None else None
+    regression = bool(np.issubdtype(y.dtype, np.floating))
+    if regression and loss is None:
+        raise ValueError(
+            "y holds floating targets (regression) but no loss was given; pass "
+            "loss=torch.nn.functional.mse_loss (or give integer class labels)"
+        )
+    kind = np.float32 if regression else np.int64
+    own_train = ArrayDataset(x, y.astype(kind))
+    own_test = ArrayDataset(test_part[0], test_part[1].astype(kind)) if test_part else None
+    chosen_loss: LossFn = loss if loss is not None else torch.nn.functional.cross_entropy
+    chosen_metrics = _metrics_for(metrics, regression=regression)
+
+    def make_app(cfg: RunConfig, assigned: int) -> RuntimeApp:
+        module = _seeded_model(model, cfg.seed)
+        own = ClientData(assigned, name, own_train, own_test)
+        if regression:
+            local = FederatedDataset(
+                "custom", "tabular", [own], own_test or own_train, 1, x.shape[1:]
+            )
+            _match_target_shape(module, local)
+            own = local.clients[0]
+        learner = Learner(module, loss=chosen_loss, metrics=chosen_metrics, train_step=train_step)
+        runtime = build_client_runtime(
+            cfg, learner, lambda _cid: own, num_clients=cfg.data.num_clients
+        )
+        return RuntimeApp(runtime, assigned)
+
+    return run_client(
+        server,
+        make_app,
+        credentials if credentials is not None else Credentials(insecure=True),
+        partition=client_id,
+        name=name,
+        num_examples=len(own_train),
+        max_wait_s=max_wait_s,
+        state_dir=Path(state_dir) if state_dir is not None else None,
+        site=f"{name}-{client_id}",
+    )
 
 
 class _GivenData:

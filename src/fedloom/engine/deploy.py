@@ -15,7 +15,9 @@ from typing import Any
 
 import grpc
 
+from fedloom.client.learner import Learner
 from fedloom.config import ConfigError, RunConfig
+from fedloom.data.base import FederatedDataset
 from fedloom.engine.grpc import max_message_bytes
 from fedloom.engine.grpc.auth import TokenStore
 from fedloom.engine.grpc.server import (
@@ -152,6 +154,32 @@ class DeploymentExecutor:
         """Tell every client the run is over (their next poll), then stop serving."""
         self.inner.close(wait=True)
         self.server.stop(grace=2.0).wait(5.0)
+
+
+def deploy_federation(
+    cfg: RunConfig,
+    out_dir: Path,
+    address: str,
+    sec: ServerSecurity,
+    *,
+    data: FederatedDataset,
+    learner_factory: Callable[[], Learner],
+    on_listening: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Serve a user's own model (the Python API's ``fedloom.serve``): ``data`` names the
+    clients (the server holds none of their examples) and the server's test set."""
+
+    def factory(wiring: Wiring) -> DeploymentExecutor:
+        return DeploymentExecutor(wiring, address, sec, on_listening)
+
+    return run_federation(
+        cfg,
+        out_dir,
+        factory,
+        deployment=True,
+        data=data,
+        learner_factory=learner_factory,
+    )
 
 
 def run_server(
