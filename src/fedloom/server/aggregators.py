@@ -52,6 +52,9 @@ class AggregationInput:
     total: np.ndarray | None = None
     count: int = 0
     metrics: Sequence[Mapping[str, float]] = ()
+    #: The contributors' client ids, in row order (robust aggregators report which
+    #: clients they excluded or down-weighted as ``excluded_clients``).
+    client_ids: Sequence[int] = ()
 
 
 class Aggregator(Protocol):

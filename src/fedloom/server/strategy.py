@@ -165,6 +165,7 @@ class Strategy:
             total=parts.get(DELTA),
             count=len(updates),
             metrics=[u.metrics for u in updates],
+            client_ids=[u.client_id for u in updates],
         )
         aggregate, fields = self.aggregator.aggregate(inp)
         extras: dict[str, np.ndarray] = {}
