@@ -88,7 +88,7 @@ def median_fallback(rows: np.ndarray, reason: str) -> tuple[np.ndarray, dict[str
     }
 
 
-class _Stateless:
+class StatelessRobust:
     """Robust aggregators keep nothing between rounds."""
 
     needs_individual_updates = True
@@ -102,7 +102,7 @@ class _Stateless:
 
 
 # ------------------------------------------------------------------------- median
-class CoordinateMedian(_Stateless):
+class CoordinateMedian(StatelessRobust):
     """Coordinate-wise median (Yin et al. 2018, Definition 1): g_j = med{x_j^i : i ∈ [k]}.
 
     It has no parameter f: each coordinate stays within the range of the honest values
@@ -123,7 +123,7 @@ def make_median(options: dict[str, Any], context: StageContext) -> CoordinateMed
 
 
 # ------------------------------------------------------------------- trimmed mean
-class TrimmedMean(_Stateless):
+class TrimmedMean(StatelessRobust):
     """Coordinate-wise β-trimmed mean (Yin et al. 2018, Definition 2).
 
     In each coordinate the b largest and the b smallest of the k values are removed and
