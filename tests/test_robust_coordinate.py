@@ -157,6 +157,17 @@ def test_bad_options_are_one_line(name: str, options: dict[str, Any], fragment: 
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+def test_an_f_no_round_can_meet_is_refused() -> None:
+    """CONTEXT has 30 clients: trimming f = 15 from each end leaves nothing; 14 works."""
+    with pytest.raises(ConfigError) as info:
+        make("trimmed_mean", f=15)
+    assert str(info.value) == (
+        "server.aggregator_options.f = 15: trimmed_mean needs at least 2f+1 = 31 updates per "
+        "round, but the run has 30 clients; lower f"
+    )
+    make("trimmed_mean", f=14)
+
+
 def test_trimmed_mean_runs_end_to_end(tmp_path: Path) -> None:
     cfg = load_config(
         None, ["rounds=2", "server.aggregator=trimmed_mean", "server.aggregator_options.f=2"]

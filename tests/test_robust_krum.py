@@ -230,6 +230,23 @@ def test_bad_options_are_one_line(name: str, options: dict[str, Any], fragment: 
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "f", "message"),
+    [
+        ("krum", 14, "krum needs at least 2f+3 = 31 updates per round, but the run has 30"),
+        ("multi_krum", 14, "multi_krum needs at least 2f+3 = 31 updates per round"),
+        ("bulyan", 7, "bulyan needs at least 4f+3 = 31 updates per round, but the run has 30"),
+    ],
+)
+def test_an_f_no_round_can_meet_is_refused(name: str, f: int, message: str) -> None:
+    """CONTEXT has 30 clients: f = 13 (Krum) or 6 (Bulyan) is the most that can work."""
+    with pytest.raises(ConfigError) as info:
+        make(name, f=f)
+    assert f"server.aggregator_options.f = {f}: {message}" in str(info.value)
+    assert "\n" not in str(info.value)
+    make(name, f=f - 1)
+
+
 @pytest.mark.parametrize("name", ["krum", "multi_krum", "bulyan"])
 def test_runs_end_to_end(tmp_path: Path, name: str) -> None:
     cfg = load_config(None, ["rounds=2", f"server.aggregator={name}"])

@@ -57,6 +57,17 @@ def int_option(options: Mapping[str, Any], key: str, *, minimum: int, what: str)
     return int(value)
 
 
+def check_f_fits(name: str, f: int | None, *, need: int, rule: str, clients: int) -> None:
+    """Refuse an ``f`` that no round can satisfy: the rule needs ``need`` updates (``rule``
+    says how that follows from f) but the run has only ``clients`` clients. A round that
+    merely happens to be short falls back to the median instead."""
+    if f is not None and clients < need:
+        raise ConfigError(
+            f"server.aggregator_options.f = {f}: {name} needs at least {rule} = {need} updates per "
+            f"round, but the run has {clients} clients; lower f"
+        )
+
+
 def default_f(k: int) -> int:
     """f = floor(0.2 · k): the attackers assumed among a round's k updates by default."""
     return math.floor(DEFAULT_ATTACKER_SHARE * k)
@@ -187,4 +198,5 @@ def make_trimmed_mean(options: dict[str, Any], context: StageContext) -> Trimmed
         raise ConfigError(
             "server.aggregator_options.beta: set beta (a share) or f (a count), not both"
         )
+    check_f_fits("trimmed_mean", f, need=2 * (f or 0) + 1, rule="2f+1", clients=context.num_clients)
     return TrimmedMean(beta=beta, f=f)

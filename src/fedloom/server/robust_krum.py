@@ -31,6 +31,7 @@ from fedloom.registry import AGGREGATORS
 from fedloom.server.aggregators import AggregationInput
 from fedloom.server.robust_coordinate import (
     StatelessRobust,
+    check_f_fits,
     check_option_keys,
     default_f,
     int_option,
@@ -81,8 +82,8 @@ class Krum(StatelessRobust):
     its squared distances to its k − f − 2 nearest neighbours; it needs k > 2f + 2, which
     guarantees that an update surrounded by attackers' vectors scores worse than an honest
     one. Multi-Krum returns the plain mean of the ``m`` updates with the smallest scores
-    (scores computed once; default m = k − f, so that with f attackers every honest update
-    can be kept and variance reduced as for the mean). Ties go to the lower client id.
+    (scores computed once; default m = k − f, at most k, so that with f attackers every
+    honest update can be kept and variance reduced as for the mean). Ties go to the lower client id.
     ``excluded_clients`` are the clients not selected.
     """
 
@@ -123,7 +124,13 @@ class Krum(StatelessRobust):
 def make_krum(options: dict[str, Any], context: StageContext) -> Krum:
     check_option_keys("krum", options, ("f",))
     f = int_option(options, "f", minimum=0, what="attackers assumed per round")
+    _check_krum_f("krum", f, context)
     return Krum(name="krum", f=f, m=1, multi=False)
+
+
+def _check_krum_f(name: str, f: int | None, context: StageContext) -> None:
+    need = 2 * (f or 0) + 3
+    check_f_fits(name, f, need=need, rule="2f+3", clients=context.num_clients)
 
 
 @AGGREGATORS.register("multi_krum")
@@ -131,6 +138,7 @@ def make_multi_krum(options: dict[str, Any], context: StageContext) -> Krum:
     check_option_keys("multi_krum", options, ("f", "m"))
     f = int_option(options, "f", minimum=0, what="attackers assumed per round")
     m = int_option(options, "m", minimum=1, what="updates averaged; default k - f")
+    _check_krum_f("multi_krum", f, context)
     return Krum(name="multi_krum", f=f, m=m, multi=True)
 
 
@@ -187,4 +195,7 @@ class Bulyan(StatelessRobust):
 @AGGREGATORS.register("bulyan")
 def make_bulyan(options: dict[str, Any], context: StageContext) -> Bulyan:
     check_option_keys("bulyan", options, ("f",))
-    return Bulyan(f=int_option(options, "f", minimum=0, what="attackers assumed per round"))
+    f = int_option(options, "f", minimum=0, what="attackers assumed per round")
+    need = 4 * (f or 0) + 3
+    check_f_fits("bulyan", f, need=need, rule="4f+3", clients=context.num_clients)
+    return Bulyan(f=f)
