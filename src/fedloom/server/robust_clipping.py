@@ -95,9 +95,15 @@ class CenteredClippingAggregator:
     bucket means are corrupted, a fraction up to about s·f/k, but the honest means are
     s times less spread (the 2022 paper's experiments use s = 2).
 
-    Options (``server.aggregator_options``): ``tau`` (clipping radius τ, default 10: on
-    digits the honest updates lie about 1–10 from the previous aggregate, so few are
-    clipped, while a boosted update is cut to τ; set it from a clean run's distances),
+    Options (``server.aggregator_options``): ``tau`` (clipping radius τ, default 3). τ is
+    in the units of the updates, so no paper value carries over (the paper picks it from
+    the honest updates' spread); 3 is chosen on digits, whose honest updates have norms
+    of about 1–10 (falling as training converges). Measured (digits, 20 clients, 10
+    rounds, clients 0–3 sending −10× their update): τ = 3 ends at 0.944 (IID) / 0.925
+    (Dirichlet 0.5) accuracy against the mean's 0.100, and at 0.969 / 0.958 without
+    attack (mean 0.969 / 0.947); τ = 10 let the attackers through (0.864 / 0.727), τ = 1
+    clipped nearly every honest update. Set it from a clean run's distances for other
+    models.
     ``iterations`` (L, default 1, as in the authors' code), ``bucket_size`` (s, default
     1 = no bucketing; the buckets are a permutation drawn from
     ``derive_rng(seed, BUCKETING, round)``).
@@ -111,7 +117,7 @@ class CenteredClippingAggregator:
     aggregates_every_round = False
 
     def __init__(
-        self, *, tau: float = 10.0, iterations: int = 1, bucket_size: int = 1, seed: int = 0
+        self, *, tau: float = 3.0, iterations: int = 1, bucket_size: int = 1, seed: int = 0
     ) -> None:
         self.tau = tau
         self.iterations = iterations
@@ -174,11 +180,14 @@ class NormBoundAggregator:
     **f (assumed attackers):** not an input, and the option is refused: each update's
     influence is bounded by M · n_i / Σ n whoever sends it.
 
-    Option: ``max_norm`` (M, default 1.0). The right M is the honest updates' norm scale,
-    which depends on the model, learning rate and local work; 1.0 is below the digits
-    updates' norms (about 1–5 in the first rounds, falling as training converges), so it
-    clips most honest updates early on and slows training rather than letting a scaled
-    update through. Set it from a clean run's norms.
+    Option: ``max_norm`` (M, default 3.0). The right M is the honest updates' norm scale,
+    which depends on the model, learning rate and local work, so no paper value carries
+    over; 3 is chosen on digits, whose honest updates have norms of about 4–5 (IID) or
+    2–8 (Dirichlet 0.5) in round 1 and 1–3 by round 6. Measured (digits, 20 clients, 10
+    rounds): M = 3 ends at 0.969 (IID) / 0.953 (Dirichlet 0.5) accuracy, as the mean
+    (0.969 / 0.947), and at 0.936 / 0.908 with clients 0–3 sending −10× their update
+    (mean: 0.100); M = 1 clips every update, costing 3 points without attack (0.939 /
+    0.919). Set it from a clean run's norms for other models.
 
     Record fields: ``excluded_clients`` (the clients whose update was scaled down) and
     ``norm_bound_clipped`` (how many).
@@ -187,7 +196,7 @@ class NormBoundAggregator:
     needs_individual_updates = True
     aggregates_every_round = False
 
-    def __init__(self, *, max_norm: float = 1.0) -> None:
+    def __init__(self, *, max_norm: float = 3.0) -> None:
         self.max_norm = max_norm
 
     def aggregate(self, inp: AggregationInput) -> tuple[np.ndarray, dict[str, Any]]:
@@ -240,7 +249,7 @@ def make_centered_clipping(
 ) -> CenteredClippingAggregator:
     refuse_unknown_options(options, CC_OPTIONS, "centered_clipping")
     return CenteredClippingAggregator(
-        tau=_positive(options, "tau", 10.0),
+        tau=_positive(options, "tau", 3.0),
         iterations=_at_least_one(options, "iterations", 1),
         bucket_size=_at_least_one(options, "bucket_size", 1),
         seed=context.seed,
@@ -250,4 +259,4 @@ def make_centered_clipping(
 @AGGREGATORS.register("norm_bound")
 def make_norm_bound(options: dict[str, Any], context: StageContext) -> NormBoundAggregator:
     refuse_unknown_options(options, NORM_BOUND_OPTIONS, "norm_bound")
-    return NormBoundAggregator(max_norm=_positive(options, "max_norm", 1.0))
+    return NormBoundAggregator(max_norm=_positive(options, "max_norm", 3.0))
