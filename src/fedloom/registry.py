@@ -28,6 +28,10 @@ T = TypeVar("T")
 #: Modules whose import registers fedloom's built-in stages.
 BUILTIN_MODULES = (
     "fedloom.server.aggregators",
+    "fedloom.server.robust_coordinate",
+    "fedloom.server.robust_krum",
+    "fedloom.server.robust_geometric",
+    "fedloom.server.robust_clipping",
     "fedloom.server.optimizers",
     "fedloom.algorithms",
     "fedloom.codecs",

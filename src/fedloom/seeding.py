@@ -21,6 +21,8 @@ EVAL_SUBSET = 6
 #: Gaussian noise of differential privacy in simulation (``privacy.secure_noise = false``);
 #: keyed by (seed, DP_NOISE, round, stream), see ``fedloom.privacy.noise``.
 DP_NOISE = 7
+#: Bucketing's random permutation of a round's updates (Karimireddy et al. 2022).
+BUCKETING = 8
 
 
 def derive_seed(*key: int) -> int:

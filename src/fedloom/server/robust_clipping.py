@@ -17,7 +17,7 @@ import numpy as np
 from fedloom.algorithms.base import StageContext
 from fedloom.config import ConfigError
 from fedloom.registry import AGGREGATORS
-from fedloom.seeding import derive_rng
+from fedloom.seeding import BUCKETING, derive_rng
 from fedloom.server.aggregators import AggregationInput
 from fedloom.server.robust_geometric import (
     option_integer,
@@ -25,10 +25,6 @@ from fedloom.server.robust_geometric import (
     refuse_unknown_options,
     row_client_ids,
 )
-
-#: Purpose tag of the bucketing permutation's stream, ``derive_rng(seed, BUCKETING,
-#: round)``; distinct from the tags in :mod:`fedloom.seeding` (1–7).
-BUCKETING = 101
 
 CC_OPTIONS = ("tau", "iterations", "bucket_size")
 NORM_BOUND_OPTIONS = ("max_norm",)
