@@ -2,7 +2,7 @@
 
 Two generators draw standard normal vectors for the DP mechanisms in
 :mod:`fedloom.privacy.central` (the secure one also feeds local DP-SGD,
-:mod:`fedloom.client.dpsgd`):
+:mod:`fedloom.algorithms.dpsgd_opacus`):
 
 * :class:`SeededGaussianNoise` (the default in simulation, ``privacy.secure_noise =
   false``). Each draw comes from ``derive_rng(seed, DP_NOISE, round, stream)``, so a run
@@ -105,7 +105,7 @@ def secure_standard_normal(size: int) -> np.ndarray:
     normals, which is again exactly N(0, 1) in distribution (Holohan & Braghin 2021,
     Section 5.1; Opacus ``_generate_noise`` with ``secure_mode=True``). Shared by central
     DP (:class:`SecureGaussianNoise`) and local DP-SGD
-    (:class:`fedloom.client.dpsgd.SecureNoiseDPOptimizer`), so both have one sampler.
+    (:class:`fedloom.algorithms.dpsgd_opacus.SecureNoiseDPOptimizer`), so both have one sampler.
     """
     draws = secure_box_muller(_SECURE_SUMMANDS * size).reshape(_SECURE_SUMMANDS, size)
     return draws.sum(axis=0) / math.sqrt(_SECURE_SUMMANDS)
