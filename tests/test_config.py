@@ -69,7 +69,7 @@ def test_cli_config_error_exit_2_no_traceback(
         (["run", "--set", "data.name='mnist'", "--set", "data.path='/nonexistent/x'"], "data.path"),
         (["report", "/nonexistent/run"], "/nonexistent/run"),
         # Stage names are looked up in the registries when the run is assembled.
-        (["run", "--set", "server.aggregator='median'"], "unknown aggregator 'median'"),
+        (["run", "--set", "server.aggregator='no-such-rule'"], "unknown aggregator 'no-such-rule'"),
         (["run", "--set", "client.algorithm='nope'"], "client.algorithm: unknown client algorithm"),
         (
             ["run", "--set", "strategy='scaffold'", "--set", "privacy.local_dp=true"],
