@@ -15,10 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -223,3 +223,40 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--key-guarded-server"]:
         sys.exit(_key_guarded_server_main(sys.argv[2:]))
     sys.exit(_slow_main())
+
+
+def federate_in_threads(
+    serve: Callable[[Callable[[int], None]], dict[str, Any]],
+    clients: Sequence[Callable[[str], Any]],
+    timeout_s: float = 600.0,
+) -> tuple[dict[str, Any], list[Any]]:
+    """Run a server and its clients in threads of this process; (summary, client results).
+
+    ``serve(on_listening)`` runs the server until its last round; each client is called
+    with ``HOST:PORT`` once the server listens (the event, never a sleep). Fails if the
+    server does not listen, or it or a client does not finish, within ``timeout_s``.
+    """
+    port: list[int] = []
+    listening = threading.Event()
+    summary: dict[str, Any] = {}
+    results: list[Any] = []
+
+    def on_listening(p: int) -> None:
+        port.append(p)
+        listening.set()
+
+    server = threading.Thread(target=lambda: summary.update(serve(on_listening)), daemon=True)
+    server.start()
+    assert listening.wait(timeout_s), "the server did not start listening"
+    workers = [
+        threading.Thread(target=lambda c=c: results.append(c(f"127.0.0.1:{port[0]}")), daemon=True)
+        for c in clients
+    ]
+    for w in workers:
+        w.start()
+    server.join(timeout=timeout_s)
+    for w in workers:
+        w.join(timeout=timeout_s)
+    assert not server.is_alive(), "the server did not finish"
+    assert len(results) == len(clients), "a client did not finish"
+    return summary, results

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import pytest
 from torch import nn
 
 import fedloom
+from tests.deploy_helpers import federate_in_threads
 from tests.helpers import final_weights
 
 
@@ -54,56 +55,31 @@ def test_served_user_model_equals_the_simulation(tmp_path: Path, strategy: str) 
         out=tmp_path / "sim",
     )
 
-    listening = threading.Event()
-    port: list[int] = []
-    summary: dict[str, Any] = {}
-
-    def on_listening(p: int) -> None:
-        port.append(p)
-        listening.set()
-
-    def server() -> None:
-        summary.update(
-            fedloom.serve(
-                model=TwoLayer,
-                num_clients=2,
-                address="127.0.0.1:0",
-                out=tmp_path / "served",
-                test=test,
-                strategy=strategy,
-                rounds=3,
-                config=CONFIG,
-                on_listening=on_listening,
-            )
+    def server(on_listening: Callable[[int], None]) -> dict[str, Any]:
+        return fedloom.serve(
+            model=TwoLayer,
+            num_clients=2,
+            address="127.0.0.1:0",
+            out=tmp_path / "served",
+            test=test,
+            strategy=strategy,
+            rounds=3,
+            config=CONFIG,
+            on_listening=on_listening,
         )
 
-    serving = threading.Thread(target=server, daemon=True)
-    serving.start()
-    assert listening.wait(120), "the server did not start listening"
-    done: list[int] = []
-    workers = [
-        threading.Thread(
-            target=lambda i=i: done.append(
-                fedloom.connect(
-                    server=f"127.0.0.1:{port[0]}",
-                    model=TwoLayer,
-                    train=clients[i],
-                    client_id=i,
-                    name=f"site-{i}",
-                    state_dir=tmp_path / f"state-{i}",
-                    max_wait_s=120,
-                )
-            ),
-            daemon=True,
+    def site(i: int) -> Callable[[str], int]:
+        return lambda address: fedloom.connect(
+            server=address,
+            model=TwoLayer,
+            train=clients[i],
+            client_id=i,
+            name=f"site-{i}",
+            state_dir=tmp_path / f"state-{i}",
+            max_wait_s=120,
         )
-        for i in range(2)
-    ]
-    for t in workers:
-        t.start()
-    serving.join(timeout=600)
-    for t in workers:
-        t.join(timeout=120)
-    assert not serving.is_alive() and len(done) == 2
+
+    summary, _ = federate_in_threads(server, [site(0), site(1)])
     assert summary["rounds_completed"] == 3
     np.testing.assert_allclose(
         final_weights(tmp_path / "served"), final_weights(tmp_path / "sim"), atol=1e-5

@@ -270,11 +270,3 @@ def test_norm_bound_on_digits(tmp_path: Path) -> None:
     assert summary["history"][0]["excluded_clients"] == list(range(20))
     assert summary["history"][0]["norm_bound_clipped"] == 20
     assert summary["final"]["accuracy"] > 0.5
-
-
-@pytest.mark.parametrize("name", ["centered_clipping", "norm_bound"])
-def test_clipping_aggregators_refuse_secure_aggregation(tmp_path: Path, name: str) -> None:
-    cfg = load_config(None, [f"server.aggregator={name}", "privacy.secure_aggregation=secagg+"])
-    with pytest.raises(ConfigError) as info:
-        run_simulation(cfg, tmp_path / "run")
-    assert "secure aggregation" in str(info.value) and "\n" not in str(info.value)

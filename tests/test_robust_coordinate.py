@@ -182,8 +182,13 @@ def test_trimmed_mean_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["final"]["accuracy"] > 0.5
 
 
-@pytest.mark.parametrize("name", ["median", "trimmed_mean"])
+ROBUST = ["median", "trimmed_mean", "krum", "multi_krum", "bulyan", "rfa"]
+ROBUST += ["centered_clipping", "norm_bound"]
+
+
+@pytest.mark.parametrize("name", ROBUST)
 def test_secure_aggregation_is_refused(tmp_path: Path, name: str) -> None:
+    """Every robust aggregator needs the individual updates secure aggregation hides."""
     cfg = load_config(
         None, ["rounds=1", f"server.aggregator={name}", "privacy.secure_aggregation=secagg+"]
     )

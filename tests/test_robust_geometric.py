@@ -157,10 +157,3 @@ def test_rfa_on_digits_records_excluded_clients(tmp_path: Path) -> None:
         assert isinstance(record["excluded_clients"], list)
         assert 1 <= record["rfa_iterations"] <= 10
     assert summary["final"]["accuracy"] > 0.5
-
-
-def test_rfa_with_secure_aggregation_is_refused(tmp_path: Path) -> None:
-    cfg = load_config(None, ["server.aggregator=rfa", "privacy.secure_aggregation=secagg+"])
-    with pytest.raises(ConfigError) as info:
-        run_simulation(cfg, tmp_path / "run")
-    assert "secure aggregation" in str(info.value) and "\n" not in str(info.value)

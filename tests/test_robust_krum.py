@@ -265,14 +265,3 @@ def test_runs_end_to_end(tmp_path: Path, name: str) -> None:
         }
         assert len(excluded) == expected[name]
     assert summary["final"]["accuracy"] > 0.3
-
-
-@pytest.mark.parametrize("name", ["krum", "multi_krum", "bulyan"])
-def test_secure_aggregation_is_refused(tmp_path: Path, name: str) -> None:
-    cfg = load_config(
-        None, ["rounds=1", f"server.aggregator={name}", "privacy.secure_aggregation=secagg+"]
-    )
-    with pytest.raises(ConfigError) as info:
-        run_simulation(cfg, tmp_path / "run")
-    message = str(info.value)
-    assert "secure aggregation" in message and "\n" not in message

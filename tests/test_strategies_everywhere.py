@@ -4,7 +4,7 @@ personalized strategies report ``personalized_accuracy`` per round and in ``fina
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from fedloom.config import RunConfig, load_config
 from fedloom.engine.deploy import ServerSecurity, run_server
 from fedloom.engine.grpc.client import BuiltinApp, Credentials, run_client
 from fedloom.engine.simulation import run_simulation
+from tests.deploy_helpers import federate_in_threads
 from tests.helpers import final_weights
 
 STRATEGIES = ["scaffold", "fednova", "fedper", "fedrep", "ditto"]
@@ -61,39 +62,23 @@ def test_pool_equals_in_process(tmp_path: Path, strategy: str) -> None:
 def test_deployment_equals_simulation(tmp_path: Path, strategy: str) -> None:
     cfg = _config(strategy)
     simulated = run_simulation(cfg, tmp_path / "sim")
-    port: list[int] = []
-    listening = threading.Event()
-    summary: dict[str, Any] = {}
 
-    def on_listening(p: int) -> None:
-        port.append(p)
-        listening.set()
-
-    def serve() -> None:
-        summary.update(
-            run_server(
-                cfg, tmp_path / "deploy", "127.0.0.1:0", ServerSecurity(), on_listening=on_listening
-            )
+    def client(i: int) -> Callable[[str], int]:
+        return lambda address: run_client(
+            address,
+            BuiltinApp,
+            Credentials(insecure=True),
+            partition=i,
+            max_wait_s=120,
+            state_dir=tmp_path / "state",
         )
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    assert listening.wait(120), "the server did not start listening"
-    clients = [
-        threading.Thread(
-            target=run_client,
-            args=(f"127.0.0.1:{port[0]}", BuiltinApp, Credentials(insecure=True)),
-            kwargs={"partition": i, "max_wait_s": 120, "state_dir": tmp_path / "state"},
-            daemon=True,
-        )
-        for i in range(3)
-    ]
-    for c in clients:
-        c.start()
-    server.join(timeout=600)
-    for c in clients:
-        c.join(timeout=120)
-    assert not server.is_alive()
+    summary, _ = federate_in_threads(
+        lambda on_listening: run_server(
+            cfg, tmp_path / "deploy", "127.0.0.1:0", ServerSecurity(), on_listening=on_listening
+        ),
+        [client(i) for i in range(3)],
+    )
     _check_summary(strategy, summary)
     np.testing.assert_allclose(
         final_weights(tmp_path / "deploy"), final_weights(tmp_path / "sim"), atol=1e-5

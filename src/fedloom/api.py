@@ -90,13 +90,7 @@ def simulate(
     instances added to the run. ``out`` is the run directory (None: a temporary one,
     removed afterwards). Problems with the inputs raise a one-line ``ValueError``.
     """
-    tree = merge_trees(dict(config or {}), overrides)
-    if strategy is not None:
-        tree["strategy"] = strategy
-    tree.setdefault("strategy", DEFAULT_STRATEGY)
-    if rounds is not None:
-        tree["rounds"] = rounds
-    tree.setdefault("rounds", DEFAULT_ROUNDS)
+    tree = _config_tree(config, overrides, strategy=strategy, rounds=rounds)
     if isinstance(aggregator, str):
         tree = merge_trees(tree, {"server": {"aggregator": aggregator}})
         aggregator = None
@@ -149,6 +143,25 @@ def simulate(
         return run(Path(out))
     with tempfile.TemporaryDirectory(prefix="fedloom-") as tmp:
         return run(Path(tmp) / "run")
+
+
+def _config_tree(
+    config: Mapping[str, Any] | None,
+    overrides: Mapping[str, Any],
+    *,
+    strategy: str | None,
+    rounds: int | None,
+) -> dict[str, Any]:
+    """defaults < ``config`` < keywords; ``strategy``/``rounds`` fall back to the config's
+    own value, else fedavg / 10 (an explicit ``"strategy": None`` in ``config`` stays)."""
+    tree = merge_trees(dict(config or {}), dict(overrides))
+    if strategy is not None:
+        tree["strategy"] = strategy
+    tree.setdefault("strategy", DEFAULT_STRATEGY)
+    if rounds is not None:
+        tree["rounds"] = rounds
+    tree.setdefault("rounds", DEFAULT_ROUNDS)
+    return tree
 
 
 def _seeded_model(model: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -207,9 +220,7 @@ def serve(
     """
     from fedloom.engine.deploy import ServerSecurity, deploy_federation
 
-    tree = merge_trees(dict(config or {}), overrides)
-    tree["strategy"] = strategy if strategy is not None else tree.get("strategy", DEFAULT_STRATEGY)
-    tree["rounds"] = rounds if rounds is not None else tree.get("rounds", DEFAULT_ROUNDS)
+    tree = _config_tree(config, overrides, strategy=strategy, rounds=rounds)
     test_part = _to_arrays(test, "test") if test is not None else None
     tree = merge_trees(tree, {"data": {"name": "custom", "num_clients": num_clients}})
     if test_part is None:

@@ -60,16 +60,15 @@ class ClientState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ClientState:
-        from safetensors import safe_open
         from safetensors.numpy import load
 
         tensors = load(data)
         tensors.pop(_EMPTY, None)
-        meta = _meta_of_bytes(data, safe_open)
+        meta = _meta_of_bytes(data)
         return cls({k: v.copy() for k, v in tensors.items()}, meta)
 
 
-def _meta_of_bytes(data: bytes, safe_open: Any) -> dict[str, Any]:
+def _meta_of_bytes(data: bytes) -> dict[str, Any]:
     # safetensors keeps metadata in the header: a little-endian u64 length, then JSON.
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
