@@ -46,13 +46,14 @@ from fedloom.algorithms.base import (
     AlgorithmSettings,
     ClientContext,
     ClientUpdate,
+    PlainServer,
     StageContext,
     full_global,
 )
 from fedloom.algorithms.fednova import local_step_normalizer
 from fedloom.algorithms.sgd import evaluate_global, train_locally
 from fedloom.client.learner import GradientCorrection
-from fedloom.messages import DELTA, GLOBAL, FitResult, Scalar
+from fedloom.messages import DELTA, GLOBAL, FitResult
 from fedloom.registry import CLIENT_ALGORITHMS, SERVER_ALGORITHMS
 
 #: The broadcast and upload name of the control variates (c down, Δc_i up).
@@ -104,7 +105,7 @@ class ScaffoldClient:
         return evaluate_global(ctx)
 
 
-class ScaffoldServer:
+class ScaffoldServer(PlainServer):
     """The server half: broadcasts x and c, moves c by (|S|/N) mean(Δc_i)."""
 
     uploads: tuple[str, ...] = (DELTA, CONTROL)
@@ -115,9 +116,6 @@ class ScaffoldServer:
 
     def broadcast(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         return {GLOBAL: weights, CONTROL: self.control}
-
-    def task_config(self, rnd: int) -> dict[str, Scalar]:
-        return {}
 
     def upload_sizes(self, dimension: int) -> dict[str, int]:
         return {DELTA: dimension, CONTROL: dimension}
@@ -143,9 +141,6 @@ class ScaffoldServer:
         if CONTROL not in state:
             raise ValueError("the checkpoint has no SCAFFOLD control variate; start a new run")
         self.control = np.asarray(state[CONTROL], dtype=np.float32).copy()
-
-    def global_for_evaluation(self, weights: np.ndarray) -> np.ndarray:
-        return weights
 
 
 @CLIENT_ALGORITHMS.register("scaffold")
