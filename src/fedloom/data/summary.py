@@ -145,3 +145,17 @@ def _stacked_bars(ax: Any, hist: np.ndarray, width: float = 0.9) -> list[Any]:
     ax.add_collection(bars)
     ax.autoscale_view()
     return [Patch(color=cmap(c), label=str(c)) for c in range(num_classes)]
+
+
+def write_client_summary(dataset: FederatedDataset, out_dir: Path) -> None:
+    """``clients.txt`` (and ``clients.png`` for class labels) in a run directory.
+
+    Regression targets have no classes to count, so their table lists each client's size
+    and no plot is drawn.
+    """
+    if any(c.train.y.dtype.kind == "f" for c in dataset.clients):
+        rows = [f"{c.client_id}\t{c.name}\t{len(c.train)}" for c in dataset.clients]
+        (out_dir / "clients.txt").write_text("\n".join(["client\tname\texamples", *rows]) + "\n")
+        return
+    (out_dir / "clients.txt").write_text(format_label_histogram(dataset) + "\n")
+    plot_label_histogram(dataset, out_dir / "clients.png")

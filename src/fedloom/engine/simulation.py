@@ -26,6 +26,7 @@ from fedloom.client_store import ClientStateStore
 from fedloom.config import ConfigError, RunConfig, config_from_dict
 from fedloom.data import build_federated_dataset
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
+from fedloom.data.summary import write_client_summary
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.messages import GLOBAL, FitTask
@@ -128,7 +129,7 @@ def run_federation(
         data = build_federated_dataset(cfg.data, cfg.seed)
     if store is None:
         store = RunStore.create(out_dir, cfg.to_dict(), __version__)
-        _write_data_summary(data, out_dir)
+        write_client_summary(data, out_dir)
     learner = learner_factory() if learner_factory is not None else build_learner(cfg, data)
     runtime = build_client_runtime(cfg, learner, _data_of(data), num_clients=data.num_clients)
     strategy = build_strategy(
@@ -276,18 +277,6 @@ def write_outputs(
         title=f"{cfg.name}: {cfg.strategy or 'custom'} on {cfg.data.name}",
     )
     return summary
-
-
-def _write_data_summary(data: FederatedDataset, out_dir: Path) -> None:
-    from fedloom.data.summary import format_label_histogram, plot_label_histogram
-
-    if any(c.train.y.dtype.kind == "f" for c in data.clients):
-        # Regression targets have no classes to count: list each client's size only.
-        rows = [f"{c.client_id}\t{c.name}\t{len(c.train)}" for c in data.clients]
-        (out_dir / "clients.txt").write_text("\n".join(["client\tname\texamples", *rows]) + "\n")
-        return
-    (out_dir / "clients.txt").write_text(format_label_histogram(data) + "\n")
-    plot_label_histogram(data, out_dir / "clients.png")
 
 
 def centralized_epochs(cfg: RunConfig) -> int:
