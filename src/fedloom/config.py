@@ -280,6 +280,37 @@ STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+class SystemConfig(_Section):
+    """Simulated devices and networks: each client's speed, bandwidth and reliability.
+
+    With ``enabled`` every simulated round gets a duration on a virtual clock (download +
+    local compute + upload of the encoded bytes, per client), recorded as ``sim_round_s``
+    and ``sim_time_s``. Profiles are drawn once per run from the seed: lognormal around
+    the medians with the given σ (σ = 0: every client identical), or read from ``trace``,
+    a CSV with columns ``s_per_example``, ``uplink_mbps``, ``downlink_mbps`` and optionally
+    ``dropout`` (one row per client, cycled when there are fewer rows than clients).
+    """
+
+    enabled: bool = False
+    s_per_example: float = Field(0.001, gt=0.0)
+    compute_sigma: float = Field(0.0, ge=0.0)
+    uplink_mbps: float = Field(10.0, gt=0.0)
+    downlink_mbps: float = Field(50.0, gt=0.0)
+    bandwidth_sigma: float = Field(0.0, ge=0.0)
+    #: Probability that a sampled client drops out of a round (seeded per round and client).
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    #: Each client is reachable a fraction ``availability`` of every
+    #: ``availability_period_s`` of simulated time, from a phase drawn per client.
+    availability: float = Field(1.0, gt=0.0, le=1.0)
+    availability_period_s: float = Field(3600.0, gt=0.0)
+    #: The round ends at this simulated time; later results are dropped as stragglers.
+    deadline_s: float | None = Field(None, gt=0.0)
+    #: Sample ``ceil((1 + over_selection) · k)`` clients and end the round at the k-th
+    #: arrival (Bonawitz et al. 2019, Section 2.2).
+    over_selection: float = Field(0.0, ge=0.0, le=10.0)
+    trace: str | None = None
+
+
 def register_strategy(name: str, composition: dict[str, dict[str, Any]]) -> None:
     """Name a composition of stage settings (``{section: {key: value}}``) as a strategy.
 
@@ -309,6 +340,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     personal: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    system: SystemConfig = Field(default_factory=SystemConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -30,6 +30,7 @@ from fedloom.registry import (
     SERVER_ALGORITHMS,
     SERVER_OPTIMIZERS,
 )
+from fedloom.server.arrivals import ArrivalModel, InstantArrivals
 from fedloom.server.optimizers import make_server_optimizer
 from fedloom.server.sampling import expected_clients_per_round
 from fedloom.server.strategy import Strategy
@@ -91,6 +92,22 @@ def check_composition(cfg: RunConfig) -> None:
             else "SCAFFOLD with secure aggregation is not supported yet; turn "
             "privacy.secure_aggregation off or choose another strategy"
         )
+    sysc = cfg.system
+    if (
+        sysc.enabled
+        and (sysc.over_selection > 0 or sysc.availability < 1)
+        and (p.mechanism == "central")
+    ):
+        raise ConfigError(
+            "system.over_selection and system.availability change which clients are sampled, "
+            "which central DP's accountant does not model; set them to 0 and 1 or turn "
+            "privacy.mechanism off"
+        )
+    if sysc.enabled and sysc.over_selection > 0 and cfg.server.sampling == "poisson":
+        raise ConfigError(
+            "system.over_selection needs server.sampling = 'fixed' (a Poisson cohort has "
+            "no fixed size to over-select); set one of them"
+        )
     if p.mechanism == "central" and cfg.server.aggregator != "mean":
         raise ConfigError(
             f"central DP adds noise to the mean of clipped updates; server.aggregator = "
@@ -150,6 +167,12 @@ def build_strategy(
         )
     for name in cfg.callbacks:
         stage_callbacks.append(CALLBACKS.create(name, dict(cfg.callback_options.get(name, {}))))
+    arrivals: ArrivalModel = InstantArrivals()
+    if cfg.system.enabled:
+        from fedloom.system.clock import virtual_clock
+
+        held_bytes = 4 * sum(algorithm.upload_sizes(spec.size).values())
+        arrivals = virtual_clock(cfg, num_clients=num_clients, held_upload_bytes=held_bytes)
     try:
         return Strategy(
             algorithm=algorithm,
@@ -162,6 +185,7 @@ def build_strategy(
             min_aggregate_clients=cfg.server.min_aggregate_clients,
             drop_stragglers=cfg.server.drop_stragglers,
             dimension=spec.size,
+            arrivals=arrivals,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -21,6 +21,7 @@ from fedloom.attacks.leakage_settings import (
 )
 from fedloom.cli.common import make_console, setup_logging, user_error
 from fedloom.cli.deploy import run_deploy_command
+from fedloom.cli.estimate import cmd_estimate
 from fedloom.cli.leakage import cmd_leakage
 from fedloom.cli.run import cmd_centralized, cmd_report, cmd_run
 from fedloom.config import ConfigError
@@ -139,6 +140,23 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write leakage.json and leakage.png (default runs/leakage; "
         "existing ones are replaced)",
     )
+    estimate = sub.add_parser(
+        "estimate",
+        help="estimate round and total training time on the [system] device profiles",
+    )
+    _add_config_args(estimate)
+    estimate.add_argument(
+        "--trajectories", type=int, default=200, help="replays of the run's timeline (200)"
+    )
+    target = estimate.add_mutually_exclusive_group()
+    target.add_argument(
+        "--rounds-to-target", type=int, help="rounds the target accuracy needs, if known"
+    )
+    target.add_argument(
+        "--curve", type=Path, metavar="RUN_DIR", help="a run of this task that reached the target"
+    )
+    estimate.add_argument("--no-what-if", action="store_true", help="only the configured run")
+    estimate.add_argument("--json", type=Path, metavar="FILE", help="also write the estimate")
     return parser
 
 
@@ -208,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_deploy_command(args, console)
         if args.command == "leakage":
             return cmd_leakage(args, console)
+        if args.command == "estimate":
+            return cmd_estimate(args, console)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)

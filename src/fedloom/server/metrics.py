@@ -28,6 +28,19 @@ def rounds_to_target(history: Sequence[Mapping[str, Any]], target: float | None)
     return None
 
 
+def sim_time_to_target(history: Sequence[Mapping[str, Any]], target: float | None) -> float | None:
+    """Simulated seconds (``sim_time_s``) at the round that first reached ``target``.
+
+    None without a target, if it was never reached, or if the run had no virtual clock.
+    """
+    reached = rounds_to_target(history, target)
+    if reached is None:
+        return None
+    rec = next(r for r in history if int(r["round"]) == reached)
+    value = rec.get("sim_time_s")
+    return float(value) if is_number(value) else None
+
+
 def last_evaluation(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The last round with a centralized evaluation (evaluation may skip rounds)."""
     return next((r for r in reversed(history) if is_number(r.get("accuracy"))), None)
@@ -53,6 +66,7 @@ def history_metrics(
     return {
         "target_accuracy": target_accuracy,
         "rounds_to_target": rounds_to_target(history, target_accuracy),
+        "sim_time_to_target_s": sim_time_to_target(history, target_accuracy),
         # Share of sampled client-rounds that returned a usable update.
         "success_rate": succeeded / sampled if sampled else 0.0,
         "clients_sampled_total": sampled,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from fedloom.config import ServerConfig
@@ -13,14 +15,21 @@ def clients_per_round(num_clients: int, fraction: float, min_clients: int) -> in
 
 
 def sample_clients(
-    num_clients: int, fraction: float, min_clients: int, rng: np.random.Generator
+    num_clients: int,
+    fraction: float,
+    min_clients: int,
+    rng: np.random.Generator,
+    cohort_size: Callable[[int], int] | None = None,
 ) -> np.ndarray:
     """Fixed-size uniform sampling without replacement (McMahan et al. 2017, Algorithm 1).
 
-    Returned ids are sorted so that aggregation order, and therefore the float result,
-    does not depend on the order in which clients finish.
+    ``cohort_size`` maps the wanted k to how many are drawn (over-selection). Returned
+    ids are sorted so that aggregation order, and therefore the float result, does not
+    depend on the order in which clients finish.
     """
     k = clients_per_round(num_clients, fraction, min_clients)
+    if cohort_size is not None:
+        k = min(num_clients, cohort_size(k))
     return np.sort(rng.choice(num_clients, size=k, replace=False)).astype(np.int64)
 
 
@@ -37,11 +46,20 @@ def poisson_sample_clients(num_clients: int, rate: float, rng: np.random.Generat
     return np.flatnonzero(rng.random(num_clients) < rate).astype(np.int64)
 
 
-def select_clients(cfg: ServerConfig, num_clients: int, rng: np.random.Generator) -> np.ndarray:
-    """The round's clients under ``server.sampling`` ("fixed" or "poisson")."""
+def select_clients(
+    cfg: ServerConfig,
+    num_clients: int,
+    rng: np.random.Generator,
+    cohort_size: Callable[[int], int] | None = None,
+) -> np.ndarray:
+    """The round's clients under ``server.sampling`` ("fixed" or "poisson").
+
+    ``cohort_size`` (over-selection) applies to fixed-size sampling only; the
+    configuration refuses it with Poisson sampling.
+    """
     if cfg.sampling == "poisson":
         return poisson_sample_clients(num_clients, cfg.fraction_fit, rng)
-    return sample_clients(num_clients, cfg.fraction_fit, cfg.min_fit_clients, rng)
+    return sample_clients(num_clients, cfg.fraction_fit, cfg.min_fit_clients, rng, cohort_size)
 
 
 def expected_clients_per_round(cfg: ServerConfig, num_clients: int) -> float:

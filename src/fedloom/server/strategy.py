@@ -36,8 +36,9 @@ from fedloom.messages import (
 )
 from fedloom.seeding import SAMPLING, derive_rng
 from fedloom.server.aggregators import AggregationInput, Aggregator
+from fedloom.server.arrivals import ArrivalModel, InstantArrivals
 from fedloom.server.optimizers import ServerOptimizer
-from fedloom.server.sampling import select_clients
+from fedloom.server.sampling import clients_per_round, select_clients
 
 log = logging.getLogger("fedloom.server")
 
@@ -68,6 +69,10 @@ class Strategy:
     min_aggregate_clients: int = 1
     drop_stragglers: bool = False
     dimension: int = 0
+    #: When results reach the server (a simulated clock, or instantly).
+    arrivals: ArrivalModel = field(default_factory=InstantArrivals)
+    #: Per round: how many results the sampler wanted (before over-selection).
+    _wanted: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.secure is not None and self.aggregator.needs_individual_updates:
@@ -81,9 +86,18 @@ class Strategy:
     def sample(self, rnd: int, pool: np.ndarray, seed: int) -> np.ndarray:
         """Clients for round ``rnd`` among ``pool``. With every client available the draw
         equals sampling from ``range(num_clients)``: a deployment samples as a simulation."""
+        pool = self.arrivals.available(rnd, pool)
         if len(pool) == 0:
             return np.zeros(0, dtype=np.int64)
-        index = select_clients(self.sampling, len(pool), derive_rng(seed, SAMPLING, rnd))
+        index = select_clients(
+            self.sampling, len(pool), derive_rng(seed, SAMPLING, rnd), self.arrivals.cohort_size
+        )
+        s = self.sampling
+        self._wanted[rnd] = (
+            len(index)
+            if s.sampling == "poisson"
+            else clients_per_round(len(pool), s.fraction_fit, s.min_fit_clients)
+        )
         return pool[index].astype(np.int64)
 
     def configure_fit(self, rnd: int, weights: np.ndarray) -> tuple[dict[str, Scalar], Broadcast]:
@@ -107,10 +121,15 @@ class Strategy:
         exchange: Exchange,
     ) -> FitOutcome:
         """Triage, decode, (securely) aggregate, combine and step: the new global model."""
-        updates, failures, dropped = self._triage(rnd, outcomes)
+        down_bytes = sum(v.nbytes for v in self.algorithm.broadcast(weights).values())
+        arrivals = self.arrivals.arrive(
+            rnd, outcomes, down_bytes=down_bytes, wanted=self._wanted.pop(rnd, len(outcomes))
+        )
+        updates, failures, dropped = self._triage(rnd, arrivals.outcomes)
+        dropped += arrivals.late
         every_round = self.aggregator.aggregates_every_round
         aggregated = every_round or len(updates) >= self.min_aggregate_clients
-        fields: dict[str, Any] = {}
+        fields: dict[str, Any] = dict(arrivals.fields)
         total: np.ndarray | None = None
         if self.secure is not None and aggregated:
             sizes = self.upload_sizes()
@@ -254,7 +273,12 @@ class Strategy:
             stage.load_state(own)
 
     def _stages(self) -> list[tuple[str, Any]]:
-        return [("opt", self.optimizer), ("algo", self.algorithm), ("agg", self.aggregator)]
+        return [
+            ("opt", self.optimizer),
+            ("algo", self.algorithm),
+            ("agg", self.aggregator),
+            ("clock", self.arrivals),
+        ]
 
 
 def _rows(updates: list[FitResult], name: str, size: int) -> np.ndarray:

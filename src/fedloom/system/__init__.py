@@ -1,0 +1,1 @@
+"""Simulated devices and networks: device profiles and the virtual clock of a round."""
