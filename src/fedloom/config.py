@@ -114,6 +114,10 @@ class ServerConfig(_Section):
     aggregator: str = "mean"
     #: Free-form settings passed to the aggregator's factory.
     aggregator_options: dict[str, Any] = Field(default_factory=dict)
+    #: Client selection for fixed-size sampling: ``uniform``, ``power_of_choice``,
+    #: ``oort``, or a user's (registered in ``CLIENT_SELECTORS``), with its options.
+    selection: str = "uniform"
+    selection_options: dict[str, Any] = Field(default_factory=dict)
     #: The server optimizer (``sgd``, ``momentum``, ``adam``, ``yogi``, ``adagrad``, a user's).
     optimizer: str = "sgd"
     lr: float = Field(1.0, gt=0.0)

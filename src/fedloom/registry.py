@@ -33,6 +33,7 @@ BUILTIN_MODULES = (
     "fedloom.server.robust_geometric",
     "fedloom.server.robust_clipping",
     "fedloom.server.optimizers",
+    "fedloom.server.selection",
     "fedloom.algorithms",
     "fedloom.codecs",
     "fedloom.privacy.stages",
@@ -115,3 +116,5 @@ CALLBACKS: Registry[Any] = Registry("callback")
 #: Secure-aggregation protocols: server halves and client-side participants.
 SECURE_AGGREGATIONS: Registry[Any] = Registry("secure aggregation")
 PROTOCOL_PARTICIPANTS: Registry[Any] = Registry("protocol participant")
+#: Client selection for fixed-size rounds (``server.selection``); factory ``(options)``.
+CLIENT_SELECTORS: Registry[Any] = Registry("client selector")

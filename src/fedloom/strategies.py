@@ -25,6 +25,7 @@ from fedloom.registry import (
     AGGREGATORS,
     CALLBACKS,
     CLIENT_ALGORITHMS,
+    CLIENT_SELECTORS,
     CODECS,
     SECURE_AGGREGATIONS,
     SERVER_ALGORITHMS,
@@ -70,6 +71,7 @@ def check_composition(cfg: RunConfig) -> None:
         (SERVER_ALGORITHMS, cfg.server.algorithm, "server.algorithm"),
         (AGGREGATORS, cfg.server.aggregator, "server.aggregator"),
         (SERVER_OPTIMIZERS, cfg.server.optimizer, "server.optimizer"),
+        (CLIENT_SELECTORS, cfg.server.selection, "server.selection"),
     ):
         if name not in registry:
             raise ConfigError(f"{key}: {registry_error(registry, name)}")
@@ -108,11 +110,31 @@ def check_composition(cfg: RunConfig) -> None:
             "system.over_selection needs server.sampling = 'fixed' (a Poisson cohort has "
             "no fixed size to over-select); set one of them"
         )
+    if cfg.server.selection != "uniform":
+        if p.mechanism == "central":
+            raise ConfigError(
+                f"server.selection = '{cfg.server.selection}' is biased on purpose, and central "
+                "DP's accountant assumes uniform sampling; set server.selection = 'uniform'"
+            )
+        if cfg.server.sampling == "poisson":
+            raise ConfigError(
+                f"server.selection = '{cfg.server.selection}' picks a fixed-size cohort; set "
+                "server.sampling = 'fixed'"
+            )
     if p.mechanism == "central" and cfg.server.aggregator != "mean":
         raise ConfigError(
             f"central DP adds noise to the mean of clipped updates; server.aggregator = "
             f"'{cfg.server.aggregator}' has another sensitivity, set server.aggregator = 'mean'"
         )
+
+
+def _selector(cfg: RunConfig) -> Any:
+    try:
+        return CLIENT_SELECTORS.create(cfg.server.selection, cfg.server.selection_options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"server.selection_options for '{cfg.server.selection}': {err}; fix the options"
+        ) from None
 
 
 def registry_error(registry: Any, name: str) -> str:
@@ -186,6 +208,7 @@ def build_strategy(
             drop_stragglers=cfg.server.drop_stragglers,
             dimension=spec.size,
             arrivals=arrivals,
+            selector=_selector(cfg),
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

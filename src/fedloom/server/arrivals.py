@@ -27,6 +27,8 @@ class Arrivals:
     #: Results that would have arrived after the round ended (counted as stragglers).
     late: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
+    #: Simulated seconds each timed client took (late ones included), for selectors.
+    durations: dict[int, float] = field(default_factory=dict)
 
 
 class ArrivalModel(Protocol):

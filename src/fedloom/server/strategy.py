@@ -38,7 +38,8 @@ from fedloom.seeding import SAMPLING, derive_rng
 from fedloom.server.aggregators import AggregationInput, Aggregator
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
 from fedloom.server.optimizers import ServerOptimizer
-from fedloom.server.sampling import clients_per_round, select_clients
+from fedloom.server.sampling import clients_per_round, poisson_sample_clients
+from fedloom.server.selection import ClientSelector, UniformSelector
 
 log = logging.getLogger("fedloom.server")
 
@@ -71,6 +72,8 @@ class Strategy:
     dimension: int = 0
     #: When results reach the server (a simulated clock, or instantly).
     arrivals: ArrivalModel = field(default_factory=InstantArrivals)
+    #: Which clients a fixed-size round asks (uniform, power-of-choice, Oort, a user's).
+    selector: ClientSelector = field(default_factory=UniformSelector)
     #: Per round: how many results the sampler wanted (before over-selection).
     _wanted: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
@@ -89,16 +92,16 @@ class Strategy:
         pool = self.arrivals.available(rnd, pool)
         if len(pool) == 0:
             return np.zeros(0, dtype=np.int64)
-        index = select_clients(
-            self.sampling, len(pool), derive_rng(seed, SAMPLING, rnd), self.arrivals.cohort_size
-        )
+        rng = derive_rng(seed, SAMPLING, rnd)
         s = self.sampling
-        self._wanted[rnd] = (
-            len(index)
-            if s.sampling == "poisson"
-            else clients_per_round(len(pool), s.fraction_fit, s.min_fit_clients)
-        )
-        return pool[index].astype(np.int64)
+        if s.sampling == "poisson":
+            picked = pool[poisson_sample_clients(len(pool), s.fraction_fit, rng)]
+            self._wanted[rnd] = len(picked)
+            return picked.astype(np.int64)
+        wanted = clients_per_round(len(pool), s.fraction_fit, s.min_fit_clients)
+        self._wanted[rnd] = wanted
+        count = min(len(pool), self.arrivals.cohort_size(wanted))
+        return self.selector.select(rnd, pool.astype(np.int64), count, rng)
 
     def configure_fit(self, rnd: int, weights: np.ndarray) -> tuple[dict[str, Scalar], Broadcast]:
         """The round's task config (one for every client) and broadcast vectors."""
@@ -127,6 +130,7 @@ class Strategy:
         )
         updates, failures, dropped = self._triage(rnd, arrivals.outcomes)
         dropped += arrivals.late
+        self.selector.observe(rnd, updates, arrivals.durations)
         every_round = self.aggregator.aggregates_every_round
         aggregated = every_round or len(updates) >= self.min_aggregate_clients
         fields: dict[str, Any] = dict(arrivals.fields)
@@ -278,6 +282,7 @@ class Strategy:
             ("algo", self.algorithm),
             ("agg", self.aggregator),
             ("clock", self.arrivals),
+            ("select", self.selector),
         ]
 
 

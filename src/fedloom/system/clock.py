@@ -170,6 +170,7 @@ class VirtualClock:
         return Arrivals(
             [*passed, *arrived],
             late=late,
+            durations={out.client_id: d for d, out in timed},
             fields={
                 "sim_round_s": end,
                 "sim_time_s": self.sim_time_s,
