@@ -40,6 +40,14 @@ def cmd_estimate(args: argparse.Namespace, console: Console) -> int:
             markup=False,
             highlight=False,
         )
+    if cfg.server.selection != "uniform":
+        console.print(
+            f"note: the estimate draws cohorts uniformly; server.selection = "
+            f"'{cfg.server.selection}' chooses by what it learns during the run, which only "
+            "the run can show",
+            markup=False,
+            highlight=False,
+        )
     console.print(
         f"{cfg.rounds} rounds, {num_clients} clients, {args.trajectories} replays "
         f"(devices from seed {cfg.seed}); down {workload.down_bytes / 1e6:.3f} MB and up "
