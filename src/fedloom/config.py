@@ -315,6 +315,23 @@ class SystemConfig(_Section):
     trace: str | None = None
 
 
+class AsyncConfig(_Section):
+    """Asynchronous training (``mode = "async"``) on the virtual clock of ``[system]``.
+
+    ``fedbuff``: a server step every ``buffer_size`` arrivals (Nguyen et al. 2022);
+    ``fedasync``: every arrival mixed in with weight ``mixing`` (Xie et al. 2019;
+    ``buffer_size`` is 1). Updates are discounted by (1 + staleness)^(−staleness_exponent).
+    ``concurrency`` clients train at any time (default: ``buffer_size`` × 2, at most the
+    number of clients). ``rounds`` counts server steps.
+    """
+
+    algorithm: Literal["fedbuff", "fedasync"] = "fedbuff"
+    buffer_size: int = Field(10, ge=1)
+    concurrency: int | None = Field(None, ge=1)
+    staleness_exponent: float = Field(0.5, ge=0.0)
+    mixing: float = Field(0.6, gt=0.0, le=1.0)
+
+
 def register_strategy(name: str, composition: dict[str, dict[str, Any]]) -> None:
     """Name a composition of stage settings (``{section: {key: value}}``) as a strategy.
 
@@ -328,6 +345,10 @@ def register_strategy(name: str, composition: dict[str, dict[str, Any]]) -> None
 
 class RunConfig(_Section):
     """A complete experiment."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True
+    )
 
     name: str = "fedloom"
     seed: int = 0
@@ -345,6 +366,9 @@ class RunConfig(_Section):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     personal: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     system: SystemConfig = Field(default_factory=SystemConfig)
+    #: ``sync``: rounds with a barrier; ``async``: FedBuff / FedAsync (the ``async`` table).
+    mode: Literal["sync", "async"] = "sync"
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

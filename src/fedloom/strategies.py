@@ -32,6 +32,7 @@ from fedloom.registry import (
     SERVER_OPTIMIZERS,
 )
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
+from fedloom.server.loop import FederatedServer
 from fedloom.server.optimizers import make_server_optimizer
 from fedloom.server.sampling import expected_clients_per_round
 from fedloom.server.strategy import Strategy
@@ -110,6 +111,8 @@ def check_composition(cfg: RunConfig) -> None:
             "system.over_selection needs server.sampling = 'fixed' (a Poisson cohort has "
             "no fixed size to over-select); set one of them"
         )
+    if cfg.mode == "async":
+        _check_async(cfg)
     if cfg.server.selection != "uniform":
         if p.mechanism == "central":
             raise ConfigError(
@@ -126,6 +129,82 @@ def check_composition(cfg: RunConfig) -> None:
             f"central DP adds noise to the mean of clipped updates; server.aggregator = "
             f"'{cfg.server.aggregator}' has another sensitivity, set server.aggregator = 'mean'"
         )
+
+
+def _check_async(cfg: RunConfig) -> None:
+    """What asynchronous rounds support today, each refusal in one line."""
+    p = cfg.privacy
+    if p.mechanism == "central":
+        raise ConfigError(
+            "mode = 'async' with central DP is not supported: the accountant models "
+            "sampled synchronous rounds; set mode = 'sync' or privacy.mechanism = 'none'"
+        )
+    if p.secure_aggregation != "none":
+        raise ConfigError(
+            "mode = 'async' applies updates one buffer at a time and cannot run a secure-"
+            "aggregation protocol per buffer yet; turn privacy.secure_aggregation off"
+        )
+    if p.local_dp or cfg.client.algorithm != "sgd" or cfg.server.algorithm != "fedavg":
+        raise ConfigError(
+            "mode = 'async' runs FedAvg-style clients (client.algorithm = 'sgd', "
+            "server.algorithm = 'fedavg', no local DP); change the strategy or set mode = 'sync'"
+        )
+    if cfg.system.deadline_s is not None or cfg.system.over_selection > 0:
+        raise ConfigError(
+            "system.deadline_s and system.over_selection shape synchronous rounds; remove "
+            "them with mode = 'async' (its rounds end when the buffer fills)"
+        )
+    a = cfg.async_
+    concurrency = a.concurrency if a.concurrency is not None else 2 * a.buffer_size
+    if a.algorithm == "fedbuff" and min(concurrency, cfg.data.num_clients) < a.buffer_size:
+        raise ConfigError(
+            f"async.buffer_size ({a.buffer_size}) exceeds the clients that can train at once "
+            f"({min(concurrency, cfg.data.num_clients)}); lower it or raise async.concurrency"
+        )
+
+
+def make_server(
+    cfg: RunConfig,
+    *,
+    strategy: Strategy,
+    client_examples: Sequence[int],
+    **server_args: Any,
+) -> FederatedServer:
+    """The round loop ``cfg.mode`` asks for, over ``strategy``'s stages."""
+    if cfg.mode == "sync":
+        return FederatedServer(strategy=strategy, **server_args)
+    from fedloom.server.async_loop import AsyncFederatedServer, AsyncSettings
+    from fedloom.system.clock import client_time, planned_examples
+    from fedloom.system.profiles import draw_profiles
+
+    a = cfg.async_
+    profiles = draw_profiles(cfg.system, num_clients=len(client_examples), seed=cfg.seed)
+    up_bytes = 4 * sum(strategy.upload_sizes().values())
+
+    def planned_duration(client_id: int, model_bytes: int) -> float:
+        work = planned_examples(
+            client_examples[client_id],
+            batch_size=cfg.client.batch_size,
+            epochs=cfg.client.epochs,
+            steps=cfg.client.steps,
+        )
+        t = client_time(
+            profiles, client_id, down_bytes=model_bytes, examples=work, up_bytes=up_bytes
+        )
+        return t.total
+
+    buffer = 1 if a.algorithm == "fedasync" else a.buffer_size
+    concurrency = a.concurrency if a.concurrency is not None else 2 * buffer
+    settings = AsyncSettings(
+        algorithm=a.algorithm,
+        buffer_size=buffer,
+        concurrency=min(concurrency, len(client_examples)),
+        staleness_exponent=a.staleness_exponent,
+        mixing=a.mixing,
+    )
+    return AsyncFederatedServer(
+        settings=settings, planned_duration=planned_duration, strategy=strategy, **server_args
+    )
 
 
 def _selector(cfg: RunConfig) -> Any:
@@ -190,7 +269,7 @@ def build_strategy(
     for name in cfg.callbacks:
         stage_callbacks.append(CALLBACKS.create(name, dict(cfg.callback_options.get(name, {}))))
     arrivals: ArrivalModel = InstantArrivals()
-    if cfg.system.enabled:
+    if cfg.system.enabled and cfg.mode == "sync":  # async rounds keep their own clock
         from fedloom.system.clock import virtual_clock
 
         held_bytes = 4 * sum(algorithm.upload_sizes(spec.size).values())

@@ -32,13 +32,14 @@ from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.messages import GLOBAL, FitTask
 from fedloom.seeding import EVAL_SUBSET, derive_rng
 from fedloom.server.callbacks import Checkpointer, Evaluation, RoundRecorder
-from fedloom.server.loop import ClientExecutor, FederatedServer
+from fedloom.server.loop import ClientExecutor
 from fedloom.server.metrics import run_metrics
 from fedloom.store import RunStore
 from fedloom.strategies import (
     build_client_runtime,
     build_learner,
     build_strategy,
+    make_server,
     simulation_runtime,
 )
 
@@ -125,6 +126,11 @@ def run_federation(
     store = RunStore.open(out_dir) if resume else None
     if store is not None:
         cfg = config_from_dict(store.config())
+    if deployment and cfg.mode == "async":
+        raise ConfigError(
+            "mode = 'async' runs in simulation only so far (the gRPC server has round "
+            "barriers); set mode = 'sync' for fedloom server"
+        )
     if data is None:
         data = build_federated_dataset(cfg.data, cfg.seed)
     if store is None:
@@ -163,8 +169,10 @@ def run_federation(
             central_evaluator=lambda v: learner.evaluate(v, test_set, cfg.eval.batch_size),
             eval_clients=[c.client_id for c in data.clients if c.test is not None and len(c.test)],
         )
-        server = FederatedServer(
+        server = make_server(
+            cfg,
             strategy=strategy,
+            client_examples=[len(c.train) for c in data.clients],
             executor=executor,
             initial_weights=learner.initial_vector(),
             num_clients=data.num_clients,

@@ -13,7 +13,7 @@ compositions assembled by :mod:`fedloom.strategies`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,8 +122,14 @@ class Strategy:
         outcomes: Sequence[FitResult | ClientFailure],
         weights: np.ndarray,
         exchange: Exchange,
+        *,
+        adjust: Callable[[FitResult], FitResult] | None = None,
     ) -> FitOutcome:
-        """Triage, decode, (securely) aggregate, combine and step: the new global model."""
+        """Triage, decode, (securely) aggregate, combine and step: the new global model.
+
+        ``adjust`` rewrites each decoded update before aggregation (the asynchronous
+        loop's staleness discount); it never sees held (secure-aggregation) uploads.
+        """
         down_bytes = sum(v.nbytes for v in self.algorithm.broadcast(weights).values())
         arrivals = self.arrivals.arrive(
             rnd, outcomes, down_bytes=down_bytes, wanted=self._wanted.pop(rnd, len(outcomes))
@@ -131,6 +137,8 @@ class Strategy:
         updates, failures, dropped = self._triage(rnd, arrivals.outcomes)
         dropped += arrivals.late
         self.selector.observe(rnd, updates, arrivals.durations)
+        if adjust is not None:
+            updates = [u if u.held else adjust(u) for u in updates]
         every_round = self.aggregator.aggregates_every_round
         aggregated = every_round or len(updates) >= self.min_aggregate_clients
         fields: dict[str, Any] = dict(arrivals.fields)
