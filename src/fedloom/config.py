@@ -332,6 +332,18 @@ class AsyncConfig(_Section):
     mixing: float = Field(0.6, gt=0.0, le=1.0)
 
 
+class GossipConfig(_Section):
+    """Serverless federation (``mode = "gossip"``): peers average with neighbours.
+
+    ``topology``: ``ring``, ``torus``, ``erdos_renyi`` (``edge_probability``),
+    ``exponential`` or ``complete``; ``time_varying`` draws a new graph every round.
+    """
+
+    topology: Literal["ring", "torus", "erdos_renyi", "exponential", "complete"] = "ring"
+    edge_probability: float = Field(0.3, gt=0.0, le=1.0)
+    time_varying: bool = False
+
+
 def register_strategy(name: str, composition: dict[str, dict[str, Any]]) -> None:
     """Name a composition of stage settings (``{section: {key: value}}``) as a strategy.
 
@@ -366,9 +378,11 @@ class RunConfig(_Section):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     personal: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     system: SystemConfig = Field(default_factory=SystemConfig)
-    #: ``sync``: rounds with a barrier; ``async``: FedBuff / FedAsync (the ``async`` table).
-    mode: Literal["sync", "async"] = "sync"
+    #: ``sync``: rounds with a barrier; ``async``: FedBuff / FedAsync (the ``async`` table);
+    #: ``gossip``: no server, peers average with their neighbours (the ``gossip`` table).
+    mode: Literal["sync", "async", "gossip"] = "sync"
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
+    gossip: GossipConfig = Field(default_factory=GossipConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

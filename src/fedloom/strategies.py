@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from fedloom.algorithms.base import AlgorithmSettings, StageContext
 from fedloom.algorithms.dpsgd import LocalDPSettings
 from fedloom.callbacks import Callback
@@ -113,6 +115,8 @@ def check_composition(cfg: RunConfig) -> None:
         )
     if cfg.mode == "async":
         _check_async(cfg)
+    if cfg.mode == "gossip":
+        _check_gossip(cfg)
     if cfg.server.selection != "uniform":
         if p.mechanism == "central":
             raise ConfigError(
@@ -163,16 +167,46 @@ def _check_async(cfg: RunConfig) -> None:
         )
 
 
+def _check_gossip(cfg: RunConfig) -> None:
+    p = cfg.privacy
+    if p.mechanism == "central" or p.secure_aggregation != "none" or p.local_dp:
+        raise ConfigError(
+            "mode = 'gossip' has no server to add noise or run secure aggregation; turn the "
+            "privacy section off or set mode = 'sync'"
+        )
+    if cfg.client.algorithm != "sgd":
+        raise ConfigError(
+            "mode = 'gossip' trains peers with plain local SGD (client.algorithm = 'sgd'); "
+            "change the strategy or set mode = 'sync'"
+        )
+
+
 def make_server(
     cfg: RunConfig,
     *,
     strategy: Strategy,
     client_examples: Sequence[int],
+    evaluate_model: Callable[[np.ndarray], dict[str, float]] | None = None,
     **server_args: Any,
 ) -> FederatedServer:
-    """The round loop ``cfg.mode`` asks for, over ``strategy``'s stages."""
+    """The round loop ``cfg.mode`` asks for, over ``strategy``'s stages.
+
+    ``evaluate_model`` scores one model vector (gossip evaluates every peer's own)."""
     if cfg.mode == "sync":
         return FederatedServer(strategy=strategy, **server_args)
+    if cfg.mode == "gossip":
+        from fedloom.gossip.loop import GossipServer, GossipSettings
+
+        g = cfg.gossip
+        gossip = GossipSettings(
+            topology=g.topology,
+            edge_probability=g.edge_probability,
+            time_varying=g.time_varying,
+            eval_every=cfg.eval.every,
+        )
+        return GossipServer(
+            settings=gossip, evaluate_model=evaluate_model, strategy=strategy, **server_args
+        )
     from fedloom.server.async_loop import AsyncFederatedServer, AsyncSettings
     from fedloom.system.clock import client_time, planned_examples
     from fedloom.system.profiles import draw_profiles

@@ -126,10 +126,10 @@ def run_federation(
     store = RunStore.open(out_dir) if resume else None
     if store is not None:
         cfg = config_from_dict(store.config())
-    if deployment and cfg.mode == "async":
+    if deployment and cfg.mode != "sync":
         raise ConfigError(
-            "mode = 'async' runs in simulation only so far (the gRPC server has round "
-            "barriers); set mode = 'sync' for fedloom server"
+            f"mode = '{cfg.mode}' runs in simulation only so far (the gRPC server runs "
+            "synchronous rounds); set mode = 'sync' for fedloom server"
         )
     if data is None:
         data = build_federated_dataset(cfg.data, cfg.seed)
@@ -173,6 +173,7 @@ def run_federation(
             cfg,
             strategy=strategy,
             client_examples=[len(c.train) for c in data.clients],
+            evaluate_model=lambda v: learner.evaluate(v, test_set, cfg.eval.batch_size),
             executor=executor,
             initial_weights=learner.initial_vector(),
             num_clients=data.num_clients,

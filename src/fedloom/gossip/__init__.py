@@ -1,0 +1,1 @@
+"""Decentralized (serverless) federation: peers train and average with their neighbours."""
