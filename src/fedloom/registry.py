@@ -36,6 +36,7 @@ BUILTIN_MODULES = (
     "fedloom.algorithms",
     "fedloom.codecs",
     "fedloom.privacy.stages",
+    "fedloom.server.watermark",
 )
 _loaded = False
 
@@ -115,3 +116,5 @@ CALLBACKS: Registry[Any] = Registry("callback")
 #: Secure-aggregation protocols: server halves and client-side participants.
 SECURE_AGGREGATIONS: Registry[Any] = Registry("secure aggregation")
 PROTOCOL_PARTICIPANTS: Registry[Any] = Registry("protocol participant")
+#: Post-aggregation edits of the global model (fedloom.server.transforms), e.g. WAFFLE.
+MODEL_TRANSFORMS: Registry[Any] = Registry("model transform")

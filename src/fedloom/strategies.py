@@ -26,6 +26,7 @@ from fedloom.registry import (
     CALLBACKS,
     CLIENT_ALGORITHMS,
     CODECS,
+    MODEL_TRANSFORMS,
     SECURE_AGGREGATIONS,
     SERVER_ALGORITHMS,
     SERVER_OPTIMIZERS,
@@ -33,6 +34,7 @@ from fedloom.registry import (
 from fedloom.server.optimizers import make_server_optimizer
 from fedloom.server.sampling import expected_clients_per_round
 from fedloom.server.strategy import Strategy
+from fedloom.server.transforms import ServerModel
 
 
 def algorithm_settings(cfg: RunConfig) -> AlgorithmSettings:
@@ -110,9 +112,11 @@ def build_strategy(
     roles_in_process: bool,
     callbacks: Sequence[Callback] = (),
     aggregator: Any = None,
+    server_model: ServerModel | None = None,
 ) -> Strategy:
     """The server's stages for ``cfg``. ``roles_in_process``: simulate protocol roles
-    (CKKS's key holder) here instead of expecting them to connect."""
+    (CKKS's key holder) here instead of expecting them to connect. ``server_model``: the
+    model the server runs, for stages that train it (the watermark)."""
     check_composition(cfg)
     context = StageContext(
         num_clients=num_clients,
@@ -150,6 +154,16 @@ def build_strategy(
         )
     for name in cfg.callbacks:
         stage_callbacks.append(CALLBACKS.create(name, dict(cfg.callback_options.get(name, {}))))
+    transforms: list[Any] = []
+    if cfg.watermark.enabled:
+        if server_model is None:
+            raise ConfigError(
+                "watermark.enabled trains the global model on the server, which needs the "
+                "model there; run it through fedloom run / simulate / serve"
+            )
+        transforms.append(MODEL_TRANSFORMS.create("waffle", cfg.watermark, context, server_model))
+    # A transform that writes into the run directory does so through callback hooks.
+    stage_callbacks.extend(t for t in transforms if isinstance(t, Callback))
     try:
         return Strategy(
             algorithm=algorithm,
@@ -158,6 +172,7 @@ def build_strategy(
             sampling=cfg.server,
             codecs=codecs,
             secure=secure,
+            transforms=transforms,
             callbacks=[*stage_callbacks, *callbacks],
             min_aggregate_clients=cfg.server.min_aggregate_clients,
             drop_stragglers=cfg.server.drop_stragglers,

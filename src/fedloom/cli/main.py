@@ -1,7 +1,8 @@
 """Argument parsing and dispatch of the ``fedloom`` command.
 
 Only :mod:`fedloom.cli` imports this module. It imports the command modules
-(:mod:`~fedloom.cli.run`, :mod:`~fedloom.cli.deploy`, :mod:`~fedloom.cli.leakage`),
+(:mod:`~fedloom.cli.run`, :mod:`~fedloom.cli.deploy`, :mod:`~fedloom.cli.leakage`,
+:mod:`~fedloom.cli.watermark`),
 which import :mod:`~fedloom.cli.common` and never this module.
 """
 
@@ -23,6 +24,7 @@ from fedloom.cli.common import make_console, setup_logging, user_error
 from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.leakage import cmd_leakage
 from fedloom.cli.run import cmd_centralized, cmd_report, cmd_run
+from fedloom.cli.watermark import add_watermark_parser, cmd_watermark
 from fedloom.config import ConfigError
 from fedloom.store import RunStoreError
 
@@ -139,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write leakage.json and leakage.png (default runs/leakage; "
         "existing ones are replaced)",
     )
+    add_watermark_parser(sub)
     return parser
 
 
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_deploy_command(args, console)
         if args.command == "leakage":
             return cmd_leakage(args, console)
+        if args.command == "watermark":
+            return cmd_watermark(args, console)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)
