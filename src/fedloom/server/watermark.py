@@ -258,9 +258,7 @@ class WaffleEmbedding(Callback):
 
 
 @MODEL_TRANSFORMS.register("waffle")
-def make_waffle(
-    cfg: WatermarkConfig, context: StageContext, model: ServerModel
-) -> WaffleEmbedding:
+def make_waffle(cfg: WatermarkConfig, context: StageContext, model: ServerModel) -> WaffleEmbedding:
     if not model.real_inputs:
         raise ConfigError(
             "watermark.enabled needs a model with real-valued inputs (images, features); "
