@@ -124,6 +124,11 @@ def _run_of(source: Path) -> tuple[Path, Path | None]:
     from fedloom.store import CHECKPOINTS_DIR, DB_FILE
 
     if source.is_dir():
+        if not (source / DB_FILE).is_file():
+            raise WatermarkError(
+                f"{source} is not a fedloom run directory (no {DB_FILE}); pass the --out "
+                "directory of a watermarked run"
+            )
         return source, None
     if source.is_file():
         run_dir = source.parent.parent

@@ -264,6 +264,11 @@ def make_waffle(cfg: WatermarkConfig, context: StageContext, model: ServerModel)
             "watermark.enabled needs a model with real-valued inputs (images, features); "
             "this data set feeds token ids, turn the watermark off"
         )
+    if model.num_classes < 2:
+        raise ConfigError(
+            "watermark.enabled needs a classifier (a trigger set has labels); this model "
+            "has one output, turn the watermark off"
+        )
     labels = cfg.num_labels or model.num_classes
     if labels > model.num_classes:
         raise ConfigError(
