@@ -230,6 +230,29 @@ class DeployConfig(_Section):
     max_workers: int = Field(256, ge=4)
 
 
+class WatermarkConfig(_Section):
+    """WAFFLE (Tekgul et al. 2021): the server embeds a watermark in the global model.
+
+    After each aggregation the server trains the global model on a secret trigger set of
+    ``trigger_size`` random patterns with labels drawn from ``num_labels`` classes
+    (default: all of the model's) with SGD (``lr``, ``momentum``, ``batch_size``) until
+    the trigger accuracy reaches ``threshold`` or ``max_steps`` steps were taken. The
+    trigger set comes from ``seed``; unset (the default), a secret seed is drawn when
+    the run starts and kept in the run store, not in the config.
+    ``fedloom watermark verify`` tests a model against it.
+    """
+
+    enabled: bool = False
+    trigger_size: int = Field(100, ge=1)
+    num_labels: int | None = Field(None, ge=2)
+    threshold: float = Field(1.0, gt=0.0, le=1.0)
+    max_steps: int = Field(50, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    batch_size: int = Field(50, ge=1)
+    seed: int | None = Field(None, ge=0)
+
+
 STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
     # McMahan et al. 2017: weighted mean, plain server step with lr 1. FedAvg as published
     # drops devices that do not finish E epochs (Li et al. 2020, Section 5.2).
@@ -383,6 +406,7 @@ class RunConfig(_Section):
     mode: Literal["sync", "async", "gossip"] = "sync"
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     gossip: GossipConfig = Field(default_factory=GossipConfig)
+    watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

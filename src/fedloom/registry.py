@@ -37,6 +37,7 @@ BUILTIN_MODULES = (
     "fedloom.algorithms",
     "fedloom.codecs",
     "fedloom.privacy.stages",
+    "fedloom.server.watermark",
 )
 _loaded = False
 
@@ -118,3 +119,5 @@ SECURE_AGGREGATIONS: Registry[Any] = Registry("secure aggregation")
 PROTOCOL_PARTICIPANTS: Registry[Any] = Registry("protocol participant")
 #: Client selection for fixed-size rounds (``server.selection``); factory ``(options)``.
 CLIENT_SELECTORS: Registry[Any] = Registry("client selector")
+#: Post-aggregation edits of the global model (fedloom.server.transforms), e.g. WAFFLE.
+MODEL_TRANSFORMS: Registry[Any] = Registry("model transform")

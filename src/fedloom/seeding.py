@@ -23,6 +23,9 @@ EVAL_SUBSET = 6
 DP_NOISE = 7
 #: Bucketing's random permutation of a round's updates (Karimireddy et al. 2022).
 BUCKETING = 8
+#: The watermark's trigger set and retraining shuffles, keyed by the watermark's own
+#: (secret) seed; see ``fedloom.server.watermark``.
+WATERMARK = 16
 
 
 def derive_seed(*key: int) -> int:

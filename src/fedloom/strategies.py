@@ -29,6 +29,7 @@ from fedloom.registry import (
     CLIENT_ALGORITHMS,
     CLIENT_SELECTORS,
     CODECS,
+    MODEL_TRANSFORMS,
     SECURE_AGGREGATIONS,
     SERVER_ALGORITHMS,
     SERVER_OPTIMIZERS,
@@ -38,6 +39,7 @@ from fedloom.server.loop import FederatedServer
 from fedloom.server.optimizers import make_server_optimizer
 from fedloom.server.sampling import expected_clients_per_round
 from fedloom.server.strategy import Strategy
+from fedloom.server.transforms import ServerModel
 
 
 def algorithm_settings(cfg: RunConfig) -> AlgorithmSettings:
@@ -262,9 +264,11 @@ def build_strategy(
     roles_in_process: bool,
     callbacks: Sequence[Callback] = (),
     aggregator: Any = None,
+    server_model: ServerModel | None = None,
 ) -> Strategy:
     """The server's stages for ``cfg``. ``roles_in_process``: simulate protocol roles
-    (CKKS's key holder) here instead of expecting them to connect."""
+    (CKKS's key holder) here instead of expecting them to connect. ``server_model``: the
+    model the server runs, for stages that train it (the watermark)."""
     check_composition(cfg)
     context = StageContext(
         num_clients=num_clients,
@@ -308,6 +312,16 @@ def build_strategy(
 
         held_bytes = 4 * sum(algorithm.upload_sizes(spec.size).values())
         arrivals = virtual_clock(cfg, num_clients=num_clients, held_upload_bytes=held_bytes)
+    transforms: list[Any] = []
+    if cfg.watermark.enabled:
+        if server_model is None:
+            raise ConfigError(
+                "watermark.enabled trains the global model on the server, which needs the "
+                "model there; run it through fedloom run / simulate / serve"
+            )
+        transforms.append(MODEL_TRANSFORMS.create("waffle", cfg.watermark, context, server_model))
+    # A transform that writes into the run directory does so through callback hooks.
+    stage_callbacks.extend(t for t in transforms if isinstance(t, Callback))
     try:
         return Strategy(
             algorithm=algorithm,
@@ -316,6 +330,7 @@ def build_strategy(
             sampling=cfg.server,
             codecs=codecs,
             secure=secure,
+            transforms=transforms,
             callbacks=[*stage_callbacks, *callbacks],
             min_aggregate_clients=cfg.server.min_aggregate_clients,
             drop_stragglers=cfg.server.drop_stragglers,

@@ -1,7 +1,8 @@
 """Argument parsing and dispatch of the ``fedloom`` command.
 
 Only :mod:`fedloom.cli` imports this module. It imports the command modules
-(:mod:`~fedloom.cli.run`, :mod:`~fedloom.cli.deploy`, :mod:`~fedloom.cli.leakage`),
+(:mod:`~fedloom.cli.run`, :mod:`~fedloom.cli.deploy`, :mod:`~fedloom.cli.leakage`,
+:mod:`~fedloom.cli.watermark`),
 which import :mod:`~fedloom.cli.common` and never this module.
 """
 
@@ -24,6 +25,7 @@ from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.estimate import cmd_estimate
 from fedloom.cli.leakage import cmd_leakage
 from fedloom.cli.run import cmd_centralized, cmd_report, cmd_run
+from fedloom.cli.watermark import add_watermark_parser, cmd_watermark
 from fedloom.config import ConfigError
 from fedloom.store import RunStoreError
 
@@ -157,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     estimate.add_argument("--no-what-if", action="store_true", help="only the configured run")
     estimate.add_argument("--json", type=Path, metavar="FILE", help="also write the estimate")
+    add_watermark_parser(sub)
     return parser
 
 
@@ -228,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_leakage(args, console)
         if args.command == "estimate":
             return cmd_estimate(args, console)
+        if args.command == "watermark":
+            return cmd_watermark(args, console)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)

@@ -34,6 +34,7 @@ from fedloom.seeding import EVAL_SUBSET, derive_rng
 from fedloom.server.callbacks import Checkpointer, Evaluation, RoundRecorder
 from fedloom.server.loop import ClientExecutor
 from fedloom.server.metrics import run_metrics
+from fedloom.server.transforms import ServerModel
 from fedloom.store import RunStore
 from fedloom.strategies import (
     build_client_runtime,
@@ -138,14 +139,15 @@ def run_federation(
         write_client_summary(data, out_dir)
     learner = learner_factory() if learner_factory is not None else build_learner(cfg, data)
     runtime = build_client_runtime(cfg, learner, _data_of(data), num_clients=data.num_clients)
+    test_set = central_test_set(data, cfg)
     strategy = build_strategy(
         cfg,
         num_clients=data.num_clients,
         spec=learner.binding.spec,
         roles_in_process=not deployment,
         aggregator=aggregator,
+        server_model=ServerModel.of(learner, test=test_set, num_classes=data.num_classes),
     )
-    test_set = central_test_set(data, cfg)
     started = time.perf_counter()
     wall_before = float(store.get_meta("wall_s", 0.0))
     wiring = Wiring(

@@ -2,7 +2,8 @@
 
 sample → configure (server algorithm + codecs say what clients get) → [engine runs the
 clients] → triage and decode (codecs, in reverse) → [secure sum over the exchange] →
-aggregate (aggregator) → combine (server algorithm) → step (server optimizer).
+aggregate (aggregator) → combine (server algorithm) → step (server optimizer) →
+transform (post-aggregation model transforms, e.g. a watermark).
 
 The round loop calls the four methods of :class:`Strategy` and never knows which
 algorithm, codec, aggregator or privacy mechanism runs; the strategy never knows which
@@ -40,6 +41,7 @@ from fedloom.server.arrivals import ArrivalModel, InstantArrivals
 from fedloom.server.optimizers import ServerOptimizer
 from fedloom.server.sampling import clients_per_round, poisson_sample_clients
 from fedloom.server.selection import ClientSelector, UniformSelector
+from fedloom.server.transforms import ModelTransform
 
 log = logging.getLogger("fedloom.server")
 
@@ -66,6 +68,8 @@ class Strategy:
     sampling: ServerConfig
     codecs: list[UpdateCodec] = field(default_factory=list)
     secure: SecureAggregator | None = None
+    #: Applied in order to the new global model of every round that aggregated.
+    transforms: list[ModelTransform] = field(default_factory=list)
     callbacks: list[Callback] = field(default_factory=list)
     min_aggregate_clients: int = 1
     drop_stragglers: bool = False
@@ -171,6 +175,9 @@ class Strategy:
             return FitOutcome(weights, False, updates, failures, dropped, fields)
         new_weights, agg_fields = self._aggregate(rnd, updates, total, weights)
         fields.update(agg_fields)
+        for transform in self.transforms:
+            new_weights, transform_fields = transform.transform(rnd, new_weights)
+            fields.update(transform_fields)
         return FitOutcome(new_weights, True, updates, failures, dropped, fields)
 
     def _aggregate(
@@ -285,13 +292,14 @@ class Strategy:
             stage.load_state(own)
 
     def _stages(self) -> list[tuple[str, Any]]:
-        return [
+        stages: list[tuple[str, Any]] = [
             ("opt", self.optimizer),
             ("algo", self.algorithm),
             ("agg", self.aggregator),
             ("clock", self.arrivals),
             ("select", self.selector),
         ]
+        return stages + [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
 
 
 def _rows(updates: list[FitResult], name: str, size: int) -> np.ndarray:
