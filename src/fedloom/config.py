@@ -291,6 +291,25 @@ def register_strategy(name: str, composition: dict[str, dict[str, Any]]) -> None
     STRATEGIES[name] = composition
 
 
+class AnomalyConfig(_Section):
+    """Per-client anomaly scores, flags and a reputation (``fedloom.server.anomaly``).
+
+    Each round every update gets a score by ``method`` (``cosine``: 1 − cos to the
+    coordinate-wise median update; ``distance``: distance to that median over the
+    round's median distance; ``norm``: robust z-score of the update norm); a score above
+    ``threshold`` (default per method: 1.0, 3.0, 3.0) flags the client. Reputation is an
+    exponential moving average of "not flagged" with weight ``reputation_decay`` on the
+    past; with ``exclude_below`` set, clients whose reputation is below it are no longer
+    sampled.
+    """
+
+    enabled: bool = False
+    method: Literal["cosine", "distance", "norm"] = "cosine"
+    threshold: float | None = Field(None, gt=0.0)
+    reputation_decay: float = Field(0.8, ge=0.0, lt=1.0)
+    exclude_below: float | None = Field(None, gt=0.0, le=1.0)
+
+
 class RunConfig(_Section):
     """A complete experiment."""
 
@@ -309,6 +328,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     personal: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

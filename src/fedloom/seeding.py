@@ -23,6 +23,12 @@ EVAL_SUBSET = 6
 DP_NOISE = 7
 #: Bucketing's random permutation of a round's updates (Karimireddy et al. 2022).
 BUCKETING = 8
+#: Which of the server's examples a stage reserves (FLTrust's root data set), keyed by
+#: (seed, SERVER_DATA, stage tag); the shuffles of the server's own training, keyed by
+#: (seed, SERVER_TRAIN, round); FLAME's Gaussian noise, keyed by (seed, FLAME_NOISE, round).
+SERVER_DATA = 21
+SERVER_TRAIN = 22
+FLAME_NOISE = 23
 
 
 def derive_seed(*key: int) -> int:

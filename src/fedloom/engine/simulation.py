@@ -26,6 +26,7 @@ from fedloom.client_store import ClientStateStore
 from fedloom.config import ConfigError, RunConfig, config_from_dict
 from fedloom.data import build_federated_dataset
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
+from fedloom.data.server import ServerData
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.messages import GLOBAL, FitTask
@@ -131,14 +132,19 @@ def run_federation(
         _write_data_summary(data, out_dir)
     learner = learner_factory() if learner_factory is not None else build_learner(cfg, data)
     runtime = build_client_runtime(cfg, learner, _data_of(data), num_clients=data.num_clients)
+    # The server's examples (its test set); stages that train on the server (FLTrust)
+    # reserve a slice, and central evaluation uses what nobody reserved.
+    server_data = ServerData(data.test, seed=cfg.seed)
     strategy = build_strategy(
         cfg,
         num_clients=data.num_clients,
         spec=learner.binding.spec,
         roles_in_process=not deployment,
         aggregator=aggregator,
+        server_data=server_data,
+        learner_factory=learner_factory or partial(build_learner, cfg, data),
     )
-    test_set = central_test_set(data, cfg)
+    test_set = central_test_set(data, cfg, server_data.evaluation_set())
     started = time.perf_counter()
     wall_before = float(store.get_meta("wall_s", 0.0))
     wiring = Wiring(
@@ -210,13 +216,17 @@ def _data_of(data: FederatedDataset) -> Callable[[int], ClientData]:
     return data_of
 
 
-def central_test_set(data: FederatedDataset, cfg: RunConfig) -> ArrayDataset:
-    """The server's test set, or a fixed random subset of ``eval.max_examples`` of it."""
+def central_test_set(
+    data: FederatedDataset, cfg: RunConfig, test: ArrayDataset | None = None
+) -> ArrayDataset:
+    """The server's test set (``test``: what is left of it once stages reserved their
+    examples), or a fixed random subset of ``eval.max_examples`` of it."""
+    test = data.test if test is None else test
     limit = cfg.eval.max_examples
-    if limit is None or len(data.test) <= limit:
-        return data.test
-    index = np.sort(derive_rng(cfg.seed, EVAL_SUBSET).choice(len(data.test), limit, replace=False))
-    return data.test.subset(index)
+    if limit is None or len(test) <= limit:
+        return test
+    index = np.sort(derive_rng(cfg.seed, EVAL_SUBSET).choice(len(test), limit, replace=False))
+    return test.subset(index)
 
 
 def write_outputs(
