@@ -76,8 +76,9 @@ def main() -> None:
         flagged = set(r["flagged_clients"])
         hit = len(flagged & truth)
         precision = hit / len(flagged) if flagged else float("nan")
+        recall = hit / len(truth) if truth else float("nan")
         print(
-            f"{r['round']:>5}{len(flagged):>9}{precision:>11.2f}{hit / len(truth) if truth else float('nan'):>8.2f}"
+            f"{r['round']:>5}{len(flagged):>9}{precision:>11.2f}{recall:>8.2f}"
             f"{r['accuracy']:>10.3f}"
         )
 

@@ -22,7 +22,7 @@ from fedloom.server.aggregators import AggregationInput
 from fedloom.server.robust_fltrust import FLTrust, fltrust_combine
 from fedloom.strategies import build_learner
 
-from .helpers import toy_dataset
+from .helpers import final_weights, interrupt_after, toy_dataset
 
 
 def test_trust_scores_and_rescaling_by_hand() -> None:
@@ -171,3 +171,14 @@ def test_fltrust_on_digits(tmp_path: Path) -> None:
         # IID honest clients all point roughly where the server's own update does.
         assert record["excluded_clients"] == []
     assert summary["final"]["accuracy"] > 0.5
+
+
+def test_fltrust_resumes_to_the_same_model(tmp_path: Path) -> None:
+    """The root set is a seeded reservation and the server's shuffles are seeded by round,
+    so a resumed run reserves the same examples and computes the same g_0."""
+    overrides = ["rounds=3", "server.aggregator=fltrust", "client.epochs=1"]
+    whole = run_simulation(load_config(None, overrides), tmp_path / "whole")
+    interrupt_after(load_config(None, overrides), tmp_path / "cut", 2)
+    resumed = run_simulation(load_config(None), tmp_path / "cut", resume=True)
+    assert resumed["history"][-1]["trust_scores"] == whole["history"][-1]["trust_scores"]
+    assert np.array_equal(final_weights(tmp_path / "cut"), final_weights(tmp_path / "whole"))
