@@ -71,15 +71,23 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, history in runs.items():
+        for (name, history), color in zip(
+            runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False
+        ):
             evaluated = [r for r in history if r["accuracy"] is not None]
             ax1.plot(
-                [r["round"] for r in evaluated], [r["accuracy"] for r in evaluated], label=name
+                [r["round"] for r in evaluated],
+                [r["accuracy"] for r in evaluated],
+                label=name,
+                color=color,
             )
             if history[0].get("consensus_distance") is not None:
                 rounds = [r["round"] for r in history]
                 ax2.semilogy(
-                    rounds, [max(r["consensus_distance"], 1e-12) for r in history], label=name
+                    rounds,
+                    [max(r["consensus_distance"], 1e-12) for r in history],
+                    label=name,
+                    color=color,
                 )
         ax1.set(xlabel="round", ylabel="test accuracy (average model)", title="accuracy")
         ax2.set(xlabel="round", ylabel="(1/n) sum ||x_i - mean||^2", title="consensus distance")

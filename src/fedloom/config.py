@@ -378,6 +378,31 @@ def register_strategy(name: str, composition: dict[str, dict[str, Any]]) -> None
     STRATEGIES[name] = composition
 
 
+class AnomalyConfig(_Section):
+    """Per-client anomaly scores, flags and a reputation (``fedloom.server.anomaly``).
+
+    Each round every update gets a score by ``method`` (``sign``: share of coordinates
+    whose sign disagrees with the coordinate-wise median update's; ``cosine``: 1 − cos
+    to that median; ``distance``: distance to it over the round's median distance;
+    ``norm``: robust z-score of the update norm). With ``score_decay`` > 0 a client's
+    score is smoothed over the rounds it takes part in. ``rule = "robust_z"`` flags a
+    client whose (smoothed) score lies more than ``threshold`` (default 2.5) robust
+    standard deviations above the round's median; ``"absolute"`` flags a score above
+    ``threshold`` (default per method: sign 0.5, cosine 1.0, distance 3.0, norm 3.0).
+    Reputation is an exponential moving average of "not flagged" with weight
+    ``reputation_decay`` on the past; with ``exclude_below`` set, clients whose
+    reputation is below it are no longer sampled.
+    """
+
+    enabled: bool = False
+    method: Literal["sign", "cosine", "distance", "norm"] = "sign"
+    rule: Literal["robust_z", "absolute"] = "robust_z"
+    threshold: float | None = Field(None, gt=0.0)
+    score_decay: float = Field(0.8, ge=0.0, lt=1.0)
+    reputation_decay: float = Field(0.8, ge=0.0, lt=1.0)
+    exclude_below: float | None = Field(None, gt=0.0, le=1.0)
+
+
 class RunConfig(_Section):
     """A complete experiment."""
 
@@ -407,6 +432,7 @@ class RunConfig(_Section):
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     gossip: GossipConfig = Field(default_factory=GossipConfig)
     watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -32,6 +32,9 @@ BUILTIN_MODULES = (
     "fedloom.server.robust_krum",
     "fedloom.server.robust_geometric",
     "fedloom.server.robust_clipping",
+    "fedloom.server.robust_fltrust",
+    "fedloom.server.robust_flame",
+    "fedloom.server.anomaly",
     "fedloom.server.optimizers",
     "fedloom.server.selection",
     "fedloom.algorithms",
@@ -114,6 +117,8 @@ CODECS: Registry[Any] = Registry("update codec")
 AGGREGATORS: Registry[Any] = Registry("aggregator")
 SERVER_OPTIMIZERS: Registry[Any] = Registry("server optimizer")
 CALLBACKS: Registry[Any] = Registry("callback")
+#: Stages that watch the individual updates beside the aggregator (anomaly detection).
+UPDATE_MONITORS: Registry[Any] = Registry("update monitor")
 #: Secure-aggregation protocols: server halves and client-side participants.
 SECURE_AGGREGATIONS: Registry[Any] = Registry("secure aggregation")
 PROTOCOL_PARTICIPANTS: Registry[Any] = Registry("protocol participant")

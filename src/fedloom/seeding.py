@@ -26,6 +26,12 @@ BUCKETING = 8
 #: The watermark's trigger set and retraining shuffles, keyed by the watermark's own
 #: (secret) seed; see ``fedloom.server.watermark``.
 WATERMARK = 16
+#: Which of the server's examples a stage reserves (FLTrust's root data set), keyed by
+#: (seed, SERVER_DATA, stage tag); the shuffles of the server's own training, keyed by
+#: (seed, SERVER_TRAIN, round); FLAME's Gaussian noise, keyed by (seed, FLAME_NOISE, round).
+SERVER_DATA = 21
+SERVER_TRAIN = 22
+FLAME_NOISE = 23
 
 
 def derive_seed(*key: int) -> int:

@@ -22,6 +22,7 @@ from fedloom.client.models import build_model
 from fedloom.client.runtime import ClientRuntime
 from fedloom.config import ConfigError, RunConfig
 from fedloom.data.base import ClientData, FederatedDataset
+from fedloom.data.server import ServerData
 from fedloom.params import ParamSpec
 from fedloom.registry import (
     AGGREGATORS,
@@ -33,6 +34,7 @@ from fedloom.registry import (
     SECURE_AGGREGATIONS,
     SERVER_ALGORITHMS,
     SERVER_OPTIMIZERS,
+    UPDATE_MONITORS,
 )
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
 from fedloom.server.loop import FederatedServer
@@ -134,6 +136,24 @@ def check_composition(cfg: RunConfig) -> None:
         raise ConfigError(
             f"central DP adds noise to the mean of clipped updates; server.aggregator = "
             f"'{cfg.server.aggregator}' has another sensitivity, set server.aggregator = 'mean'"
+        )
+    check_anomaly(cfg)
+
+
+def check_anomaly(cfg: RunConfig) -> None:
+    """The ``anomaly`` section reads every update and may steer sampling by it."""
+    a, p = cfg.anomaly, cfg.privacy
+    if not a.enabled:
+        return
+    if p.secure_aggregation != "none":
+        raise ConfigError(
+            "anomaly detection reads every client's update, which secure aggregation hides "
+            "from the server; set anomaly.enabled = false or privacy.secure_aggregation = 'none'"
+        )
+    if a.exclude_below is not None and p.mechanism == "central":
+        raise ConfigError(
+            "anomaly.exclude_below makes who is sampled depend on what clients sent, which the "
+            "central DP accountant's sampling does not cover; unset it or turn privacy off"
         )
 
 
@@ -265,16 +285,25 @@ def build_strategy(
     callbacks: Sequence[Callback] = (),
     aggregator: Any = None,
     server_model: ServerModel | None = None,
+    server_data: ServerData | None = None,
+    learner_factory: Callable[[], Learner] | None = None,
 ) -> Strategy:
     """The server's stages for ``cfg``. ``roles_in_process``: simulate protocol roles
     (CKKS's key holder) here instead of expecting them to connect. ``server_model``: the
-    model the server runs, for stages that train it (the watermark)."""
+    model the server runs, for stages that train it (the watermark). ``server_data`` and
+    ``learner_factory`` reach stages that train on the server (FLTrust) through their
+    :class:`StageContext`; a stage reserves its examples from ``server_data``."""
     check_composition(cfg)
+    cc = cfg.client
     context = StageContext(
         num_clients=num_clients,
         spec=spec,
         seed=cfg.seed,
         expected_clients=expected_clients_per_round(cfg.server, num_clients),
+        server_data=server_data,
+        learner_factory=learner_factory,
+        work=WorkSettings(epochs=cc.epochs, steps=cc.steps, batch_size=cc.batch_size),
+        sgd=SGDSettings(lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay),
     )
     settings = algorithm_settings(cfg)
     algorithm = SERVER_ALGORITHMS.create(cfg.server.algorithm, settings, context)
@@ -322,6 +351,9 @@ def build_strategy(
         transforms.append(MODEL_TRANSFORMS.create("waffle", cfg.watermark, context, server_model))
     # A transform that writes into the run directory does so through callback hooks.
     stage_callbacks.extend(t for t in transforms if isinstance(t, Callback))
+    monitors = (
+        [UPDATE_MONITORS.create("anomaly", cfg.anomaly, context)] if cfg.anomaly.enabled else []
+    )
     try:
         return Strategy(
             algorithm=algorithm,
@@ -332,6 +364,7 @@ def build_strategy(
             secure=secure,
             transforms=transforms,
             callbacks=[*stage_callbacks, *callbacks],
+            monitors=monitors,
             min_aggregate_clients=cfg.server.min_aggregate_clients,
             drop_stragglers=cfg.server.drop_stragglers,
             dimension=spec.size,

@@ -15,7 +15,7 @@ settings and a :class:`StageContext`; nothing else of the run reaches them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ import numpy as np
 from fedloom.client.learner import Learner, SGDSettings, WorkPlan, WorkSettings
 from fedloom.client_store import ClientState
 from fedloom.data.base import ClientData
+from fedloom.data.server import ServerData
 from fedloom.messages import DELTA, GLOBAL, Broadcast, FitResult, Scalar
 from fedloom.params import ParamSpec
 
@@ -37,6 +38,15 @@ class StageContext:
     seed: int
     #: Expected number of clients per round (for stages that normalize by it).
     expected_clients: float = 1.0
+    #: The server's own examples (never a client's), from which a server-side stage
+    #: reserves the slice it trains on (FLTrust's root data set); None: the server has none.
+    server_data: ServerData | None = None
+    #: Builds a fresh copy of the run's model, for a stage that trains on the server.
+    learner_factory: Callable[[], Learner] | None = None
+    #: The clients' local work and optimizer (``client`` section), for a stage that trains
+    #: on the server exactly as a client would.
+    work: WorkSettings = field(default_factory=WorkSettings)
+    sgd: SGDSettings = field(default_factory=SGDSettings)
 
     @property
     def dimension(self) -> int:

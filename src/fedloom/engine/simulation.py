@@ -26,6 +26,7 @@ from fedloom.client_store import ClientStateStore
 from fedloom.config import ConfigError, RunConfig, config_from_dict
 from fedloom.data import build_federated_dataset
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
+from fedloom.data.server import ServerData
 from fedloom.data.summary import write_client_summary
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
@@ -139,15 +140,20 @@ def run_federation(
         write_client_summary(data, out_dir)
     learner = learner_factory() if learner_factory is not None else build_learner(cfg, data)
     runtime = build_client_runtime(cfg, learner, _data_of(data), num_clients=data.num_clients)
-    test_set = central_test_set(data, cfg)
+    # The server's examples (its test set); stages that train on the server (FLTrust)
+    # reserve a slice, and central evaluation uses what nobody reserved.
+    server_data = ServerData(data.test, seed=cfg.seed)
     strategy = build_strategy(
         cfg,
         num_clients=data.num_clients,
         spec=learner.binding.spec,
         roles_in_process=not deployment,
         aggregator=aggregator,
-        server_model=ServerModel.of(learner, test=test_set, num_classes=data.num_classes),
+        server_model=ServerModel.of(learner, test=data.test, num_classes=data.num_classes),
+        server_data=server_data,
+        learner_factory=learner_factory or partial(build_learner, cfg, data),
     )
+    test_set = central_test_set(data, cfg, server_data.evaluation_set())
     started = time.perf_counter()
     wall_before = float(store.get_meta("wall_s", 0.0))
     wiring = Wiring(
@@ -222,13 +228,17 @@ def _data_of(data: FederatedDataset) -> Callable[[int], ClientData]:
     return data_of
 
 
-def central_test_set(data: FederatedDataset, cfg: RunConfig) -> ArrayDataset:
-    """The server's test set, or a fixed random subset of ``eval.max_examples`` of it."""
+def central_test_set(
+    data: FederatedDataset, cfg: RunConfig, test: ArrayDataset | None = None
+) -> ArrayDataset:
+    """The server's test set (``test``: what is left of it once stages reserved their
+    examples), or a fixed random subset of ``eval.max_examples`` of it."""
+    test = data.test if test is None else test
     limit = cfg.eval.max_examples
-    if limit is None or len(data.test) <= limit:
-        return data.test
-    index = np.sort(derive_rng(cfg.seed, EVAL_SUBSET).choice(len(data.test), limit, replace=False))
-    return data.test.subset(index)
+    if limit is None or len(test) <= limit:
+        return test
+    index = np.sort(derive_rng(cfg.seed, EVAL_SUBSET).choice(len(test), limit, replace=False))
+    return test.subset(index)
 
 
 def write_outputs(

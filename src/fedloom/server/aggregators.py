@@ -55,6 +55,9 @@ class AggregationInput:
     #: The contributors' client ids, in row order (robust aggregators report which
     #: clients they excluded or down-weighted as ``excluded_clients``).
     client_ids: Sequence[int] = ()
+    #: The global model the round's clients trained from (a server-side reference update,
+    #: as FLTrust's, starts there); None where the caller has none.
+    global_weights: np.ndarray | None = None
 
 
 class Aggregator(Protocol):

@@ -38,6 +38,7 @@ from fedloom.messages import (
 from fedloom.seeding import SAMPLING, derive_rng
 from fedloom.server.aggregators import AggregationInput, Aggregator
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
+from fedloom.server.monitors import UpdateMonitor
 from fedloom.server.optimizers import ServerOptimizer
 from fedloom.server.sampling import clients_per_round, poisson_sample_clients
 from fedloom.server.selection import ClientSelector, UniformSelector
@@ -71,6 +72,8 @@ class Strategy:
     #: Applied in order to the new global model of every round that aggregated.
     transforms: list[ModelTransform] = field(default_factory=list)
     callbacks: list[Callback] = field(default_factory=list)
+    #: Stages that watch the individual updates beside the aggregator (anomaly detection).
+    monitors: list[UpdateMonitor] = field(default_factory=list)
     min_aggregate_clients: int = 1
     drop_stragglers: bool = False
     dimension: int = 0
@@ -88,11 +91,20 @@ class Strategy:
                 "hides from the server; choose server.aggregator = 'mean' or turn "
                 "privacy.secure_aggregation off"
             )
+        for monitor in self.monitors:
+            if self.secure is not None and monitor.needs_individual_updates:
+                raise ValueError(
+                    f"update monitor '{monitor.name}' reads every client's update, which secure "
+                    "aggregation hides from the server; turn one of them off"
+                )
 
     # ------------------------------------------------------------------ fit
     def sample(self, rnd: int, pool: np.ndarray, seed: int) -> np.ndarray:
         """Clients for round ``rnd`` among ``pool``. With every client available the draw
-        equals sampling from ``range(num_clients)``: a deployment samples as a simulation."""
+        equals sampling from ``range(num_clients)``: a deployment samples as a simulation.
+        Monitors may first narrow the pool (clients whose reputation fell too low)."""
+        for monitor in self.monitors:
+            pool = monitor.eligible(rnd, pool)
         pool = self.arrivals.available(rnd, pool)
         if len(pool) == 0:
             return np.zeros(0, dtype=np.int64)
@@ -204,8 +216,14 @@ class Strategy:
             count=len(updates),
             metrics=[u.metrics for u in updates],
             client_ids=[u.client_id for u in updates],
+            global_weights=weights,
         )
-        aggregate, fields = self.aggregator.aggregate(inp)
+        fields: dict[str, Any] = {}
+        if inp.updates is not None:
+            for monitor in self.monitors:
+                fields.update(monitor.observe(inp))
+        aggregate, agg_fields = self.aggregator.aggregate(inp)
+        fields.update(agg_fields)
         extras: dict[str, np.ndarray] = {}
         for name in names[1:]:
             if updates:
@@ -299,7 +317,8 @@ class Strategy:
             ("clock", self.arrivals),
             ("select", self.selector),
         ]
-        return stages + [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
+        stages += [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
+        return stages + [(f"mon/{m.name}", m) for m in self.monitors]
 
 
 def _rows(updates: list[FitResult], name: str, size: int) -> np.ndarray:
