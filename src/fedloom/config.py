@@ -209,9 +209,23 @@ class EngineConfig(_Section):
     order of magnitude. Raise it for large models on the in-process engine.
     """
 
-    name: Literal["inprocess", "pool"] = "inprocess"
+    name: Literal["inprocess", "pool", "ray"] = "inprocess"
     workers: int = Field(0, ge=0)
     torch_threads: int = Field(1, ge=1)
+    #: ``engine.name = "ray"``: the cluster to join (``host:port`` of its head, as
+    #: ``ray start --head`` prints it); unset starts a Ray instance on this machine.
+    address: str | None = None
+    #: ``engine.name = "ray"``: the CPUs each actor reserves; ``workers = 0`` then means
+    #: as many actors as the cluster's CPUs hold.
+    actor_cpus: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_ray_keys(self) -> EngineConfig:
+        if self.address is not None and self.name != "ray":
+            raise ValueError(
+                "engine.address names a Ray cluster; set engine.name = 'ray' or remove it"
+            )
+        return self
 
 
 class DeployConfig(_Section):
@@ -355,10 +369,10 @@ def check_privacy(cfg: RunConfig) -> None:
     """
     p = cfg.privacy
     _check_local_dp(cfg)
-    if p.secure_aggregation != "none" and cfg.engine.name == "pool":
+    if p.secure_aggregation != "none" and cfg.engine.name in ("pool", "ray"):
         raise ConfigError(
             "privacy.secure_aggregation runs on engine.name = 'inprocess' or in a deployment "
-            "(fedloom server), not on the pool engine"
+            f"(fedloom server), not on the {cfg.engine.name} engine"
         )
     if p.secure_aggregation == "ckks" and importlib.util.find_spec("tenseal") is None:
         raise ConfigError(

@@ -67,12 +67,24 @@ class Wiring:
 def make_executor(wiring: Wiring) -> ClientExecutor:
     cfg = wiring.cfg
     torch.set_num_threads(cfg.engine.torch_threads)
-    if cfg.engine.name == "pool":
-        if wiring.runtime_factory is None:
-            raise ConfigError(
-                "engine.name = 'pool' rebuilds the model in worker processes, which needs a "
-                "built-in model; use engine.name = 'inprocess' with your own model"
-            )
+    if cfg.engine.name in ("pool", "ray") and wiring.runtime_factory is None:
+        raise ConfigError(
+            f"engine.name = '{cfg.engine.name}' rebuilds the model in worker processes, which "
+            "needs a built-in model; use engine.name = 'inprocess' with your own model"
+        )
+    if cfg.engine.name == "ray" and wiring.runtime_factory is not None:
+        from fedloom.engine.ray import RayExecutor  # Ray is an optional extra
+
+        return RayExecutor(
+            wiring.runtime_factory,
+            wiring.data.client_sizes().tolist(),
+            wiring.client_store,
+            address=cfg.engine.address,
+            actors=cfg.engine.workers,
+            actor_cpus=cfg.engine.actor_cpus,
+            torch_threads=cfg.engine.torch_threads,
+        )
+    if cfg.engine.name == "pool" and wiring.runtime_factory is not None:
         return ProcessPoolExecutor(
             wiring.runtime_factory,
             wiring.data.client_sizes().tolist(),
