@@ -113,7 +113,7 @@ def test_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
 
 
 def test_ray_config_rules() -> None:
-    with pytest.raises(ConfigError, match="engine.address names a Ray cluster"):
+    with pytest.raises(ConfigError, match=r"engine\.address names a Ray cluster"):
         load_config(None, ["engine.address='127.0.0.1:6379'"])
     with pytest.raises(ConfigError, match="not on the ray engine"):
         load_config(None, ["engine.name=ray", "privacy.secure_aggregation='secagg+'"])

@@ -27,6 +27,7 @@ answers no protocol exchange (the configuration refuses the combination).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections import deque
@@ -310,10 +311,8 @@ class RayExecutor(LocalClients):
     def _replace(self, i: int) -> None:
         """A fresh actor in a dead one's place; its work queues until it has started."""
         slot = self.slots[i]
-        try:
+        with contextlib.suppress(Exception):  # already gone
             self._ray.kill(slot.actor, no_restart=True)
-        except Exception:  # already gone
-            pass
         slot.actor = self._spawn()
         slot.alive = True
         slot.replaced_this_round = True
@@ -329,10 +328,8 @@ class RayExecutor(LocalClients):
     def close(self) -> None:
         ray = self._ray
         for slot in self.slots:
-            try:
+            with contextlib.suppress(Exception):  # the actor or the cluster is already gone
                 ray.kill(slot.actor, no_restart=True)
-            except Exception:  # the actor or the cluster is already gone
-                pass
         self.slots = []
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()
