@@ -55,6 +55,9 @@ class DataConfig(_Section):
     #: evaluation on data sets that have no per-client test split of their own.
     client_test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     label_column: str | None = None
+    #: Make each client's data when it is sampled, from its own seed, and forget it after
+    #: (synthetic only): memory then does not grow with the number of clients.
+    on_demand: bool = False
     #: The CSV label values in class-id order. Pin them when clients read their own files,
     #: so a site that lacks a class still maps every label to the same id.
     classes: list[str] | None = None
@@ -62,6 +65,15 @@ class DataConfig(_Section):
     seq_len: int = Field(80, ge=1)
     max_clients: int | None = Field(None, ge=1)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _check_on_demand(self) -> DataConfig:
+        if self.on_demand and self.name != "synthetic":
+            raise ValueError(
+                "data.on_demand makes each client's data from its seed, which only "
+                "data.name = 'synthetic' can; set it to false"
+            )
+        return self
 
 
 class ModelConfig(_Section):

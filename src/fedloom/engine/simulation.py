@@ -172,7 +172,7 @@ def run_federation(
             centralized=cfg.eval.centralized,
             federated=cfg.eval.federated,
             central_evaluator=lambda v: learner.evaluate(v, test_set, cfg.eval.batch_size),
-            eval_clients=[c.client_id for c in data.clients if c.test is not None and len(c.test)],
+            eval_clients=data.clients_with_tests(),
         )
         server = FederatedServer(
             strategy=strategy,
@@ -293,6 +293,11 @@ def write_outputs(
 def _write_data_summary(data: FederatedDataset, out_dir: Path) -> None:
     from fedloom.data.summary import format_label_histogram, plot_label_histogram
 
+    if data.on_demand:
+        # Made when sampled: list sizes only, without making every client's data.
+        rows = [f"{i}\t{n}" for i, n in enumerate(data.client_sizes().tolist())]
+        (out_dir / "clients.txt").write_text("\n".join(["client\texamples", *rows]) + "\n")
+        return
     if any(c.train.y.dtype.kind == "f" for c in data.clients):
         # Regression targets have no classes to count: list each client's size only.
         rows = [f"{c.client_id}\t{c.name}\t{len(c.train)}" for c in data.clients]
