@@ -99,6 +99,28 @@ def test_cluster_run_equals_in_process_and_survives_a_killed_actor(
     assert "actors_replaced" not in history[2]
 
 
+def test_more_actors_than_the_cluster_holds_is_refused(
+    cluster: TwoNodeCluster, tmp_path: Path
+) -> None:
+    cfg = load_config(None, _ray_config(cluster.address, "engine.workers=3", "rounds=1"))
+    with pytest.raises(ConfigError, match="need 3 CPUs but the Ray cluster has 2"):
+        run_simulation(cfg, tmp_path / "too-many")
+
+
+@pytest.mark.slow
+def test_local_ray_instance_equals_in_process(tmp_path: Path) -> None:
+    """Without engine.address the engine starts Ray on this machine and stops it after."""
+    base = [*BASE, "rounds=2"]
+    run_simulation(load_config(None, base), tmp_path / "inprocess")
+    run_simulation(
+        load_config(None, [*base, "engine.name=ray", "engine.workers=1"]), tmp_path / "ray"
+    )
+    assert not ray.is_initialized()
+    np.testing.assert_allclose(
+        final_weights(tmp_path / "ray"), final_weights(tmp_path / "inprocess"), atol=1e-6
+    )
+
+
 def test_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(RayUnavailableError, match="cannot reach the Ray cluster") as err:

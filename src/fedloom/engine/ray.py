@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import re
 import socket
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -181,6 +183,8 @@ class RayExecutor(LocalClients):
         self._owns_connection = False
         self._replaced = 0
         self._broadcast_id = 0
+        self.slots: list[_Slot] = []
+        self.size = 0
         if not ray.is_initialized():
             if address is not None:
                 check_reachable(address)
@@ -188,7 +192,7 @@ class RayExecutor(LocalClients):
             else:
                 ray.init(
                     address="local",
-                    num_cpus=int(actors * actor_cpus + 0.999) if actors else None,
+                    num_cpus=math.ceil(actors * actor_cpus) if actors else None,
                     include_dashboard=False,
                     log_to_driver=False,
                     configure_logging=False,
@@ -201,11 +205,15 @@ class RayExecutor(LocalClients):
             max_task_retries=0,
             scheduling_strategy="SPREAD",
         )
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))
         if actors == 0:
-            cpus = float(ray.cluster_resources().get("CPU", 1.0))
             actors = max(1, int(cpus // actor_cpus))
-        self.slots: list[_Slot] = []
-        self.size = 0
+        if actors * actor_cpus > cpus:
+            self.close()
+            raise ConfigError(
+                f"engine.workers = {actors} actors of engine.actor_cpus = {actor_cpus:g} need "
+                f"{actors * actor_cpus:g} CPUs but the Ray cluster has {cpus:g}; lower one of them"
+            )
         try:
             self.slots = [_Slot(self._spawn()) for _ in range(actors)]
             sizes = ray.get(
@@ -213,7 +221,10 @@ class RayExecutor(LocalClients):
             )
         except Exception as err:
             self.close()
-            raise RuntimeError(f"Ray actors failed to start: {_first_line(err)}") from err
+            raise RayUnavailableError(
+                f"Ray actors failed to start ({_cause_line(err)}); is this fedloom installed "
+                "on every node?"
+            ) from err
         self.size = int(sizes[0])
 
     def _spawn(self) -> Any:
@@ -339,3 +350,10 @@ class RayExecutor(LocalClients):
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _cause_line(err: BaseException) -> str:
+    """The line of a Ray error that names the exception underneath, else its first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return causes[-1] if causes else _first_line(err)
