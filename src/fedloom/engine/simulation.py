@@ -172,7 +172,7 @@ def run_federation(
             centralized=cfg.eval.centralized,
             federated=cfg.eval.federated,
             central_evaluator=lambda v: learner.evaluate(v, test_set, cfg.eval.batch_size),
-            eval_clients=data.clients_with_tests(),
+            eval_clients=data.clients_with_tests() if cfg.eval.federated else [],
         )
         server = FederatedServer(
             strategy=strategy,
