@@ -52,6 +52,7 @@ def _ray_config(address: str, *extra: str) -> list[str]:
     return [*BASE, "engine.name=ray", f"engine.address='{address}'", "engine.workers=2", *extra]
 
 
+@pytest.mark.timeout(900)  # two nodes and three sets of actors start on a 2-core machine
 def test_cluster_run_equals_in_process_and_survives_a_killed_actor(
     cluster: TwoNodeCluster, tmp_path: Path
 ) -> None:
