@@ -55,6 +55,9 @@ class DataConfig(_Section):
     #: evaluation on data sets that have no per-client test split of their own.
     client_test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     label_column: str | None = None
+    #: Make each client's data when it is sampled, from its own seed, and forget it after
+    #: (synthetic only): memory then does not grow with the number of clients.
+    on_demand: bool = False
     #: The CSV label values in class-id order. Pin them when clients read their own files,
     #: so a site that lacks a class still maps every label to the same id.
     classes: list[str] | None = None
@@ -62,6 +65,15 @@ class DataConfig(_Section):
     seq_len: int = Field(80, ge=1)
     max_clients: int | None = Field(None, ge=1)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _check_on_demand(self) -> DataConfig:
+        if self.on_demand and self.name != "synthetic":
+            raise ValueError(
+                "data.on_demand makes each client's data from its seed, which only "
+                "data.name = 'synthetic' can; set it to false"
+            )
+        return self
 
 
 class ModelConfig(_Section):
@@ -213,9 +225,23 @@ class EngineConfig(_Section):
     order of magnitude. Raise it for large models on the in-process engine.
     """
 
-    name: Literal["inprocess", "pool"] = "inprocess"
+    name: Literal["inprocess", "pool", "ray"] = "inprocess"
     workers: int = Field(0, ge=0)
     torch_threads: int = Field(1, ge=1)
+    #: ``engine.name = "ray"``: the cluster to join (``host:port`` of its head, as
+    #: ``ray start --head`` prints it); unset starts a Ray instance on this machine.
+    address: str | None = None
+    #: ``engine.name = "ray"``: the CPUs each actor reserves; ``workers = 0`` then means
+    #: as many actors as the cluster's CPUs hold.
+    actor_cpus: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_ray_keys(self) -> EngineConfig:
+        if self.address is not None and self.name != "ray":
+            raise ValueError(
+                "engine.address names a Ray cluster; set engine.name = 'ray' or remove it"
+            )
+        return self
 
 
 class DeployConfig(_Section):
@@ -479,10 +505,10 @@ def check_privacy(cfg: RunConfig) -> None:
     """
     p = cfg.privacy
     _check_local_dp(cfg)
-    if p.secure_aggregation != "none" and cfg.engine.name == "pool":
+    if p.secure_aggregation != "none" and cfg.engine.name in ("pool", "ray"):
         raise ConfigError(
             "privacy.secure_aggregation runs on engine.name = 'inprocess' or in a deployment "
-            "(fedloom server), not on the pool engine"
+            f"(fedloom server), not on the {cfg.engine.name} engine"
         )
     if p.secure_aggregation == "ckks" and importlib.util.find_spec("tenseal") is None:
         raise ConfigError(

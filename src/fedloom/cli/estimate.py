@@ -92,7 +92,7 @@ def _workload(cfg: RunConfig) -> tuple[Workload, int]:
     weights = np.zeros(learner.binding.spec.size, dtype=np.float32)
     down = sum(v.nbytes for v in strategy.algorithm.broadcast(weights).values())
     up = 4 * sum(strategy.upload_sizes().values())
-    examples = [len(c.train) for c in data.clients]
+    examples = data.client_sizes().tolist()
     return Workload(client_examples=examples, down_bytes=down, up_bytes=up), data.num_clients
 
 

@@ -89,14 +89,18 @@ def hold_out_client_tests(
     Federated evaluation (each client scores the global model on data only it holds)
     needs such sets; clients that already have one (Synthetic, Shakespeare) keep it.
     """
-    for i, client in enumerate(dataset.clients):
+    if dataset.on_demand:  # made from their seed with their own test sets
+        return
+    clients = list(dataset.clients)
+    for i, client in enumerate(clients):
         if client.test is not None or len(client.train) < 2:
             continue
         n_test = max(1, round(fraction * len(client.train)))
         order = rng.permutation(len(client.train))
-        dataset.clients[i] = ClientData(
+        clients[i] = ClientData(
             client.client_id,
             client.name,
             client.train.subset(np.sort(order[n_test:])),
             client.train.subset(np.sort(order[:n_test])),
         )
+    dataset.clients = clients

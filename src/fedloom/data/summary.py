@@ -153,6 +153,11 @@ def write_client_summary(dataset: FederatedDataset, out_dir: Path) -> None:
     Regression targets have no classes to count, so their table lists each client's size
     and no plot is drawn.
     """
+    if dataset.on_demand:
+        # Made when sampled: list sizes only, without making every client's data.
+        rows = [f"{i}\t{n}" for i, n in enumerate(dataset.client_sizes().tolist())]
+        (out_dir / "clients.txt").write_text("\n".join(["client\texamples", *rows]) + "\n")
+        return
     if any(c.train.y.dtype.kind == "f" for c in dataset.clients):
         rows = [f"{c.client_id}\t{c.name}\t{len(c.train)}" for c in dataset.clients]
         (out_dir / "clients.txt").write_text("\n".join(["client\tname\texamples", *rows]) + "\n")

@@ -31,13 +31,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedloom.config import DataConfig
-from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
+from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset, OnDemandClients
 
 NUM_CLASSES = 10
 TRAIN_FRACTION = 0.9
 SIZE_LOG_MEAN = 4.0
 SIZE_LOG_SIGMA = 2.0
 MIN_DEVICE_SAMPLES = 50
+#: With ``data.on_demand``, the server's test set is the local test sets of this many
+#: devices (the first ones; devices are independent draws, so any are a fair sample).
+ON_DEMAND_TEST_DEVICES = 1000
 
 
 @dataclass(frozen=True)
@@ -115,23 +118,107 @@ def generate_synthetic(
     return SyntheticDevices(xs, ys, np.asarray(w), np.asarray(b), v)
 
 
+def _split(k: int, x: np.ndarray, y: np.ndarray) -> ClientData:
+    n_train = int(TRAIN_FRACTION * len(y))
+    return ClientData(
+        client_id=k,
+        name=f"device-{k}",
+        train=ArrayDataset(x[:n_train], y[:n_train]),
+        test=ArrayDataset(x[n_train:], y[n_train:]),
+    )
+
+
+@dataclass(frozen=True)
+class DeviceMaker:
+    """Device ``k`` of Synthetic(α, β) from its own random stream, ``[root, k]``.
+
+    The same definition as :func:`generate_synthetic`, with each device's latent
+    parameters and samples drawn from a stream of its own instead of one shared
+    sequence, so any device can be made alone, in any order, in any process.
+    """
+
+    root: int
+    sizes: np.ndarray
+    alpha: float
+    beta: float
+    iid: bool
+    num_features: int
+    #: IID: the one ``(W, b)`` every device shares.
+    shared: tuple[np.ndarray, np.ndarray] | None
+
+    def rng(self, k: int) -> np.random.Generator:
+        return np.random.default_rng([self.root, k])
+
+    def latent(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(W_k, b_k, v_k)``, the first draws of the device's stream (shared if IID)."""
+        d = self.num_features
+        if self.shared is not None:
+            return self.shared[0], self.shared[1], np.zeros(d)
+        u = rng.normal(0.0, self.alpha)  # a standard deviation, as in generate_synthetic
+        big_b = rng.normal(0.0, self.beta)
+        v = rng.normal(big_b, 1.0, d)
+        w = rng.normal(u, 1.0, (NUM_CLASSES, d))
+        b = rng.normal(u, 1.0, NUM_CLASSES)
+        return w, b, v
+
+    def samples(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng(k)
+        w, b, v = self.latent(rng)
+        d = self.num_features
+        x = rng.standard_normal((int(self.sizes[k]), d), dtype=np.float32)
+        x *= np.sqrt(feature_variances(d)).astype(np.float32)
+        x += v.astype(np.float32)
+        return x, np.argmax(x @ w.T + b, axis=1).astype(np.int64)
+
+    def __call__(self, k: int) -> ClientData:
+        return _split(k, *self.samples(k))
+
+
+def build_synthetic_on_demand(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
+    """Synthetic(α, β) whose devices are made when sampled (``data.on_demand``).
+
+    Only the device sizes (8 bytes each) and the server's test set (the local test sets
+    of the first :data:`ON_DEMAND_TEST_DEVICES` devices) are made up front, so memory
+    does not grow with ``data.num_clients``.
+    """
+    syn = cfg.synthetic
+    sizes = sample_device_sizes(cfg.num_clients, rng)
+    root = int(rng.integers(2**63))
+    shared = None
+    if syn.iid:
+        shared = (
+            rng.normal(0.0, 1.0, (NUM_CLASSES, syn.num_features)),
+            rng.normal(0.0, 1.0, NUM_CLASSES),
+        )
+    make = DeviceMaker(root, sizes, syn.alpha, syn.beta, syn.iid, syn.num_features, shared)
+    tests: list[ArrayDataset] = []
+    for k in range(min(cfg.num_clients, ON_DEMAND_TEST_DEVICES)):
+        test = make(k).test
+        assert test is not None
+        tests.append(test)
+    train_sizes = (TRAIN_FRACTION * sizes).astype(np.int64)
+    label = "synthetic_iid" if syn.iid else f"synthetic({syn.alpha:g},{syn.beta:g})"
+    return FederatedDataset(
+        name=label,
+        kind="tabular",
+        clients=OnDemandClients(train_sizes, make, all_have_tests=True),
+        test=ArrayDataset.concat(tests),
+        num_classes=NUM_CLASSES,
+        input_shape=(syn.num_features,),
+    )
+
+
 def build_synthetic(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
     """One client per device (``data.num_clients`` devices), each split 90/10 train/test."""
+    if cfg.on_demand:
+        return build_synthetic_on_demand(cfg, rng)
     syn = cfg.synthetic
     devices = generate_synthetic(
         cfg.num_clients, syn.alpha, syn.beta, syn.iid, syn.num_features, rng
     )
     clients: list[ClientData] = []
     for k, (x, y) in enumerate(zip(devices.xs, devices.ys, strict=True)):
-        n_train = int(TRAIN_FRACTION * len(y))
-        clients.append(
-            ClientData(
-                client_id=k,
-                name=f"device-{k}",
-                train=ArrayDataset(x[:n_train], y[:n_train]),
-                test=ArrayDataset(x[n_train:], y[n_train:]),
-            )
-        )
+        clients.append(_split(k, x, y))
     test = ArrayDataset.concat([c.test for c in clients if c.test is not None])
     label = "synthetic_iid" if syn.iid else f"synthetic({syn.alpha:g},{syn.beta:g})"
     return FederatedDataset(

@@ -71,12 +71,24 @@ class Wiring:
 def make_executor(wiring: Wiring) -> ClientExecutor:
     cfg = wiring.cfg
     torch.set_num_threads(cfg.engine.torch_threads)
-    if cfg.engine.name == "pool":
-        if wiring.runtime_factory is None:
-            raise ConfigError(
-                "engine.name = 'pool' rebuilds the model in worker processes, which needs a "
-                "built-in model; use engine.name = 'inprocess' with your own model"
-            )
+    if cfg.engine.name in ("pool", "ray") and wiring.runtime_factory is None:
+        raise ConfigError(
+            f"engine.name = '{cfg.engine.name}' rebuilds the model in worker processes, which "
+            "needs a built-in model; use engine.name = 'inprocess' with your own model"
+        )
+    if cfg.engine.name == "ray" and wiring.runtime_factory is not None:
+        from fedloom.engine.ray import RayExecutor  # Ray is an optional extra
+
+        return RayExecutor(
+            wiring.runtime_factory,
+            wiring.data.client_sizes().tolist(),
+            wiring.client_store,
+            address=cfg.engine.address,
+            actors=cfg.engine.workers,
+            actor_cpus=cfg.engine.actor_cpus,
+            torch_threads=cfg.engine.torch_threads,
+        )
+    if cfg.engine.name == "pool" and wiring.runtime_factory is not None:
         return ProcessPoolExecutor(
             wiring.runtime_factory,
             wiring.data.client_sizes().tolist(),
@@ -175,12 +187,12 @@ def run_federation(
             centralized=cfg.eval.centralized,
             federated=cfg.eval.federated,
             central_evaluator=lambda v: learner.evaluate(v, test_set, cfg.eval.batch_size),
-            eval_clients=[c.client_id for c in data.clients if c.test is not None and len(c.test)],
+            eval_clients=data.clients_with_tests() if cfg.eval.federated else [],
         )
         server = make_server(
             cfg,
             strategy=strategy,
-            client_examples=[len(c.train) for c in data.clients],
+            client_examples=data.client_sizes().tolist(),
             evaluate_model=lambda v: learner.evaluate(v, test_set, cfg.eval.batch_size),
             executor=executor,
             initial_weights=learner.initial_vector(),

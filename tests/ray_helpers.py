@@ -1,0 +1,150 @@
+"""A two-node Ray cluster on this machine, and a runtime that kills its own actor.
+
+Both are used by ``tests/test_ray.py``. The cluster's processes run with this checkout's
+``src`` and the repository root on ``PYTHONPATH``, so actors import this fedloom and
+this module (for :func:`dying_runtime`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import fedloom
+from fedloom.client.runtime import ClientRuntime
+from fedloom.client_store import ClientState
+from fedloom.messages import Broadcast, FitTask
+
+REPO = Path(__file__).resolve().parents[1]
+STARTED = "Ray runtime started"
+START_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TwoNodeCluster:
+    """``ray start --head`` and one ``ray start --address`` worker node, 1 CPU each.
+
+    Each node runs with ``--block`` in its own process group, so stopping it (SIGTERM to
+    the group) takes down every process that node started, and nothing else.
+    """
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="fl-ray-"))  # short: Ray's socket paths
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: list[subprocess.Popen[str]] = []
+        self.env = dict(os.environ)
+        src = Path(fedloom.__file__).resolve().parents[1]
+        self.env["PYTHONPATH"] = os.pathsep.join([str(src), str(REPO)])
+        self.env["RAY_USAGE_STATS_ENABLED"] = "0"
+
+    def _ray(self) -> str:
+        return str(Path(sys.executable).with_name("ray"))
+
+    def _start(self, name: str, *args: str) -> None:
+        log = (self.root / f"{name}.log").open("w")
+        proc = subprocess.Popen(
+            [
+                self._ray(),
+                "start",
+                *args,
+                "--num-cpus=1",
+                "--object-store-memory=100000000",
+                "--node-ip-address=127.0.0.1",
+                f"--node-manager-port={free_port()}",
+                f"--object-manager-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--temp-dir={self.root / name}",
+                "--disable-usage-stats",
+                "--block",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
+        self.nodes.append(proc)
+        started = threading.Event()
+        ended = threading.Event()
+
+        def drain() -> None:  # keeps the pipe from filling up while the node runs
+            assert proc.stdout is not None
+            with log:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    if STARTED in line:
+                        started.set()
+            ended.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        # Whichever comes first: the node says it started, its output ends, or 3 minutes.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not started.wait(timeout=1.0):
+            if ended.is_set() or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start ({name}) did not start; see {log.name}")
+
+    def start(self) -> TwoNodeCluster:
+        self._start(
+            "head",
+            "--head",
+            f"--port={self.port}",
+            f"--ray-client-server-port={free_port()}",
+            "--include-dashboard=false",
+        )
+        self._start("worker", f"--address={self.address}")
+        return self
+
+    def stop(self) -> None:
+        for proc in reversed(self.nodes):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.nodes):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        self.nodes = []
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def dying_runtime(
+    factory: Callable[[], ClientRuntime], marker: str, client_id: int, round: int
+) -> ClientRuntime:
+    """The factory's runtime, except that the first actor to train ``client_id`` in
+    ``round`` kills its own process with SIGKILL (as the OOM killer would) before
+    answering. ``marker`` (created exclusively) makes it happen once per run; it holds the
+    pid of the process that died."""
+    runtime = factory()
+    fit = runtime.fit
+
+    def fit_or_die(task: FitTask, broadcast: Broadcast, state: ClientState) -> Any:
+        if task.client_id == client_id and task.round == round:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return fit(task, broadcast, state)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fit(task, broadcast, state)
+
+    runtime.fit = fit_or_die  # type: ignore[method-assign]
+    return runtime
