@@ -9,7 +9,7 @@ import pytest
 
 from fedloom.algorithms.base import PlainServer
 from fedloom.client_store import ClientState
-from fedloom.codecs.base import RejectedUpdateError
+from fedloom.codecs.base import Layout, RejectedUpdateError
 from fedloom.config import ServerConfig
 from fedloom.engine.inprocess import LocalClients
 from fedloom.exchange import ExchangeRequest
@@ -97,7 +97,15 @@ class _RejectOdd:
         *,
         config: Mapping[str, Scalar],
         state: ClientState,
+        client_id: int,
+        round: int,
     ) -> dict[str, np.ndarray]:
+        return vectors
+
+    def encoded_layout(self, layout: Layout) -> Layout:
+        return layout
+
+    def decode_sum(self, vectors: dict[str, np.ndarray], *, rnd: int) -> dict[str, np.ndarray]:
         return vectors
 
     def task_config(self, rnd: int) -> dict[str, Scalar]:

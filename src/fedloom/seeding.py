@@ -23,6 +23,9 @@ EVAL_SUBSET = 6
 DP_NOISE = 7
 #: Bucketing's random permutation of a round's updates (Karimireddy et al. 2022).
 BUCKETING = 8
+#: Compression: random-k's shared index set (seed, COMPRESSION, round) and QSGD's
+#: stochastic rounding (seed, COMPRESSION, round, client_id).
+COMPRESSION = 17
 
 
 def derive_seed(*key: int) -> int:

@@ -23,6 +23,7 @@ from fedloom.data.base import ClientData, FederatedDataset
 from fedloom.params import ParamSpec
 from fedloom.registry import (
     AGGREGATORS,
+    BROADCAST_CODECS,
     CALLBACKS,
     CLIENT_ALGORITHMS,
     CODECS,
@@ -96,6 +97,46 @@ def check_composition(cfg: RunConfig) -> None:
             f"central DP adds noise to the mean of clipped updates; server.aggregator = "
             f"'{cfg.server.aggregator}' has another sensitivity, set server.aggregator = 'mean'"
         )
+    check_compression(cfg)
+
+
+def check_compression(cfg: RunConfig) -> None:
+    """The ``compression`` section against the rest of the run, one line each."""
+    c, p = cfg.compression, cfg.privacy
+    if c.kind == "none":
+        if c.error_feedback is not None:
+            raise ConfigError(
+                "compression.error_feedback is set but compression.kind is 'none'; choose a "
+                "compressor (topk, randk, qsgd, int8, sign) or remove error_feedback"
+            )
+        return
+    if p.mechanism == "central":
+        raise ConfigError(
+            f"compression.kind = '{c.kind}' changes the clipped update after clipping, which "
+            "central DP's analysis does not cover; set compression.kind = 'none' with central DP"
+        )
+    if p.secure_aggregation != "none" and c.kind != "randk":
+        raise ConfigError(
+            f"compression.kind = '{c.kind}' gives each client its own encoding, which secure "
+            "aggregation cannot sum; use compression.kind = 'randk' (shared coordinates) or "
+            "turn privacy.secure_aggregation off"
+        )
+
+
+def uplink_codecs(cfg: RunConfig, context: StageContext) -> list[Any]:
+    """The update codecs of ``cfg``, in client encoding order: clipping, then compression."""
+    codecs: list[Any] = []
+    if cfg.privacy.mechanism == "central":
+        codecs.append(CODECS.create("clip", cfg.privacy, context))
+    if cfg.compression.kind != "none":
+        codecs.append(CODECS.create(cfg.compression.kind, cfg.compression, context))
+    return codecs
+
+
+def downlink_codec(cfg: RunConfig, context: StageContext) -> Any:
+    if cfg.compression.downlink == "none":
+        return None
+    return BROADCAST_CODECS.create(cfg.compression.downlink, cfg.compression, context)
 
 
 def registry_error(registry: Any, name: str) -> str:
@@ -139,6 +180,8 @@ def build_strategy(
         codecs.append(stages.codec)
         aggregator = stages.aggregator
         stage_callbacks.append(stages.callback)
+    if cfg.compression.kind != "none":
+        codecs.append(CODECS.create(cfg.compression.kind, cfg.compression, context))
     if cfg.privacy.local_dp:
         from fedloom.algorithms.dpsgd import LocalEpsilonReport
 
@@ -157,6 +200,7 @@ def build_strategy(
             optimizer=make_server_optimizer(cfg.server, spec.size),
             sampling=cfg.server,
             codecs=codecs,
+            downlink=downlink_codec(cfg, context),
             secure=secure,
             callbacks=[*stage_callbacks, *callbacks],
             min_aggregate_clients=cfg.server.min_aggregate_clients,
@@ -184,14 +228,12 @@ def build_client_runtime(
     check = getattr(algorithm, "check", None)
     if check is not None:
         check(learner)
-    codecs = []
-    if cfg.privacy.mechanism == "central":
-        codecs.append(CODECS.create("clip", cfg.privacy, context))
     cc = cfg.client
     return ClientRuntime(
         learner=learner,
         algorithm=algorithm,
-        codecs=codecs,
+        codecs=uplink_codecs(cfg, context),
+        downlink=downlink_codec(cfg, context),
         data_of=data_of,
         seed=cfg.seed,
         work=WorkSettings(
