@@ -229,7 +229,7 @@ def test_dropped_stragglers_are_counted_and_held_uploads_pass_triage() -> None:
 
     tasks = [FitTask(client_id=c, round=2, model_version=1) for c in range(3)]
     outcomes = [straggler(tasks[0], {}), held(tasks[1], {}), _update([1.0, 1.0, 1.0])(tasks[2], {})]
-    updates, failures, dropped = _strategy()._triage(2, outcomes)
+    updates, failures, dropped, _ = _strategy()._triage(2, outcomes)
     assert dropped == 1 and failures == [] and [u.client_id for u in updates] == [1, 2]
 
 
