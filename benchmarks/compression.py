@@ -38,6 +38,11 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         ["compression.kind='qsgd'", "compression.bits=4", "compression.norm='max'"],
     ),
     "sign": ("signSGD + EF", ["compression.kind='sign'"]),
+    "int8down": (
+        "8-bit QSGD, int8 downlink",
+        ["compression.kind='qsgd'", "compression.bits=8", "compression.downlink='int8'"],
+    ),
+    "f16down": ("dense, float16 downlink", ["compression.downlink='float16'"]),
 }
 
 
@@ -95,8 +100,8 @@ def main() -> None:
         dense = results[ds].get("dense")
         print(f"\n{ds}")
         print(
-            "| method | bytes up/round | x fewer | final accuracy | vs dense | rounds to "
-            "target | wall s |\n|---|---:|---:|---:|---:|---:|---:|"
+            "| method | bytes up/round | x fewer | bytes down/round | final accuracy | "
+            "vs dense | rounds to target | wall s |\n|---|---:|---:|---:|---:|---:|---:|---:|"
         )
         for m in methods:
             r = results[ds][m]
@@ -106,6 +111,7 @@ def main() -> None:
             print(
                 f"| {r['label']} | {r['bytes_up_per_round']:,.0f} | "
                 + (f"{fewer:.1f}" if fewer is not None else "-")
+                + f" | {r['bytes_down_per_round']:,.0f}"
                 + f" | {r['final_accuracy'] * 100:.2f} % | "
                 + (f"{diff:+.2f}" if diff is not None else "-")
                 + f" | {reached if reached is not None else 'not reached'}"
