@@ -9,7 +9,7 @@ import pytest
 
 from fedloom.algorithms.base import PlainServer
 from fedloom.client_store import ClientState
-from fedloom.codecs.base import RejectedUpdateError
+from fedloom.codecs.base import Layout, RejectedUpdateError
 from fedloom.config import ServerConfig
 from fedloom.engine.inprocess import LocalClients
 from fedloom.exchange import ExchangeRequest
@@ -97,7 +97,15 @@ class _RejectOdd:
         *,
         config: Mapping[str, Scalar],
         state: ClientState,
+        client_id: int,
+        round: int,
     ) -> dict[str, np.ndarray]:
+        return vectors
+
+    def encoded_layout(self, layout: Layout) -> Layout:
+        return layout
+
+    def decode_sum(self, vectors: dict[str, np.ndarray], *, rnd: int) -> dict[str, np.ndarray]:
         return vectors
 
     def task_config(self, rnd: int) -> dict[str, Scalar]:
@@ -221,7 +229,7 @@ def test_dropped_stragglers_are_counted_and_held_uploads_pass_triage() -> None:
 
     tasks = [FitTask(client_id=c, round=2, model_version=1) for c in range(3)]
     outcomes = [straggler(tasks[0], {}), held(tasks[1], {}), _update([1.0, 1.0, 1.0])(tasks[2], {})]
-    updates, failures, dropped = _strategy()._triage(2, outcomes)
+    updates, failures, dropped, _ = _strategy()._triage(2, outcomes)
     assert dropped == 1 and failures == [] and [u.client_id for u in updates] == [1, 2]
 
 

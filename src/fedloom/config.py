@@ -216,6 +216,28 @@ class PrivacyConfig(_Section):
     local_delta: float | None = Field(None, gt=0.0, lt=1.0)
 
 
+class CompressionConfig(_Section):
+    """Compressed uploads and broadcasts (``fedloom.codecs.compression`` / ``.downlink``).
+
+    ``kind`` compresses each client's update: ``topk`` / ``randk`` keep a ``ratio`` of
+    the coordinates (random-k's are shared by every client of a round), ``qsgd`` is
+    stochastic uniform quantization with ``bits`` (2, 4 or 8) per coordinate and one
+    scale per ``bucket_size`` coordinates (``norm``: the bucket's L2 norm as in QSGD, or
+    its largest magnitude), ``int8`` is 8-bit QSGD, ``sign`` is scaled signSGD.
+    ``error_feedback`` keeps what was not sent in the client's state and adds it next
+    time (None: on for topk, randk and sign, off for the unbiased QSGD). ``downlink``
+    compresses the broadcast model: ``float16`` or ``int8`` (per-bucket scale).
+    """
+
+    kind: Literal["none", "topk", "randk", "int8", "qsgd", "sign"] = "none"
+    ratio: float = Field(0.01, gt=0.0, le=1.0)
+    bits: Literal[2, 4, 8] = 8
+    bucket_size: int = Field(512, ge=1)
+    norm: Literal["l2", "max"] = "l2"
+    error_feedback: bool | None = None
+    downlink: Literal["none", "float16", "int8"] = "none"
+
+
 class EngineConfig(_Section):
     """Where clients run. ``workers = 0`` means one per CPU core.
 
@@ -459,6 +481,7 @@ class RunConfig(_Section):
     gossip: GossipConfig = Field(default_factory=GossipConfig)
     watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -160,9 +160,37 @@ def decode_vector(data: bytes | bytearray | memoryview, expected_size: int) -> n
     return np.frombuffer(data, dtype=WIRE_DTYPE).astype(np.float32)
 
 
+#: The compact dtypes a codec may put on the wire besides float32 (codes, indices,
+#: half-precision values); they travel as they are, little-endian.
+COMPACT_DTYPES = frozenset({"int8", "uint8", "int16", "int32", "float16"})
+
+
+def wire_dtype(vector: np.ndarray) -> np.dtype[Any]:
+    """The dtype a vector travels in: a compact dtype as it is, any other as float32."""
+    if vector.dtype.name in COMPACT_DTYPES:
+        return vector.dtype.newbyteorder("<")
+    return WIRE_DTYPE
+
+
 def encoded_nbytes(vector: np.ndarray) -> int:
-    """Bytes the vector occupies on the wire with the plain codec."""
-    return int(vector.size) * WIRE_DTYPE.itemsize
+    """Bytes the vector occupies on the wire (float32, or its compact dtype)."""
+    return int(vector.size) * wire_dtype(vector).itemsize
+
+
+def encode_array(vector: np.ndarray) -> tuple[str, bytes]:
+    """``(dtype name, raw little-endian bytes)`` of a vector in its wire dtype."""
+    dtype = wire_dtype(vector)
+    return dtype.name, np.ascontiguousarray(vector, dtype=dtype).tobytes()
+
+
+def decode_array(data: bytes | bytearray | memoryview, size: int, dtype: str) -> np.ndarray:
+    """Inverse of :func:`encode_array`; rejects an unknown dtype or a wrong length."""
+    if dtype != "float32" and dtype not in COMPACT_DTYPES:
+        raise ValueError(f"vector dtype '{dtype}' is not one fedloom sends")
+    dt = np.dtype(dtype).newbyteorder("<")
+    if len(data) != size * dt.itemsize:
+        raise ValueError(f"vector payload has {len(data)} bytes, expected {size * dt.itemsize}")
+    return np.frombuffer(data, dtype=dt).astype(dt.newbyteorder("="))
 
 
 @dataclass

@@ -114,6 +114,8 @@ class Registry(Generic[T]):
 CLIENT_ALGORITHMS: Registry[Any] = Registry("client algorithm")
 SERVER_ALGORITHMS: Registry[Any] = Registry("server algorithm")
 CODECS: Registry[Any] = Registry("update codec")
+#: Downlink compression of the round's broadcast (``fedloom.codecs.downlink``).
+BROADCAST_CODECS: Registry[Any] = Registry("broadcast codec")
 AGGREGATORS: Registry[Any] = Registry("aggregator")
 SERVER_OPTIMIZERS: Registry[Any] = Registry("server optimizer")
 CALLBACKS: Registry[Any] = Registry("callback")

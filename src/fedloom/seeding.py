@@ -32,6 +32,9 @@ WATERMARK = 16
 SERVER_DATA = 21
 SERVER_TRAIN = 22
 FLAME_NOISE = 23
+#: Compression: random-k's shared index set (seed, COMPRESSION, round) and QSGD's
+#: stochastic rounding (seed, COMPRESSION, round, client_id).
+COMPRESSION = 17
 
 
 def derive_seed(*key: int) -> int:

@@ -26,6 +26,7 @@ from fedloom.data.server import ServerData
 from fedloom.params import ParamSpec
 from fedloom.registry import (
     AGGREGATORS,
+    BROADCAST_CODECS,
     CALLBACKS,
     CLIENT_ALGORITHMS,
     CLIENT_SELECTORS,
@@ -138,6 +139,7 @@ def check_composition(cfg: RunConfig) -> None:
             f"'{cfg.server.aggregator}' has another sensitivity, set server.aggregator = 'mean'"
         )
     check_anomaly(cfg)
+    check_compression(cfg)
 
 
 def check_anomaly(cfg: RunConfig) -> None:
@@ -196,6 +198,11 @@ def _check_gossip(cfg: RunConfig) -> None:
             "mode = 'gossip' has no server to add noise or run secure aggregation; turn the "
             "privacy section off or set mode = 'sync'"
         )
+    if cfg.compression.kind != "none" or cfg.compression.downlink != "none":
+        raise ConfigError(
+            "mode = 'gossip' exchanges whole models between peers and has no compression "
+            "yet; set compression.kind and compression.downlink to 'none'"
+        )
     if cfg.client.algorithm != "sgd":
         raise ConfigError(
             "mode = 'gossip' trains peers with plain local SGD (client.algorithm = 'sgd'); "
@@ -235,7 +242,7 @@ def make_server(
 
     a = cfg.async_
     profiles = draw_profiles(cfg.system, num_clients=len(client_examples), seed=cfg.seed)
-    up_bytes = 4 * sum(strategy.upload_sizes().values())
+    up_bytes = sum(n * np.dtype(dt).itemsize for n, dt in strategy.wire_layout().values())
 
     def planned_duration(client_id: int, model_bytes: int) -> float:
         work = planned_examples(
@@ -270,6 +277,45 @@ def _selector(cfg: RunConfig) -> Any:
         raise ConfigError(
             f"server.selection_options for '{cfg.server.selection}': {err}; fix the options"
         ) from None
+
+
+def check_compression(cfg: RunConfig) -> None:
+    """The ``compression`` section against the rest of the run, one line each."""
+    c, p = cfg.compression, cfg.privacy
+    if c.kind == "none":
+        if c.error_feedback is not None:
+            raise ConfigError(
+                "compression.error_feedback is set but compression.kind is 'none'; choose a "
+                "compressor (topk, randk, qsgd, int8, sign) or remove error_feedback"
+            )
+        return
+    if p.mechanism == "central":
+        raise ConfigError(
+            f"compression.kind = '{c.kind}' changes the clipped update after clipping, which "
+            "central DP's analysis does not cover; set compression.kind = 'none' with central DP"
+        )
+    if p.secure_aggregation != "none" and c.kind != "randk":
+        raise ConfigError(
+            f"compression.kind = '{c.kind}' gives each client its own encoding, which secure "
+            "aggregation cannot sum; use compression.kind = 'randk' (shared coordinates) or "
+            "turn privacy.secure_aggregation off"
+        )
+
+
+def uplink_codecs(cfg: RunConfig, context: StageContext) -> list[Any]:
+    """The update codecs of ``cfg``, in client encoding order: clipping, then compression."""
+    codecs: list[Any] = []
+    if cfg.privacy.mechanism == "central":
+        codecs.append(CODECS.create("clip", cfg.privacy, context))
+    if cfg.compression.kind != "none":
+        codecs.append(CODECS.create(cfg.compression.kind, cfg.compression, context))
+    return codecs
+
+
+def downlink_codec(cfg: RunConfig, context: StageContext) -> Any:
+    if cfg.compression.downlink == "none":
+        return None
+    return BROADCAST_CODECS.create(cfg.compression.downlink, cfg.compression, context)
 
 
 def registry_error(registry: Any, name: str) -> str:
@@ -324,6 +370,8 @@ def build_strategy(
         codecs.append(stages.codec)
         aggregator = stages.aggregator
         stage_callbacks.append(stages.callback)
+    if cfg.compression.kind != "none":
+        codecs.append(CODECS.create(cfg.compression.kind, cfg.compression, context))
     if cfg.privacy.local_dp:
         from fedloom.algorithms.dpsgd import LocalEpsilonReport
 
@@ -361,6 +409,7 @@ def build_strategy(
             optimizer=make_server_optimizer(cfg.server, spec.size),
             sampling=cfg.server,
             codecs=codecs,
+            downlink=downlink_codec(cfg, context),
             secure=secure,
             transforms=transforms,
             callbacks=[*stage_callbacks, *callbacks],
@@ -392,14 +441,12 @@ def build_client_runtime(
     check = getattr(algorithm, "check", None)
     if check is not None:
         check(learner)
-    codecs = []
-    if cfg.privacy.mechanism == "central":
-        codecs.append(CODECS.create("clip", cfg.privacy, context))
     cc = cfg.client
     return ClientRuntime(
         learner=learner,
         algorithm=algorithm,
-        codecs=codecs,
+        codecs=uplink_codecs(cfg, context),
+        downlink=downlink_codec(cfg, context),
         data_of=data_of,
         seed=cfg.seed,
         work=WorkSettings(

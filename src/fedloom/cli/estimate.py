@@ -90,8 +90,9 @@ def _workload(cfg: RunConfig) -> tuple[Workload, int]:
         cfg, num_clients=data.num_clients, spec=learner.binding.spec, roles_in_process=True
     )
     weights = np.zeros(learner.binding.spec.size, dtype=np.float32)
-    down = sum(v.nbytes for v in strategy.algorithm.broadcast(weights).values())
-    up = 4 * sum(strategy.upload_sizes().values())
+    # The broadcast and uploads as they travel (after any downlink or uplink compression).
+    down = sum(v.nbytes for v in strategy.encoded_broadcast(weights).values())
+    up = sum(n * np.dtype(dt).itemsize for n, dt in strategy.wire_layout().values())
     examples = data.client_sizes().tolist()
     return Workload(client_examples=examples, down_bytes=down, up_bytes=up), data.num_clients
 

@@ -19,7 +19,7 @@ import numpy as np
 from fedloom.algorithms.base import ClientAlgorithm, ClientContext
 from fedloom.client.learner import Learner, SGDSettings, WorkSettings, plan_work
 from fedloom.client_store import ClientState
-from fedloom.codecs.base import UpdateCodec
+from fedloom.codecs.base import BroadcastCodec, UpdateCodec
 from fedloom.data.base import ClientData
 from fedloom.exchange import ExchangeRequest, Participant
 from fedloom.messages import (
@@ -46,6 +46,8 @@ class ClientRuntime:
     learner: Learner
     algorithm: ClientAlgorithm
     codecs: list[UpdateCodec] = field(default_factory=list)
+    #: Decodes a compressed broadcast before the algorithm sees it.
+    downlink: BroadcastCodec | None = None
     data_of: Callable[[int], ClientData]
     seed: int
     work: WorkSettings
@@ -60,6 +62,8 @@ class ClientRuntime:
     def _context(
         self, client_id: int, rnd: int, config: Any, broadcast: Broadcast, state: ClientState
     ) -> ClientContext:
+        if self.downlink is not None:
+            broadcast = self.downlink.decode(broadcast)
         return ClientContext(
             client_id=client_id,
             round=rnd,
@@ -94,7 +98,14 @@ class ClientRuntime:
         update = self.algorithm.fit(ctx)
         vectors = update.vectors
         for codec in self.codecs:
-            vectors = codec.encode(vectors, update.metrics, config=task.config, state=state)
+            vectors = codec.encode(
+                vectors,
+                update.metrics,
+                config=task.config,
+                state=state,
+                client_id=task.client_id,
+                round=task.round,
+            )
         protocol = task.config.get(HOLD)
         if isinstance(protocol, str) and protocol:
             self._forget_before(task.round)

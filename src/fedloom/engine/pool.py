@@ -44,7 +44,7 @@ from fedloom.client_store import ClientState, ClientStateStore
 from fedloom.engine.inprocess import LocalClients
 from fedloom.exchange import ExchangeRequest
 from fedloom.messages import Broadcast, ClientFailure, EvalResult, EvalTask, FitResult, FitTask
-from fedloom.params import decode_vector, encode_vector
+from fedloom.params import decode_array, encode_array
 
 Task = FitTask | EvalTask
 Outcome = FitResult | EvalResult | ClientFailure
@@ -75,7 +75,7 @@ def _worker_main(conn: Connection, factory: RuntimeFactory, torch_threads: int) 
         if kind == "stop":
             return
         if kind == "broadcast":
-            broadcast = {name: decode_vector(conn.recv_bytes(), n) for name, n in msg[1]}
+            broadcast = {name: decode_array(conn.recv_bytes(), n, dt) for name, n, dt in msg[1]}
         elif kind == "fit":
             task: FitTask = msg[1]
             state = ClientState.from_bytes(msg[2])
@@ -96,9 +96,10 @@ def _send_outcome(conn: Connection, out: Outcome, state: bytes | None = None) ->
         return
     vectors = out.vectors
     out.vectors = {}
-    conn.send(("fit", out, [(k, int(v.size)) for k, v in vectors.items()], state))
-    for v in vectors.values():
-        conn.send_bytes(encode_vector(v))
+    encoded = {k: encode_array(v) for k, v in vectors.items()}
+    conn.send(("fit", out, [(k, int(v.size), encoded[k][0]) for k, v in vectors.items()], state))
+    for _, data in encoded.values():
+        conn.send_bytes(data)
 
 
 @dataclass
@@ -161,8 +162,9 @@ class ProcessPoolExecutor(LocalClients):
         )
 
     def _run(self, tasks: Sequence[Task], broadcast: Broadcast) -> list[Outcome]:
-        header = ("broadcast", [(k, int(v.size)) for k, v in broadcast.items()])
-        payloads = [encode_vector(v) for v in broadcast.values()]
+        encoded = {k: encode_array(v) for k, v in broadcast.items()}
+        header = ("broadcast", [(k, int(v.size), encoded[k][0]) for k, v in broadcast.items()])
+        payloads = [data for _, data in encoded.values()]
         for w in self._alive():
             self._send(w, header, payloads)
         pending = deque(sorted(tasks, key=lambda t: -self.client_sizes[t.client_id]))
@@ -220,7 +222,9 @@ class ProcessPoolExecutor(LocalClients):
                 outcome: Outcome = msg[1]
                 return outcome
             result: FitResult = msg[1]
-            result.vectors = {name: decode_vector(w.conn.recv_bytes(), n) for name, n in msg[2]}
+            result.vectors = {
+                name: decode_array(w.conn.recv_bytes(), n, dt) for name, n, dt in msg[2]
+            }
             if msg[3] is not None:
                 self.store.put(task.client_id, ClientState.from_bytes(msg[3]), round=task.round)
             return result

@@ -59,8 +59,9 @@ class Wiring:
     runtime: ClientRuntime
     client_store: ClientStateStore
     roles: list[Any]
-    #: The vectors a fit result carries (name → length), as the strategy expects them.
-    upload_sizes: dict[str, int] = field(default_factory=dict)
+    #: The vectors a fit result carries on the wire (name → (length, dtype)), as the
+    #: strategy's codecs encode them.
+    upload_sizes: dict[str, tuple[int, str]] = field(default_factory=dict)
     #: This run's identity (kept across resumes): deployed clients keep algorithm state
     #: (control variates, personal layers) for one run only.
     run_id: str = ""
@@ -174,7 +175,7 @@ def run_federation(
         runtime=runtime,
         client_store=ClientStateStore(out_dir / "client_state"),
         roles=strategy.roles(),
-        upload_sizes=strategy.upload_sizes(),
+        upload_sizes=strategy.wire_layout(),
         run_id=_run_id(store),
         runtime_factory=None
         if learner_factory is not None

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedloom.callbacks import Callback, RunContext
 from fedloom.client_store import ClientState
-from fedloom.codecs.base import RejectedUpdateError
+from fedloom.codecs.base import Layout, RejectedUpdateError
 from fedloom.config import ConfigError, PrivacyConfig
 from fedloom.exchange import Exchange, ExchangeRequest, Role, SecureSumOutcome
 from fedloom.messages import DELTA, KEY_HOLDER_ID, FitResult, Scalar
@@ -62,6 +62,8 @@ class ClipCodec:
         *,
         config: Mapping[str, Scalar],
         state: ClientState,
+        client_id: int,
+        round: int,
     ) -> dict[str, np.ndarray]:
         clip_norm = config.get("clip_norm")
         if clip_norm is None:
@@ -79,6 +81,12 @@ class ClipCodec:
     def task_config(self, rnd: int) -> dict[str, Scalar]:
         assert self.dp is not None
         return {"clip_norm": self.dp.clip_norm}
+
+    def encoded_layout(self, layout: Layout) -> Layout:
+        return layout
+
+    def decode_sum(self, vectors: dict[str, np.ndarray], *, rnd: int) -> dict[str, np.ndarray]:
+        return vectors
 
     def decode(self, result: FitResult) -> FitResult:
         assert self.dp is not None

@@ -222,7 +222,7 @@ class FederatedServer:
             "clients_failed": len(result.failures),
             "stragglers_dropped": result.stragglers_dropped,
             "aggregated": result.aggregated,
-            **_round_traffic(sampled, broadcast, updates, result.fields),
+            **_round_traffic(sampled, broadcast, result.bytes_up, result.fields),
             "epsilon": None,
         }
         record.update(result.fields)
@@ -238,18 +238,19 @@ class FederatedServer:
 
 
 def _round_traffic(
-    sampled: int, broadcast: Broadcast, updates: list[FitResult], fields: dict[str, Any]
+    sampled: int, broadcast: Broadcast, clear_up: int, fields: dict[str, Any]
 ) -> dict[str, int]:
     """The round's ``bytes_down`` / ``bytes_up``: every byte the round put on the wire.
 
-    Down is the broadcast sent to each sampled client; up is the clear uploads returned.
+    Down is the broadcast sent to each sampled client; up is the clear uploads returned,
+    both as encoded (compressed arrays count their compact size: ``clear_up`` is what the
+    strategy measured before its codecs decoded the uploads).
     Under secure aggregation the uploads travel inside the protocol instead
     (``FitResult.held``), so its traffic (``secagg_bytes_*``, kept in the record as the
     breakdown) is added here: these two fields stay the one source the run totals and
     reports sum, and a secure run is comparable with a plain one.
     """
     down = sum(encoded_nbytes(v) for v in broadcast.values())
-    clear_up = sum(encoded_nbytes(v) for u in updates for v in u.vectors.values())
     return {
         "bytes_down": sampled * down + fields.get("secagg_bytes_down", 0),
         "bytes_up": clear_up + fields.get("secagg_bytes_up", 0),

@@ -22,7 +22,13 @@ import numpy as np
 
 from fedloom.algorithms.base import ServerAlgorithm
 from fedloom.callbacks import Callback
-from fedloom.codecs.base import RejectedUpdateError, UpdateCodec
+from fedloom.codecs.base import (
+    BroadcastCodec,
+    Layout,
+    RejectedUpdateError,
+    UpdateCodec,
+    float_layout,
+)
 from fedloom.config import ServerConfig
 from fedloom.exchange import Exchange, Role, SecureAggregator
 from fedloom.messages import (
@@ -35,6 +41,7 @@ from fedloom.messages import (
     Scalar,
     upload_order,
 )
+from fedloom.params import encoded_nbytes
 from fedloom.seeding import SAMPLING, derive_rng
 from fedloom.server.aggregators import AggregationInput, Aggregator
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
@@ -57,6 +64,8 @@ class FitOutcome:
     failures: list[ClientFailure]
     stragglers_dropped: int
     fields: dict[str, Any] = field(default_factory=dict)
+    #: Bytes of the usable clear uploads as they arrived (encoded by the codecs).
+    bytes_up: int = 0
 
 
 @dataclass(kw_only=True)
@@ -68,6 +77,8 @@ class Strategy:
     optimizer: ServerOptimizer
     sampling: ServerConfig
     codecs: list[UpdateCodec] = field(default_factory=list)
+    #: Downlink compression of the broadcast (the server keeps its float32 model).
+    downlink: BroadcastCodec | None = None
     secure: SecureAggregator | None = None
     #: Applied in order to the new global model of every round that aggregated.
     transforms: list[ModelTransform] = field(default_factory=list)
@@ -127,10 +138,23 @@ class Strategy:
             config.update(codec.task_config(rnd))
         if self.secure is not None:
             config[HOLD] = self.secure.protocol
-        return config, self.algorithm.broadcast(weights)
+        return config, self.encoded_broadcast(weights)
+
+    def encoded_broadcast(self, weights: np.ndarray) -> Broadcast:
+        """The broadcast of ``weights`` as it travels (after any downlink codec)."""
+        broadcast = self.algorithm.broadcast(weights)
+        return broadcast if self.downlink is None else self.downlink.encode(broadcast)
 
     def upload_sizes(self) -> dict[str, int]:
+        """The decoded uploads the aggregator and the server algorithm receive."""
         return self.algorithm.upload_sizes(self.dimension)
+
+    def wire_layout(self) -> Layout:
+        """What a client's upload carries on the wire: the codecs' encoded arrays."""
+        layout = float_layout(self.upload_sizes())
+        for codec in self.codecs:
+            layout = codec.encoded_layout(layout)
+        return layout
 
     def process_fit(
         self,
@@ -146,11 +170,11 @@ class Strategy:
         ``adjust`` rewrites each decoded update before aggregation (the asynchronous
         loop's staleness discount); it never sees held (secure-aggregation) uploads.
         """
-        down_bytes = sum(v.nbytes for v in self.algorithm.broadcast(weights).values())
+        down_bytes = sum(v.nbytes for v in self.encoded_broadcast(weights).values())
         arrivals = self.arrivals.arrive(
             rnd, outcomes, down_bytes=down_bytes, wanted=self._wanted.pop(rnd, len(outcomes))
         )
-        updates, failures, dropped = self._triage(rnd, arrivals.outcomes)
+        updates, failures, dropped, bytes_up = self._triage(rnd, arrivals.outcomes)
         dropped += arrivals.late
         self.selector.observe(rnd, updates, arrivals.durations)
         if adjust is not None:
@@ -160,10 +184,8 @@ class Strategy:
         fields: dict[str, Any] = dict(arrivals.fields)
         total: np.ndarray | None = None
         if self.secure is not None and aggregated:
-            sizes = self.upload_sizes()
-            secure = self.secure.run(
-                rnd, [u.client_id for u in updates], sum(sizes.values()), exchange
-            )
+            length = sum(size for size, _ in self.wire_layout().values())
+            secure = self.secure.run(rnd, [u.client_id for u in updates], length, exchange)
             fields["secagg_bytes_up"] = secure.bytes_up
             fields["secagg_bytes_down"] = secure.bytes_down
             if secure.aborted is not None:
@@ -184,13 +206,13 @@ class Strategy:
                     len(updates),
                     self.min_aggregate_clients,
                 )
-            return FitOutcome(weights, False, updates, failures, dropped, fields)
+            return FitOutcome(weights, False, updates, failures, dropped, fields, bytes_up)
         new_weights, agg_fields = self._aggregate(rnd, updates, total, weights)
         fields.update(agg_fields)
         for transform in self.transforms:
             new_weights, transform_fields = transform.transform(rnd, new_weights)
             fields.update(transform_fields)
-        return FitOutcome(new_weights, True, updates, failures, dropped, fields)
+        return FitOutcome(new_weights, True, updates, failures, dropped, fields, bytes_up)
 
     def _aggregate(
         self,
@@ -203,10 +225,15 @@ class Strategy:
         names = upload_order(sizes)
         parts: dict[str, np.ndarray] = {}
         if total is not None:
+            # The secure sum is of the encoded uploads: split it as they were laid out,
+            # then let the codecs (linear ones only, see strategies) decode the sum.
+            layout = self.wire_layout()
             offset = 0
-            for name in names:
-                parts[name] = total[offset : offset + sizes[name]]
-                offset += sizes[name]
+            for name in upload_order(layout):
+                parts[name] = total[offset : offset + layout[name][0]]
+                offset += layout[name][0]
+            for codec in reversed(self.codecs):
+                parts = codec.decode_sum(parts, rnd=rnd)
         inp = AggregationInput(
             round=rnd,
             dimension=sizes[DELTA],
@@ -243,17 +270,20 @@ class Strategy:
 
     def _triage(
         self, rnd: int, outcomes: Sequence[FitResult | ClientFailure]
-    ) -> tuple[list[FitResult], list[ClientFailure], int]:
-        """Usable updates (sorted by client id), failures, and dropped stragglers.
+    ) -> tuple[list[FitResult], list[ClientFailure], int, int]:
+        """Usable updates (sorted by client id), failures, dropped stragglers, and the
+        bytes the usable clear uploads arrived in (before decoding).
 
-        An update with NaN/Inf or a vector of the wrong size, or one a codec refuses,
-        becomes a failure. A held update (secure aggregation) is usable as far as the
-        server can tell.
+        An update a codec refuses, or that decodes to NaN/Inf or a vector of the wrong
+        size, becomes a failure. A held update (secure aggregation) is usable as far as
+        the server can tell.
         """
-        sizes = self.upload_sizes()
+        sizes = float_layout(self.upload_sizes())
+        wire = self.wire_layout()
         updates: list[FitResult] = []
         failures: list[ClientFailure] = []
         dropped = 0
+        bytes_up = 0
         for out in outcomes:
             if isinstance(out, ClientFailure):
                 failures.append(out)
@@ -264,25 +294,29 @@ class Strategy:
             if not out.vectors:
                 dropped += 1
                 continue
-            why = _check_vectors(out.vectors, sizes)
+            arrived = sum(encoded_nbytes(v) for v in out.vectors.values())
+            why = _check_vectors(out.vectors, wire)
             if why is None:
                 try:
                     for codec in reversed(self.codecs):
                         out = codec.decode(out)
                 except RejectedUpdateError as err:
                     why = str(err)
+            if why is None and self.codecs:
+                why = _check_vectors(out.vectors, sizes)
             if why is not None:
                 failures.append(ClientFailure(client_id=out.client_id, round=rnd, error=why))
             else:
                 updates.append(out)
+                bytes_up += arrived
         updates.sort(key=lambda r: r.client_id)
-        return updates, failures, dropped
+        return updates, failures, dropped, bytes_up
 
     # ------------------------------------------------------------- evaluate
     def configure_evaluate(
         self, rnd: int, weights: np.ndarray
     ) -> tuple[dict[str, Scalar], Broadcast]:
-        return {}, self.algorithm.broadcast(weights)
+        return {}, self.encoded_broadcast(weights)
 
     def roles(self) -> list[Role]:
         return self.secure.roles() if self.secure is not None else []
@@ -327,13 +361,18 @@ def _rows(updates: list[FitResult], name: str, size: int) -> np.ndarray:
     return np.stack([u.vectors[name] for u in updates]).astype(np.float32, copy=False)
 
 
-def _check_vectors(vectors: Mapping[str, np.ndarray], sizes: Mapping[str, int]) -> str | None:
-    if set(vectors) != set(sizes):
-        return f"update carries vectors {sorted(vectors)}, expected {sorted(sizes)}"
-    for name, size in sizes.items():
+def _check_vectors(vectors: Mapping[str, np.ndarray], layout: Layout) -> str | None:
+    """Names, shapes and dtypes as ``layout`` says (any float dtype where it says
+    float32: engines carry floats as float32), and no NaN/Inf among the floats."""
+    if set(vectors) != set(layout):
+        return f"update carries vectors {sorted(vectors)}, expected {sorted(layout)}"
+    for name, (size, dtype) in layout.items():
         v = vectors[name]
         if v.shape != (size,):
             return f"update vector '{name}' has shape {v.shape}, expected ({size},)"
-        if not np.all(np.isfinite(v)):
-            return "update contains NaN or Inf"
+        if dtype == "float32" and np.issubdtype(v.dtype, np.floating):
+            if not np.all(np.isfinite(v)):
+                return "update contains NaN or Inf"
+        elif v.dtype != np.dtype(dtype):
+            return f"update vector '{name}' is {v.dtype}, expected {dtype}"
     return None

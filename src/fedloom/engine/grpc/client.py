@@ -52,6 +52,7 @@ from fedloom.engine.grpc.client_state import (
     site_name,
 )
 from fedloom.engine.grpc.wire import (
+    LayoutEntry,
     WireError,
     check_infos,
     decode_config,
@@ -458,7 +459,7 @@ def _heartbeat_loop(stub: _Stub, session: str, interval: float, ended: threading
 
 def _pull(
     stub: _Stub, session: str, dimension: int
-) -> tuple[pb.TaskHeader, bytearray, list[tuple[str, int]]]:
+) -> tuple[pb.TaskHeader, bytearray, list[LayoutEntry]]:
     """One task: its header, payload and the payload's vector layout (fit, evaluate).
 
     The payload is the broadcast vectors or a protocol message. Chunks are written into
@@ -479,7 +480,7 @@ def _pull(
     if msg.WhichOneof("part") != "header":
         raise _BadTaskError("task stream does not start with a header")
     header = msg.header
-    layout: list[tuple[str, int]] = []
+    layout: list[LayoutEntry] = []
     size = 0
     if header.kind in (pb.TASK_FIT, pb.TASK_EVALUATE):
         try:
@@ -539,7 +540,7 @@ def _run_task(
     app: ClientApp,
     header: pb.TaskHeader,
     payload: bytearray,
-    layout: list[tuple[str, int]],
+    layout: list[LayoutEntry],
     own_id: int,
     state_file: ClientStateFile | None = None,
 ) -> tuple[pb.ResultHeader, Sequence[Buffer]]:

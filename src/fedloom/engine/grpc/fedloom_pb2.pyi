@@ -74,12 +74,14 @@ class PullRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class VectorInfo(_message.Message):
-    __slots__ = ("name", "size")
+    __slots__ = ("name", "size", "dtype")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
     __slots__ = ("kind", "task_id", "round", "client_id", "deadline_s", "payload_size", "model_version", "config_json", "vectors", "protocol", "stage")

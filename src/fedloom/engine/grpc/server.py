@@ -49,6 +49,7 @@ from fedloom.engine.grpc.wire import (
     check_infos,
     decode_metrics,
     encode_config,
+    layout_total,
     numeric_metrics,
     payload_bytes,
     split_vectors,
@@ -139,10 +140,11 @@ class Registry:
     """Sessions and open tasks, shared by the gRPC handlers and the executor.
 
     ``upload_sizes`` are the vectors a fit result must carry (the strategy's
-    ``upload_sizes``: name → length). ``roles`` are the participants the strategy needs
-    besides the clients; a registration for a role is accepted only from the name
-    ``authorized[role]`` (the role's own name by default) when clients authenticate, is
-    registered under the role's participant id, and is never sampled.
+    ``wire_layout``: name → length, or (length, dtype) for a codec's compact arrays).
+    ``roles`` are the participants the strategy needs besides the clients; a
+    registration for a role is accepted only from the name ``authorized[role]`` (the
+    role's own name by default) when clients authenticate, is registered under the
+    role's participant id, and is never sampled.
     """
 
     def __init__(
@@ -151,7 +153,7 @@ class Registry:
         vector_size: int,
         config_json: str,
         *,
-        upload_sizes: Mapping[str, int] | None = None,
+        upload_sizes: Mapping[str, int | tuple[int, str]] | None = None,
         roles: Sequence[Role] = (),
         authorized: Mapping[str, str] | None = None,
         run_id: str = "",
@@ -160,7 +162,9 @@ class Registry:
         self.run_id = run_id
         self.vector_size = vector_size
         self.config_json = config_json
-        self.upload_sizes = dict(upload_sizes or {DELTA: vector_size})
+        self.upload_sizes: dict[str, int | tuple[int, str]] = dict(
+            upload_sizes or {DELTA: vector_size}
+        )
         self.roles = {r.name: r.participant_id for r in roles}
         self.authorized = {name: (authorized or {}).get(name, name) for name in self.roles}
         self._role_names = {pid: name for name, pid in self.roles.items()}
@@ -491,7 +495,7 @@ class FederationServicer:
                 raise WireError("unexpected_held", "a held update for a task that holds none")
             return result(straggler=bool(head.straggler), held=True)
         sizes = self.registry.upload_sizes
-        layout = check_infos(head.vectors, expected=sizes, max_total=sum(sizes.values()))
+        layout = check_infos(head.vectors, expected=sizes, max_total=layout_total(sizes))
         if not layout:
             _drain(raws, limit=0)
             if not head.straggler:

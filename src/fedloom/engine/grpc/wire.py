@@ -1,11 +1,12 @@
 """What a header says about its payload, both directions: named vectors, config, metrics.
 
 A payload of vectors is the vectors concatenated in the header's ``VectorInfo`` order,
-float32 little-endian. Everything a peer sends is untrusted, so every decoder here
-checks before it allocates: names unique and short, sizes non-negative, the total
-bounded (and, for uploads, exactly what the strategy expects), JSON of the right shape
-and size. A violation raises :class:`WireError` with the rejection reason the server
-counts it under.
+little-endian float32, or the compact dtype an entry names (a compression codec's
+int8/uint8 codes, int32 indices, float16 values). Everything a peer sends is untrusted,
+so every decoder here checks before it allocates: names unique and short, sizes
+non-negative, dtypes known, the total bounded (and, for uploads, exactly what the
+strategy expects), JSON of the right shape and size. A violation raises
+:class:`WireError` with the rejection reason the server counts it under.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.messages import Scalar, upload_order
-from fedloom.params import WIRE_DTYPE
+from fedloom.params import COMPACT_DTYPES, WIRE_DTYPE, wire_dtype
 
 #: At most this many named vectors in one payload, names of at most this many characters.
 MAX_VECTORS = 64
@@ -30,6 +31,10 @@ MAX_CONFIG_KEYS = 256
 MAX_CONFIG_STRING = 4096
 #: A result's metrics: at most this many entries (metrics_json is inside one message).
 MAX_METRICS = 256
+
+
+#: A payload layout entry: ``(name, size)`` for float32, ``(name, size, dtype)`` otherwise.
+LayoutEntry = tuple[str, int] | tuple[str, int, str]
 
 
 class WireError(ValueError):
@@ -44,13 +49,25 @@ class WireError(ValueError):
 
 
 def vector_infos(vectors: Mapping[str, np.ndarray], *, order: Sequence[str]) -> list[pb.VectorInfo]:
-    """The header entries for ``vectors`` in ``order`` (float counts, not bytes)."""
-    return [pb.VectorInfo(name=name, size=int(vectors[name].size)) for name in order]
+    """The header entries for ``vectors`` in ``order`` (element counts, not bytes; the
+    dtype only for a compact one, so float32 headers are as they always were)."""
+    out = []
+    for name in order:
+        dtype = wire_dtype(vectors[name]).name
+        info = pb.VectorInfo(name=name, size=int(vectors[name].size))
+        if dtype != "float32":
+            info.dtype = dtype
+        out.append(info)
+    return out
 
 
 def vector_buffers(vectors: Mapping[str, np.ndarray], order: Sequence[str]) -> list[memoryview]:
-    """Each vector's little-endian float32 bytes, without a copy when it already is one."""
-    return [np.ascontiguousarray(vectors[name], dtype=WIRE_DTYPE).data.cast("B") for name in order]
+    """Each vector's little-endian bytes in its wire dtype, without a copy when it
+    already is one."""
+    return [
+        np.ascontiguousarray(vectors[name], dtype=wire_dtype(vectors[name])).data.cast("B")
+        for name in order
+    ]
 
 
 def broadcast_order(vectors: Mapping[str, np.ndarray]) -> list[str]:
@@ -63,23 +80,39 @@ def result_order(vectors: Mapping[str, np.ndarray]) -> list[str]:
     return upload_order(vectors)
 
 
+def _entry_dtype(entry: LayoutEntry) -> str:
+    return entry[2] if len(entry) == 3 else "float32"
+
+
+def _expected_size_dtype(value: int | tuple[int, str]) -> tuple[int, str]:
+    return (value, "float32") if isinstance(value, int) else (int(value[0]), str(value[1]))
+
+
+def layout_total(expected: Mapping[str, int | tuple[int, str]]) -> int:
+    """The number of values an upload of ``expected`` (name → size or (size, dtype)) has."""
+    return sum(_expected_size_dtype(v)[0] for v in expected.values())
+
+
 def check_infos(
     infos: Iterable[pb.VectorInfo],
     *,
-    expected: Mapping[str, int] | None = None,
+    expected: Mapping[str, int | tuple[int, str]] | None = None,
     max_total: int,
-) -> list[tuple[str, int]]:
-    """``(name, size)`` of each announced vector, after checking the announcement.
+) -> list[LayoutEntry]:
+    """``(name, size)`` of each announced float32 vector, ``(name, size, dtype)`` of a
+    compact one, after checking the announcement.
 
-    With ``expected`` (the server reading an upload) every name must be one of its keys
-    and every size exactly its value, and all of them must be present; otherwise (a
-    client reading a broadcast) the total must stay within ``max_total`` floats.
+    With ``expected`` (the server reading an upload: name → size, or (size, dtype) when
+    a codec compresses it) every name must be one of its keys and every size and dtype
+    exactly its value, and all of them must be present; otherwise (a client reading a
+    broadcast) the dtype must be one fedloom sends and the total must stay within
+    ``max_total`` values.
     """
-    out: list[tuple[str, int]] = []
+    out: list[LayoutEntry] = []
     seen: set[str] = set()
     total = 0
     for info in infos:
-        name, size = str(info.name), int(info.size)
+        name, size, dtype = str(info.name), int(info.size), str(info.dtype) or "float32"
         if len(out) >= MAX_VECTORS:
             raise WireError("malformed", f"more than {MAX_VECTORS} vectors")
         if not name or len(name) > MAX_NAME_CHARS or name in seen:
@@ -89,34 +122,47 @@ def check_infos(
                 raise WireError(
                     "unknown_vector", f"vector '{name[:40]}' is not one of {sorted(expected)}"
                 )
-            if size != expected[name]:
+            want_size, want_dtype = _expected_size_dtype(expected[name])
+            if size != want_size:
                 raise WireError(
-                    "wrong_shape", f"vector '{name}' has {size} values, expected {expected[name]}"
+                    "wrong_shape", f"vector '{name}' has {size} values, expected {want_size}"
                 )
+            if dtype != want_dtype:
+                raise WireError(
+                    "wrong_dtype", f"vector '{name}' is {dtype[:16]}, expected {want_dtype}"
+                )
+        elif dtype != "float32" and dtype not in COMPACT_DTYPES:
+            raise WireError("malformed", f"vector '{name[:40]}' has unknown dtype {dtype[:16]}")
         if size < 0:
             raise WireError("malformed", f"vector '{name[:40]}' has negative size {size}")
         total += size
         if total > max_total:
             raise WireError("oversized", f"vectors exceed {max_total} values")
         seen.add(name)
-        out.append((name, size))
+        out.append((name, size) if dtype == "float32" else (name, size, dtype))
     if expected is not None and out and seen != set(expected):
         missing = sorted(set(expected) - seen)
         raise WireError("missing_vector", f"the update lacks vectors {missing}")
     return out
 
 
-def payload_bytes(layout: Sequence[tuple[str, int]]) -> int:
-    return sum(size for _, size in layout) * WIRE_DTYPE.itemsize
+def _wire(entry: LayoutEntry) -> np.dtype[Any]:
+    dtype = _entry_dtype(entry)
+    return WIRE_DTYPE if dtype == "float32" else np.dtype(dtype).newbyteorder("<")
 
 
-def split_vectors(buf: bytearray, layout: Sequence[tuple[str, int]]) -> dict[str, np.ndarray]:
+def payload_bytes(layout: Sequence[LayoutEntry]) -> int:
+    return sum(entry[1] * _wire(entry).itemsize for entry in layout)
+
+
+def split_vectors(buf: bytearray, layout: Sequence[LayoutEntry]) -> dict[str, np.ndarray]:
     """Views of ``buf`` as the named vectors (writable; no copy)."""
     out: dict[str, np.ndarray] = {}
     offset = 0
-    for name, size in layout:
-        out[name] = np.frombuffer(buf, dtype=WIRE_DTYPE, count=size, offset=offset)
-        offset += size * WIRE_DTYPE.itemsize
+    for entry in layout:
+        dtype = _wire(entry)
+        out[entry[0]] = np.frombuffer(buf, dtype=dtype, count=entry[1], offset=offset)
+        offset += entry[1] * dtype.itemsize
     return out
 
 
