@@ -226,6 +226,46 @@ class DeployConfig(_Section):
     max_workers: int = Field(256, ge=4)
 
 
+class AttackConfig(_Section):
+    """Malicious clients for robustness experiments (``fedloom.attacks.poisoning``).
+
+    ``kind = "none"`` (the default) trains every client honestly. Otherwise the
+    ``fraction`` of clients chosen deterministically from the seed
+    (``fedloom.attacks.poisoning.malicious_client_ids``) runs the attack for the whole run;
+    the others stay honest. Parameters belong to their kinds: ``factor`` (sign_flip sends
+    −factor·Δ, scale sends factor·Δ), ``sigma`` (gaussian), ``z`` (ALIE; None: the paper's
+    z_max), ``epsilon`` (IPM), ``perturbation`` and ``gamma_init`` (min_max, min_sum),
+    ``target_label``, ``trigger_size``, ``trigger_value``, ``poison_fraction`` and
+    ``boost`` (backdoor; None: model replacement's n / (η·m)). docs/robustness.md gives
+    each attack's paper and threat model.
+    """
+
+    kind: Literal[
+        "none",
+        "label_flip",
+        "sign_flip",
+        "gaussian",
+        "scale",
+        "alie",
+        "ipm",
+        "min_max",
+        "min_sum",
+        "backdoor",
+    ] = "none"
+    fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    factor: float = Field(10.0, gt=0.0)
+    sigma: float = Field(1.0, gt=0.0)
+    z: float | None = Field(None, gt=0.0)
+    epsilon: float = Field(0.5, gt=0.0)
+    perturbation: Literal["std", "unit", "sign"] = "std"
+    gamma_init: float = Field(10.0, gt=0.0)
+    target_label: int = Field(0, ge=0)
+    trigger_size: int = Field(3, ge=1)
+    trigger_value: float = 1.0
+    poison_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    boost: float | None = Field(None, gt=0.0)
+
+
 STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
     # McMahan et al. 2017: weighted mean, plain server step with lr 1. FedAvg as published
     # drops devices that do not finish E epochs (Li et al. 2020, Section 5.2).
@@ -309,6 +349,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     personal: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

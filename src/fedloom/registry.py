@@ -36,6 +36,7 @@ BUILTIN_MODULES = (
     "fedloom.algorithms",
     "fedloom.codecs",
     "fedloom.privacy.stages",
+    "fedloom.attacks.poisoning",
 )
 _loaded = False
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from fedloom.algorithms.base import AlgorithmSettings, StageContext
 from fedloom.algorithms.dpsgd import LocalDPSettings
+from fedloom.attacks.metrics import attack_callbacks
+from fedloom.attacks.poisoning import AttackSettings, attack_algorithm_name
 from fedloom.callbacks import Callback
 from fedloom.client.learner import Learner, SGDSettings, WorkSettings
 from fedloom.client.models import build_model
@@ -30,6 +32,7 @@ from fedloom.registry import (
     SERVER_ALGORITHMS,
     SERVER_OPTIMIZERS,
 )
+from fedloom.server.callbacks import ServerTestBench
 from fedloom.server.optimizers import make_server_optimizer
 from fedloom.server.sampling import expected_clients_per_round
 from fedloom.server.strategy import Strategy
@@ -75,6 +78,9 @@ def check_composition(cfg: RunConfig) -> None:
     for name in cfg.callbacks:
         if name not in CALLBACKS:
             raise ConfigError(f"callbacks: {registry_error(CALLBACKS, name)}")
+    attack = attack_algorithm_name(cfg.attack.kind)
+    if cfg.attack.kind != "none" and attack not in CLIENT_ALGORITHMS:
+        raise ConfigError(f"attack.kind: {registry_error(CLIENT_ALGORITHMS, attack)}")
     p = cfg.privacy
     if p.local_dp and cfg.client.algorithm != "sgd":
         raise ConfigError(
@@ -110,9 +116,11 @@ def build_strategy(
     roles_in_process: bool,
     callbacks: Sequence[Callback] = (),
     aggregator: Any = None,
+    bench: ServerTestBench | None = None,
 ) -> Strategy:
     """The server's stages for ``cfg``. ``roles_in_process``: simulate protocol roles
-    (CKKS's key holder) here instead of expecting them to connect."""
+    (CKKS's key holder) here instead of expecting them to connect. ``bench``: the server's
+    test set and evaluator, for stage callbacks that measure more than clean accuracy."""
     check_composition(cfg)
     context = StageContext(
         num_clients=num_clients,
@@ -150,6 +158,9 @@ def build_strategy(
         )
     for name in cfg.callbacks:
         stage_callbacks.append(CALLBACKS.create(name, dict(cfg.callback_options.get(name, {}))))
+    stage_callbacks.extend(
+        attack_callbacks(cfg.attack, num_clients=num_clients, seed=cfg.seed, bench=bench)
+    )
     try:
         return Strategy(
             algorithm=algorithm,
@@ -178,9 +189,17 @@ def build_client_runtime(
         seed=cfg.seed,
         expected_clients=expected_clients_per_round(cfg.server, num_clients),
     )
-    algorithm = CLIENT_ALGORITHMS.create(
-        client_algorithm_name(cfg), algorithm_settings(cfg), context
-    )
+    name, settings = client_algorithm_name(cfg), algorithm_settings(cfg)
+    if cfg.attack.kind != "none":
+        # The attack wraps the honest algorithm; it decides per client who is malicious.
+        settings = AttackSettings(
+            **{f: getattr(settings, f) for f in settings.__dataclass_fields__},
+            attack=cfg.attack,
+            honest=name,
+            data_of=data_of,
+        )
+        name = attack_algorithm_name(cfg.attack.kind)
+    algorithm = CLIENT_ALGORITHMS.create(name, settings, context)
     check = getattr(algorithm, "check", None)
     if check is not None:
         check(learner)

@@ -1,7 +1,8 @@
 """Argument parsing and dispatch of the ``fedloom`` command.
 
 Only :mod:`fedloom.cli` imports this module. It imports the command modules
-(:mod:`~fedloom.cli.run`, :mod:`~fedloom.cli.deploy`, :mod:`~fedloom.cli.leakage`),
+(:mod:`~fedloom.cli.run`, :mod:`~fedloom.cli.deploy`, :mod:`~fedloom.cli.leakage`,
+:mod:`~fedloom.cli.robustness`),
 which import :mod:`~fedloom.cli.common` and never this module.
 """
 
@@ -22,6 +23,8 @@ from fedloom.attacks.leakage_settings import (
 from fedloom.cli.common import make_console, setup_logging, user_error
 from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.leakage import cmd_leakage
+from fedloom.cli.robustness import DESCRIPTION as ROBUSTNESS_DESCRIPTION
+from fedloom.cli.robustness import add_robustness_arguments, cmd_robustness
 from fedloom.cli.run import cmd_centralized, cmd_report, cmd_run
 from fedloom.config import ConfigError
 from fedloom.store import RunStoreError
@@ -139,6 +142,14 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write leakage.json and leakage.png (default runs/leakage; "
         "existing ones are replaced)",
     )
+    robustness = sub.add_parser(
+        "robustness",
+        help="run an attack x defense grid and save its table and plot",
+        description=ROBUSTNESS_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(robustness)
+    add_robustness_arguments(robustness)
     return parser
 
 
@@ -208,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_deploy_command(args, console)
         if args.command == "leakage":
             return cmd_leakage(args, console)
+        if args.command == "robustness":
+            return cmd_robustness(args, console)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)

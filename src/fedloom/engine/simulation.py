@@ -30,7 +30,7 @@ from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.messages import GLOBAL, FitTask
 from fedloom.seeding import EVAL_SUBSET, derive_rng
-from fedloom.server.callbacks import Checkpointer, Evaluation, RoundRecorder
+from fedloom.server.callbacks import Checkpointer, Evaluation, RoundRecorder, ServerTestBench
 from fedloom.server.loop import ClientExecutor, FederatedServer
 from fedloom.server.metrics import run_metrics
 from fedloom.store import RunStore
@@ -131,14 +131,15 @@ def run_federation(
         _write_data_summary(data, out_dir)
     learner = learner_factory() if learner_factory is not None else build_learner(cfg, data)
     runtime = build_client_runtime(cfg, learner, _data_of(data), num_clients=data.num_clients)
+    test_set = central_test_set(data, cfg)
     strategy = build_strategy(
         cfg,
         num_clients=data.num_clients,
         spec=learner.binding.spec,
         roles_in_process=not deployment,
         aggregator=aggregator,
+        bench=ServerTestBench(test_set, lambda v, ds: learner.evaluate(v, ds, cfg.eval.batch_size)),
     )
-    test_set = central_test_set(data, cfg)
     started = time.perf_counter()
     wall_before = float(store.get_meta("wall_s", 0.0))
     wiring = Wiring(
@@ -261,8 +262,9 @@ def write_outputs(
         "history": history,
     }
     # Central DP: the privacy ledger (ε, δ, q, z, T, C, accountant) and, when the privacy
-    # budget ended the run early, why. Absent from runs without DP.
-    for key in ("privacy", "stopped_reason"):
+    # budget ended the run early, why; an attacked run's kind and malicious clients.
+    # Absent from runs without them.
+    for key in ("privacy", "stopped_reason", "attack"):
         value = store.get_meta(key)
         if value is not None:
             summary[key] = value
@@ -319,6 +321,7 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     central_cfg.client.straggler_fraction = 0.0
     central_cfg.client.proximal_mu = 0.0
     central_cfg.client.algorithm = "sgd"
+    central_cfg.attack.kind = "none"
     # The baseline is non-private training on pooled data: no client-side clipping.
     central_cfg.privacy.mechanism = "none"
     central_cfg.privacy.local_dp = False
