@@ -21,7 +21,6 @@ from typing import Any
 
 from rich.console import Console
 
-from fedloom.attacks.poisoning import ATTACK_KINDS
 from fedloom.cli.common import EXIT_INTERRUPTED
 from fedloom.config import ConfigError, RunConfig, load_config
 from fedloom.registry import AGGREGATORS
@@ -109,6 +108,9 @@ def _names(raw: str, what: str) -> list[str]:
 
 def grid_axes(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
     """(attacks, aggregators, partitions), checked against the registries."""
+    # Imported here: it pulls in torch, which the other commands' start-up should not pay.
+    from fedloom.attacks.poisoning import ATTACK_KINDS
+
     attacks = _names(args.attacks, "attacks")
     for a in attacks:
         if a != "none" and a not in ATTACK_KINDS:
