@@ -316,3 +316,26 @@ def test_attack_composes_with_secure_aggregation(tmp_path: Path) -> None:
     build_strategy(
         cfg, num_clients=data.num_clients, spec=learner.binding.spec, roles_in_process=True
     )
+
+
+class LabelMean(FakeHonest):
+    """An honest algorithm whose update is the mean label it trained on."""
+
+    def fit(self, ctx: ClientContext) -> ClientUpdate:
+        return ClientUpdate({DELTA: np.array([ctx.data.train.y.mean()], np.float32)})
+
+
+def test_label_flip_wrapper_flips_with_the_models_class_count() -> None:
+    import torch
+
+    from fedloom.client.learner import Learner
+
+    clients = _clients(20)
+    attack = _wrapper("label_flip", clients)
+    attack.honest = LabelMean()
+    bad = attack.malicious[0]
+    x = np.zeros((3, 4), np.float32)
+    data = ClientData(bad, "b", ArrayDataset(x, np.array([0, 1, 1])))
+    ctx = _ctx(data)
+    ctx.learner = Learner(torch.nn.Linear(4, 3))  # 3 classes: 0 -> 2, 1 -> 1
+    np.testing.assert_allclose(attack.fit(ctx).vectors[DELTA], [(2 + 1 + 1) / 3])

@@ -231,13 +231,14 @@ class AttackConfig(_Section):
 
     ``kind = "none"`` (the default) trains every client honestly. Otherwise the
     ``fraction`` of clients chosen deterministically from the seed
-    (``fedloom.attacks.poisoning.malicious_client_ids``) runs the attack for the whole run;
-    the others stay honest. Parameters belong to their kinds: ``factor`` (sign_flip sends
-    −factor·Δ, scale sends factor·Δ), ``sigma`` (gaussian), ``z`` (ALIE; None: the paper's
-    z_max), ``epsilon`` (IPM), ``perturbation`` and ``gamma_init`` (min_max, min_sum),
-    ``target_label``, ``trigger_size``, ``trigger_value``, ``poison_fraction`` and
-    ``boost`` (backdoor; None: model replacement's n / (η·m)). docs/robustness.md gives
-    each attack's paper and threat model.
+    (``fedloom.attacks.poisoning.malicious_client_ids``), or the ids in ``clients``,
+    run the attack for the whole run; the others stay honest. Parameters belong to
+    their kinds: ``factor`` (sign_flip sends -factor x update, scale factor x update),
+    ``sigma`` (gaussian), ``z`` (ALIE; None: the paper's z_max), ``epsilon`` (IPM),
+    ``perturbation`` and ``gamma_init`` (min_max, min_sum), ``target_label``,
+    ``trigger_size``, ``trigger_value``, ``poison_fraction`` and ``boost`` (backdoor;
+    None: model replacement's n / (server lr x m)). docs/robustness.md gives each
+    attack's paper and threat model.
     """
 
     kind: Literal[
@@ -253,6 +254,9 @@ class AttackConfig(_Section):
         "backdoor",
     ] = "none"
     fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    #: Explicit malicious client ids, instead of a draw of ``fraction`` (a red-team
+    #: client, ``fedloom client --attack KIND``, names itself).
+    clients: list[int] | None = None
     factor: float = Field(10.0, gt=0.0)
     sigma: float = Field(1.0, gt=0.0)
     z: float | None = Field(None, gt=0.0)

@@ -81,6 +81,11 @@ def check_composition(cfg: RunConfig) -> None:
     attack = attack_algorithm_name(cfg.attack.kind)
     if cfg.attack.kind != "none" and attack not in CLIENT_ALGORITHMS:
         raise ConfigError(f"attack.kind: {registry_error(CLIENT_ALGORITHMS, attack)}")
+    outside = [c for c in cfg.attack.clients or [] if not 0 <= c < cfg.data.num_clients]
+    if outside:
+        raise ConfigError(
+            f"attack.clients: client {outside[0]} does not exist (0..{cfg.data.num_clients - 1})"
+        )
     p = cfg.privacy
     if p.local_dp and cfg.client.algorithm != "sgd":
         raise ConfigError(

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from fedloom.attacks.poisoning import malicious_client_ids, triggered_test_set
+from fedloom.attacks.poisoning import attack_client_ids, triggered_test_set
 from fedloom.callbacks import Callback, RunContext
 from fedloom.config import AttackConfig
 from fedloom.server.callbacks import ServerTestBench
@@ -94,7 +94,7 @@ def attack_callbacks(
     """The callbacks an attacked run records with (none without an attack)."""
     if attack.kind == "none":
         return []
-    malicious = malicious_client_ids(num_clients=num_clients, fraction=attack.fraction, seed=seed)
+    malicious = attack_client_ids(attack, num_clients=num_clients, seed=seed)
     callbacks: list[Callback] = [AttackRecord(attack, malicious)]
     if attack.kind == "backdoor" and bench is not None and len(bench.test_set):
         callbacks.append(BackdoorAccuracy(attack, bench))

@@ -104,6 +104,13 @@ def malicious_client_ids(*, num_clients: int, fraction: float, seed: int) -> lis
     return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
 
 
+def attack_client_ids(attack: AttackConfig, *, num_clients: int, seed: int) -> list[int]:
+    """The run's malicious clients: ``attack.clients`` when named, else the seeded draw."""
+    if attack.clients is not None:
+        return sorted(set(attack.clients))
+    return malicious_client_ids(num_clients=num_clients, fraction=attack.fraction, seed=seed)
+
+
 def expected_per_round(
     malicious: int, *, num_clients: int, expected_clients: float
 ) -> tuple[int, int]:
@@ -414,8 +421,8 @@ def make_attack(kind: str) -> Callable[[AlgorithmSettings, StageContext], Malici
                 f"table; set attack.kind = '{kind}' instead of client.algorithm"
             )
         honest = CLIENT_ALGORITHMS.create(settings.honest, settings, context)
-        malicious = malicious_client_ids(
-            num_clients=context.num_clients, fraction=settings.attack.fraction, seed=context.seed
+        malicious = attack_client_ids(
+            settings.attack, num_clients=context.num_clients, seed=context.seed
         )
         return MaliciousClient(
             honest=honest,

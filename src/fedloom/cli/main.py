@@ -115,6 +115,20 @@ def _parser() -> argparse.ArgumentParser:
         "(default: $XDG_STATE_HOME/fedloom or ~/.local/state/fedloom)",
     )
     client.add_argument("--max-wait", type=float, default=300.0, help="give up after S seconds")
+    client.add_argument(
+        "--attack",
+        metavar="KIND",
+        help="red team: this client runs attack KIND (sign_flip, scale, gaussian, label_flip, "
+        "backdoor, ...) on its own updates, whatever the server's config says",
+    )
+    client.add_argument(
+        "--attack-set",
+        dest="attack_sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="red team: an [attack] parameter, e.g. factor=10 (repeatable)",
+    )
     _add_import_arg(client)
     client.add_argument("-v", "--verbose", action="store_true")
 
