@@ -301,6 +301,50 @@ class WatermarkConfig(_Section):
     seed: int | None = Field(None, ge=0)
 
 
+class AttackConfig(_Section):
+    """Malicious clients for robustness experiments (``fedloom.attacks.poisoning``).
+
+    ``kind = "none"`` (the default) trains every client honestly. Otherwise the
+    ``fraction`` of clients chosen deterministically from the seed
+    (``fedloom.attacks.poisoning.malicious_client_ids``), or the ids in ``clients``,
+    run the attack for the whole run; the others stay honest. Parameters belong to
+    their kinds: ``factor`` (sign_flip sends -factor x update, scale factor x update),
+    ``sigma`` (gaussian), ``z`` (ALIE; None: the paper's z_max), ``epsilon`` (IPM),
+    ``perturbation`` and ``gamma_init`` (min_max, min_sum), ``target_label``,
+    ``trigger_size``, ``trigger_value``, ``poison_fraction`` and ``boost`` (backdoor;
+    None: model replacement's n / (server lr x m)). docs/robustness.md gives each
+    attack's paper and threat model.
+    """
+
+    kind: Literal[
+        "none",
+        "label_flip",
+        "sign_flip",
+        "gaussian",
+        "scale",
+        "alie",
+        "ipm",
+        "min_max",
+        "min_sum",
+        "backdoor",
+    ] = "none"
+    fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    #: Explicit malicious client ids, instead of a draw of ``fraction`` (a red-team
+    #: client, ``fedloom client --attack KIND``, names itself).
+    clients: list[int] | None = None
+    factor: float = Field(10.0, gt=0.0)
+    sigma: float = Field(1.0, gt=0.0)
+    z: float | None = Field(None, gt=0.0)
+    epsilon: float = Field(0.5, gt=0.0)
+    perturbation: Literal["std", "unit", "sign"] = "std"
+    gamma_init: float = Field(10.0, gt=0.0)
+    target_label: int = Field(0, ge=0)
+    trigger_size: int = Field(3, ge=1)
+    trigger_value: float = 1.0
+    poison_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    boost: float | None = Field(None, gt=0.0)
+
+
 STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
     # McMahan et al. 2017: weighted mean, plain server step with lr 1. FedAvg as published
     # drops devices that do not finish E epochs (Li et al. 2020, Section 5.2).
@@ -482,6 +526,7 @@ class RunConfig(_Section):
     watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

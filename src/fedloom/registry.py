@@ -41,6 +41,7 @@ BUILTIN_MODULES = (
     "fedloom.codecs",
     "fedloom.privacy.stages",
     "fedloom.server.watermark",
+    "fedloom.attacks.poisoning",
 )
 _loaded = False
 

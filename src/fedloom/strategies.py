@@ -16,6 +16,8 @@ import numpy as np
 
 from fedloom.algorithms.base import AlgorithmSettings, StageContext
 from fedloom.algorithms.dpsgd import LocalDPSettings
+from fedloom.attacks.metrics import attack_callbacks
+from fedloom.attacks.poisoning import AttackSettings, attack_algorithm_name
 from fedloom.callbacks import Callback
 from fedloom.client.learner import Learner, SGDSettings, WorkSettings
 from fedloom.client.models import build_model
@@ -38,6 +40,7 @@ from fedloom.registry import (
     UPDATE_MONITORS,
 )
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
+from fedloom.server.callbacks import ServerTestBench
 from fedloom.server.loop import FederatedServer
 from fedloom.server.optimizers import make_server_optimizer
 from fedloom.server.sampling import expected_clients_per_round
@@ -86,6 +89,14 @@ def check_composition(cfg: RunConfig) -> None:
     for name in cfg.callbacks:
         if name not in CALLBACKS:
             raise ConfigError(f"callbacks: {registry_error(CALLBACKS, name)}")
+    attack = attack_algorithm_name(cfg.attack.kind)
+    if cfg.attack.kind != "none" and attack not in CLIENT_ALGORITHMS:
+        raise ConfigError(f"attack.kind: {registry_error(CLIENT_ALGORITHMS, attack)}")
+    outside = [c for c in cfg.attack.clients or [] if not 0 <= c < cfg.data.num_clients]
+    if outside:
+        raise ConfigError(
+            f"attack.clients: client {outside[0]} does not exist (0..{cfg.data.num_clients - 1})"
+        )
     p = cfg.privacy
     if p.local_dp and cfg.client.algorithm != "sgd":
         raise ConfigError(
@@ -333,12 +344,15 @@ def build_strategy(
     server_model: ServerModel | None = None,
     server_data: ServerData | None = None,
     learner_factory: Callable[[], Learner] | None = None,
+    bench: ServerTestBench | None = None,
 ) -> Strategy:
     """The server's stages for ``cfg``. ``roles_in_process``: simulate protocol roles
     (CKKS's key holder) here instead of expecting them to connect. ``server_model``: the
     model the server runs, for stages that train it (the watermark). ``server_data`` and
     ``learner_factory`` reach stages that train on the server (FLTrust) through their
-    :class:`StageContext`; a stage reserves its examples from ``server_data``."""
+    :class:`StageContext`; a stage reserves its examples from ``server_data``. ``bench``:
+    the server's test set and evaluator, for stage callbacks that measure more than clean
+    accuracy (a backdoor's success)."""
     check_composition(cfg)
     cc = cfg.client
     context = StageContext(
@@ -402,6 +416,9 @@ def build_strategy(
     monitors = (
         [UPDATE_MONITORS.create("anomaly", cfg.anomaly, context)] if cfg.anomaly.enabled else []
     )
+    stage_callbacks.extend(
+        attack_callbacks(cfg.attack, num_clients=num_clients, seed=cfg.seed, bench=bench)
+    )
     try:
         return Strategy(
             algorithm=algorithm,
@@ -435,9 +452,17 @@ def build_client_runtime(
         seed=cfg.seed,
         expected_clients=expected_clients_per_round(cfg.server, num_clients),
     )
-    algorithm = CLIENT_ALGORITHMS.create(
-        client_algorithm_name(cfg), algorithm_settings(cfg), context
-    )
+    name, settings = client_algorithm_name(cfg), algorithm_settings(cfg)
+    if cfg.attack.kind != "none":
+        # The attack wraps the honest algorithm; it decides per client who is malicious.
+        settings = AttackSettings(
+            **{f: getattr(settings, f) for f in settings.__dataclass_fields__},
+            attack=cfg.attack,
+            honest=name,
+            data_of=data_of,
+        )
+        name = attack_algorithm_name(cfg.attack.kind)
+    algorithm = CLIENT_ALGORITHMS.create(name, settings, context)
     check = getattr(algorithm, "check", None)
     if check is not None:
         check(learner)

@@ -1,1 +1,2 @@
-"""Attacks: evaluations of what an adversary recovers, kept apart from the privacy mechanisms."""
+"""Attacks: what an adversary recovers from updates (leakage) and what malicious clients
+send (poisoning, backdoors), kept apart from the defenses."""

@@ -12,12 +12,13 @@ import os
 import sys
 import threading
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
 from rich.console import Console
 
 from fedloom.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, config_and_run_dir, interrupted
-from fedloom.config import ConfigError
+from fedloom.config import AttackConfig, ConfigError, parse_overrides
 
 if TYPE_CHECKING:
     from fedloom.config import RunConfig
@@ -136,6 +137,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
             make_app = BuiltinApp
         else:
             make_app = partial(OwnDataApp, data_path=args.data)
+        if args.attack is not None:
+            make_app = partial(red_team_app, make_app, _red_team_attack(args))
         done = run_client(
             args.server,
             make_app,
@@ -158,6 +161,29 @@ def _cmd_client(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print(f"run over; this client completed {done} tasks", flush=True)
     return 0
+
+
+def _red_team_attack(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``[attack]`` keys ``--attack`` and ``--attack-set`` give, checked up front."""
+    if args.key_holder:
+        raise ConfigError("the key holder trains nothing: drop --attack")
+    tree = parse_overrides(args.attack_sets)
+    tree["kind"] = args.attack
+    try:
+        AttackConfig.model_validate(tree)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"--attack/--attack-set: attack.{key}: {first['msg']}") from None
+    return tree
+
+
+def red_team_app(inner: Any, attack: dict[str, Any], cfg: RunConfig, client_id: int) -> Any:
+    """The app ``inner`` would build, with this client alone running ``attack``: the
+    server's config is not changed, the server is not told."""
+    red = cfg.model_copy(deep=True)
+    red.attack = AttackConfig.model_validate({**attack, "clients": [client_id]})
+    return inner(red, client_id)
 
 
 def _key_holder_app(

@@ -2,7 +2,7 @@
 
 Only :mod:`fedloom.cli` imports this module. It imports the command modules
 (:mod:`~fedloom.cli.run`, :mod:`~fedloom.cli.deploy`, :mod:`~fedloom.cli.leakage`,
-:mod:`~fedloom.cli.watermark`),
+:mod:`~fedloom.cli.watermark`, :mod:`~fedloom.cli.robustness`),
 which import :mod:`~fedloom.cli.common` and never this module.
 """
 
@@ -24,6 +24,8 @@ from fedloom.cli.common import make_console, setup_logging, user_error
 from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.estimate import cmd_estimate
 from fedloom.cli.leakage import cmd_leakage
+from fedloom.cli.robustness import DESCRIPTION as ROBUSTNESS_DESCRIPTION
+from fedloom.cli.robustness import add_robustness_arguments, cmd_robustness
 from fedloom.cli.run import cmd_centralized, cmd_report, cmd_run
 from fedloom.cli.watermark import add_watermark_parser, cmd_watermark
 from fedloom.config import ConfigError
@@ -115,6 +117,20 @@ def _parser() -> argparse.ArgumentParser:
         "(default: $XDG_STATE_HOME/fedloom or ~/.local/state/fedloom)",
     )
     client.add_argument("--max-wait", type=float, default=300.0, help="give up after S seconds")
+    client.add_argument(
+        "--attack",
+        metavar="KIND",
+        help="red team: this client runs attack KIND (sign_flip, scale, gaussian, label_flip, "
+        "backdoor, ...) on its own updates, whatever the server's config says",
+    )
+    client.add_argument(
+        "--attack-set",
+        dest="attack_sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="red team: an [attack] parameter, e.g. factor=10 (repeatable)",
+    )
     _add_import_arg(client)
     client.add_argument("-v", "--verbose", action="store_true")
 
@@ -160,6 +176,14 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--no-what-if", action="store_true", help="only the configured run")
     estimate.add_argument("--json", type=Path, metavar="FILE", help="also write the estimate")
     add_watermark_parser(sub)
+    robustness = sub.add_parser(
+        "robustness",
+        help="run an attack x defense grid and save its table and plot",
+        description=ROBUSTNESS_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(robustness)
+    add_robustness_arguments(robustness)
     return parser
 
 
@@ -233,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_estimate(args, console)
         if args.command == "watermark":
             return cmd_watermark(args, console)
+        if args.command == "robustness":
+            return cmd_robustness(args, console)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)

@@ -32,7 +32,7 @@ from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.messages import GLOBAL, FitTask
 from fedloom.seeding import EVAL_SUBSET, derive_rng
-from fedloom.server.callbacks import Checkpointer, Evaluation, RoundRecorder
+from fedloom.server.callbacks import Checkpointer, Evaluation, RoundRecorder, ServerTestBench
 from fedloom.server.loop import ClientExecutor
 from fedloom.server.metrics import run_metrics
 from fedloom.server.transforms import ServerModel
@@ -156,6 +156,9 @@ def run_federation(
     # The server's examples (its test set); stages that train on the server (FLTrust)
     # reserve a slice, and central evaluation uses what nobody reserved.
     server_data = ServerData(data.test, seed=cfg.seed)
+    # Stage callbacks that score the model on other inputs (a backdoor's triggers) get the
+    # server's evaluation set once stages have reserved their examples (set below).
+    bench = ServerTestBench(data.test, lambda v, ds: learner.evaluate(v, ds, cfg.eval.batch_size))
     strategy = build_strategy(
         cfg,
         num_clients=data.num_clients,
@@ -165,8 +168,10 @@ def run_federation(
         server_model=ServerModel.of(learner, test=data.test, num_classes=data.num_classes),
         server_data=server_data,
         learner_factory=learner_factory or partial(build_learner, cfg, data),
+        bench=bench,
     )
     test_set = central_test_set(data, cfg, server_data.evaluation_set())
+    bench.test_set = test_set
     started = time.perf_counter()
     wall_before = float(store.get_meta("wall_s", 0.0))
     wiring = Wiring(
@@ -296,8 +301,9 @@ def write_outputs(
         "history": history,
     }
     # Central DP: the privacy ledger (ε, δ, q, z, T, C, accountant) and, when the privacy
-    # budget ended the run early, why. Absent from runs without DP.
-    for key in ("privacy", "stopped_reason"):
+    # budget ended the run early, why; an attacked run's kind and malicious clients.
+    # Absent from runs without them.
+    for key in ("privacy", "stopped_reason", "attack"):
         value = store.get_meta(key)
         if value is not None:
             summary[key] = value
@@ -342,6 +348,7 @@ def run_centralized(cfg: RunConfig) -> dict[str, Any]:
     central_cfg.client.straggler_fraction = 0.0
     central_cfg.client.proximal_mu = 0.0
     central_cfg.client.algorithm = "sgd"
+    central_cfg.attack.kind = "none"
     # The baseline is non-private training on pooled data: no client-side clipping.
     central_cfg.privacy.mechanism = "none"
     central_cfg.privacy.local_dp = False

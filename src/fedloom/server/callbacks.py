@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fedloom.callbacks import Callback, RunContext
+from fedloom.data.base import ArrayDataset
 from fedloom.messages import EvalResult, EvalTask
 from fedloom.registry import CALLBACKS
 
@@ -158,3 +160,13 @@ class EarlyStopping(Callback):
 @CALLBACKS.register("early-stopping")
 def make_early_stopping(options: dict[str, Any]) -> EarlyStopping:
     return EarlyStopping(**options)
+
+
+@dataclass
+class ServerTestBench:
+    """The server's test set and an evaluation of any model on any data set, for stages
+    that measure more than clean accuracy (e.g. a backdoor's success on triggered inputs).
+    The run builds it once and hands it to the strategy's stage callbacks."""
+
+    test_set: ArrayDataset
+    evaluate: Callable[[np.ndarray, ArrayDataset], dict[str, float]]
