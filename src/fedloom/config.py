@@ -188,6 +188,10 @@ class PrivacyConfig(_Section):
     #: updates are unweighted (each client counts once) and, without central DP,
     #: clipped per coordinate to ``secagg_clip_range`` before quantization.
     secure_aggregation: Literal["none", "secagg+", "ckks"] = "none"
+    #: Under secure aggregation, still send each client's training metrics (train_loss
+    #: …) and example count to the server in the clear. Off by default: they describe
+    #: one client's data, which secure aggregation exists to hide.
+    reveal_client_metrics: bool = False
     secagg_clip_range: float = Field(1.0, gt=0.0)
     secagg_quantization_bits: int = Field(16, ge=2, le=24)
     #: Local (example-level) DP on every client: DP-SGD through Opacus (Abadi et al. 2016)
@@ -224,6 +228,40 @@ class DeployConfig(_Section):
     chunk_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
     wait_for_clients_s: float = Field(300.0, gt=0.0)
     max_workers: int = Field(256, ge=4)
+
+
+class GuardsConfig(_Section):
+    """Guard rails every run has: how far one client can move the global model.
+
+    A claimed example count above ``examples_median_multiple`` times the round's (low)
+    median claim, or above ``max_examples``, is clipped to that cap and counted (a
+    multiple below 1 would clip honest clients: 0 means no relative cap, else >= 1). With
+    ``norm_outliers`` on, an update whose L2 norm exceeds
+    max(median + ``norm_mad_k`` · MAD, ``norm_min_multiple`` · median) of the round's
+    norms is rejected with its reason, in rounds of at least ``norm_min_updates`` clear
+    updates. ``"auto"`` turns it on in a deployment (``fedloom server``) and off in a
+    simulation, whose clients are the experimenter's own code and whose attack
+    experiments should measure the configured aggregator alone; under central DP or
+    secure aggregation it stays off (clipping bounds each update there). A global model
+    that would not be finite is never committed, whatever these settings.
+    """
+
+    max_examples: int | None = Field(None, ge=1)
+    #: 0 turns the median-relative cap off.
+    examples_median_multiple: float = Field(10.0, ge=0.0)
+    norm_outliers: Literal["auto", "on", "off"] = "auto"
+    norm_mad_k: float = Field(10.0, gt=0.0)
+    norm_min_multiple: float = Field(3.0, ge=1.0)
+    norm_min_updates: int = Field(3, ge=3)
+
+    @model_validator(mode="after")
+    def _check_multiple(self) -> GuardsConfig:
+        if 0.0 < self.examples_median_multiple < 1.0:
+            raise ValueError(
+                "guards.examples_median_multiple below 1 would clip honest clients' counts; "
+                "use 0 (no relative cap) or a value >= 1"
+            )
+        return self
 
 
 STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
@@ -308,6 +346,7 @@ class RunConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
     personal: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)

@@ -30,6 +30,7 @@ from fedloom.registry import (
     SERVER_ALGORITHMS,
     SERVER_OPTIMIZERS,
 )
+from fedloom.server.guards import GuardRails, guard_settings
 from fedloom.server.optimizers import make_server_optimizer
 from fedloom.server.sampling import expected_clients_per_round
 from fedloom.server.strategy import Strategy
@@ -91,6 +92,14 @@ def check_composition(cfg: RunConfig) -> None:
             else "SCAFFOLD with secure aggregation is not supported yet; turn "
             "privacy.secure_aggregation off or choose another strategy"
         )
+    if cfg.guards.norm_outliers == "on" and (
+        p.mechanism == "central" or p.secure_aggregation != "none"
+    ):
+        raise ConfigError(
+            "guards.norm_outliers = 'on' rejects updates by the other clients' norms, which "
+            "the clipping of central DP or secure aggregation already bounds (and which "
+            "central DP's analysis does not cover); set guards.norm_outliers = 'auto'"
+        )
     if p.mechanism == "central" and cfg.server.aggregator != "mean":
         raise ConfigError(
             f"central DP adds noise to the mean of clipped updates; server.aggregator = "
@@ -110,9 +119,11 @@ def build_strategy(
     roles_in_process: bool,
     callbacks: Sequence[Callback] = (),
     aggregator: Any = None,
+    deployment: bool = False,
 ) -> Strategy:
     """The server's stages for ``cfg``. ``roles_in_process``: simulate protocol roles
-    (CKKS's key holder) here instead of expecting them to connect."""
+    (CKKS's key holder) here instead of expecting them to connect. ``deployment``: real
+    clients, so the guard rails' "auto" settings take their deployment values."""
     check_composition(cfg)
     context = StageContext(
         num_clients=num_clients,
@@ -162,6 +173,14 @@ def build_strategy(
             min_aggregate_clients=cfg.server.min_aggregate_clients,
             drop_stragglers=cfg.server.drop_stragglers,
             dimension=spec.size,
+            guards=GuardRails(
+                guard_settings(
+                    cfg.guards,
+                    deployment=deployment,
+                    clipped=cfg.privacy.mechanism == "central"
+                    or cfg.privacy.secure_aggregation != "none",
+                )
+            ),
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -202,6 +221,7 @@ def build_client_runtime(
         ),
         sgd=SGDSettings(lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay),
         eval_batch_size=cfg.eval.batch_size,
+        clear_metrics=cfg.privacy.secure_aggregation == "none" or cfg.privacy.reveal_client_metrics,
     )
 
 

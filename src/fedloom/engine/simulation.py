@@ -137,6 +137,7 @@ def run_federation(
         spec=learner.binding.spec,
         roles_in_process=not deployment,
         aggregator=aggregator,
+        deployment=deployment,
     )
     test_set = central_test_set(data, cfg)
     started = time.perf_counter()

@@ -35,7 +35,8 @@ from fedloom.messages import (
     upload_order,
 )
 from fedloom.seeding import SAMPLING, derive_rng
-from fedloom.server.aggregators import AggregationInput, Aggregator
+from fedloom.server.aggregators import AggregationInput, Aggregator, RoundRefusedError
+from fedloom.server.guards import DISCARDED, GuardRails, not_finite
 from fedloom.server.optimizers import ServerOptimizer
 from fedloom.server.sampling import select_clients
 
@@ -68,6 +69,11 @@ class Strategy:
     min_aggregate_clients: int = 1
     drop_stragglers: bool = False
     dimension: int = 0
+    #: Bounds on one client's influence and the finiteness check; every run has them.
+    guards: GuardRails = field(default_factory=GuardRails)
+    #: Per round: how many clients the sample was drawn from, and how many it drew (a
+    #: privacy accountant must count the sampling that happened, not the configured one).
+    _sampled: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.secure is not None and self.aggregator.needs_individual_updates:
@@ -81,9 +87,12 @@ class Strategy:
     def sample(self, rnd: int, pool: np.ndarray, seed: int) -> np.ndarray:
         """Clients for round ``rnd`` among ``pool``. With every client available the draw
         equals sampling from ``range(num_clients)``: a deployment samples as a simulation."""
+        self._sampled = {r: v for r, v in self._sampled.items() if r >= rnd - 1}
         if len(pool) == 0:
+            self._sampled[rnd] = (0, 0)
             return np.zeros(0, dtype=np.int64)
         index = select_clients(self.sampling, len(pool), derive_rng(seed, SAMPLING, rnd))
+        self._sampled[rnd] = (len(pool), len(index))
         return pool[index].astype(np.int64)
 
     def configure_fit(self, rnd: int, weights: np.ndarray) -> tuple[dict[str, Scalar], Broadcast]:
@@ -108,9 +117,12 @@ class Strategy:
     ) -> FitOutcome:
         """Triage, decode, (securely) aggregate, combine and step: the new global model."""
         updates, failures, dropped = self._triage(rnd, outcomes)
+        screened = self.guards.screen(rnd, updates)
+        updates = screened.updates
+        failures.extend(screened.rejected)
         every_round = self.aggregator.aggregates_every_round
         aggregated = every_round or len(updates) >= self.min_aggregate_clients
-        fields: dict[str, Any] = {}
+        fields: dict[str, Any] = dict(screened.fields)
         total: np.ndarray | None = None
         if self.secure is not None and aggregated:
             sizes = self.upload_sizes()
@@ -138,7 +150,17 @@ class Strategy:
                     self.min_aggregate_clients,
                 )
             return FitOutcome(weights, False, updates, failures, dropped, fields)
-        new_weights, agg_fields = self._aggregate(rnd, updates, total, weights)
+        try:
+            new_weights, agg_fields = self._aggregate(rnd, updates, total, weights)
+        except RoundRefusedError as err:
+            fields[DISCARDED] = str(err)
+            log.warning(
+                "round %d: discarded, the global model is unchanged and nothing of this "
+                "round is broadcast: %s",
+                rnd,
+                err,
+            )
+            return FitOutcome(weights, False, updates, failures, dropped, fields)
         fields.update(agg_fields)
         return FitOutcome(new_weights, True, updates, failures, dropped, fields)
 
@@ -166,8 +188,11 @@ class Strategy:
             count=len(updates),
             metrics=[u.metrics for u in updates],
             client_ids=[u.client_id for u in updates],
+            pool_size=self._sampled.get(rnd, (None, None))[0],
+            sample_size=self._sampled.get(rnd, (None, None))[1],
         )
         aggregate, fields = self.aggregator.aggregate(inp)
+        _refuse_if_not_finite("the aggregate", aggregate)
         extras: dict[str, np.ndarray] = {}
         for name in names[1:]:
             if updates:
@@ -182,8 +207,18 @@ class Strategy:
         update, algo_fields = self.algorithm.combine(
             rnd=rnd, aggregate=aggregate, extras=extras, contributors=updates
         )
+        _refuse_if_not_finite("the server algorithm's update", update)
         fields.update(algo_fields)
-        return self.optimizer.step(weights, update), fields
+        before = {
+            k: v.copy() if isinstance(v, np.ndarray) else v
+            for k, v in self.optimizer.state().items()
+        }
+        new_weights = self.optimizer.step(weights, update)
+        why = not_finite("the next global model", new_weights)
+        if why is not None:
+            self.optimizer.load_state(before)  # the discarded step must leave no trace
+            raise RoundRefusedError(why)
+        return new_weights, fields
 
     def _triage(
         self, rnd: int, outcomes: Sequence[FitResult | ClientFailure]
@@ -255,6 +290,12 @@ class Strategy:
 
     def _stages(self) -> list[tuple[str, Any]]:
         return [("opt", self.optimizer), ("algo", self.algorithm), ("agg", self.aggregator)]
+
+
+def _refuse_if_not_finite(what: str, vector: np.ndarray) -> None:
+    why = not_finite(what, vector)
+    if why is not None:
+        raise RoundRefusedError(why)
 
 
 def _rows(updates: list[FitResult], name: str, size: int) -> np.ndarray:
