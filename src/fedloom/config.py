@@ -239,10 +239,11 @@ class GuardsConfig(_Section):
     ``norm_outliers`` on, an update whose L2 norm exceeds
     max(median + ``norm_mad_k`` · MAD, ``norm_min_multiple`` · median) of the round's
     norms is rejected with its reason, in rounds of at least ``norm_min_updates`` clear
-    updates. ``"auto"`` turns it on in a deployment (``fedloom server``) and off in a
-    simulation, whose clients are the experimenter's own code and whose attack
-    experiments should measure the configured aggregator alone; under central DP or
-    secure aggregation it stays off (clipping bounds each update there). A global model
+    updates. ``"auto"`` is that rule in a deployment (``fedloom server``); in a simulation,
+    whose clients are the experimenter's own code and whose attack experiments should
+    measure the configured aggregator, it rejects only norms above 1000 × the median (an
+    overflow attack or a bug). Under central DP or secure aggregation it is off
+    (clipping bounds each update there). A global model
     that would not be finite is never committed, whatever these settings.
     """
 

@@ -54,7 +54,7 @@ class GuardSettings:
     max_examples: int | None = None
     examples_median_multiple: float = 10.0  # 0: no cap relative to the median
     norm_outliers: bool = False
-    norm_mad_k: float = 10.0
+    norm_mad_k: float | None = 10.0  # None: the floor alone (a simulation's "auto")
     norm_min_multiple: float = 3.0
     norm_min_updates: int = 3
 
@@ -132,7 +132,9 @@ class GuardRails:
         values = np.fromiter(norms.values(), dtype=np.float64)
         median = float(np.median(values))
         mad = float(np.median(np.abs(values - median)))
-        limit = max(median + s.norm_mad_k * mad, s.norm_min_multiple * median)
+        limit = s.norm_min_multiple * median
+        if s.norm_mad_k is not None:
+            limit = max(median + s.norm_mad_k * mad, limit)
         if limit <= 0.0:
             return updates, []
         kept: list[FitResult] = []
@@ -147,7 +149,8 @@ class GuardRails:
                         error=(
                             f"update rejected by the guard rails: norm {norm:.4g} is far "
                             f"outside this round's (median {median:.4g}, MAD {mad:.4g}, "
-                            f"limit {limit:.4g}; guards.norm_mad_k = {s.norm_mad_k:g})"
+                            f"limit {limit:.4g} = max(median + {s.norm_mad_k} MAD, "
+                            f"{s.norm_min_multiple:g} × median); see [guards])"
                         ),
                     )
                 )
@@ -174,17 +177,28 @@ def not_finite(what: str, vector: np.ndarray) -> str | None:
     return f"{what} has {bad} non-finite entries of {vector.size}"
 
 
+#: In a simulation, ``norm_outliers = "auto"`` rejects only updates this many times the
+#: round's median norm: an overflow attack or a bug, never an honest client, while attack
+#: experiments at realistic scales (10×, 100×) still measure the configured aggregator.
+SIMULATION_NORM_MULTIPLE = 1000.0
+
+
 def guard_settings(cfg: GuardsConfig, *, deployment: bool, clipped: bool) -> GuardSettings:
-    """Resolve ``[guards]`` for a run: ``norm_outliers = "auto"`` is on in a deployment
-    and off in a simulation, and off wherever updates are already clipped (central DP,
-    secure aggregation), where a rule that rejects by the other clients' norms would
-    break the bound the clipping gives (``strategies.check_composition`` refuses "on")."""
-    norm = cfg.norm_outliers == "on" or (cfg.norm_outliers == "auto" and deployment)
+    """Resolve ``[guards]`` for a run.
+
+    ``norm_outliers = "auto"`` is the full rule in a deployment and, in a simulation,
+    only the far floor :data:`SIMULATION_NORM_MULTIPLE` × median. It is off wherever
+    updates are already clipped (central DP, secure aggregation), where a rule that
+    rejects by the other clients' norms would break the bound the clipping gives
+    (``strategies.check_composition`` refuses "on" there).
+    """
+    on = cfg.norm_outliers == "on" or (cfg.norm_outliers == "auto" and deployment)
+    far_only = cfg.norm_outliers == "auto" and not deployment
     return GuardSettings(
         max_examples=cfg.max_examples,
         examples_median_multiple=cfg.examples_median_multiple,
-        norm_outliers=norm and not clipped,
-        norm_mad_k=cfg.norm_mad_k,
-        norm_min_multiple=cfg.norm_min_multiple,
+        norm_outliers=(on or far_only) and not clipped,
+        norm_mad_k=None if far_only else cfg.norm_mad_k,
+        norm_min_multiple=SIMULATION_NORM_MULTIPLE if far_only else cfg.norm_min_multiple,
         norm_min_updates=cfg.norm_min_updates,
     )

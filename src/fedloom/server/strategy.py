@@ -213,7 +213,8 @@ class Strategy:
             k: v.copy() if isinstance(v, np.ndarray) else v
             for k, v in self.optimizer.state().items()
         }
-        new_weights = self.optimizer.step(weights, update)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            new_weights = self.optimizer.step(weights, update)
         why = not_finite("the next global model", new_weights)
         if why is not None:
             self.optimizer.load_state(before)  # the discarded step must leave no trace
