@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from fedloom.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, config_and_run_dir, interrupted
+from fedloom.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    config_and_run_dir,
+    interrupted,
+    run_outcome,
+)
 from fedloom.config import ConfigError
 
 if TYPE_CHECKING:
@@ -90,7 +96,7 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
         return interrupted(f"fedloom server --resume {out_dir} --address {args.address} ...")
     console.print(summary_table(summary))
     console.print(f"run directory: {out_dir}")
-    return 0
+    return run_outcome(summary)
 
 
 def _cmd_client(args: argparse.Namespace) -> int:

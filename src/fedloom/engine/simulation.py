@@ -186,7 +186,15 @@ def run_federation(
                 server.restore(ckpt, store.history())
         if on_start is not None:
             on_start(cfg, data, server.state.round)
-        server.run(on_round)
+
+        def round_done(record: dict[str, Any]) -> None:
+            # Every round, not only at the end: a killed process keeps its stretch's time,
+            # so wall_s covers the whole run across resumes.
+            store.set_meta("wall_s", wall_before + time.perf_counter() - started)
+            if on_round is not None:
+                on_round(record)
+
+        server.run(round_done)
     finally:
         executor.close()
         store.set_meta("wall_s", wall_before + time.perf_counter() - started)
@@ -252,9 +260,15 @@ def write_outputs(
         value = next((r[key] for r in reversed(history) if r.get(key) is not None), None)
         if value is not None:
             final_out[key] = value
+    failure = no_usable_round(history, store.get_meta("stopped_reason"), store.failures())
     summary = {
         "fedloom_version": __version__,
         "config": cfg.to_dict(),
+        # "failed": no round changed the model (the reason is in "failure"); "stopped": a
+        # callback ended the run early ("stopped_reason"); else "completed".
+        "outcome": "failed"
+        if failure is not None
+        else ("stopped" if store.get_meta("stopped_reason") else "completed"),
         "rounds_completed": len(history),
         "wall_s": float(store.get_meta("wall_s", 0.0)),
         "final": final_out,
@@ -267,6 +281,8 @@ def write_outputs(
         value = store.get_meta(key)
         if value is not None:
             summary[key] = value
+    if failure is not None:
+        summary["failure"] = failure
     store.write_summary(summary)
     store.write_history_csv()
     plot_accuracy(
@@ -277,6 +293,33 @@ def write_outputs(
         title=f"{cfg.name}: {cfg.strategy or 'custom'} on {cfg.data.name}",
     )
     return summary
+
+
+def no_usable_round(
+    history: Sequence[dict[str, Any]], stopped_reason: str | None, failures: Sequence[dict[str, Any]]
+) -> str | None:
+    """Why no round of the run changed the global model, in one line (None if one did).
+
+    A usable round aggregated at least one client's update; a run without one (every
+    round discarded, short of ``server.min_aggregate_clients``, or stopped before its
+    first round) produced nothing, and must not look like a success.
+    """
+    if any(r.get("aggregated") and r.get("clients_succeeded", 0) > 0 for r in history):
+        return None
+    if not history:
+        why = stopped_reason or "no round ran"
+        return f"no usable round: {why}"
+    discarded = [r for r in history if r.get("discarded")]
+    parts = [f"none of the {len(history)} rounds aggregated a client update"]
+    if discarded:
+        parts.append(f"{len(discarded)} discarded (last: {discarded[-1]['discarded']})")
+    if failures:
+        last = failures[-1]
+        error = (str(last["error"]).splitlines() or [""])[0]
+        parts.append(f"last client failure: client {last['client_id']}: {error}")
+    if stopped_reason:
+        parts.append(f"stopped: {stopped_reason}")
+    return "no usable round: " + "; ".join(parts)
 
 
 def _write_data_summary(data: FederatedDataset, out_dir: Path) -> None:
