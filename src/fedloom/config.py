@@ -59,6 +59,12 @@ class DataConfig(_Section):
     #: so a site that lacks a class still maps every label to the same id.
     classes: list[str] | None = None
     key_column: str | None = None
+    #: The CSV's schema: every column by name, in file order, with its type ("numeric",
+    #: "categorical", or the list of a categorical column's values, which pins its
+    #: one-hot order). Each file is checked against it by name: a missing, extra,
+    #: renamed or reordered column is refused. A deployment's server pins it from its own
+    #: file when it is not set, so every site encodes its features alike.
+    columns: dict[str, Literal["numeric", "categorical"] | list[str]] | None = None
     seq_len: int = Field(80, ge=1)
     max_clients: int | None = Field(None, ge=1)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)

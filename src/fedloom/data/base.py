@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -65,6 +65,10 @@ class FederatedDataset:
     input_shape: tuple[int, ...]
     vocab: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: ``data`` config keys that every site of a deployment must share and that this
+    #: data set derived from its own files (a CSV's schema): the server pins them in the
+    #: config it sends to clients when the user did not set them.
+    pinned: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_clients(self) -> int:

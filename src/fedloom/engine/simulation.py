@@ -126,6 +126,8 @@ def run_federation(
         cfg = config_from_dict(store.config())
     if data is None:
         data = build_federated_dataset(cfg.data, cfg.seed)
+    if store is None and deployment:
+        cfg = _pin_for_sites(cfg, data)
     if store is None:
         store = RunStore.create(out_dir, cfg.to_dict(), __version__)
         _write_data_summary(data, out_dir)
@@ -201,6 +203,18 @@ def run_federation(
     summary = write_outputs(store, out_dir, cfg, data.num_clients, server.state.participation)
     store.close()
     return summary
+
+
+def _pin_for_sites(cfg: RunConfig, data: FederatedDataset) -> RunConfig:
+    """The config a deployment sends its sites: the data keys the server derived from its
+    own files (a CSV's schema) pinned where the user left them unset."""
+    unset = {k: v for k, v in data.pinned.items() if getattr(cfg.data, k) is None}
+    if not unset:
+        return cfg
+    log.info("pinned for every site: %s", ", ".join(f"data.{k}" for k in unset))
+    pinned = cfg.model_copy(deep=True)
+    pinned.data = cfg.data.model_copy(update=unset)
+    return config_from_dict(pinned.to_dict())
 
 
 def _run_id(store: RunStore) -> str:
