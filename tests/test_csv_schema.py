@@ -74,7 +74,9 @@ def _refusal(path: Path) -> str:
 
 
 def test_a_file_matching_the_schema_is_read(tmp_path: Path) -> None:
-    data = build_csv(_cfg(_write(tmp_path / "ok.csv", HEADER, ROWS), columns=SCHEMA), np.random.default_rng(0))
+    data = build_csv(
+        _cfg(_write(tmp_path / "ok.csv", HEADER, ROWS), columns=SCHEMA), np.random.default_rng(0)
+    )
     assert data.input_shape == (4,)  # age, smoker (2 one-hot), dose
     assert data.pinned == {}
 
@@ -82,11 +84,17 @@ def test_a_file_matching_the_schema_is_read(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("header_rows", "named"),
     [
-        (lambda: _permute(HEADER, ["site", "dose", "smoker", "age", "outcome"]), ["'dose' at position 2", "has 'age'"]),
-        (lambda: (["site", "age", "smokes", "dose", "outcome"], ROWS), ["'smokes' where", "has 'smoker'", "rename it"]),
+        (
+            lambda: _permute(HEADER, ["site", "dose", "smoker", "age", "outcome"]),
+            ["'dose' at position 2", "has 'age'"],
+        ),
+        (
+            lambda: (["site", "age", "smokes", "dose", "outcome"], ROWS),
+            ["'smokes' where", "has 'smoker'", "rename it"],
+        ),
         (lambda: _permute(HEADER, ["site", "age", "smoker", "outcome"]), ["lacks column 'dose'"]),
         (
-            lambda: (HEADER + ["bmi"], [r + ["22"] for r in ROWS]),
+            lambda: ([*HEADER, "bmi"], [[*r, "22"] for r in ROWS]),
             ["has column 'bmi'", "does not list"],
         ),
     ],
@@ -104,22 +112,23 @@ def test_a_column_that_differs_by_name_or_order_is_refused_by_name(
 
 
 def test_a_numeric_column_holding_words_is_refused(tmp_path: Path) -> None:
-    rows = [r[:1] + ["old" if i == 2 else r[1]] + r[2:] for i, r in enumerate(ROWS)]
-    rows = [r[:1] + ["x"] + r[2:] for r in rows]  # all words: content would say categorical
+    rows = [[*r[:1], "x", *r[2:]] for r in ROWS]  # all words: content would say categorical
     message = _refusal(_write(tmp_path / "site.csv", HEADER, rows))
     assert "column 'age' is numeric in the schema" in message and "'x' at line 2" in message
 
 
 def test_a_categorical_value_outside_the_schema_is_refused(tmp_path: Path) -> None:
-    rows = [r[:2] + ["sometimes" if i == 3 else r[2]] + r[3:] for i, r in enumerate(ROWS)]
+    rows = [[*r[:2], "sometimes" if i == 3 else r[2], *r[3:]] for i, r in enumerate(ROWS)]
     message = _refusal(_write(tmp_path / "site.csv", HEADER, rows))
     assert "column 'smoker' holds 'sometimes' at line 5" in message
 
 
 def test_pinned_categories_give_every_site_the_same_inputs(tmp_path: Path) -> None:
     """A site where everyone smokes still has both one-hot inputs, in the schema's order."""
-    rows = [r[:2] + ["yes"] + r[3:] for r in ROWS]
-    data = build_csv(_cfg(_write(tmp_path / "s.csv", HEADER, rows), columns=SCHEMA), np.random.default_rng(0))
+    rows = [[*r[:2], "yes", *r[3:]] for r in ROWS]
+    data = build_csv(
+        _cfg(_write(tmp_path / "s.csv", HEADER, rows), columns=SCHEMA), np.random.default_rng(0)
+    )
     assert data.input_shape == (4,)
     x = np.concatenate([c.train.x for c in data.clients] + [data.test.x])
     np.testing.assert_array_equal(x[:, 1:3], np.tile([0.0, 1.0], (len(x), 1)))
@@ -133,7 +142,7 @@ def test_without_a_schema_the_file_offers_its_own_for_the_sites(tmp_path: Path) 
 def test_the_schema_is_a_config_key(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.columns={age = 'numeric', smoker = ['no', 'yes']}"])
     assert cfg.data.columns == {"age": "numeric", "smoker": ["no", "yes"]}
-    with pytest.raises(ConfigError, match="data.columns"):
+    with pytest.raises(ConfigError, match=r"data\.columns"):
         load_config(None, ["data.columns={age = 'float'}"])
 
 
@@ -154,9 +163,7 @@ def procs() -> Iterator[Callable[[list[str]], Proc]]:
         p.kill()
 
 
-def test_sites_with_reordered_or_renamed_columns_are_refused_by_name(
-    procs, tmp_path: Path
-) -> None:
+def test_sites_with_reordered_or_renamed_columns_are_refused_by_name(procs, tmp_path: Path) -> None:
     """The server pins the schema of its own file; a site whose file has two columns
     swapped, and one with a column renamed, each exit 2 with a line naming it."""
     rows = list(csv.reader((ROOT / "examples/data/hospitals.csv").open()))

@@ -93,8 +93,10 @@ def test_a_hostile_client_process_cannot_wreck_the_model(procs, tmp_path: Path) 
     clean_summary = run_simulation(load_config(None, SETS), clean)
     clean_w, _, _ = _final(clean)
     distance = float(np.linalg.norm(w - clean_w) / np.linalg.norm(clean_w))
-    print(f"relative L2 distance to the clean run: {distance:.4f}; accuracy "
-          f"{history[-1]['accuracy']:.4f} vs {clean_summary['final']['accuracy']:.4f}")
+    print(
+        f"relative L2 distance to the clean run: {distance:.4f}; accuracy "
+        f"{history[-1]['accuracy']:.4f} vs {clean_summary['final']['accuracy']:.4f}"
+    )
     assert distance < 0.3, distance
     accuracy = history[-1]["accuracy"]
     assert accuracy > clean_summary["final"]["accuracy"] - 0.15

@@ -153,6 +153,6 @@ def test_the_real_sampling_survives_a_checkpoint() -> None:
     server, dp = _server(range(10))
     server.run()
     meta = dp.checkpoint_meta()
-    fresh, dp2 = _server(range(10))
+    _, dp2 = _server(range(10))
     dp2.restore(meta)
     assert dp2.ledger()["epsilon"] == pytest.approx(dp.ledger()["epsilon"], rel=1e-12)

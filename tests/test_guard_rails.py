@@ -121,7 +121,9 @@ def test_norm_screening_by_default_full_in_a_deployment_far_only_in_a_simulation
     assert simulated.norm_outliers and simulated.norm_mad_k is None
     assert simulated.norm_min_multiple == 1000
     assert not guard_settings(cfg, deployment=True, clipped=True).norm_outliers
-    assert not guard_settings(GuardsConfig(norm_outliers="off"), deployment=True, clipped=False).norm_outliers
+    assert not guard_settings(
+        GuardsConfig(norm_outliers="off"), deployment=True, clipped=False
+    ).norm_outliers
     on = guard_settings(GuardsConfig(norm_outliers="on"), deployment=False, clipped=False)
     assert on.norm_outliers and on.norm_mad_k == 10
 
@@ -138,7 +140,7 @@ def test_norm_screening_on_with_central_dp_is_refused() -> None:
     cfg = load_config(
         None, ["strategy=dp-fedavg", "privacy.noise_multiplier=1.0", "guards.norm_outliers=on"]
     )
-    with pytest.raises(ConfigError, match="guards.norm_outliers"):
+    with pytest.raises(ConfigError, match=r"guards\.norm_outliers"):
         check_composition(cfg)
 
 
@@ -219,7 +221,9 @@ def _server(
 
 
 def test_a_non_finite_aggregate_is_discarded_with_its_cause() -> None:
-    server = _server({0: [1.0, 1.0], 1: [1.0, 1.0]}, aggregator=_InfAggregator(), optimizer="sgd", lr=1)
+    server = _server(
+        {0: [1.0, 1.0], 1: [1.0, 1.0]}, aggregator=_InfAggregator(), optimizer="sgd", lr=1
+    )
     record = server.run_round(1)
     assert record["aggregated"] is False
     assert record[DISCARDED] == "the aggregate has 1 non-finite entries of 2"
@@ -287,9 +291,7 @@ def test_hostile_update_and_count_leave_the_model_finite_and_near_the_clean_one(
     rule: rejected every round with its reason, and the model ends within 15% (relative
     L2) of the clean run's and within 5 points of its accuracy."""
     clean_w, clean_summary = clean
-    cfg = load_config(
-        None, [*SIM, "client.algorithm=hostile-sgd", f"guards.norm_outliers={norm}"]
-    )
+    cfg = load_config(None, [*SIM, "client.algorithm=hostile-sgd", f"guards.norm_outliers={norm}"])
     summary = run_simulation(cfg, tmp_path / "run")
     w = _final(tmp_path / "run")
     assert np.all(np.isfinite(w))

@@ -22,9 +22,7 @@ SECAGG = ["privacy.secure_aggregation=secagg+", "privacy.secagg_clip_range=4.0"]
 def _held(overrides: list[str]) -> tuple[dict[str, float], int]:
     cfg = load_config(None, ["model.name=logreg", "client.epochs=1", *overrides])
     runtime = client_runtime(cfg, toy_dataset(clients=2))
-    task = FitTask(
-        client_id=0, round=1, model_version=0, config={HOLD: "secagg", "clip_norm": 1.0}
-    )
+    task = FitTask(client_id=0, round=1, model_version=0, config={HOLD: "secagg", "clip_norm": 1.0})
     result = runtime.fit(task, {GLOBAL: runtime.initial_vector()}, ClientState())
     assert result.held and not result.vectors
     return result.metrics, result.num_examples

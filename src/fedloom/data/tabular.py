@@ -243,8 +243,7 @@ def check_schema(table: Table, schema: Mapping[str, Any]) -> None:
         )
     if missing:
         raise ConfigError(
-            f"{where} lacks column '{missing[0]}' of the experiment's schema (data.columns); "
-            "add it"
+            f"{where} lacks column '{missing[0]}' of the experiment's schema (data.columns); add it"
         )
     if extra:
         raise ConfigError(
@@ -381,5 +380,7 @@ def build_csv(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
         num_classes=len(classes),
         input_shape=(data.x.shape[1],),
         notes=notes,
-        pinned={} if cfg.columns is not None else {"columns": derive_schema(table, label, key, train_idx)},
+        pinned={}
+        if cfg.columns is not None
+        else {"columns": derive_schema(table, label, key, train_idx)},
     )

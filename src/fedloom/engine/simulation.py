@@ -310,7 +310,9 @@ def write_outputs(
 
 
 def no_usable_round(
-    history: Sequence[dict[str, Any]], stopped_reason: str | None, failures: Sequence[dict[str, Any]]
+    history: Sequence[dict[str, Any]],
+    stopped_reason: str | None,
+    failures: Sequence[dict[str, Any]],
 ) -> str | None:
     """Why no round of the run changed the global model, in one line (None if one did).
 

@@ -300,7 +300,9 @@ class CentralDP:
             )
         return None
 
-    def round_sampling(self, pool_size: int | None, sample_size: int | None) -> ClientSampling | None:
+    def round_sampling(
+        self, pool_size: int | None, sample_size: int | None
+    ) -> ClientSampling | None:
         """The sampling round's clients were really drawn at (None: as configured).
 
         Fixed-size sampling draws k among the clients available (a deployment's connected

@@ -84,9 +84,7 @@ class GuardRails:
         """Clip claimed example counts, then reject norm outliers (clear updates only)."""
         updates, clipped = self._clip_counts(rnd, updates)
         kept, rejected = self._reject_norm_outliers(rnd, updates)
-        return Screened(
-            kept, rejected, {EXAMPLES_CLIPPED: clipped, NORM_REJECTED: len(rejected)}
-        )
+        return Screened(kept, rejected, {EXAMPLES_CLIPPED: clipped, NORM_REJECTED: len(rejected)})
 
     def example_cap(self, claims: Sequence[int]) -> int | None:
         """The round's largest admissible example count (None: no cap)."""
