@@ -93,7 +93,12 @@ def test_wall_time_covers_a_killed_stretch_and_its_resume(tmp_path: Path) -> Non
     proc = subprocess.Popen([*cmd, "--out", str(run)], env=env, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not any((run / "checkpoints").glob("round_*")):
+        # Round 2's checkpoint is written after round 1 was fully done (its wall time
+        # stored): the checkpoint callback runs before the end-of-round bookkeeping.
+        while time.monotonic() < deadline and not any(
+            int(p.stem.split("_")[1]) >= 2
+            for p in (run / "checkpoints").glob("round_*.safetensors")
+        ):
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
