@@ -23,8 +23,35 @@ def _walkthrough() -> str:
     return block.group(1)
 
 
+def checking_jobs(script: str) -> str:
+    """``script`` with its background jobs' exit statuses checked.
+
+    A bare ``wait`` exits 0 whatever its jobs did, so a walkthrough whose server or
+    client failed would pass. Each line that starts a job (ends in a single ``&``) also
+    records the job's pid, and a closing bare ``wait`` waits for each pid in turn, which
+    under ``set -e`` ends the script with the first failed job's status.
+    """
+    lines = script.rstrip("\n").split("\n")
+    if not lines or lines[-1].strip() != "wait":
+        raise AssertionError("the walkthrough no longer ends with 'wait'; update this test")
+    out: list[str] = ["fedloom_jobs=()"]
+    for line in lines[:-1]:
+        out.append(line)
+        if re.search(r"(?<!&)&\s*$", line):
+            out.append('fedloom_jobs+=("$!")')
+    out.append('for job in "${fedloom_jobs[@]}"; do wait "$job"; done')
+    return "\n".join(out) + "\n"
+
+
+def test_checking_jobs_fails_on_a_failed_job(tmp_path: Path) -> None:
+    script = checking_jobs("(exit 0) &\n(sleep 0.2; exit 3) &\ntrue && true\nwait\n")
+    assert script.count('fedloom_jobs+=("$!")') == 2
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], check=False, timeout=60)
+    assert done.returncode == 3
+
+
 def test_readme_deploy_walkthrough_runs(tmp_path: Path) -> None:
-    script = _walkthrough().replace("8443", str(free_port()))
+    script = checking_jobs(_walkthrough().replace("8443", str(free_port())))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],

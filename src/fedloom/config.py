@@ -62,6 +62,12 @@ class DataConfig(_Section):
     #: so a site that lacks a class still maps every label to the same id.
     classes: list[str] | None = None
     key_column: str | None = None
+    #: The CSV's schema: every column by name, in file order, with its type ("numeric",
+    #: "categorical", or the list of a categorical column's values, which pins its
+    #: one-hot order). Each file is checked against it by name: a missing, extra,
+    #: renamed or reordered column is refused. A deployment's server pins it from its own
+    #: file when it is not set, so every site encodes its features alike.
+    columns: dict[str, Literal["numeric", "categorical"] | list[str]] | None = None
     seq_len: int = Field(80, ge=1)
     max_clients: int | None = Field(None, ge=1)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
@@ -204,6 +210,10 @@ class PrivacyConfig(_Section):
     #: updates are unweighted (each client counts once) and, without central DP,
     #: clipped per coordinate to ``secagg_clip_range`` before quantization.
     secure_aggregation: Literal["none", "secagg+", "ckks"] = "none"
+    #: Under secure aggregation, still send each client's training metrics (train_loss
+    #: …) and example count to the server in the clear. Off by default: they describe
+    #: one client's data, which secure aggregation exists to hide.
+    reveal_client_metrics: bool = False
     secagg_clip_range: float = Field(1.0, gt=0.0)
     secagg_quantization_bits: int = Field(16, ge=2, le=24)
     #: Local (example-level) DP on every client: DP-SGD through Opacus (Abadi et al. 2016)
@@ -343,6 +353,41 @@ class AttackConfig(_Section):
     trigger_value: float = 1.0
     poison_fraction: float = Field(0.5, gt=0.0, le=1.0)
     boost: float | None = Field(None, gt=0.0)
+
+
+class GuardsConfig(_Section):
+    """Guard rails every run has: how far one client can move the global model.
+
+    A claimed example count above ``examples_median_multiple`` times the round's (low)
+    median claim, or above ``max_examples``, is clipped to that cap and counted (a
+    multiple below 1 would clip honest clients: 0 means no relative cap, else >= 1). With
+    ``norm_outliers`` on, an update whose L2 norm exceeds
+    max(median + ``norm_mad_k`` · MAD, ``norm_min_multiple`` · median) of the round's
+    norms is rejected with its reason, in rounds of at least ``norm_min_updates`` clear
+    updates. ``"auto"`` is that rule in a deployment (``fedloom server``); in a simulation,
+    whose clients are the experimenter's own code and whose attack experiments should
+    measure the configured aggregator, it rejects only norms above 1000 × the median (an
+    overflow attack or a bug). Under central DP or secure aggregation it is off
+    (clipping bounds each update there). A global model
+    that would not be finite is never committed, whatever these settings.
+    """
+
+    max_examples: int | None = Field(None, ge=1)
+    #: 0 turns the median-relative cap off.
+    examples_median_multiple: float = Field(10.0, ge=0.0)
+    norm_outliers: Literal["auto", "on", "off"] = "auto"
+    norm_mad_k: float = Field(10.0, gt=0.0)
+    norm_min_multiple: float = Field(3.0, ge=1.0)
+    norm_min_updates: int = Field(3, ge=3)
+
+    @model_validator(mode="after")
+    def _check_multiple(self) -> GuardsConfig:
+        if 0.0 < self.examples_median_multiple < 1.0:
+            raise ValueError(
+                "guards.examples_median_multiple below 1 would clip honest clients' counts; "
+                "use 0 (no relative cap) or a value >= 1"
+            )
+        return self
 
 
 STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
@@ -516,6 +561,7 @@ class RunConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
     personal: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     system: SystemConfig = Field(default_factory=SystemConfig)
     #: ``sync``: rounds with a barrier; ``async``: FedBuff / FedAsync (the ``async`` table);

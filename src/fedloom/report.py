@@ -203,6 +203,25 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         ("Gap to centralized", f"{gap:+.4f}" if _is_number(gap) else DASH),
         ("Wall time", _fmt_duration(summary.get("wall_s"))),
     ]
+    privacy = summary.get("privacy")
+    if isinstance(privacy, Mapping) and _is_number(privacy.get("epsilon")):
+        rows.append(
+            (
+                "Privacy (central DP)",
+                f"ε = {privacy['epsilon']:.4g} at δ = {privacy.get('delta', float('nan')):g}",
+            )
+        )
+    history = summary.get("history")
+    local = [
+        r["local_epsilon_max"]
+        for r in (history if isinstance(history, list) else [])
+        if isinstance(r, Mapping) and _is_number(r.get("local_epsilon_max"))
+    ]
+    if local:
+        rows.append(("Privacy (local DP)", f"worst client ε = {max(local):.4g}"))
+    for key, name in (("stopped_reason", "Stopped"), ("failure", "Failed")):
+        if isinstance(summary.get(key), str):
+            rows.append((name, str(summary[key])))
     table = Table(title="Summary", show_header=False, box=box.SIMPLE)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")

@@ -41,6 +41,7 @@ from fedloom.registry import (
 )
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
 from fedloom.server.callbacks import ServerTestBench
+from fedloom.server.guards import GuardRails, guard_settings
 from fedloom.server.loop import FederatedServer
 from fedloom.server.optimizers import make_server_optimizer
 from fedloom.server.sampling import expected_clients_per_round
@@ -144,6 +145,14 @@ def check_composition(cfg: RunConfig) -> None:
                 f"server.selection = '{cfg.server.selection}' picks a fixed-size cohort; set "
                 "server.sampling = 'fixed'"
             )
+    if cfg.guards.norm_outliers == "on" and (
+        p.mechanism == "central" or p.secure_aggregation != "none"
+    ):
+        raise ConfigError(
+            "guards.norm_outliers = 'on' rejects updates by the other clients' norms, which "
+            "the clipping of central DP or secure aggregation already bounds (and which "
+            "central DP's analysis does not cover); set guards.norm_outliers = 'auto'"
+        )
     if p.mechanism == "central" and cfg.server.aggregator != "mean":
         raise ConfigError(
             f"central DP adds noise to the mean of clipped updates; server.aggregator = "
@@ -345,6 +354,7 @@ def build_strategy(
     server_data: ServerData | None = None,
     learner_factory: Callable[[], Learner] | None = None,
     bench: ServerTestBench | None = None,
+    deployment: bool = False,
 ) -> Strategy:
     """The server's stages for ``cfg``. ``roles_in_process``: simulate protocol roles
     (CKKS's key holder) here instead of expecting them to connect. ``server_model``: the
@@ -352,7 +362,8 @@ def build_strategy(
     ``learner_factory`` reach stages that train on the server (FLTrust) through their
     :class:`StageContext`; a stage reserves its examples from ``server_data``. ``bench``:
     the server's test set and evaluator, for stage callbacks that measure more than clean
-    accuracy (a backdoor's success)."""
+    accuracy (a backdoor's success). ``deployment``: real clients, so the guard rails'
+    "auto" settings take their deployment values."""
     check_composition(cfg)
     cc = cfg.client
     context = StageContext(
@@ -436,6 +447,14 @@ def build_strategy(
             dimension=spec.size,
             arrivals=arrivals,
             selector=_selector(cfg),
+            guards=GuardRails(
+                guard_settings(
+                    cfg.guards,
+                    deployment=deployment,
+                    clipped=cfg.privacy.mechanism == "central"
+                    or cfg.privacy.secure_aggregation != "none",
+                )
+            ),
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -482,6 +501,7 @@ def build_client_runtime(
         ),
         sgd=SGDSettings(lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay),
         eval_batch_size=cfg.eval.batch_size,
+        clear_metrics=cfg.privacy.secure_aggregation == "none" or cfg.privacy.reveal_client_metrics,
     )
 
 

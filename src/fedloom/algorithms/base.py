@@ -79,6 +79,9 @@ class ClientUpdate:
 
     vectors: dict[str, np.ndarray]
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The example count to report when it is not the client's training-set size (None:
+    #: that size). The server's guard rails cap whatever is claimed here.
+    num_examples: int | None = None
 
 
 class ClientAlgorithm(Protocol):

@@ -125,6 +125,10 @@ def ledger_of(state: ClientState) -> list[HistoryEntry]:
 class DPSGDClient:
     """DP-SGD client algorithm; the client's ledger lives in its state (``"local_dp"``)."""
 
+    #: The run reports every client's local ε, so it is sent even under secure
+    #: aggregation (it is the client's own privacy statement, not its data).
+    server_metrics = frozenset({"local_epsilon"})
+
     def __init__(self, settings: LocalDPSettings, *, proximal_mu: float = 0.0) -> None:
         self.settings = settings
         self.proximal_mu = proximal_mu

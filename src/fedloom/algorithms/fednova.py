@@ -66,6 +66,9 @@ def local_step_normalizer(steps: int, momentum: float) -> float:
 class FedNovaClient:
     """Local SGD from the global model; uploads (w_local − w_global) / a_i."""
 
+    #: The server's τ_eff needs a_i, so it is sent even under secure aggregation.
+    server_metrics = frozenset({NORMALIZER})
+
     def fit(self, ctx: ClientContext) -> ClientUpdate:
         start = full_global(ctx)
         out = train_locally(ctx, start)

@@ -12,12 +12,15 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from fedloom.config import ConfigError, RunConfig, load_config
 
 EXIT_USER_ERROR = 2
+#: A run that ran but produced no model update (every round discarded or empty).
+EXIT_RUN_FAILED = 1
 #: What a shell reports for a process ended by SIGINT (128 + 2); Ctrl-C exits with it.
 EXIT_INTERRUPTED = 130
 
@@ -39,6 +42,16 @@ def user_error(err: object) -> int:
     """Report an error the user can fix in one line on stderr; return the exit code (2)."""
     print(f"fedloom: error: {err}", file=sys.stderr)
     return EXIT_USER_ERROR
+
+
+def run_outcome(summary: dict[str, Any]) -> int:
+    """The exit code of a finished ``run`` / ``server``: 0, or 1 with the reason in one
+    line on stderr when no round changed the model (``summary["failure"]``)."""
+    failure = summary.get("failure")
+    if summary.get("outcome") == "failed" and failure:
+        print(f"fedloom: run failed: {failure}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return 0
 
 
 def config_and_run_dir(args: argparse.Namespace) -> tuple[RunConfig, Path]:

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 from rich.console import Console
 
-from fedloom.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, config_and_run_dir, interrupted
+from fedloom.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    config_and_run_dir,
+    interrupted,
+    run_outcome,
+)
 from fedloom.config import AttackConfig, ConfigError, parse_overrides
 
 if TYPE_CHECKING:
@@ -91,7 +97,7 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
         return interrupted(f"fedloom server --resume {out_dir} --address {args.address} ...")
     console.print(summary_table(summary))
     console.print(f"run directory: {out_dir}")
-    return 0
+    return run_outcome(summary)
 
 
 def _cmd_client(args: argparse.Namespace) -> int:

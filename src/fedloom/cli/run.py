@@ -20,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fedloom.cli.common import config_and_run_dir, interrupted
+from fedloom.cli.common import config_and_run_dir, interrupted, run_outcome
 from fedloom.config import RunConfig, load_config
 from fedloom.data.base import FederatedDataset
 from fedloom.store import DB_FILE, RunStore
@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         return interrupted(f"fedloom run --resume {out_dir}")
     console.print(summary_table(summary))
     console.print(f"run directory: {out_dir}")
-    return 0
+    return run_outcome(summary)
 
 
 def cmd_centralized(args: argparse.Namespace, console: Console) -> int:

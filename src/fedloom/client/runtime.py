@@ -39,6 +39,16 @@ from fedloom.registry import PROTOCOL_PARTICIPANTS
 PRIVATE_METRICS = frozenset({"update_norm"})
 
 
+def server_metrics(*stages: object) -> frozenset[str]:
+    """The metrics the run's server stages need from a client even under secure
+    aggregation: each client stage names its own in ``server_metrics`` (the clipped-count
+    bit of adaptive clipping, FedNova's normalizer)."""
+    names: set[str] = set()
+    for stage in stages:
+        names.update(getattr(stage, "server_metrics", ()))
+    return frozenset(names)
+
+
 @dataclass(kw_only=True)
 class ClientRuntime:
     """One process's client side; serves any client whose data it can reach."""
@@ -53,6 +63,11 @@ class ClientRuntime:
     work: WorkSettings
     sgd: SGDSettings
     eval_batch_size: int = 512
+    #: Send training metrics (``train_loss`` …) and the example count in the clear. Off
+    #: under secure aggregation unless ``privacy.reveal_client_metrics``: they describe
+    #: one client's data, which the protocol exists to hide; a held upload then carries
+    #: only the metrics the server's stages need (:func:`server_metrics`) and 0 examples.
+    clear_metrics: bool = True
     _held: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     _participants: dict[tuple[str, int, int], Participant] = field(default_factory=dict)
 
@@ -96,6 +111,8 @@ class ClientRuntime:
             return base(straggler=True)
         ctx.plan = plan
         update = self.algorithm.fit(ctx)
+        if update.num_examples is not None:
+            base = partial(base, num_examples=update.num_examples)
         vectors = update.vectors
         for codec in self.codecs:
             vectors = codec.encode(
@@ -111,7 +128,12 @@ class ClientRuntime:
             self._forget_before(task.round)
             flat = np.concatenate([vectors[k] for k in upload_order(list(vectors))])
             self._held[(task.round, task.client_id)] = flat.astype(np.float32, copy=False)
-            return base(metrics=update.metrics, straggler=plan.straggler, held=True)
+            metrics = update.metrics
+            if not self.clear_metrics:
+                needed = server_metrics(self.algorithm, *self.codecs)
+                metrics = {k: v for k, v in metrics.items() if k in needed}
+                base = partial(base, num_examples=0)
+            return base(metrics=metrics, straggler=plan.straggler, held=True)
         return base(vectors=vectors, metrics=update.metrics, straggler=plan.straggler)
 
     def evaluate(self, task: EvalTask, broadcast: Broadcast, state: ClientState) -> EvalResult:

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -126,6 +126,10 @@ class FederatedDataset:
     input_shape: tuple[int, ...]
     vocab: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: ``data`` config keys that every site of a deployment must share and that this
+    #: data set derived from its own files (a CSV's schema): the server pins them in the
+    #: config it sends to clients when the user did not set them.
+    pinned: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_clients(self) -> int:

@@ -17,14 +17,23 @@ each row's client (one client per distinct value, the client named after it);
 otherwise the rows are dealt by ``data.partition``.
 
 The delimiter is whichever of ``,``, ``;`` and tab occurs most in the header line.
+
+With ``data.columns`` (the schema) set, columns are matched *by name*: the file must have
+exactly the schema's columns in the schema's order, or it is refused with one line naming
+the missing, extra, renamed or reordered column, and each column is read as the schema
+types it (a categorical column with listed values one-hot encodes in that order, so
+every site's model has the same inputs). Without it the server of a deployment pins
+the schema it read from its own file (:attr:`FederatedDataset.pinned`).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -174,16 +183,98 @@ def _one_hot(cells: list[str], train_idx: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_features(table: Table, names: list[str], train_idx: np.ndarray) -> np.ndarray:
-    """float32 feature matrix: standardized numeric columns and one-hot categoricals."""
+def _pinned_one_hot(table: Table, name: str, categories: Sequence[str]) -> np.ndarray:
+    cells = table.columns[name]
+    index = {c: j for j, c in enumerate(categories)}
+    bad = next((i for i, c in enumerate(cells) if c not in index), None)
+    if bad is not None:
+        shown = ", ".join(repr(c) for c in list(categories)[:10])
+        raise ConfigError(
+            f"column '{name}' holds '{cells[bad]}' at line {table.lines[bad]} of "
+            f"'{table.path}', which is not one of the schema's values ({shown}); fix the "
+            "file or the schema (data.columns)"
+        )
+    out = np.zeros((len(cells), len(categories)), dtype=np.float64)
+    out[np.arange(len(cells)), [index[c] for c in cells]] = 1.0
+    return out
+
+
+def encode_features(
+    table: Table,
+    names: list[str],
+    train_idx: np.ndarray,
+    schema: Mapping[str, str | list[str]] | None = None,
+) -> np.ndarray:
+    """float32 feature matrix: standardized numeric columns and one-hot categoricals,
+    typed by ``schema`` where given, else by content."""
     blocks: list[np.ndarray] = []
     for name in names:
-        values = _numeric_column(table, name)
+        kind = None if schema is None else schema[name]
+        if isinstance(kind, list):
+            blocks.append(_pinned_one_hot(table, name, kind))
+            continue
+        values = None if kind == "categorical" else _numeric_column(table, name)
+        if values is None and kind == "numeric":
+            cells = table.columns[name]
+            bad = next(i for i, c in enumerate(cells) if _parse_float(c) is None)
+            raise ConfigError(
+                f"column '{name}' is numeric in the schema (data.columns) but holds "
+                f"'{cells[bad]}' at line {table.lines[bad]} of '{table.path}'; fix the file"
+            )
         if values is None:
             blocks.append(_one_hot(table.columns[name], train_idx))
         else:
             blocks.append(_standardize(values, train_idx)[:, None])
     return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+def check_schema(table: Table, schema: Mapping[str, Any]) -> None:
+    """Refuse a file whose columns differ from ``schema``'s by name or order, in one line
+    naming the column (a renamed one is a missing and an extra at the same place)."""
+    want = list(schema)
+    have = table.header
+    missing = [c for c in want if c not in have]
+    extra = [c for c in have if c not in schema]
+    where = f"CSV '{table.path}'"
+    if len(missing) == 1 and len(extra) == 1 and want.index(missing[0]) == have.index(extra[0]):
+        raise ConfigError(
+            f"{where} has column '{extra[0]}' where the experiment's schema (data.columns) "
+            f"has '{missing[0]}' (column {want.index(missing[0]) + 1}); rename it"
+        )
+    if missing:
+        raise ConfigError(
+            f"{where} lacks column '{missing[0]}' of the experiment's schema (data.columns); add it"
+        )
+    if extra:
+        raise ConfigError(
+            f"{where} has column '{extra[0]}', which the experiment's schema (data.columns) "
+            "does not list; drop it"
+        )
+    for i, (got, expected) in enumerate(zip(have, want, strict=True)):
+        if got != expected:
+            raise ConfigError(
+                f"{where} has column '{got}' at position {i + 1}, where the experiment's "
+                f"schema (data.columns) has '{expected}'; order the columns as the schema does"
+            )
+
+
+def derive_schema(
+    table: Table, label: str, key: str | None, train_idx: np.ndarray
+) -> dict[str, str | list[str]]:
+    """The schema of ``table`` as this file shows it: numeric columns, and categorical
+    ones with the values of the training rows (sorted, as :func:`_one_hot` encodes them)
+    pinned; the label and key columns as "categorical" (the label's classes are
+    ``data.classes``; the key names sites, which are not shared)."""
+    schema: dict[str, str | list[str]] = {}
+    for name in table.header:
+        if name in (label, key):
+            schema[name] = "categorical"
+        elif _numeric_column(table, name) is not None:
+            schema[name] = "numeric"
+        else:
+            cells = table.columns[name]
+            schema[name] = sorted({cells[i] for i in train_idx})
+    return schema
 
 
 def _label_order(values: set[str]) -> list[str]:
@@ -249,6 +340,8 @@ def build_csv(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
     table = read_table(
         data_path(cfg, directory=False, hint="point it at a CSV file with a header row")
     )
+    if cfg.columns is not None:
+        check_schema(table, cfg.columns)
     label = _require_column(table, "data.label_column", cfg.label_column)
     key = (
         None
@@ -266,7 +359,7 @@ def build_csv(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
         raise ConfigError(f"CSV '{table.path}' has no feature columns besides the label and key")
     y, classes = encode_labels(table, label, cfg.classes)
     train_idx, test_idx = stratified_split(y, cfg.test_fraction, rng)
-    data = ArrayDataset(encode_features(table, features, train_idx), y)
+    data = ArrayDataset(encode_features(table, features, train_idx, cfg.columns), y)
     train = data.subset(train_idx)
     shown = ", ".join(f"{i}={c!r}" for i, c in enumerate(classes[:20]))
     notes = [f"csv: labels {shown}" + (", ..." if len(classes) > 20 else "")]
@@ -287,4 +380,7 @@ def build_csv(cfg: DataConfig, rng: np.random.Generator) -> FederatedDataset:
         num_classes=len(classes),
         input_shape=(data.x.shape[1],),
         notes=notes,
+        pinned={}
+        if cfg.columns is not None
+        else {"columns": derive_schema(table, label, key, train_idx)},
     )

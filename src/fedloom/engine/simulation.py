@@ -148,6 +148,8 @@ def run_federation(
         )
     if data is None:
         data = build_federated_dataset(cfg.data, cfg.seed)
+    if store is None and deployment:
+        cfg = _pin_for_sites(cfg, data)
     if store is None:
         store = RunStore.create(out_dir, cfg.to_dict(), __version__)
         write_client_summary(data, out_dir)
@@ -169,6 +171,7 @@ def run_federation(
         server_data=server_data,
         learner_factory=learner_factory or partial(build_learner, cfg, data),
         bench=bench,
+        deployment=deployment,
     )
     test_set = central_test_set(data, cfg, server_data.evaluation_set())
     bench.test_set = test_set
@@ -221,13 +224,33 @@ def run_federation(
                 server.restore(ckpt, store.history())
         if on_start is not None:
             on_start(cfg, data, server.state.round)
-        server.run(on_round)
+
+        def round_done(record: dict[str, Any]) -> None:
+            # Every round, not only at the end: a killed process keeps its stretch's time,
+            # so wall_s covers the whole run across resumes.
+            store.set_meta("wall_s", wall_before + time.perf_counter() - started)
+            if on_round is not None:
+                on_round(record)
+
+        server.run(round_done)
     finally:
         executor.close()
         store.set_meta("wall_s", wall_before + time.perf_counter() - started)
     summary = write_outputs(store, out_dir, cfg, data.num_clients, server.state.participation)
     store.close()
     return summary
+
+
+def _pin_for_sites(cfg: RunConfig, data: FederatedDataset) -> RunConfig:
+    """The config a deployment sends its sites: the data keys the server derived from its
+    own files (a CSV's schema) pinned where the user left them unset."""
+    unset = {k: v for k, v in data.pinned.items() if getattr(cfg.data, k) is None}
+    if not unset:
+        return cfg
+    log.info("pinned for every site: %s", ", ".join(f"data.{k}" for k in unset))
+    pinned = cfg.model_copy(deep=True)
+    pinned.data = cfg.data.model_copy(update=unset)
+    return config_from_dict(pinned.to_dict())
 
 
 def _run_id(store: RunStore) -> str:
@@ -291,9 +314,15 @@ def write_outputs(
         value = next((r[key] for r in reversed(history) if r.get(key) is not None), None)
         if value is not None:
             final_out[key] = value
+    failure = no_usable_round(history, store.get_meta("stopped_reason"), store.failures())
     summary = {
         "fedloom_version": __version__,
         "config": cfg.to_dict(),
+        # "failed": no round changed the model (the reason is in "failure"); "stopped": a
+        # callback ended the run early ("stopped_reason"); else "completed".
+        "outcome": "failed"
+        if failure is not None
+        else ("stopped" if store.get_meta("stopped_reason") else "completed"),
         "rounds_completed": len(history),
         "wall_s": float(store.get_meta("wall_s", 0.0)),
         "final": final_out,
@@ -307,6 +336,8 @@ def write_outputs(
         value = store.get_meta(key)
         if value is not None:
             summary[key] = value
+    if failure is not None:
+        summary["failure"] = failure
     store.write_summary(summary)
     store.write_history_csv()
     plot_accuracy(
@@ -317,6 +348,35 @@ def write_outputs(
         title=f"{cfg.name}: {cfg.strategy or 'custom'} on {cfg.data.name}",
     )
     return summary
+
+
+def no_usable_round(
+    history: Sequence[dict[str, Any]],
+    stopped_reason: str | None,
+    failures: Sequence[dict[str, Any]],
+) -> str | None:
+    """Why no round of the run changed the global model, in one line (None if one did).
+
+    A usable round aggregated at least one client's update; a run without one (every
+    round discarded, short of ``server.min_aggregate_clients``, or stopped before its
+    first round) produced nothing, and must not look like a success.
+    """
+    if any(r.get("aggregated") and r.get("clients_succeeded", 0) > 0 for r in history):
+        return None
+    if not history:
+        why = stopped_reason or "no round ran"
+        return f"no usable round: {why}"
+    discarded = [r for r in history if r.get("discarded")]
+    parts = [f"none of the {len(history)} rounds aggregated a client update"]
+    if discarded:
+        parts.append(f"{len(discarded)} discarded (last: {discarded[-1]['discarded']})")
+    if failures:
+        last = failures[-1]
+        error = (str(last["error"]).splitlines() or [""])[0]
+        parts.append(f"last client failure: client {last['client_id']}: {error}")
+    if stopped_reason:
+        parts.append(f"stopped: {stopped_reason}")
+    return "no usable round: " + "; ".join(parts)
 
 
 def centralized_epochs(cfg: RunConfig) -> int:

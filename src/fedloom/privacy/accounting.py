@@ -243,12 +243,18 @@ def calibrate_noise_multiplier(
 
 
 class PrivacyAccountant:
-    """The run's privacy ledger and its ε, for a fixed round event.
+    """The run's privacy ledger and its ε.
 
     The ledger is the event's parameters (accountant, sampling, noise multiplier z) and
     the number of rounds T the mechanism has run. ε(T) is memoized: the round loop asks
     for ε(T + 1) ahead of a round (``privacy.max_epsilon``) and then for the same value
     after it.
+
+    A round whose clients were drawn at another sampling than the configured one (a
+    deployment samples k among the *connected* clients: q = k / connected, not k / N)
+    is counted at the sampling that happened (:meth:`step` with ``sampling``);
+    :attr:`other` holds those rounds by sampling, and ε composes every round's own event
+    (RDP adds per-round RDP vectors; Mironov 2017, Proposition 1).
 
     With the RDP accountant, composition over rounds is additive in RDP (Mironov 2017,
     Proposition 1), and ``RdpAccountant.compose(event, T)`` computes the event's RDP
@@ -274,39 +280,69 @@ class PrivacyAccountant:
         self.noise_multiplier = float(noise_multiplier)
         self.delta = float(delta)
         self.rounds = int(rounds)
-        self._cache: dict[int, float] = {0: 0.0}
+        #: Rounds (among :attr:`rounds`) drawn at another sampling than :attr:`sampling`.
+        self.other: dict[ClientSampling, int] = {}
+        self._cache: dict[tuple[int, frozenset[tuple[ClientSampling, int]]], float] = {}
+        self._rdp: dict[ClientSampling, np.ndarray] = {}
         make_dp_accountant(accountant, sampling)  # fail now on an unsupported combination
 
     @cached_property
     def _rdp_per_round(self) -> np.ndarray:
-        acc = make_dp_accountant("rdp", self.sampling)
-        with _quiet_accountant():
-            acc.compose(round_event(self.noise_multiplier, self.sampling))
-        return acc.rdp
+        return self._rdp_of(self.sampling)
+
+    def _rdp_of(self, sampling: ClientSampling) -> np.ndarray:
+        if sampling not in self._rdp:
+            acc = make_dp_accountant("rdp", sampling)
+            with _quiet_accountant():
+                acc.compose(round_event(self.noise_multiplier, sampling))
+            self._rdp[sampling] = acc.rdp
+        return self._rdp[sampling]
 
     def epsilon(self, rounds: int | None = None) -> float:
-        """ε at this ledger's δ after ``rounds`` rounds (default: the rounds so far)."""
+        """ε at this ledger's δ after ``rounds`` rounds (default: the rounds so far); rounds
+        beyond the ledger's are counted at the configured sampling."""
         t = self.rounds if rounds is None else int(rounds)
         if t < 0:
             raise ValueError(f"rounds must be >= 0, got {t}")
-        if t not in self._cache:
-            self._cache[t] = self._compute(t)
-        return self._cache[t]
+        return self._epsilon_of(t, self.other)
 
-    def _compute(self, t: int) -> float:
+    def epsilon_after(self, sampling: ClientSampling | None) -> float:
+        """ε if one more round ran at ``sampling`` (None: the configured sampling)."""
+        if sampling is None or sampling == self.sampling:
+            return self.epsilon(self.rounds + 1)
+        other = dict(self.other)
+        other[sampling] = other.get(sampling, 0) + 1
+        return self._epsilon_of(self.rounds + 1, other)
+
+    def _epsilon_of(self, t: int, other: dict[ClientSampling, int]) -> float:
+        key = (t, frozenset(other.items()))
+        if key not in self._cache:
+            self._cache[key] = self._compute(t, other)
+        return self._cache[key]
+
+    def _compute(self, t: int, other: dict[ClientSampling, int]) -> float:
+        if t == 0:
+            return 0.0
         if self.accountant == "rdp":
-            eps, _order = dp_rdp.compute_epsilon(
-                np.asarray(RDP_ORDERS), t * self._rdp_per_round, self.delta
-            )
+            nominal = max(0, t - sum(other.values()))
+            rdp = nominal * self._rdp_per_round
+            for sampling, count in other.items():
+                rdp = rdp + count * self._rdp_of(sampling)
+            eps, _order = dp_rdp.compute_epsilon(np.asarray(RDP_ORDERS), rdp, self.delta)
             return float(eps)
+        if other:
+            raise ValueError("the PLD accountant composes one sampling only; use the RDP one")
         return compute_epsilon(self.accountant, self.sampling, self.noise_multiplier, t, self.delta)
 
-    def step(self) -> None:
-        """Count one more round of the mechanism."""
+    def step(self, sampling: ClientSampling | None = None) -> None:
+        """Count one more round of the mechanism, drawn at ``sampling`` (None: as
+        configured)."""
         self.rounds += 1
+        if sampling is not None and sampling != self.sampling:
+            self.other[sampling] = self.other.get(sampling, 0) + 1
 
     def ledger(self) -> dict[str, Any]:
-        return {
+        out = {
             "accountant": self.accountant,
             "delta": self.delta,
             "epsilon": self.epsilon(),
@@ -314,3 +350,9 @@ class PrivacyAccountant:
             "rounds": self.rounds,
             **self.sampling.describe(),
         }
+        if self.other:
+            out["rounds_at_other_sampling"] = [
+                {**s.describe(), "rounds": n}
+                for s, n in sorted(self.other.items(), key=lambda kv: kv[0].rate)
+            ]
+        return out

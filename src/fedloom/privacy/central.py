@@ -26,6 +26,7 @@ round loop holds; everything else here is a pure function.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ import numpy as np
 
 from fedloom.config import ConfigError, PrivacyConfig
 from fedloom.privacy.noise import COUNT_STREAM, UPDATE_STREAM, GaussianNoise, make_noise
+
+log = logging.getLogger("fedloom.privacy")
 
 if TYPE_CHECKING:
     # dp-accounting (with SciPy) takes most of a second to import; clients only clip, so
@@ -218,6 +221,9 @@ class CentralDP:
         self.adaptive: AdaptiveClipping | None = None
         self.update_noise_multiplier = noise_multiplier
         self._clip_norm = cfg.clipping_norm
+        #: The sampling of the last round that ran (None: as configured); the budget check
+        #: before a round expects the next one to be drawn alike.
+        self.last_sampling: ClientSampling | None = None
         if cfg.adaptive_clipping:
             stddev = cfg.clipped_count_stddev
             if stddev is None:
@@ -294,14 +300,66 @@ class CentralDP:
             )
         return None
 
+    def round_sampling(
+        self, pool_size: int | None, sample_size: int | None
+    ) -> ClientSampling | None:
+        """The sampling round's clients were really drawn at (None: as configured).
+
+        Fixed-size sampling draws k among the clients available (a deployment's connected
+        ones), so with M < N available a client's chance is k / M, not k / N: the round is
+        ``SampledWithoutReplacementDpEvent(M, k)``. Poisson sampling gives each available
+        client the configured q whatever M is, so its event does not change.
+        """
+        from fedloom.privacy.accounting import ClientSampling
+
+        if self.sampling.scheme != "fixed" or not pool_size or not sample_size:
+            return None
+        actual = ClientSampling("fixed", int(pool_size), float(sample_size))
+        return None if actual == self.sampling else actual
+
+    def refusal(self, rnd: int, sampling: ClientSampling | None) -> str | None:
+        """Why round ``rnd`` must not be released at ``sampling`` (None: it may).
+
+        The budget check before the round assumed the configured (or the last) sampling;
+        if the round was drawn at a higher rate and would take ε past ``max_epsilon``,
+        nothing of it may leave the server.
+        """
+        limit = self.cfg.max_epsilon
+        if sampling is not None and sampling != self.last_sampling:
+            log.warning(
+                "round %d: fixed-size sampling drew %d of the %d clients available "
+                "(q = %.4g; configured: %g of %d, q = %.4g); the privacy ledger counts the "
+                "round at the rate that happened",
+                rnd,
+                int(sampling.clients_per_round),
+                sampling.population,
+                sampling.rate,
+                self.sampling.clients_per_round,
+                self.sampling.population,
+                self.sampling.rate,
+            )
+        self.last_sampling = sampling
+        if limit is None:
+            return None
+        eps = self.accountant.epsilon_after(sampling)
+        if eps <= limit:
+            return None
+        return (
+            f"privacy budget: round {rnd} drew its clients at q = "
+            f"{(sampling or self.sampling).rate:.4g}, which would bring ε to {eps:.4g} > "
+            f"privacy.max_epsilon = {limit:g}; the round is not released"
+        )
+
     def aggregate(
         self,
         rnd: int,
         clipped: Sequence[np.ndarray],
         below_clip: Sequence[bool | float],
         size: int,
+        sampling: ClientSampling | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Release round ``rnd``'s noisy average, update C, and count the round.
+        """Release round ``rnd``'s noisy average, update C, and count the round at
+        ``sampling`` (the one that happened; None: as configured).
 
         Returns the update and the round-record fields (clipping norm used, noisy
         unclipped fraction for adaptive clipping, ε after this round).
@@ -320,8 +378,10 @@ class CentralDP:
         if self.adaptive is not None:
             count_xi = float(self.noise.standard_normal(1, rnd, COUNT_STREAM)[0])
             fields["unclipped_fraction"] = self.adaptive.update(below_clip, count_xi)
-        self.accountant.step()
+        self.accountant.step(sampling)
         fields["epsilon"] = self.accountant.epsilon()
+        if sampling is not None:
+            fields["sampling_rate"] = sampling.rate
         return update, fields
 
     # ----------------------------------------------------------------- budget
@@ -332,7 +392,7 @@ class CentralDP:
         if limit is None:
             return None
         upcoming = self.accountant.rounds + 1
-        eps = self.accountant.epsilon(upcoming)
+        eps = self.accountant.epsilon_after(self.last_sampling)
         if eps <= limit:
             return None
         return (
@@ -372,6 +432,13 @@ class CentralDP:
             "noise_multiplier": self.noise_multiplier,
             "rounds": self.accountant.rounds,
             "clip_norm": self.clip_norm,
+            # Rounds drawn at another sampling: [population, clients per round, rounds].
+            "other_sampling": [
+                [s.population, s.clients_per_round, n] for s, n in self.accountant.other.items()
+            ],
+            "last_sampling": None
+            if self.last_sampling is None
+            else [self.last_sampling.population, self.last_sampling.clients_per_round],
         }
 
     def restore(self, meta: dict[str, Any], rounds_run: int | None = None) -> None:
@@ -392,6 +459,16 @@ class CentralDP:
         rounds = int(meta["rounds"])
         if self.noise.secure and rounds_run is not None and rounds_run > rounds:
             rounds = rounds_run
+        from fedloom.privacy.accounting import ClientSampling
+
         self.accountant.rounds = rounds
+        self.accountant.other = {
+            ClientSampling(self.sampling.scheme, int(pop), float(k)): int(n)
+            for pop, k, n in meta.get("other_sampling", [])
+        }
+        last = meta.get("last_sampling")
+        self.last_sampling = (
+            None if not last else ClientSampling(self.sampling.scheme, int(last[0]), float(last[1]))
+        )
         if self.adaptive is not None:
             self.adaptive.clip_norm = float(meta["clip_norm"])

@@ -31,7 +31,7 @@ from fedloom.privacy.secagg import STAGES, RoundAbortedError, SecAggConfig, Stag
 from fedloom.privacy.secagg.config import secagg_message_limit
 from fedloom.privacy.secagg.transport import SecAggParticipant, SecureSum, serve_secagg_round
 from fedloom.registry import CODECS, PROTOCOL_PARTICIPANTS, SECURE_AGGREGATIONS
-from fedloom.server.aggregators import AggregationInput
+from fedloom.server.aggregators import AggregationInput, RoundRefusedError
 
 log = logging.getLogger("fedloom.privacy")
 
@@ -49,6 +49,8 @@ class ClipCodec:
     """
 
     name = "clip"
+    #: Sent even under secure aggregation: adaptive clipping aggregates it with noise.
+    server_metrics = frozenset({"below_clip"})
 
     def __init__(self, *, clipping_norm: float, adaptive: bool, dp: CentralDP | None = None):
         self.clipping_norm = clipping_norm
@@ -125,7 +127,11 @@ class CentralDPAggregator:
         else:
             clipped = [inp.total] if inp.total is not None and inp.count else []
         below = [m.get("below_clip", 0.0) for m in inp.metrics]
-        return self.dp.aggregate(inp.round, clipped, below, inp.dimension)
+        sampling = self.dp.round_sampling(inp.pool_size, inp.sample_size)
+        why = self.dp.refusal(inp.round, sampling)
+        if why is not None:
+            raise RoundRefusedError(why)
+        return self.dp.aggregate(inp.round, clipped, below, inp.dimension, sampling)
 
     def state(self) -> dict[str, Any]:
         # The ledger (z, rounds) and the adaptive clipping norm: ε and C of a resumed run

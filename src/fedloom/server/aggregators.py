@@ -58,6 +58,17 @@ class AggregationInput:
     #: The global model the round's clients trained from (a server-side reference update,
     #: as FLTrust's, starts there); None where the caller has none.
     global_weights: np.ndarray | None = None
+    #: How many clients the round's sample was drawn from (the connected ones in a
+    #: deployment), and how many it drew; None when unknown. A privacy accountant counts
+    #: the round at this sampling, not at the configured one.
+    pool_size: int | None = None
+    sample_size: int | None = None
+
+
+class RoundRefusedError(Exception):
+    """A stage cannot release this round's result (it would not be finite, or a privacy
+    accountant cannot afford it). The strategy records the round as not aggregated, with
+    this message as the cause, and the global model stays as it was."""
 
 
 class Aggregator(Protocol):

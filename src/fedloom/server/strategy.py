@@ -43,8 +43,9 @@ from fedloom.messages import (
 )
 from fedloom.params import encoded_nbytes
 from fedloom.seeding import SAMPLING, derive_rng
-from fedloom.server.aggregators import AggregationInput, Aggregator
+from fedloom.server.aggregators import AggregationInput, Aggregator, RoundRefusedError
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
+from fedloom.server.guards import DISCARDED, GuardRails, not_finite
 from fedloom.server.monitors import UpdateMonitor
 from fedloom.server.optimizers import ServerOptimizer
 from fedloom.server.sampling import clients_per_round, poisson_sample_clients
@@ -94,6 +95,11 @@ class Strategy:
     selector: ClientSelector = field(default_factory=UniformSelector)
     #: Per round: how many results the sampler wanted (before over-selection).
     _wanted: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+    #: Bounds on one client's influence and the finiteness check; every run has them.
+    guards: GuardRails = field(default_factory=GuardRails)
+    #: Per round: how many clients the sample was drawn from, and how many it drew (a
+    #: privacy accountant must count the sampling that happened, not the configured one).
+    _sampled: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.secure is not None and self.aggregator.needs_individual_updates:
@@ -117,17 +123,21 @@ class Strategy:
         for monitor in self.monitors:
             pool = monitor.eligible(rnd, pool)
         pool = self.arrivals.available(rnd, pool)
+        self._sampled = {r: v for r, v in self._sampled.items() if r >= rnd - 1}
         if len(pool) == 0:
+            self._sampled[rnd] = (0, 0)
             return np.zeros(0, dtype=np.int64)
         rng = derive_rng(seed, SAMPLING, rnd)
         s = self.sampling
         if s.sampling == "poisson":
             picked = pool[poisson_sample_clients(len(pool), s.fraction_fit, rng)]
             self._wanted[rnd] = len(picked)
+            self._sampled[rnd] = (len(pool), len(picked))
             return picked.astype(np.int64)
         wanted = clients_per_round(len(pool), s.fraction_fit, s.min_fit_clients)
         self._wanted[rnd] = wanted
         count = min(len(pool), self.arrivals.cohort_size(wanted))
+        self._sampled[rnd] = (len(pool), count)
         return self.selector.select(rnd, pool.astype(np.int64), count, rng)
 
     def configure_fit(self, rnd: int, weights: np.ndarray) -> tuple[dict[str, Scalar], Broadcast]:
@@ -176,12 +186,15 @@ class Strategy:
         )
         updates, failures, dropped, bytes_up = self._triage(rnd, arrivals.outcomes)
         dropped += arrivals.late
+        screened = self.guards.screen(rnd, updates)
+        updates = screened.updates
+        failures.extend(screened.rejected)
         self.selector.observe(rnd, updates, arrivals.durations)
         if adjust is not None:
             updates = [u if u.held else adjust(u) for u in updates]
         every_round = self.aggregator.aggregates_every_round
         aggregated = every_round or len(updates) >= self.min_aggregate_clients
-        fields: dict[str, Any] = dict(arrivals.fields)
+        fields: dict[str, Any] = {**arrivals.fields, **screened.fields}
         total: np.ndarray | None = None
         if self.secure is not None and aggregated:
             length = sum(size for size, _ in self.wire_layout().values())
@@ -207,7 +220,17 @@ class Strategy:
                     self.min_aggregate_clients,
                 )
             return FitOutcome(weights, False, updates, failures, dropped, fields, bytes_up)
-        new_weights, agg_fields = self._aggregate(rnd, updates, total, weights)
+        try:
+            new_weights, agg_fields = self._aggregate(rnd, updates, total, weights)
+        except RoundRefusedError as err:
+            fields[DISCARDED] = str(err)
+            log.warning(
+                "round %d: discarded, the global model is unchanged and nothing of this "
+                "round is broadcast: %s",
+                rnd,
+                err,
+            )
+            return FitOutcome(weights, False, updates, failures, dropped, fields, bytes_up)
         fields.update(agg_fields)
         for transform in self.transforms:
             new_weights, transform_fields = transform.transform(rnd, new_weights)
@@ -244,6 +267,8 @@ class Strategy:
             metrics=[u.metrics for u in updates],
             client_ids=[u.client_id for u in updates],
             global_weights=weights,
+            pool_size=self._sampled.get(rnd, (None, None))[0],
+            sample_size=self._sampled.get(rnd, (None, None))[1],
         )
         fields: dict[str, Any] = {}
         if inp.updates is not None:
@@ -251,6 +276,7 @@ class Strategy:
                 fields.update(monitor.observe(inp))
         aggregate, agg_fields = self.aggregator.aggregate(inp)
         fields.update(agg_fields)
+        _refuse_if_not_finite("the aggregate", aggregate)
         extras: dict[str, np.ndarray] = {}
         for name in names[1:]:
             if updates:
@@ -265,8 +291,19 @@ class Strategy:
         update, algo_fields = self.algorithm.combine(
             rnd=rnd, aggregate=aggregate, extras=extras, contributors=updates
         )
+        _refuse_if_not_finite("the server algorithm's update", update)
         fields.update(algo_fields)
-        return self.optimizer.step(weights, update), fields
+        before = {
+            k: v.copy() if isinstance(v, np.ndarray) else v
+            for k, v in self.optimizer.state().items()
+        }
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            new_weights = self.optimizer.step(weights, update)
+        why = not_finite("the next global model", new_weights)
+        if why is not None:
+            self.optimizer.load_state(before)  # the discarded step must leave no trace
+            raise RoundRefusedError(why)
+        return new_weights, fields
 
     def _triage(
         self, rnd: int, outcomes: Sequence[FitResult | ClientFailure]
@@ -353,6 +390,12 @@ class Strategy:
         ]
         stages += [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
         return stages + [(f"mon/{m.name}", m) for m in self.monitors]
+
+
+def _refuse_if_not_finite(what: str, vector: np.ndarray) -> None:
+    why = not_finite(what, vector)
+    if why is not None:
+        raise RoundRefusedError(why)
 
 
 def _rows(updates: list[FitResult], name: str, size: int) -> np.ndarray:
