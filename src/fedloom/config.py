@@ -209,9 +209,21 @@ class EngineConfig(_Section):
     order of magnitude. Raise it for large models on the in-process engine.
     """
 
-    name: Literal["inprocess", "pool"] = "inprocess"
+    name: Literal["inprocess", "pool", "vectorized"] = "inprocess"
     workers: int = Field(0, ge=0)
     torch_threads: int = Field(1, ge=1)
+    #: Where clients train: ``auto`` is CUDA when torch sees a GPU, else the CPU. Only the
+    #: vectorized engine trains on a GPU (many small clients at once is where one pays).
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+    @model_validator(mode="after")
+    def _check_device(self) -> EngineConfig:
+        if self.device != "cpu" and self.name != "vectorized":
+            raise ValueError(
+                f"engine.device = '{self.device}' needs engine.name = 'vectorized' (the "
+                f"'{self.name}' engine trains on the CPU); set engine.device = 'cpu'"
+            )
+        return self
 
 
 class DeployConfig(_Section):
