@@ -204,3 +204,34 @@ def test_cuda_equals_cpu(tmp_path: Path) -> None:
     cpu = _run(tmp_path, "cpu", base)
     gpu = _run(tmp_path, "gpu", [*base, "engine.device=cuda"])
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # central DP: clipping codec on the client, noise and accountant on the server
+        [
+            "strategy=dp-fedavg",
+            "data.num_clients=20",
+            "data.partition=iid",
+            "client.epochs=1",
+            "server.fraction_fit=0.5",
+            "privacy.noise_multiplier=1.0",
+            "rounds=2",
+        ],
+        # secure aggregation: uploads held by the runtime, the protocol over the exchange
+        [
+            "data.num_clients=8",
+            "client.epochs=1",
+            "privacy.secure_aggregation=secagg+",
+            "privacy.secagg_clip_range=4.0",
+            "rounds=1",
+        ],
+    ],
+    ids=["central-dp", "secagg"],
+)
+def test_privacy_stages_run_on_the_vectorized_engine(tmp_path: Path, overrides: list[str]) -> None:
+    base = [*overrides, "model.name=logreg", "eval.every=100"]
+    inproc = _run(tmp_path, "inproc", base)
+    vec = _run(tmp_path, "vec", [*base, "engine.name=vectorized"])
+    np.testing.assert_allclose(vec, inproc, atol=1e-4)
