@@ -235,3 +235,30 @@ def test_privacy_stages_run_on_the_vectorized_engine(tmp_path: Path, overrides: 
     inproc = _run(tmp_path, "inproc", base)
     vec = _run(tmp_path, "vec", [*base, "engine.name=vectorized"])
     np.testing.assert_allclose(vec, inproc, atol=1e-4)
+
+
+def test_a_round_larger_than_the_batch_budget_trains_in_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bounded memory: with a tiny budget every client is its own chunk, same results."""
+    cfg = load_config(None, ["model.name=mlp", "client.batch_size=4"])
+    data = toy_dataset(n=30, clients=3)
+    runtime = client_runtime(cfg, data)
+    w0 = runtime.initial_vector()
+    tasks = [FitTask(client_id=c, round=1, model_version=0) for c in range(3)]
+    whole = VectorizedExecutor(runtime, ClientStateStore()).fit(tasks, {GLOBAL: w0})
+    monkeypatch.setattr("fedloom.engine.vectorized.MAX_BATCH_BYTES", 1)
+    executor = VectorizedExecutor(runtime, ClientStateStore())
+    jobs_seen: list[int] = []
+    original = executor.trainer._train_group
+
+    def spy(jobs: list[TrainingJob], mu: float) -> list:
+        jobs_seen.append(len(jobs))
+        return original(jobs, mu)
+
+    monkeypatch.setattr(executor.trainer, "_train_group", spy)
+    chunked = executor.fit(tasks, {GLOBAL: w0})
+    assert jobs_seen == [1, 1, 1]
+    for a, b in zip(whole, chunked, strict=True):
+        assert isinstance(a, FitResult) and isinstance(b, FitResult)
+        np.testing.assert_allclose(a.vectors["delta"], b.vectors["delta"], atol=1e-6)

@@ -141,6 +141,11 @@ def check_vectorizable(learner: Learner, runtime: ClientRuntime) -> list[nn.Line
     return linears
 
 
+#: Upper bound on the training batches one call gathers (inputs, weighted targets,
+#: weights); a round whose clients need more is trained in several chunks.
+MAX_BATCH_BYTES = 256 << 20
+
+
 @dataclass(frozen=True)
 class TrainingJob:
     """One client's local training: its data, plan, shuffle generator and request."""
@@ -202,10 +207,30 @@ class BatchedReLUNet:
         for i, job in enumerate(jobs):
             by_mu.setdefault(float(job.training.proximal_mu), []).append(i)
         for mu, members in by_mu.items():
-            group = self._train_group([jobs[i] for i in members], mu)
-            for i, outcome in zip(members, group, strict=True):
-                out[i] = outcome
+            for chunk in self._chunks(jobs, members):
+                group = self._train_group([jobs[i] for i in chunk], mu)
+                for i, outcome in zip(chunk, group, strict=True):
+                    out[i] = outcome
         return [o for o in out if o is not None]
+
+    def _chunks(self, jobs: Sequence[TrainingJob], members: list[int]) -> list[list[int]]:
+        """Split a group so that no chunk's gathered batches pass ``MAX_BATCH_BYTES``
+        (every example a round trains on is gathered up front)."""
+        per_example = 4 * (self.in_features + self.classes + 1)
+        chunks: list[list[int]] = [[]]
+        used = 0
+        for i in members:
+            plan, n = jobs[i].plan, len(jobs[i].data)
+            examples = (
+                n * plan.epochs if plan.max_steps is None else plan.max_steps * self.batch_size
+            )
+            cost = examples * per_example
+            if chunks[-1] and used + cost > MAX_BATCH_BYTES:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(i)
+            used += cost
+        return chunks
 
     def _train_group(self, jobs: Sequence[TrainingJob], mu: float) -> list[TrainOutcome]:
         bs, dev, sgd = self.batch_size, self.device, self.sgd
