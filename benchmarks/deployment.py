@@ -708,6 +708,36 @@ def fedloom_run(
             p.stop()
 
 
+def run_problems(run: FedloomRun, clients: int) -> list[str]:
+    """Why a run's numbers are not results: a round without every client's correct
+    update, a client process that reported errors or did not finish, or a message the
+    server rejected from these honest clients. Empty when the run is clean."""
+    problems: list[str] = []
+    for i, r in enumerate(run.rounds, 1):
+        if r["ok"] != clients:
+            problems.append(f"round {i}: {clients - int(r['ok'])} of {clients} updates failed")
+    for report in run.clients:
+        if report.get("hung"):
+            problems.append("a client process never finished: " + " / ".join(report["tail"]))
+        elif report.get("n_errors"):
+            problems.append(
+                f"{report['n_errors']} client(s) reported errors, e.g. {report['errors'][0]}"
+            )
+    rejected = sum(run.server.get("rejected", {}).values())
+    if rejected:
+        problems.append(f"the server rejected {rejected} messages from honest clients")
+    return problems
+
+
+def attempt(clients: int, **kwargs: Any) -> tuple[FedloomRun | None, list[str]]:
+    """:func:`fedloom_run`, with what makes its numbers unusable (or that it never ended)."""
+    try:
+        run = fedloom_run(clients=clients, **kwargs)
+    except RuntimeError as err:
+        return None, [f"the run did not finish: {err}"]
+    return run, run_problems(run, clients)
+
+
 # --- the table -------------------------------------------------------------------------------
 
 
@@ -755,6 +785,42 @@ class Table:
             if k == 0:
                 lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         return "\n".join(lines)
+
+
+def many_clients_rows(table: Table, run: FedloomRun, n_clients: int, idle_s: float) -> None:
+    """Part (b)'s rows, from a clean run (see :func:`run_problems`)."""
+    s = run.server
+    timed = run.rounds[1:]
+    total = sum(r["seconds"] for r in timed)
+    failed = sum(n_clients - r["ok"] for r in run.rounds)
+    setting = f"{n_clients} clients, TLS, 10k params, max_workers {s['max_workers']}"
+    table.add(
+        "(b)",
+        "rounds per second, all clients sampled",
+        setting,
+        f"{len(timed) / total:.2f} rounds/s (median round "
+        f"{statistics.median(r['seconds'] for r in timed):.2f} s)",
+        f"{n_clients * len(timed) / total:,.0f} client updates/s; "
+        f"server CPU {statistics.median(r['cpu_s'] for r in timed):.2f} s/round",
+    )
+    table.add(
+        "(b)",
+        "server memory (VmRSS)",
+        setting,
+        f"{s['rss_peak'] / MB:,.0f} MB peak",
+        f"{s['rss_baseline'] / MB:,.0f} MB before any client (imports + gRPC server); "
+        f"{(s['rss_peak'] - s['rss_baseline']) / n_clients / 1e3:,.0f} kB per client",
+    )
+    rejected = sum(s["rejected"].values())
+    table.add(
+        "(b)",
+        "server idle CPU, clients only polling",
+        f"{idle_s:.0f} s window",
+        f"{100 * s['idle_cpu_frac']:.0f} % of one core",
+        f"all {n_clients} connected in {s['connect_s']:.1f} s; failed client-rounds "
+        f"{failed}, rejected messages {rejected}, re-registrations "
+        f"{s['sessions'] - n_clients}",
+    )
 
 
 def log(msg: str) -> None:
@@ -818,6 +884,13 @@ def _bench(args: argparse.Namespace) -> int:
     raw = params * 4
     started = time.perf_counter()
     table = Table(["part", "what", "setting", "result", "vs floor / note"])
+    refused: list[str] = []
+
+    def refuse(part: str, what: str, setting: str, problems: Sequence[str]) -> None:
+        """A part whose transfer failed or whose clients erred reports no numbers."""
+        table.add(part, what, setting, "NOT MEASURED", "; ".join(problems))
+        refused.append(f"{part} {what} ({setting}): {'; '.join(problems)}")
+        log(f"{part} not measured: {'; '.join(problems)}")
 
     with tempfile.TemporaryDirectory(prefix="fedloom-bench-") as tmp:
         certs = Path(tmp) / "certs"
@@ -868,15 +941,19 @@ def _bench(args: argparse.Namespace) -> int:
         for tls, chunk in variants:
             name = "TLS" if tls else "plaintext"
             log(f"(a) fedloom gRPC {name}, chunk {chunk // MiB} MiB")
-            run = fedloom_run(
-                certs if tls else None,
+            what = f"fedloom GrpcExecutor.fit, {name}"
+            setting = f"chunk {chunk // MiB} MiB, 1 client process"
+            run, problems = attempt(
+                1,
+                certs=certs if tls else None,
                 vector_size=params,
                 rounds=repeats + 1,
                 chunk_bytes=chunk,
                 max_workers=args.max_workers,
             )
-            if any(r["ok"] != 1 for r in run.rounds):
-                raise RuntimeError(f"(a) a round failed: {run.server}")
+            if run is None or problems:
+                refuse("(a)", what, setting, problems)
+                continue
             times = [r["seconds"] for r in run.rounds[1:]]
             best = min(times)
             s, c = run.server, run.clients[0]
@@ -885,8 +962,8 @@ def _bench(args: argparse.Namespace) -> int:
                 vs += f", {grpc_tls / best:.2f} of bare grpcio TLS"
             table.add(
                 "(a)",
-                f"fedloom GrpcExecutor.fit, {name}",
-                f"chunk {chunk // MiB} MiB, 1 client process",
+                what,
+                setting,
                 speed(times),
                 f"{vs}; peak RSS above start-up: server "
                 f"{(s['rss_peak'] - s['rss_baseline']) / raw:.1f}x, client "
@@ -896,48 +973,22 @@ def _bench(args: argparse.Namespace) -> int:
         # (b) many clients
         procs = max(1, -(-n_clients // 50))
         log(f"(b) {n_clients} clients in {procs} processes, {rounds} rounds + 1 warm-up")
-        run = fedloom_run(
-            certs,
+        run, problems = attempt(
+            n_clients,
+            certs=certs,
             vector_size=10_000,
-            clients=n_clients,
             client_procs=procs,
             rounds=rounds + 1,
             idle_s=idle_s,
             max_workers=args.max_workers,
             timeout_s=120.0,
         )
-        s = run.server
-        timed = run.rounds[1:]
-        total = sum(r["seconds"] for r in timed)
-        failed = sum(n_clients - r["ok"] for r in run.rounds)
-        setting = f"{n_clients} clients, TLS, 10k params, max_workers {s['max_workers']}"
-        table.add(
-            "(b)",
-            "rounds per second, all clients sampled",
-            setting,
-            f"{len(timed) / total:.2f} rounds/s (median round "
-            f"{statistics.median(r['seconds'] for r in timed):.2f} s)",
-            f"{n_clients * len(timed) / total:,.0f} client updates/s; "
-            f"server CPU {statistics.median(r['cpu_s'] for r in timed):.2f} s/round",
-        )
-        table.add(
-            "(b)",
-            "server memory (VmRSS)",
-            setting,
-            f"{s['rss_peak'] / MB:,.0f} MB peak",
-            f"{s['rss_baseline'] / MB:,.0f} MB before any client (imports + gRPC server); "
-            f"{(s['rss_peak'] - s['rss_baseline']) / n_clients / 1e3:,.0f} kB per client",
-        )
-        rejected = sum(s["rejected"].values())
-        table.add(
-            "(b)",
-            "server idle CPU, clients only polling",
-            f"{idle_s:.0f} s window",
-            f"{100 * s['idle_cpu_frac']:.0f} % of one core",
-            f"all {n_clients} connected in {s['connect_s']:.1f} s; failed client-rounds "
-            f"{failed}, rejected messages {rejected}, re-registrations "
-            f"{s['sessions'] - n_clients}",
-        )
+        if run is None or problems:
+            refuse(
+                "(b)", "many clients: rounds/s, memory, idle CPU", f"{n_clients} clients", problems
+            )
+        else:
+            many_clients_rows(table, run, n_clients, idle_s)
 
         # (c) protocol overhead
         sizes = [1_000_000] if quick else [1_000_000, params]
@@ -946,14 +997,20 @@ def _bench(args: argparse.Namespace) -> int:
         for size, tls in cases:
             name = "TLS" if tls else "plaintext"
             log(f"(c) overhead through a counting proxy: {size:,} params, {name}")
-            run = fedloom_run(
-                certs if tls else None,
+            run, problems = attempt(
+                1,
+                certs=certs if tls else None,
                 vector_size=size,
                 rounds=1,
                 proxy=True,
                 idle_s=idle_s if size == 1_000_000 else 0.0,
                 max_workers=args.max_workers,
             )
+            if run is None or problems:
+                refuse(
+                    "(c)", "wire bytes per round ÷ raw vector bytes", f"{size:,}, {name}", problems
+                )
+                continue
             r = run.rounds[0]
             vec = 4 * size
             if size == 1_000_000:
@@ -984,7 +1041,9 @@ def _bench(args: argparse.Namespace) -> int:
     )
     print(table.render())
     print(f"total wall time {time.perf_counter() - started:.0f} s")
-    return 0
+    for line in refused:
+        print(f"ERROR: {line}")
+    return 1 if refused else 0
 
 
 if __name__ == "__main__":

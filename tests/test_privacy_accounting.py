@@ -293,3 +293,21 @@ def test_client_sampling_validates() -> None:
         ClientSampling("fixed", 10, 2.5)
     assert ClientSampling("poisson", 200, 30).rate == pytest.approx(0.15)
     assert np.isclose(ClientSampling("fixed", 8, 2).rate, 0.25)
+
+
+def test_pld_ledger_composes_round_by_round_to_the_fresh_accountants_epsilon() -> None:
+    """The PLD ledger convolves one more round per round instead of rebuilding (so a
+    round's cost does not grow with the rounds so far); ε stays dp_accounting's, here
+    against a fresh PLDAccountant at every T, after a jump of several rounds (resume)
+    and when asked for fewer rounds than it has composed."""
+    q, z, delta = 0.05, 1.0, 1e-5
+
+    def fresh(t: int) -> float:
+        direct = dp_accounting.pld.PLDAccountant()
+        direct.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), t)
+        return float(direct.get_epsilon(delta))
+
+    acc = PrivacyAccountant("pld", _poisson(q), z, delta)
+    for t in (1, 2, 3, 7, 8, 4):  # one by one, a jump of four, then backwards
+        assert acc.epsilon(t) == pytest.approx(fresh(t), rel=1e-6), t
+    assert PrivacyAccountant("pld", _poisson(q), 0.0, delta).epsilon(2) == math.inf

@@ -257,7 +257,7 @@ class EngineConfig(_Section):
     order of magnitude. Raise it for large models on the in-process engine.
     """
 
-    name: Literal["inprocess", "pool", "ray"] = "inprocess"
+    name: Literal["inprocess", "pool", "ray", "vectorized"] = "inprocess"
     workers: int = Field(0, ge=0)
     torch_threads: int = Field(1, ge=1)
     #: ``engine.name = "ray"``: the cluster to join (``host:port`` of its head, as
@@ -266,12 +266,20 @@ class EngineConfig(_Section):
     #: ``engine.name = "ray"``: the CPUs each actor reserves; ``workers = 0`` then means
     #: as many actors as the cluster's CPUs hold.
     actor_cpus: float = Field(1.0, gt=0.0)
+    #: Where clients train: ``auto`` is CUDA when torch sees a GPU, else the CPU. Only the
+    #: vectorized engine trains on a GPU (many small clients at once is where one pays).
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
 
     @model_validator(mode="after")
     def _check_ray_keys(self) -> EngineConfig:
         if self.address is not None and self.name != "ray":
             raise ValueError(
                 "engine.address names a Ray cluster; set engine.name = 'ray' or remove it"
+            )
+        if self.device != "cpu" and self.name != "vectorized":
+            raise ValueError(
+                f"engine.device = '{self.device}' needs engine.name = 'vectorized' (the "
+                f"'{self.name}' engine trains on the CPU); set engine.device = 'cpu'"
             )
         return self
 

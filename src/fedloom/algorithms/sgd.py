@@ -20,6 +20,7 @@ from fedloom.algorithms.base import (
     StageContext,
     full_global,
 )
+from fedloom.algorithms.vectorizable import LocalTraining
 from fedloom.client.learner import GradientCorrection, TrainOutcome
 from fedloom.messages import DELTA
 from fedloom.registry import CLIENT_ALGORITHMS, SERVER_ALGORITHMS
@@ -66,16 +67,25 @@ class LocalSGD:
     def __init__(self, *, proximal_mu: float = 0.0) -> None:
         self.proximal_mu = proximal_mu
 
-    def fit(self, ctx: ClientContext) -> ClientUpdate:
-        start = full_global(ctx)
-        correction = None
-        if self.proximal_mu:
-            correction = proximal_correction(self.proximal_mu, torch.from_numpy(start.copy()))
-        out = train_locally(ctx, start, correction)
+    def local_training(self, ctx: ClientContext) -> LocalTraining:
+        """From the global model, with the proximal pull toward it (the vectorizable seam)."""
+        return LocalTraining(start=full_global(ctx), proximal_mu=self.proximal_mu)
+
+    def finish(
+        self, ctx: ClientContext, training: LocalTraining, outcome: TrainOutcome
+    ) -> ClientUpdate:
         return ClientUpdate(
-            {DELTA: out.weights - start},
-            {"train_loss": out.train_loss, "steps": float(out.steps)},
+            {DELTA: outcome.weights - training.start},
+            {"train_loss": outcome.train_loss, "steps": float(outcome.steps)},
         )
+
+    def fit(self, ctx: ClientContext) -> ClientUpdate:
+        training = self.local_training(ctx)
+        start = training.start
+        correction = None
+        if training.proximal_mu:
+            correction = proximal_correction(training.proximal_mu, torch.from_numpy(start.copy()))
+        return self.finish(ctx, training, train_locally(ctx, start, correction))
 
     def evaluate(self, ctx: ClientContext) -> dict[str, float]:
         return evaluate_global(ctx)

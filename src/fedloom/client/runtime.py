@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.algorithms.base import ClientAlgorithm, ClientContext
+from fedloom.algorithms.base import ClientAlgorithm, ClientContext, ClientUpdate
 from fedloom.client.learner import Learner, SGDSettings, WorkSettings, plan_work
 from fedloom.client_store import ClientState
 from fedloom.codecs.base import BroadcastCodec, UpdateCodec
@@ -47,6 +47,14 @@ def server_metrics(*stages: object) -> frozenset[str]:
     for stage in stages:
         names.update(getattr(stage, "server_metrics", ()))
     return frozenset(names)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreparedFit:
+    """A fit task with its client context and work plan, ready for training."""
+
+    task: FitTask
+    ctx: ClientContext
 
 
 @dataclass(kw_only=True)
@@ -95,22 +103,48 @@ class ClientRuntime:
 
     def fit(self, task: FitTask, broadcast: Broadcast, state: ClientState) -> FitResult:
         """Train one client; ``state`` is updated in place (store it only on success)."""
+        prepared = self.prepare_fit(task, broadcast, state)
+        if isinstance(prepared, FitResult):
+            return prepared
+        return self.complete_fit(prepared, self.algorithm.fit(prepared.ctx))
+
+    def prepare_fit(
+        self, task: FitTask, broadcast: Broadcast, state: ClientState
+    ) -> PreparedFit | FitResult:
+        """Everything of :meth:`fit` before the algorithm trains: the context with the
+        round's work plan, or the finished result of a straggler the round drops.
+
+        An engine that trains many clients at once (the vectorized engine) calls this,
+        trains, and hands each client's update to :meth:`complete_fit`.
+        """
         ctx = self._context(task.client_id, task.round, task.config, broadcast, state)
         n = len(ctx.data.train)
         plan = plan_work(
             self.work, seed=self.seed, round=task.round, client_id=task.client_id, num_examples=n
         )
+        if plan.straggler and task.config.get(DROP_STRAGGLERS, False):
+            return FitResult(
+                client_id=task.client_id,
+                round=task.round,
+                model_version=task.model_version,
+                num_examples=n,
+                straggler=True,
+            )
+        ctx.plan = plan
+        return PreparedFit(task=task, ctx=ctx)
+
+    def complete_fit(self, prepared: PreparedFit, update: ClientUpdate) -> FitResult:
+        """Everything of :meth:`fit` after the algorithm: the codecs' encoding, and the
+        upload held for a secure-aggregation protocol or returned."""
+        task, ctx = prepared.task, prepared.ctx
+        assert ctx.plan is not None
         base = partial(
             FitResult,
             client_id=task.client_id,
             round=task.round,
             model_version=task.model_version,
-            num_examples=n,
+            num_examples=len(ctx.data.train),
         )
-        if plan.straggler and task.config.get(DROP_STRAGGLERS, False):
-            return base(straggler=True)
-        ctx.plan = plan
-        update = self.algorithm.fit(ctx)
         if update.num_examples is not None:
             base = partial(base, num_examples=update.num_examples)
         vectors = update.vectors
@@ -119,7 +153,7 @@ class ClientRuntime:
                 vectors,
                 update.metrics,
                 config=task.config,
-                state=state,
+                state=ctx.state,
                 client_id=task.client_id,
                 round=task.round,
             )
@@ -133,8 +167,8 @@ class ClientRuntime:
                 needed = server_metrics(self.algorithm, *self.codecs)
                 metrics = {k: v for k, v in metrics.items() if k in needed}
                 base = partial(base, num_examples=0)
-            return base(metrics=metrics, straggler=plan.straggler, held=True)
-        return base(vectors=vectors, metrics=update.metrics, straggler=plan.straggler)
+            return base(metrics=metrics, straggler=ctx.plan.straggler, held=True)
+        return base(vectors=vectors, metrics=update.metrics, straggler=ctx.plan.straggler)
 
     def evaluate(self, task: EvalTask, broadcast: Broadcast, state: ClientState) -> EvalResult:
         ctx = self._context(task.client_id, task.round, task.config, broadcast, state)

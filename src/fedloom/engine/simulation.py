@@ -30,6 +30,7 @@ from fedloom.data.server import ServerData
 from fedloom.data.summary import write_client_summary
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
+from fedloom.engine.vectorized import VectorizedExecutor
 from fedloom.messages import GLOBAL, FitTask
 from fedloom.seeding import EVAL_SUBSET, derive_rng
 from fedloom.server.callbacks import Checkpointer, Evaluation, RoundRecorder, ServerTestBench
@@ -97,6 +98,8 @@ def make_executor(wiring: Wiring) -> ClientExecutor:
             workers=cfg.engine.workers,
             torch_threads=cfg.engine.torch_threads,
         )
+    if cfg.engine.name == "vectorized":
+        return VectorizedExecutor(wiring.runtime, wiring.client_store, device=cfg.engine.device)
     return InProcessExecutor(wiring.runtime, wiring.client_store)
 
 

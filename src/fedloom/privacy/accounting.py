@@ -261,8 +261,15 @@ class PrivacyAccountant:
     vector once and multiplies it by T. We do the same, once per run: the RDP vector of
     one round comes from ``RdpAccountant`` (public ``rdp`` property) and the conversion
     to (ε, δ) from ``dp_accounting.rdp.compute_epsilon``, so ε is bit-for-bit what a
-    fresh accountant composed T times reports, at a few microseconds per round. The PLD
-    accountant composes by convolution, so it is rebuilt per T (about 0.3–0.6 s).
+    fresh accountant composed T times reports, at a few microseconds per round.
+
+    The PLD accountant composes by convolution. Rebuilding it for every T (one round's
+    PLD, self-composed T times) made a round's cost grow with the rounds so far; instead
+    the composed PLD of T rounds is kept and convolved with the one round's PLD (built
+    once, exactly as ``PLDAccountant`` builds it) to get T + 1. ε agrees with a fresh
+    ``PLDAccountant`` to about 1e-9 relative (both are pessimistic; the tails are
+    truncated after each composition instead of once). A request for fewer rounds than
+    the kept PLD (a resume) rebuilds it by self-composition.
     """
 
     def __init__(
@@ -284,6 +291,8 @@ class PrivacyAccountant:
         self.other: dict[ClientSampling, int] = {}
         self._cache: dict[tuple[int, frozenset[tuple[ClientSampling, int]]], float] = {}
         self._rdp: dict[ClientSampling, np.ndarray] = {}
+        self._pld: Any = None  # the PLD of ``_pld_rounds`` rounds (PLD accountant only)
+        self._pld_rounds = 0
         make_dp_accountant(accountant, sampling)  # fail now on an unsupported combination
 
     @cached_property
@@ -332,7 +341,33 @@ class PrivacyAccountant:
             return float(eps)
         if other:
             raise ValueError("the PLD accountant composes one sampling only; use the RDP one")
-        return compute_epsilon(self.accountant, self.sampling, self.noise_multiplier, t, self.delta)
+        if t == 0 or self.sampling.rate == 0 or self.noise_multiplier == 0:
+            # Trivial PLDs (ε = 0 or ∞): dp_accounting's own answer, no convolution.
+            return compute_epsilon("pld", self.sampling, self.noise_multiplier, t, self.delta)
+        with _quiet_accountant():
+            if self._pld is None or t < self._pld_rounds:
+                self._pld = self._one_round_pld.self_compose(t)
+            elif t > self._pld_rounds:
+                extra = t - self._pld_rounds
+                step = (
+                    self._one_round_pld if extra == 1 else self._one_round_pld.self_compose(extra)
+                )
+                self._pld = self._pld.compose(step)
+            self._pld_rounds = t
+            return float(self._pld.get_epsilon_for_delta(self.delta))
+
+    @cached_property
+    def _one_round_pld(self) -> Any:
+        """One round's PLD, with ``PLDAccountant``'s own construction for a
+        ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``."""
+        from dp_accounting.pld import privacy_loss_distribution as pld
+
+        return pld.from_gaussian_mechanism(
+            standard_deviation=self.noise_multiplier,
+            value_discretization_interval=PLD_DISCRETIZATION,
+            sampling_prob=self.sampling.rate,
+            neighboring_relation=self.sampling.neighboring_relation,
+        )
 
     def step(self, sampling: ClientSampling | None = None) -> None:
         """Count one more round of the mechanism, drawn at ``sampling`` (None: as
