@@ -73,10 +73,17 @@ class ModelConfig(_Section):
     lstm_hidden: int = Field(128, ge=1)
     lstm_layers: int = Field(2, ge=1)
     #: Start from these weights (a safetensors file or a PyTorch state dict ``.pt``),
-    #: checked against the configured model's parameter names and shapes.
+    #: checked against the configured model's parameter names and shapes; ``""`` is none
+    #: (so ``--set model.pretrained=''`` trains a config's model from scratch).
     pretrained: str | None = None
     #: Parameter-name prefixes kept at their starting values: neither trained nor sent.
     freeze: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _empty_pretrained_is_none(self) -> ModelConfig:
+        if self.pretrained == "":
+            self.pretrained = None
+        return self
 
 
 class ClientConfig(_Section):

@@ -24,6 +24,7 @@ from fedloom.cli.common import make_console, setup_logging, user_error
 from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.estimate import cmd_estimate
 from fedloom.cli.leakage import cmd_leakage
+from fedloom.cli.pretrain import add_pretrain_parser, cmd_pretrain
 from fedloom.cli.run import cmd_centralized, cmd_report, cmd_run
 from fedloom.cli.watermark import add_watermark_parser, cmd_watermark
 from fedloom.config import ConfigError
@@ -160,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--no-what-if", action="store_true", help="only the configured run")
     estimate.add_argument("--json", type=Path, metavar="FILE", help="also write the estimate")
     add_watermark_parser(sub)
+    add_pretrain_parser(sub)
     return parser
 
 
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_estimate(args, console)
         if args.command == "watermark":
             return cmd_watermark(args, console)
+        if args.command == "pretrain":
+            return cmd_pretrain(args, console)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)

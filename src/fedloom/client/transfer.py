@@ -43,14 +43,16 @@ def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
             state: object = load_file(str(p))
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+    except Exception as err:  # any unreadable file is the same user error
         raise ConfigError(
             f"model.pretrained '{p}' cannot be read as "
             f"{'safetensors' if p.suffix == '.safetensors' else 'a PyTorch state dict'} "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from None
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(
-        state["state_dict"], Mapping
+    if (
+        isinstance(state, Mapping)
+        and "state_dict" in state
+        and isinstance(state["state_dict"], Mapping)
     ):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(
