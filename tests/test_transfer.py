@@ -262,3 +262,18 @@ def test_mnist_as_digits_on_the_real_set(shared_data: Path) -> None:
     assert data.x.shape == (10000, 64) and data.x.min() == 0.0 and data.x.max() == 1.0
     assert np.array_equal(np.unique(data.x * 16), np.arange(17, dtype=np.float32))
     assert json.dumps(sorted(set(data.y.tolist()))) == json.dumps(list(range(10)))
+
+
+def test_python_api_refuses_transfer_keys_for_an_own_model(tmp_path: Path) -> None:
+    import fedloom
+
+    rng = np.random.default_rng(0)
+    parts = [(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 2, 8)) for _ in "ab"]
+    with pytest.raises(ValueError, match=r"client\.adapter applies to the built-in models"):
+        fedloom.simulate(
+            model=lambda: nn.Linear(4, 2),
+            clients=parts,
+            rounds=1,
+            config={"client": {"adapter": "lora"}},
+            out=tmp_path / "run",
+        )

@@ -233,3 +233,23 @@ def prepare_transfer(model: nn.Module, cfg: RunConfig) -> nn.Module:
             "leave at least one layer out of it"
         )
     return model
+
+
+def refuse_for_own_model(cfg: RunConfig) -> None:
+    """The Python API trains the user's own module, which ``prepare_transfer`` never
+    sees: transfer keys in its config would be ignored silently, so they are refused."""
+    keys = [
+        key
+        for key, is_set in (
+            ("model.pretrained", cfg.model.pretrained is not None),
+            ("model.freeze", bool(cfg.model.freeze)),
+            ("client.adapter", cfg.client.adapter != "none"),
+        )
+        if is_set
+    ]
+    if keys:
+        raise ValueError(
+            f"{keys[0]} applies to the built-in models; build your own model from its "
+            "pretrained weights and freeze layers with "
+            "fedloom.client.transfer.freeze_parameters(model, prefixes) in your factory"
+        )
