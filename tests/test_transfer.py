@@ -277,3 +277,11 @@ def test_python_api_refuses_transfer_keys_for_an_own_model(tmp_path: Path) -> No
             config={"client": {"adapter": "lora"}},
             out=tmp_path / "run",
         )
+
+
+def test_lora_with_local_dp_is_refused_before_training() -> None:
+    from fedloom.strategies import check_composition
+
+    with pytest.raises(ConfigError, match="no per-example gradients for LoRA layers"):
+        check_composition(_cfg("client.adapter='lora'", "privacy.local_dp=true"))
+    check_composition(_cfg("model.freeze=['net.1']", "privacy.local_dp=true"))

@@ -20,7 +20,7 @@ from fedloom.callbacks import Callback
 from fedloom.client.learner import Learner, SGDSettings, WorkSettings
 from fedloom.client.models import build_model
 from fedloom.client.runtime import ClientRuntime
-from fedloom.client.transfer import prepare_transfer
+from fedloom.client.transfer import check_transfer_composition, prepare_transfer
 from fedloom.config import ConfigError, RunConfig
 from fedloom.data.base import ClientData, FederatedDataset
 from fedloom.data.server import ServerData
@@ -86,6 +86,7 @@ def check_composition(cfg: RunConfig) -> None:
     for name in cfg.callbacks:
         if name not in CALLBACKS:
             raise ConfigError(f"callbacks: {registry_error(CALLBACKS, name)}")
+    check_transfer_composition(cfg)
     p = cfg.privacy
     if p.local_dp and cfg.client.algorithm != "sgd":
         raise ConfigError(

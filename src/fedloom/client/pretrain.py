@@ -3,8 +3,8 @@ the file ``model.pretrained`` starts a federated transfer-learning run from.
 
 The model is built exactly as the run builds it (``[model]`` settings, the target data
 set's input shape and classes, the seed), so the file fits by construction; training
-is the Learner's own flat SGD with the ``[client]`` section's learning rate, momentum
-and batch size.
+is the Learner's own flat SGD with its own settings (not the ``[client]`` section's,
+which are the federated fine-tuning's), shuffled from the run seed.
 """
 
 from __future__ import annotations
@@ -20,9 +20,20 @@ from fedloom.config import ConfigError, RunConfig
 from fedloom.data.base import ArrayDataset, FederatedDataset
 from fedloom.seeding import SHUFFLE, derive_seed
 
+#: ``fedloom pretrain``'s defaults: the recipe behind the README's transfer table.
+DEFAULT_EPOCHS = 5
+DEFAULT_SGD = SGDSettings(lr=0.1, momentum=0.9)
+DEFAULT_BATCH_SIZE = 16
+
 
 def pretrain_model(
-    cfg: RunConfig, target: FederatedDataset, source: ArrayDataset, *, epochs: int
+    cfg: RunConfig,
+    target: FederatedDataset,
+    source: ArrayDataset,
+    *,
+    epochs: int,
+    sgd: SGDSettings,
+    batch_size: int,
 ) -> nn.Module:
     """The configured model after ``epochs`` passes of SGD over ``source``."""
     if tuple(source.x.shape[1:]) != tuple(target.input_shape):
@@ -32,13 +43,12 @@ def pretrain_model(
         )
     model = build_model(cfg.model, target, cfg.seed)
     learner = Learner(model)
-    c = cfg.client
     outcome = learner.train(
         start=learner.initial_vector(),
         data=source,
         plan=WorkPlan(epochs=epochs, max_steps=None, straggler=False),
-        batch_size=c.batch_size,
-        sgd=SGDSettings(lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+        batch_size=batch_size,
+        sgd=sgd,
         generator=torch.Generator().manual_seed(derive_seed(cfg.seed, SHUFFLE, 0)),
     )
     learner.binding.load(outcome.weights)

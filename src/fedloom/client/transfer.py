@@ -253,3 +253,12 @@ def refuse_for_own_model(cfg: RunConfig) -> None:
             "pretrained weights and freeze layers with "
             "fedloom.client.transfer.freeze_parameters(model, prefixes) in your factory"
         )
+
+
+def check_transfer_composition(cfg: RunConfig) -> None:
+    """Refuse transfer settings that cannot train, before any work, in one line."""
+    if cfg.client.adapter == "lora" and cfg.privacy.local_dp:
+        raise ConfigError(
+            "privacy.local_dp (Opacus DP-SGD) has no per-example gradients for LoRA layers; "
+            "use model.freeze without client.adapter, or central DP"
+        )
