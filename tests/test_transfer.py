@@ -285,3 +285,27 @@ def test_lora_with_local_dp_is_refused_before_training() -> None:
     with pytest.raises(ConfigError, match="no per-example gradients for LoRA layers"):
         check_composition(_cfg("client.adapter='lora'", "privacy.local_dp=true"))
     check_composition(_cfg("model.freeze=['net.1']", "privacy.local_dp=true"))
+
+
+def _write_idx(path: Path, magic: int, array: np.ndarray) -> None:
+    header = magic.to_bytes(4, "big") + np.asarray(array.shape, dtype=">u4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_pretrain_command_writes_a_file_the_run_starts_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedloom pretrain` on a tiny MNIST-format directory, then a run from its file."""
+    rng = np.random.default_rng(0)
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    _write_idx(mnist / "t10k-images-idx3-ubyte", 0x803, rng.integers(0, 256, (30, 28, 28)))
+    _write_idx(mnist / "t10k-labels-idx1-ubyte", 0x801, rng.integers(0, 10, 30))
+    out = tmp_path / "pre.safetensors"
+    args = ["pretrain", "--mnist", str(mnist), "--out", str(out), "--epochs", "1"]
+    assert main([*args, "--set", "model.hidden=[32]"]) == 0
+    assert "zero-shot accuracy on the digits test set" in capsys.readouterr().out
+    summary = run_simulation(_cfg(f"model.pretrained='{out}'", "rounds=1"), tmp_path / "run")
+    assert summary["rounds_completed"] == 1
+    assert main([*args, "--set", "data.name='synthetic'"]) == 2
+    assert "set data.name = 'digits'" in capsys.readouterr().err

@@ -75,7 +75,8 @@ def cmd_pretrain(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"pretrained {cfg.model.name} on {len(source)} MNIST images as 8x8 digits for "
         f"{args.epochs} epochs; zero-shot accuracy on the digits test set "
-        f"{zero_shot['accuracy']:.4f}"
+        f"{zero_shot['accuracy']:.4f}",
+        soft_wrap=True,
     )
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", soft_wrap=True)
     return 0
