@@ -47,6 +47,11 @@ def variants(pretrained: Path) -> dict[str, list[str]]:
             "client.adapter='none'",
             "client.lr=0.1",
         ],
+        "from scratch (full model), lr 0.05": [
+            "model.pretrained=''",
+            "client.adapter='none'",
+            "client.lr=0.05",
+        ],
         "pretrained, full fine-tuning, lr 0.1": [*full, "client.lr=0.1"],
         "pretrained, full fine-tuning, lr 0.05": [*full, "client.lr=0.05"],
         "pretrained, frozen body + head, lr 0.1": [

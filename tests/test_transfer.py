@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -309,3 +310,32 @@ def test_pretrain_command_writes_a_file_the_run_starts_from(
     assert summary["rounds_completed"] == 1
     assert main([*args, "--set", "data.name='synthetic'"]) == 2
     assert "set data.name = 'digits'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mnist_pretraining_speeds_up_digits_and_lora_sends_10x_less(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """Acceptance (issue 13, item 3), shortened: the README's table in 15 rounds."""
+    from fedloom.client.pretrain import DEFAULT_BATCH_SIZE, DEFAULT_SGD, pretrain_model
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "transfer_digits_lora.toml"
+    cfg = load_config(example, ["rounds=15"])
+    target = build_federated_dataset(cfg.data, cfg.seed)
+    source = load_mnist_as_digits(shared_data / "mnist")
+    model = pretrain_model(
+        cfg, target, source, epochs=5, sgd=DEFAULT_SGD, batch_size=DEFAULT_BATCH_SIZE
+    )
+    path = save_state(model, tmp_path / "pre.safetensors")
+
+    def run(name: str, *extra: str) -> dict[str, Any]:
+        c = load_config(example, ["rounds=15", f"model.pretrained='{path}'", *extra])
+        return run_simulation(c, tmp_path / name)
+
+    scratch = run("scratch", "model.pretrained=''", "client.adapter='none'", "client.lr=0.1")
+    full = run("full", "client.adapter='none'", "client.lr=0.1")
+    lora = run("lora")
+    to_95 = [s["metrics"]["rounds_to_target"] for s in (scratch, full, lora)]
+    assert to_95[1] is not None and to_95[2] is not None  # both reach 95 % in 15 rounds
+    assert to_95[0] is None or to_95[1] + 3 <= to_95[0]  # clearly fewer rounds than scratch
+    assert full["history"][0]["bytes_up"] >= 10 * lora["history"][0]["bytes_up"]
