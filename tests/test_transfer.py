@@ -339,3 +339,14 @@ def test_mnist_pretraining_speeds_up_digits_and_lora_sends_10x_less(
     assert to_95[1] is not None and to_95[2] is not None  # both reach 95 % in 15 rounds
     assert to_95[0] is None or to_95[1] + 3 <= to_95[0]  # clearly fewer rounds than scratch
     assert full["history"][0]["bytes_up"] >= 10 * lora["history"][0]["bytes_up"]
+
+
+def test_pool_engine_equals_inprocess_with_lora(tmp_path: Path) -> None:
+    """Pool workers rebuild the frozen backbone from the file themselves."""
+    path = _pretrained_file(tmp_path)
+    base = [f"model.pretrained='{path}'", "client.adapter='lora'", "lora.rank=2", "rounds=2"]
+    run_simulation(_cfg(*base), tmp_path / "inproc")
+    run_simulation(_cfg(*base, "engine.name='pool'", "engine.workers=2"), tmp_path / "pool")
+    np.testing.assert_array_equal(
+        final_weights(tmp_path / "pool"), final_weights(tmp_path / "inproc")
+    )
