@@ -34,6 +34,7 @@ from fedloom.client.learner import (
     MetricFn,
     TrainStep,
 )
+from fedloom.client.transfer import refuse_for_own_model
 from fedloom.config import RunConfig, config_from_dict, merge_trees
 from fedloom.data import data_rng
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
@@ -100,6 +101,7 @@ def simulate(
     if not given.test_given:
         tree = merge_trees(tree, {"eval": {"centralized": False}})
     cfg = config_from_dict(tree)
+    refuse_for_own_model(cfg)
     data = given.dataset
     if cfg.data.client_test_fraction > 0.0:
         # The strategies that evaluate on clients' own data (fedper, fedrep, ditto) hold
@@ -226,6 +228,7 @@ def serve(
     if test_part is None:
         tree = merge_trees(tree, {"eval": {"centralized": False}})
     cfg = config_from_dict(tree)
+    refuse_for_own_model(cfg)
     if test_part is not None:
         x, y = test_part
         regression = bool(np.issubdtype(y.dtype, np.floating))

@@ -90,6 +90,18 @@ class ModelConfig(_Section):
     embedding_dim: int = Field(8, ge=1)
     lstm_hidden: int = Field(128, ge=1)
     lstm_layers: int = Field(2, ge=1)
+    #: Start from these weights (a safetensors file or a PyTorch state dict ``.pt``),
+    #: checked against the configured model's parameter names and shapes; ``""`` is none
+    #: (so ``--set model.pretrained=''`` trains a config's model from scratch).
+    pretrained: str | None = None
+    #: Parameter-name prefixes kept at their starting values: neither trained nor sent.
+    freeze: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _empty_pretrained_is_none(self) -> ModelConfig:
+        if self.pretrained == "":
+            self.pretrained = None
+        return self
 
 
 class ClientConfig(_Section):
@@ -108,6 +120,8 @@ class ClientConfig(_Section):
     algorithm: str = "sgd"
     #: Free-form settings for a user-registered client algorithm.
     options: dict[str, Any] = Field(default_factory=dict)
+    #: ``"lora"``: train (and send) only low-rank adapters over the frozen model (``[lora]``).
+    adapter: Literal["none", "lora"] = "none"
 
 
 class ServerConfig(_Section):
@@ -158,6 +172,18 @@ class PersonalizationConfig(_Section):
     lam: float = Field(0.1, ge=0.0)
     personal_epochs: int = Field(1, ge=1)
     personal_lr: float | None = Field(None, gt=0.0)
+
+
+class LoRAConfig(_Section):
+    """Low-rank adapters (Hu et al. 2022) for ``client.adapter = "lora"``.
+
+    Each adapted ``nn.Linear`` computes ``W x + b + (alpha / rank) B A x`` with ``W`` and
+    ``b`` frozen; ``layers`` are module-name prefixes (empty: every linear layer).
+    """
+
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(8.0, gt=0.0)
+    layers: list[str] = Field(default_factory=list)
 
 
 class EvalConfig(_Section):
@@ -581,6 +607,7 @@ class RunConfig(_Section):
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

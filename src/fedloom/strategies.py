@@ -22,6 +22,7 @@ from fedloom.callbacks import Callback
 from fedloom.client.learner import Learner, SGDSettings, WorkSettings
 from fedloom.client.models import build_model
 from fedloom.client.runtime import ClientRuntime
+from fedloom.client.transfer import check_transfer_composition, prepare_transfer
 from fedloom.config import ConfigError, RunConfig
 from fedloom.data.base import ClientData, FederatedDataset
 from fedloom.data.server import ServerData
@@ -98,6 +99,7 @@ def check_composition(cfg: RunConfig) -> None:
         raise ConfigError(
             f"attack.clients: client {outside[0]} does not exist (0..{cfg.data.num_clients - 1})"
         )
+    check_transfer_composition(cfg)
     p = cfg.privacy
     if p.local_dp and cfg.client.algorithm != "sgd":
         raise ConfigError(
@@ -506,8 +508,9 @@ def build_client_runtime(
 
 
 def build_learner(cfg: RunConfig, data: FederatedDataset) -> Learner:
-    """The configured built-in model (deterministic in the seed) as a classifier."""
-    return Learner(build_model(cfg.model, data, cfg.seed))
+    """The configured built-in model (deterministic in the seed) as a classifier, with the
+    transfer settings applied (pretrained weights, frozen layers, LoRA adapters)."""
+    return Learner(prepare_transfer(build_model(cfg.model, data, cfg.seed), cfg))
 
 
 def simulation_runtime(cfg_json: str) -> ClientRuntime:

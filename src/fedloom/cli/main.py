@@ -24,6 +24,7 @@ from fedloom.cli.common import make_console, setup_logging, user_error
 from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.estimate import cmd_estimate
 from fedloom.cli.leakage import cmd_leakage
+from fedloom.cli.pretrain import add_pretrain_parser, cmd_pretrain
 from fedloom.cli.robustness import DESCRIPTION as ROBUSTNESS_DESCRIPTION
 from fedloom.cli.robustness import add_robustness_arguments, cmd_robustness
 from fedloom.cli.run import cmd_centralized, cmd_report, cmd_run
@@ -184,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(robustness)
     add_robustness_arguments(robustness)
+    add_pretrain_parser(sub)
     return parser
 
 
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_watermark(args, console)
         if args.command == "robustness":
             return cmd_robustness(args, console)
+        if args.command == "pretrain":
+            return cmd_pretrain(args, console)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)
