@@ -31,6 +31,7 @@ from fedloom.data.summary import write_client_summary
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.messages import GLOBAL, FitTask
+from fedloom.registry import RUN_MODES
 from fedloom.seeding import EVAL_SUBSET, derive_rng
 from fedloom.server.callbacks import Checkpointer, Evaluation, RoundRecorder
 from fedloom.server.loop import ClientExecutor
@@ -128,6 +129,14 @@ def run_federation(
     store = RunStore.open(out_dir) if resume else None
     if store is not None:
         cfg = config_from_dict(store.config())
+    if cfg.mode in RUN_MODES:  # a mode with its own parties and loop (vertical FL)
+        return _run_own_mode(
+            cfg,
+            out_dir,
+            store,
+            on_round,
+            custom=deployment or data is not None or learner_factory is not None,
+        )
     if deployment and cfg.mode != "sync":
         raise ConfigError(
             f"mode = '{cfg.mode}' runs in simulation only so far (the gRPC server runs "
@@ -212,6 +221,36 @@ def run_federation(
     return summary
 
 
+def _run_own_mode(
+    cfg: RunConfig,
+    out_dir: Path,
+    store: RunStore | None,
+    on_round: RoundCallback | None,
+    *,
+    custom: bool,
+) -> dict[str, Any]:
+    """A registered run mode's loop, in the same run directory and outputs as any run."""
+    if custom:
+        raise ConfigError(
+            f"mode = '{cfg.mode}' runs in simulation on its built-in data sets only so far; "
+            "use fedloom run with the config"
+        )
+    if store is not None:
+        store.close()
+        raise ConfigError(
+            f"a mode = '{cfg.mode}' run cannot be resumed yet; start a new run directory"
+        )
+    store = RunStore.create(out_dir, cfg.to_dict(), __version__)
+    started = time.perf_counter()
+    try:
+        participation = RUN_MODES.create(cfg.mode, cfg, store, on_round=on_round)
+    finally:
+        store.set_meta("wall_s", time.perf_counter() - started)
+    summary = write_outputs(store, out_dir, cfg, len(participation), participation)
+    store.close()
+    return summary
+
+
 def _run_id(store: RunStore) -> str:
     """The run's random identity, made once when the run starts and kept by resumes."""
     run_id = store.get_meta("run_id")
@@ -284,7 +323,8 @@ def write_outputs(
     }
     # Central DP: the privacy ledger (ε, δ, q, z, T, C, accountant) and, when the privacy
     # budget ended the run early, why. Absent from runs without DP.
-    for key in ("privacy", "stopped_reason"):
+    # Vertical FL: the PSI alignment's report and the per-party baselines.
+    for key in ("privacy", "stopped_reason", "alignment", "baselines"):
         value = store.get_meta(key)
         if value is not None:
             summary[key] = value
