@@ -29,6 +29,9 @@ def test_example_runs_two_rounds(
     cfg = load_config(path, ["rounds=2", "client.epochs=1"])
     if cfg.client.steps is not None:
         cfg.client.steps = 2
+    if cfg.mode == "vertical":  # a short look: PSI over 150 records, no baselines
+        cfg.vertical.records = 150
+        cfg.vertical.baselines = False
     summary = run_simulation(cfg, tmp_path / "run")
     assert summary["rounds_completed"] == 2
     assert summary["final"]["accuracy"] is not None

@@ -405,6 +405,8 @@ class VerticalConfig(_Section):
 
     dataset: Literal["breast_cancer", "digits"] = "breast_cancer"
     feature_parties: int = Field(2, ge=1, le=8)
+    #: Use only the data set's first ``records`` records (a quick run; None: all).
+    records: int | None = Field(None, ge=4)
     id_coverage: float = Field(0.95, gt=0.0, le=1.0)
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     batch_size: int = Field(32, ge=1)

@@ -67,10 +67,12 @@ def column_groups(name: str, num_columns: int, parties: int) -> list[np.ndarray]
 
 
 def build_vertical_dataset(
-    name: str, *, parties: int, coverage: float, seed: int
+    name: str, *, parties: int, coverage: float, seed: int, records: int | None = None
 ) -> VerticalDataset:
     """Each party's own view: a seeded, shuffled, partially overlapping set of records."""
     x, y, names = load_table(name)
+    if records is not None:
+        x, y = x[:records], y[:records]
     groups = column_groups(name, x.shape[1], parties)
     if any(len(g) == 0 for g in groups):
         raise ValueError(

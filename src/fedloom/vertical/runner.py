@@ -103,7 +103,11 @@ def run_vertical(
     v = cfg.vertical
     torch.set_num_threads(cfg.engine.torch_threads)
     data = build_vertical_dataset(
-        v.dataset, parties=v.feature_parties, coverage=v.id_coverage, seed=cfg.seed
+        v.dataset,
+        parties=v.feature_parties,
+        coverage=v.id_coverage,
+        seed=cfg.seed,
+        records=v.records,
     )
     y, xs, alignment = aligned_parties(data)
     log.info(
@@ -116,20 +120,7 @@ def run_vertical(
     store.set_meta("alignment", alignment)
     train_rows, test_rows = train_test_rows(len(y), test_fraction=v.test_fraction, seed=cfg.seed)
     xs = [standardize(x, train_rows) for x in xs]
-    dims = [x.shape[1] for x in xs]
-    bottoms, top = build_models(v, dims, data.num_classes, cfg.seed, top_parties=len(xs))
-    trainer = SplitTrainer(
-        LabelParty(
-            y, top, v.top, defense=v.defense, noise_scale=v.noise_scale, seed=cfg.seed
-        ),
-        [FeatureParty(x, b, bottom_optimizer(v, k)) for k, (x, b) in enumerate(zip(xs, bottoms))],
-        train_rows=train_rows,
-        test_rows=test_rows,
-        schedule=BatchSchedule(
-            len(train_rows), batch_size=v.batch_size, shuffle=v.shuffle, seed=cfg.seed
-        ),
-        steps_per_round=v.steps_per_round,
-    )
+    trainer = make_trainer(v, y, xs, train_rows, test_rows, data.num_classes, cfg.seed)
     parties = 1 + len(xs)
     for rnd in range(1, cfg.rounds + 1):
         started = time.perf_counter()
@@ -153,6 +144,30 @@ def run_vertical(
         store.set_meta("baselines", baselines)
         store.set_meta("centralized_accuracy", baselines["centralized_same_network"])
     return np.full(parties, cfg.rounds, dtype=np.int64)
+
+
+def make_trainer(
+    v: VerticalConfig,
+    y: np.ndarray,
+    xs: Sequence[np.ndarray],
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+    num_classes: int,
+    seed: int,
+) -> SplitTrainer:
+    """The parties (models, optimizers, defense) and the schedule, from the config."""
+    dims = [x.shape[1] for x in xs]
+    bottoms, top = build_models(v, dims, num_classes, seed, top_parties=len(xs))
+    return SplitTrainer(
+        LabelParty(y, top, v.top, defense=v.defense, noise_scale=v.noise_scale, seed=seed),
+        [FeatureParty(x, b, bottom_optimizer(v, k)) for k, (x, b) in enumerate(zip(xs, bottoms))],
+        train_rows=train_rows,
+        test_rows=test_rows,
+        schedule=BatchSchedule(
+            len(train_rows), batch_size=v.batch_size, shuffle=v.shuffle, seed=seed
+        ),
+        steps_per_round=v.steps_per_round,
+    )
 
 
 def train_central(
