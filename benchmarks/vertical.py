@@ -39,7 +39,9 @@ def plain_join(data: Any) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def setting(v: VerticalConfig, seed: int, rounds: int, psi: bool) -> dict[str, Any]:
-    data = build_vertical_dataset(v.dataset, parties=v.feature_parties, coverage=v.id_coverage, seed=seed)
+    data = build_vertical_dataset(
+        v.dataset, parties=v.feature_parties, coverage=v.id_coverage, seed=seed
+    )
     if psi:
         y, xs, alignment = aligned_parties(data)
     else:
@@ -74,7 +76,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("vertical_results.json"))
     args = ap.parse_args()
-    bc = VerticalConfig(dataset="breast_cancer", bottom_hidden=[16], embedding_dim=8, top_hidden=[16])
+    bc = VerticalConfig(
+        dataset="breast_cancer", bottom_hidden=[16], embedding_dim=8, top_hidden=[16]
+    )
     dg = VerticalConfig(dataset="digits", bottom_hidden=[32], embedding_dim=16, top_hidden=[32])
     results = {}
     for name, v, psi in (("breast_cancer", bc, True), ("digits", dg, False)):

@@ -160,7 +160,10 @@ def make_trainer(
     bottoms, top = build_models(v, dims, num_classes, seed, top_parties=len(xs))
     return SplitTrainer(
         LabelParty(y, top, v.top, defense=v.defense, noise_scale=v.noise_scale, seed=seed),
-        [FeatureParty(x, b, bottom_optimizer(v, k)) for k, (x, b) in enumerate(zip(xs, bottoms))],
+        [
+            FeatureParty(x, b, bottom_optimizer(v, k))
+            for k, (x, b) in enumerate(zip(xs, bottoms, strict=True))
+        ],
         train_rows=train_rows,
         test_rows=test_rows,
         schedule=BatchSchedule(
@@ -211,9 +214,7 @@ class JointModel(nn.Module):
         self.edges = np.cumsum([0, *dims]).tolist()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [
-            b(x[:, self.edges[k] : self.edges[k + 1]]) for k, b in enumerate(self.bottoms)
-        ]
+        parts = [b(x[:, self.edges[k] : self.edges[k + 1]]) for k, b in enumerate(self.bottoms)]
         return self.top(torch.cat(parts, dim=1))
 
 
@@ -236,13 +237,21 @@ def measure_baselines(
     """
 
     def schedule() -> BatchSchedule:
-        return BatchSchedule(
-            len(train_rows), batch_size=v.batch_size, shuffle=v.shuffle, seed=seed
+        return BatchSchedule(len(train_rows), batch_size=v.batch_size, shuffle=v.shuffle, seed=seed)
+
+    def fit(model: nn.Module, opts: Sequence[torch.optim.Optimizer], x: np.ndarray) -> float:
+        return train_central(
+            model,
+            opts,
+            x,
+            y,
+            train_rows=train_rows,
+            test_rows=test_rows,
+            schedule=schedule(),
+            steps=v.steps_per_round,
+            rounds=rounds,
         )
 
-    common = dict(
-        train_rows=train_rows, test_rows=test_rows, steps=v.steps_per_round, rounds=rounds
-    )
     dims = [x.shape[1] for x in xs]
     alone = []
     for k, x in enumerate(xs):
@@ -252,7 +261,7 @@ def measure_baselines(
             make_optimizer(bottoms[k].parameters(), bottom_optimizer(v, k)),
             make_optimizer(top.parameters(), v.top),
         ]
-        alone.append(train_central(model, opts, x, y, schedule=schedule(), **common))
+        alone.append(fit(model, opts, x))
     majority = int(np.bincount(y[train_rows]).argmax())
     label_alone = float((y[test_rows] == majority).mean())
     x_all = np.concatenate(list(xs), axis=1)
@@ -260,17 +269,20 @@ def measure_baselines(
     joint = JointModel(bottoms, top, dims)
     opts = [make_optimizer(b.parameters(), bottom_optimizer(v, k)) for k, b in enumerate(bottoms)]
     opts.append(make_optimizer(top.parameters(), v.top))
-    same = train_central(joint, opts, x_all, y, schedule=schedule(), **common)
+    same = fit(joint, opts, x_all)
     torch.manual_seed(derive_seed(seed, VERTICAL_INIT, 2000))
     k = len(xs)
     dense = mlp(
-        [x_all.shape[1], *(h * k for h in v.bottom_hidden), k * v.embedding_dim, *v.top_hidden,
-         num_classes],
+        [
+            x_all.shape[1],
+            *(h * k for h in v.bottom_hidden),
+            k * v.embedding_dim,
+            *v.top_hidden,
+            num_classes,
+        ],
         relu_out=False,
     )
-    dense_acc = train_central(
-        dense, [make_optimizer(dense.parameters(), v.top)], x_all, y, schedule=schedule(), **common
-    )
+    dense_acc = fit(dense, [make_optimizer(dense.parameters(), v.top)], x_all)
     return {
         "feature_party_alone": alone,
         "label_party_alone": label_alone,

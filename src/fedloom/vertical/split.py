@@ -42,7 +42,9 @@ def mlp(sizes: Sequence[int], *, relu_out: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def make_optimizer(params: Iterator[nn.Parameter], cfg: VerticalOptimizerConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Iterator[nn.Parameter], cfg: VerticalOptimizerConfig
+) -> torch.optim.Optimizer:
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -132,7 +134,9 @@ class LabelParty:
         self.top = top
         self.optimizer = make_optimizer(top.parameters(), optimizer)
         self.defense, self.noise_scale = defense, noise_scale
-        self.generator = torch.Generator().manual_seed(int(derive_rng(seed, VERTICAL_DEFENSE).integers(2**62)))
+        self.generator = torch.Generator().manual_seed(
+            int(derive_rng(seed, VERTICAL_DEFENSE).integers(2**62))
+        )
         #: The undefended gradients of the last step, for the leakage measurement.
         self.last_clean: list[torch.Tensor] = []
 
