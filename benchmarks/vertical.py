@@ -20,22 +20,8 @@ from typing import Any
 import numpy as np
 
 from fedloom.config import VerticalConfig
-from fedloom.vertical.data import build_vertical_dataset, train_test_rows
+from fedloom.vertical.data import build_vertical_dataset, join_by_plain_ids, train_test_rows
 from fedloom.vertical.runner import aligned_parties, make_trainer, measure_baselines, standardize
-
-
-def plain_join(data: Any) -> tuple[np.ndarray, list[np.ndarray]]:
-    common = set(data.label_party.ids)
-    for f in data.feature_parties:
-        common &= set(f.ids)
-    order = [i for i in data.label_party.ids if i in common]
-    pos = {i: r for r, i in enumerate(data.label_party.ids)}
-    y = data.label_party.labels[[pos[i] for i in order]]
-    xs = []
-    for f in data.feature_parties:
-        fp = {i: r for r, i in enumerate(f.ids)}
-        xs.append(f.features[[fp[i] for i in order]])
-    return y, xs
 
 
 def setting(v: VerticalConfig, seed: int, rounds: int, psi: bool) -> dict[str, Any]:
@@ -45,7 +31,7 @@ def setting(v: VerticalConfig, seed: int, rounds: int, psi: bool) -> dict[str, A
     if psi:
         y, xs, alignment = aligned_parties(data)
     else:
-        (y, xs), alignment = plain_join(data), None
+        (y, xs), alignment = join_by_plain_ids(data), None
     train_rows, test_rows = train_test_rows(len(y), test_fraction=v.test_fraction, seed=seed)
     xs = [standardize(x, train_rows) for x in xs]
     out: dict[str, Any] = {"alignment": alignment, "records": len(y)}

@@ -111,3 +111,25 @@ def train_test_rows(n: int, *, test_fraction: float, seed: int) -> tuple[np.ndar
     order = derive_rng(seed, VERTICAL_SPLIT).permutation(n)
     n_test = max(1, round(n * test_fraction))
     return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def join_by_plain_ids(data: VerticalDataset) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Labels and each party's columns over the common ids, joined in the clear.
+
+    Not an alignment parties may run (it shows every id to whoever joins); it is the
+    reference the PSI must reproduce, and a shortcut for experiments whose subject is
+    the training, not the alignment (``benchmarks/vertical.py`` on digits).
+    """
+    common = set(data.label_party.ids)
+    for f in data.feature_parties:
+        common &= set(f.ids)
+    order = [i for i in data.label_party.ids if i in common]
+    assert data.label_party.labels is not None
+    where = {i: r for r, i in enumerate(data.label_party.ids)}
+    y = data.label_party.labels[[where[i] for i in order]]
+    xs = []
+    for f in data.feature_parties:
+        assert f.features is not None
+        at = {i: r for r, i in enumerate(f.ids)}
+        xs.append(f.features[[at[i] for i in order]])
+    return y, xs
