@@ -20,7 +20,10 @@ no elliptic-curve or hash-to-curve code here.
 With more than two parties the leader (the label party) runs the two-party protocol with
 each feature party in turn on what is left of its own set, then tells every feature party
 which of its own rows are in the final intersection. Everyone learns the ids common to
-all; a feature party also learns the size of what the leader held when they met.
+all; a feature party also learns the size of what the leader held when they met, and
+the leader learns, per feature party, which of its remaining ids that party holds (the
+pairwise intersection, a superset of the final one). Feature parties never exchange
+anything with each other.
 """
 
 from __future__ import annotations
