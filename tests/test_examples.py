@@ -42,6 +42,9 @@ def test_example_runs_two_rounds(
         # Transfer examples name a file `fedloom pretrain` makes; a model of the same
         # shape stands in for it here (the loading and adapters are what runs).
         cfg.model.pretrained = str(_stand_in_pretrained(cfg, tmp_path / "pretrained.pt"))
+    if cfg.mode == "vertical":  # a short look: PSI over 150 records, no baselines
+        cfg.vertical.records = 150
+        cfg.vertical.baselines = False
     summary = run_simulation(cfg, tmp_path / "run")
     assert summary["rounds_completed"] == 2
     assert summary["final"]["accuracy"] is not None

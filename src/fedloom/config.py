@@ -549,6 +549,61 @@ def register_strategy(name: str, composition: dict[str, dict[str, Any]]) -> None
     STRATEGIES[name] = composition
 
 
+class VerticalOptimizerConfig(_Section):
+    """One party's optimizer in split learning (torch.optim semantics)."""
+
+    name: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class VerticalConfig(_Section):
+    """Vertical FL (``mode = "vertical"``, ``fedloom.vertical``): split learning.
+
+    ``dataset``'s columns are split between ``feature_parties`` parties; a label party
+    holds the labels. Each party holds a shuffled subset of the record ids (each record
+    with probability ``id_coverage``); the parties align them by private set
+    intersection, and ``test_fraction`` of the aligned records are the test set. Each
+    round is one epoch over the aligned training rows, or ``steps_per_round`` batches.
+    ``bottom`` is the feature parties' optimizer (one entry for all, or one per party);
+    ``top`` the label party's. ``defense`` perturbs the gradients sent down against
+    label leakage (``noise``: Gaussian, ``noise_scale`` times the batch's largest
+    gradient norm; ``max_norm``). ``baselines`` also trains each party alone and a
+    centralized model on all columns with the same budget, for the summary. The
+    ``data``, ``model``, ``client`` and ``server`` sections do not apply.
+    """
+
+    dataset: Literal["breast_cancer", "digits"] = "breast_cancer"
+    feature_parties: int = Field(2, ge=1, le=8)
+    #: Use only the data set's first ``records`` records (a quick run; None: all).
+    records: int | None = Field(None, ge=4)
+    id_coverage: float = Field(0.95, gt=0.0, le=1.0)
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    batch_size: int = Field(32, ge=1)
+    steps_per_round: int | None = Field(None, ge=1)
+    shuffle: bool = True
+    bottom_hidden: list[int] = Field(default_factory=lambda: [16])
+    embedding_dim: int = Field(8, ge=1)
+    top_hidden: list[int] = Field(default_factory=lambda: [16])
+    bottom: list[VerticalOptimizerConfig] = Field(
+        default_factory=lambda: [VerticalOptimizerConfig()], min_length=1
+    )
+    top: VerticalOptimizerConfig = Field(default_factory=VerticalOptimizerConfig)
+    defense: Literal["none", "noise", "max_norm"] = "none"
+    noise_scale: float = Field(1.0, gt=0.0)
+    baselines: bool = False
+
+    @model_validator(mode="after")
+    def _check_parties(self) -> VerticalConfig:
+        if len(self.bottom) not in (1, self.feature_parties):
+            raise ValueError(
+                f"vertical.bottom has {len(self.bottom)} optimizers; give one for all "
+                f"feature parties or one per party ({self.feature_parties})"
+            )
+        return self
+
+
 class AnomalyConfig(_Section):
     """Per-client anomaly scores, flags and a reputation (``fedloom.server.anomaly``).
 
@@ -599,10 +654,12 @@ class RunConfig(_Section):
     personal: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     system: SystemConfig = Field(default_factory=SystemConfig)
     #: ``sync``: rounds with a barrier; ``async``: FedBuff / FedAsync (the ``async`` table);
-    #: ``gossip``: no server, peers average with their neighbours (the ``gossip`` table).
-    mode: Literal["sync", "async", "gossip"] = "sync"
+    #: ``gossip``: no server, peers average with their neighbours (the ``gossip`` table);
+    #: ``vertical``: split learning between parties holding different columns (``vertical``).
+    mode: Literal["sync", "async", "gossip", "vertical"] = "sync"
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     gossip: GossipConfig = Field(default_factory=GossipConfig)
+    vertical: VerticalConfig = Field(default_factory=VerticalConfig)
     watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)

@@ -42,6 +42,7 @@ BUILTIN_MODULES = (
     "fedloom.privacy.stages",
     "fedloom.server.watermark",
     "fedloom.attacks.poisoning",
+    "fedloom.vertical.runner",
 )
 _loaded = False
 
@@ -129,3 +130,8 @@ PROTOCOL_PARTICIPANTS: Registry[Any] = Registry("protocol participant")
 CLIENT_SELECTORS: Registry[Any] = Registry("client selector")
 #: Post-aggregation edits of the global model (fedloom.server.transforms), e.g. WAFFLE.
 MODEL_TRANSFORMS: Registry[Any] = Registry("model transform")
+#: Run modes that bring their own parties and loop instead of the horizontal federation
+#: (``mode = "vertical"``). Factory ``(cfg, store, *, on_round) -> participation``: it
+#: trains, stores its round records (and summary meta) in the run store, and returns
+#: each participant's participation count; ``engine/simulation.py`` writes the outputs.
+RUN_MODES: Registry[Any] = Registry("run mode")

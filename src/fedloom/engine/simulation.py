@@ -32,6 +32,7 @@ from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
 from fedloom.engine.vectorized import VectorizedExecutor
 from fedloom.messages import GLOBAL, FitTask
+from fedloom.registry import RUN_MODES
 from fedloom.seeding import EVAL_SUBSET, derive_rng
 from fedloom.server.callbacks import Checkpointer, Evaluation, RoundRecorder, ServerTestBench
 from fedloom.server.loop import ClientExecutor
@@ -144,6 +145,14 @@ def run_federation(
     store = RunStore.open(out_dir) if resume else None
     if store is not None:
         cfg = config_from_dict(store.config())
+    if cfg.mode in RUN_MODES:  # a mode with its own parties and loop (vertical FL)
+        return _run_own_mode(
+            cfg,
+            out_dir,
+            store,
+            on_round,
+            custom=deployment or data is not None or learner_factory is not None,
+        )
     if deployment and cfg.mode != "sync":
         raise ConfigError(
             f"mode = '{cfg.mode}' runs in simulation only so far (the gRPC server runs "
@@ -256,6 +265,36 @@ def _pin_for_sites(cfg: RunConfig, data: FederatedDataset) -> RunConfig:
     return config_from_dict(pinned.to_dict())
 
 
+def _run_own_mode(
+    cfg: RunConfig,
+    out_dir: Path,
+    store: RunStore | None,
+    on_round: RoundCallback | None,
+    *,
+    custom: bool,
+) -> dict[str, Any]:
+    """A registered run mode's loop, in the same run directory and outputs as any run."""
+    if custom:
+        raise ConfigError(
+            f"mode = '{cfg.mode}' runs in simulation on its built-in data sets only so far; "
+            "use fedloom run with the config"
+        )
+    if store is not None:
+        store.close()
+        raise ConfigError(
+            f"a mode = '{cfg.mode}' run cannot be resumed yet; start a new run directory"
+        )
+    store = RunStore.create(out_dir, cfg.to_dict(), __version__)
+    started = time.perf_counter()
+    try:
+        participation = RUN_MODES.create(cfg.mode, cfg, store, on_round=on_round)
+    finally:
+        store.set_meta("wall_s", time.perf_counter() - started)
+    summary = write_outputs(store, out_dir, cfg, len(participation), participation)
+    store.close()
+    return summary
+
+
 def _run_id(store: RunStore) -> str:
     """The run's random identity, made once when the run starts and kept by resumes."""
     run_id = store.get_meta("run_id")
@@ -333,9 +372,9 @@ def write_outputs(
         "history": history,
     }
     # Central DP: the privacy ledger (ε, δ, q, z, T, C, accountant) and, when the privacy
-    # budget ended the run early, why; an attacked run's kind and malicious clients.
-    # Absent from runs without them.
-    for key in ("privacy", "stopped_reason", "attack"):
+    # budget ended the run early, why; an attacked run's kind and malicious clients;
+    # vertical FL's PSI alignment report and per-party baselines. Absent where unused.
+    for key in ("privacy", "stopped_reason", "attack", "alignment", "baselines"):
         value = store.get_meta(key)
         if value is not None:
             summary[key] = value
@@ -364,7 +403,8 @@ def no_usable_round(
     round discarded, short of ``server.min_aggregate_clients``, or stopped before its
     first round) produced nothing, and must not look like a success.
     """
-    if any(r.get("aggregated") and r.get("clients_succeeded", 0) > 0 for r in history):
+    # Records of a mode without aggregation (vertical FL) carry neither key: usable.
+    if any(r.get("aggregated", True) and r.get("clients_succeeded", 1) > 0 for r in history):
         return None
     if not history:
         why = stopped_reason or "no round ran"

@@ -1,0 +1,1 @@
+"""Vertical federated learning: parties hold different columns of the same records."""
