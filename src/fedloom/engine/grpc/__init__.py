@@ -9,7 +9,11 @@ scratch venv: ``pip install grpcio-tools==1.62.3`` then ``python -m grpc_tools.p
 """
 
 #: Version 2: named vectors (VectorInfo), task config as JSON, generic exchange tasks.
-PROTOCOL_VERSION = 2
+#: Version 3: credentials and session in every call's metadata, Deregister, TASK_PAUSE.
+PROTOCOL_VERSION = 3
+#: Call metadata: the bearer token ("Bearer TOKEN") and the session a call belongs to.
+AUTH_HEADER = "authorization"
+SESSION_HEADER = "fedloom-session"
 #: The gRPC service. Its methods are registered with raw-bytes handlers (no serializer),
 #: so each side parses the messages itself.
 SERVICE = "fedloom.v1.Federation"
