@@ -31,7 +31,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -485,7 +485,13 @@ class FederationServicer:
         self.options = options
         self.tokens = tokens
         self.revoked = revoked
-        self.watchdog = StreamWatchdog(options.idle_stream_timeout_s)
+        self.watchdog = StreamWatchdog(
+            options.idle_stream_timeout_s,
+            lambda peer: registry.reject(
+                "idle_stream",
+                f"result stream from {peer} silent for {options.idle_stream_timeout_s:.0f} s",
+            ),
+        )
 
     def identity(self, metadata: Any, context: grpc.ServicerContext | None = None) -> str | None:
         """The caller's identity: its token's owner, else its certificate's common name."""
@@ -714,8 +720,8 @@ class FederationServicer:
         watched = self.watchdog.watch(raws, context)
         try:
             return self._push(watched, context, session)
-        except grpc.RpcError:  # cancelled: idle beyond the timeout, or the client went away
-            return self._refuse_result("idle_stream", f"result stream from {context.peer()}")
+        except grpc.RpcError:  # cancelled: idle (counted by the watchdog), or the client left
+            return pb.PushReply(accepted=False, reason="cancelled").SerializeToString()
         finally:
             self.watchdog.forget(context)
             self._close_stream(session)
@@ -911,8 +917,9 @@ class StreamWatchdog:
     """Cancels result streams that stop sending: a client that opens a stream and idles
     holds a worker thread, so no stream may be silent for longer than ``idle_s``."""
 
-    def __init__(self, idle_s: float) -> None:
+    def __init__(self, idle_s: float, on_idle: Callable[[str], None]) -> None:
         self.idle_s = idle_s
+        self.on_idle = on_idle
         self._lock = threading.Lock()
         self._last: dict[int, tuple[grpc.ServicerContext, float]] = {}
         self._thread: threading.Thread | None = None
@@ -944,7 +951,10 @@ class StreamWatchdog:
             now = time.monotonic()
             with self._lock:
                 idle = [c for c, t in self._last.values() if now - t > self.idle_s]
+                for context in idle:
+                    del self._last[id(context)]
             for context in idle:
+                self.on_idle(context.peer())  # counted before the caller can see it
                 context.cancel()
 
 
