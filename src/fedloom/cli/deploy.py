@@ -43,10 +43,11 @@ def run_deploy_command(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_server(args: argparse.Namespace, console: Console) -> int:
     from fedloom.engine.deploy import ServerSecurity, run_server
+    from fedloom.engine.grpc import RESUMABLE_SETTINGS
     from fedloom.engine.grpc.auth import TokenFileError
     from fedloom.report import summary_table
 
-    cfg, out_dir = config_and_run_dir(args)
+    cfg, out_dir = config_and_run_dir(args, resumable=RESUMABLE_SETTINGS)
     if args.resume is None and (
         cfg.privacy.mechanism == "central" and "secure_noise" not in cfg.privacy.model_fields_set
     ):
@@ -81,7 +82,7 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
 
     # SIGTERM (systemd, docker stop) stops the server as Ctrl-C does: completed rounds
     # are kept and clients are told to wait for the server to be resumed.
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run_server(
             cfg,
@@ -89,6 +90,7 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
             args.address,
             sec,
             resume=args.resume is not None,
+            resume_overrides=args.overrides if args.resume is not None else (),
             on_round=round_done,
             on_listening=listening,
         )
@@ -97,6 +99,8 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(str(err)) from None
     except KeyboardInterrupt:
         return interrupted(f"fedloom server --resume {out_dir} --address {args.address} ...")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console.print(summary_table(summary))
     console.print(f"run directory: {out_dir}")
     return 0

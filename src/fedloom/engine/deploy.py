@@ -8,6 +8,7 @@ executor: a gRPC service that connected clients pull tasks from.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +19,13 @@ from typing import Any
 import grpc
 
 from fedloom.client.learner import Learner
-from fedloom.config import ConfigError, RunConfig
+from fedloom.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    merge_trees,
+    parse_overrides,
+)
 from fedloom.data.base import FederatedDataset
 from fedloom.engine.grpc import max_message_bytes
 from fedloom.engine.grpc.auth import TokenStore
@@ -34,6 +41,7 @@ from fedloom.engine.grpc.server import (
 from fedloom.engine.simulation import RoundCallback, Wiring, run_federation
 from fedloom.exchange import ExchangeRequest
 from fedloom.messages import Broadcast, ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.store import RunStore, atomic_write
 
 log = logging.getLogger("fedloom.deploy")
 
@@ -212,6 +220,24 @@ class DeploymentExecutor:
         self.server.stop(grace=2.0).wait(5.0)
 
 
+def update_stored_config(out_dir: Path, overrides: Sequence[str]) -> None:
+    """Apply ``KEY=VALUE`` overrides to the config a run directory holds (validated)."""
+    store = RunStore.open(out_dir)
+    try:
+        tree = merge_trees(store.config(), parse_overrides(list(overrides)))
+        cfg = config_from_dict(tree)
+        done = max((int(r["round"]) for r in store.history()), default=0)
+        if cfg.rounds < done:
+            raise ConfigError(
+                f"rounds={cfg.rounds} is below the {done} rounds this run already completed"
+            )
+        store.set_meta("config", cfg.to_dict())
+        atomic_write(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    finally:
+        store.close()
+    log.warning("resuming with %s", ", ".join(overrides))
+
+
 def deploy_federation(
     cfg: RunConfig,
     out_dir: Path,
@@ -246,8 +272,16 @@ def run_server(
     resume: bool = False,
     on_round: RoundCallback | None = None,
     on_listening: Callable[[int], None] | None = None,
+    resume_overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Serve the experiment to connecting clients until its last round; write the run dir."""
+    """Serve the experiment to connecting clients until its last round; write the run dir.
+
+    ``resume_overrides`` (``KEY=VALUE``, keys in
+    :data:`~fedloom.engine.grpc.RESUMABLE_SETTINGS`) change the stored config of a
+    resumed run before it continues: more rounds, other timeouts.
+    """
+    if resume and resume_overrides:
+        update_stored_config(out_dir, resume_overrides)
 
     def factory(wiring: Wiring) -> DeploymentExecutor:
         return DeploymentExecutor(wiring, address, sec, on_listening, run_dir=out_dir)

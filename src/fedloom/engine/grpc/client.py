@@ -226,9 +226,10 @@ def run_client(
     exchanges, e.g. a :class:`ParticipantApp`): it trains nothing and is never sampled.
     Raises
     :class:`ClientRefusedError` if the server refuses the registration, and
-    ``ConnectionError`` when the server stays unreachable for ``max_wait_s``. After the
-    server said it stops to be resumed (TASK_PAUSE), the client waits for it without a
-    limit: it ends only when the run is over or ``stop`` is set.
+    ``ConnectionError`` when the server stays unreachable for ``max_wait_s`` before
+    this client first registered. Once registered (and after the server said it stops
+    to be resumed, TASK_PAUSE) the client waits for its server without a limit: it ends
+    only when the run is over or ``stop`` is set.
 
     A client that cannot go on (its app cannot be built from its data, its state file
     is unusable) ends its session with the reason before raising, so the server never
@@ -251,6 +252,7 @@ def run_client(
     closed_streak = 0
     previous = ""  # the last session this process held: proves a reconnect is this process
     paused = False  # the server stopped to be resumed: wait for it without a limit
+    joined = False  # registered once: from then on the client waits for its server
     max_msg = max_message_bytes(chunk_bytes)
     try:
         while not stop.is_set():
@@ -280,8 +282,11 @@ def run_client(
                 reply = pb.RegisterReply.FromString(raw_reply)
                 if not reply.accepted:
                     raise ClientRefusedError(reply.reason)
+                if unreachable_since is not None and (joined or paused):
+                    log.warning("server %s is back; registered again", address)
                 unreachable_since = None
                 paused = False
+                joined = True
                 backoff.reset()
                 stub.session = previous = reply.session_id
                 # Heartbeats start now: building the app (data, model, checks) can take
@@ -367,8 +372,17 @@ def run_client(
                         "client; it probably requires a client certificate (pass --cert and --key)"
                     ) from None
                 now = time.monotonic()
+                if unreachable_since is None and (joined or paused):
+                    log.warning(
+                        "server %s unavailable (%s); waiting for it to come back "
+                        "(stop this client with Ctrl-C)",
+                        address,
+                        code.name,
+                    )
                 unreachable_since = unreachable_since or now
-                if not paused and now - unreachable_since > max_wait_s:
+                # --max-wait bounds the wait for a server this client never reached; once
+                # in a run, the client waits for its server (a restart, a --resume).
+                if not (joined or paused) and now - unreachable_since > max_wait_s:
                     raise ConnectionError(
                         f"server {address} unreachable for {max_wait_s:.0f} s ({code.name}); "
                         "check the address and that the server is running"
