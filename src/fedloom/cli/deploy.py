@@ -7,12 +7,15 @@ commands never import them.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -70,18 +73,32 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
     def listening(port: int) -> None:
         print(f"fedloom server listening on {host}:{port}", flush=True)
 
+    started = time.monotonic()
+    last = [started]
+    first_round: list[int] = []
+
     def round_done(record: dict[str, object]) -> None:
         acc = record.get("accuracy")
         acc_text = f"accuracy {acc:.4f}" if isinstance(acc, float) else "accuracy —"
+        rnd = int(str(record["round"]))
+        now = time.monotonic()
+        took, last[0] = now - last[0], now
+        first_round[:] = first_round or [rnd]
+        per_round = (now - started) / (rnd - first_round[0] + 1)
+        total = _rounds_of(out_dir, cfg)
+        eta = f", ETA {per_round * max(0, total - rnd):.0f} s" if total > rnd else ""
         print(
-            f"round {record['round']}: {acc_text}, clients "
+            f"round {rnd}: {acc_text}, clients "
             f"{record['clients_succeeded']}/{record['clients_sampled']}, "
-            f"rejected messages {record.get('rejected_messages', 0)}",
+            f"rejected messages {record.get('rejected_messages', 0)}; "
+            f"took {took:.1f} s, {rnd} of {total} rounds{eta}",
             flush=True,
         )
 
     # SIGTERM (systemd, docker stop) stops the server as Ctrl-C does: completed rounds
     # are kept and clients are told to wait for the server to be resumed.
+    # Whom the server waits for, while it waits (rate-limited lines; see GrpcExecutor).
+    logging.getLogger("fedloom.progress").setLevel(logging.INFO)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run_server(
@@ -104,6 +121,14 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
     console.print(summary_table(summary))
     console.print(f"run directory: {out_dir}")
     return 0
+
+
+def _rounds_of(out_dir: Path, cfg: RunConfig) -> int:
+    """The run's planned rounds: the stored config's (a resume may have changed them)."""
+    try:
+        return int(json.loads((out_dir / "config.json").read_text())["rounds"])
+    except (OSError, ValueError, KeyError):
+        return cfg.rounds
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -74,6 +74,10 @@ if TYPE_CHECKING:
     from fedloom.config import DeployConfig
 
 log = logging.getLogger("fedloom.deploy")
+#: The operator's view (whom the server waits for): shown by ``fedloom server`` at INFO.
+progress = logging.getLogger("fedloom.progress")
+#: How often the server says whom it waits for while it waits.
+PROGRESS_EVERY_S = 10.0
 
 Buffer = bytes | bytearray | memoryview
 
@@ -1072,11 +1076,22 @@ class GrpcExecutor:
         """
         wait_s = self.options.wait_for_clients_s
         deadline = time.monotonic() + wait_s
+        next_report = time.monotonic() + PROGRESS_EVERY_S
         while True:
             connected = len(self.registry.alive_clients())
             missing = self.registry.missing_roles()
             if connected >= count and not missing:
                 return
+            if time.monotonic() >= next_report:
+                next_report += PROGRESS_EVERY_S
+                roles = f"; no {', '.join(missing)} yet" if missing else ""
+                progress.info(
+                    "waiting for clients: %d of %d connected%s (gives up in %.0f s)",
+                    connected,
+                    count,
+                    roles,
+                    max(0.0, deadline - time.monotonic()),
+                )
             if time.monotonic() > deadline:
                 if connected >= count:
                     role = missing[0]
@@ -1161,7 +1176,10 @@ class GrpcExecutor:
             if not isinstance(item, OpenTask):
                 outcomes.append(item)
                 continue
-            item.done.wait(max(0.0, deadline - time.monotonic()))
+            while not item.done.wait(min(PROGRESS_EVERY_S, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    break
+                self._report_waiting(opened, deadline)
             with reg.lock:
                 reg.open_tasks.pop(item.task_id, None)
                 if not item.done.is_set():
@@ -1169,6 +1187,26 @@ class GrpcExecutor:
                     item.outcome = None
             outcomes.append(self._finish(item))
         return outcomes
+
+    def _report_waiting(self, opened: Sequence[OpenTask | Outcome], deadline: float) -> None:
+        """Tell the operator whom the round waits for, and until when."""
+        reg = self.registry
+        waiting = [o for o in opened if isinstance(o, OpenTask) and not o.done.is_set()]
+        if not waiting:
+            return
+        with reg.lock:
+            names = [
+                f"{reg.describe(o.task.client_id)} ({reg.sessions[o.session_id].identity})"
+                for o in waiting
+                if o.session_id in reg.sessions
+            ]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        progress.info(
+            "round %d: waiting for %s (deadline in %.0f s)",
+            waiting[0].task.round,
+            shown,
+            max(0.0, deadline - time.monotonic()),
+        )
 
     def _finish(self, ot: OpenTask) -> Outcome:
         task = ot.task
