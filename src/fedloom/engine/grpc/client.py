@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import socket
 import threading
 import time
 import traceback
@@ -53,6 +52,7 @@ from fedloom.engine.grpc.client_state import (
     default_state_dir,
     site_name,
 )
+from fedloom.engine.grpc.tls_check import diagnose_tls
 from fedloom.engine.grpc.wire import (
     WireError,
     check_infos,
@@ -249,7 +249,6 @@ def run_client(
     app_key = ""
     state_file: ClientStateFile | None = None
     tally = [0]  # tasks completed, across sessions (kept when a session ends by a fault)
-    closed_streak = 0
     previous = ""  # the last session this process held: proves a reconnect is this process
     paused = False  # the server stopped to be resumed: wait for it without a limit
     joined = False  # registered once: from then on the client waits for its server
@@ -350,27 +349,17 @@ def run_client(
                 code = err.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     raise ClientRefusedError(str(err.details())) from None
-                if (
-                    code == grpc.StatusCode.UNAVAILABLE
-                    and "wrong_version_number" in str(err.details()).lower()
-                ):
-                    raise ClientRefusedError(
-                        "the server speaks plaintext, not TLS: pass --insecure for a loopback "
-                        "trial, or start the server with --tls-cert and --tls-key"
-                    ) from None
-                if code == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(err):
-                    raise ClientRefusedError(
-                        "TLS handshake failed: the server's certificate is not trusted by "
-                        "--root-cert (or the server refused this client's certificate)"
-                    ) from None
-                closed_streak = (
-                    closed_streak + 1 if _closed_by_tls_peer(err, credentials, address) else 0
-                )
-                if closed_streak >= 3:
-                    raise ClientRefusedError(
-                        "TLS handshake failed: the server closes every TLS connection from this "
-                        "client; it probably requires a client certificate (pass --cert and --key)"
-                    ) from None
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    # gRPC names no TLS cause and would retry it forever: ask TLS itself.
+                    cause = diagnose_tls(
+                        address,
+                        insecure=credentials.insecure,
+                        root_cert=credentials.root_cert,
+                        cert=credentials.cert,
+                        key=credentials.key,
+                    )
+                    if cause is not None:
+                        raise ClientRefusedError(cause) from None
                 now = time.monotonic()
                 if unreachable_since is None and (joined or paused):
                     log.warning(
@@ -452,25 +441,6 @@ def _save_state(app: ClientApp, state_file: ClientStateFile | None) -> None:
             )
         log.info("keeping this client's state in %s", state_file.path)
     state_file.save(state)
-
-
-def _is_tls_failure(err: grpc.RpcError) -> bool:
-    text = str(err.details()).lower()
-    return "ssl" in text or "handshake" in text or "certificate" in text
-
-
-def _closed_by_tls_peer(err: grpc.RpcError, credentials: Credentials, address: str) -> bool:
-    """A server that accepts TCP but closes the TLS socket: mutual TLS without our cert."""
-    if credentials.insecure or credentials.cert is not None:
-        return False
-    if "socket closed" not in str(err.details()).lower():
-        return False
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 class _BadTaskError(Exception):
