@@ -36,7 +36,7 @@ from fedloom.exchange import ExchangeRequest, Role
 from fedloom.messages import GLOBAL, EvalTask, FitResult, FitTask
 from fedloom.strategies import build_learner, build_strategy
 
-from .deploy_helpers import num_parameters, serving
+from .deploy_helpers import Proc, fedloom, num_parameters, serving
 
 
 def _register(port: int, token: str = "", **fields: object) -> pb.RegisterReply:
@@ -512,3 +512,84 @@ def test_a_client_without_tenseal_refuses_a_ckks_run(
         pytest.raises(ConfigError, match=r"pip install 'fedloom\[he\]'"),
     ):
         run_client(f"127.0.0.1:{port}", BuiltinApp, Credentials(insecure=True), partition=0)
+
+
+def test_idle_unauthenticated_streams_do_not_stop_rounds(tmp_path: Path) -> None:
+    """600 result streams that never send a byte (no credentials, a forged token, or a
+    made-up session) against a server with 16 workers: each is refused before a worker
+    reads it and counted once, in a few rate-limited log lines; then the registrations
+    and every round complete (their senders never end the streams themselves)."""
+    tokens = tmp_path / "tokens.txt"
+    names = [add_token(tokens, f"site-{i}") for i in range(2)]
+    sets = [
+        "rounds=2",
+        "data.num_clients=2",
+        "server.min_fit_clients=2",
+        "client.epochs=1",
+        "deploy.heartbeat_interval_s=0.5",
+        "deploy.poll_timeout_s=1",
+        "deploy.wait_for_clients_s=300",
+        "deploy.max_workers=16",  # fewer workers than idle streams: none may hold one
+    ]
+    server = Proc(
+        fedloom(
+            "server",
+            "--address",
+            "127.0.0.1:0",
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(tmp_path / "run"),
+            *[a for s in sets for a in ("--set", s)],
+        )
+    )
+    release = threading.Event()
+    clients: list[Proc] = []
+    channels: list[grpc.Channel] = []
+    try:
+        port = int(server.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        flood = []
+        for i in range(600):
+            channel = grpc.insecure_channel(
+                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            channels.append(channel)
+            stub = _Stub(channel, "" if i % 2 else "fl_forged")
+            stub.session = "" if i % 3 else "0" * 32
+            flood.append(stub._push.future(_release_on(release), metadata=stub.metadata()))
+        for call in flood:
+            with pytest.raises(grpc.RpcError):
+                call.result(timeout=120)
+        clients = [
+            Proc(
+                fedloom(
+                    "client",
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--insecure",
+                    "--partition",
+                    str(i),
+                    "--token",
+                    names[i],
+                )
+            )
+            for i in range(2)
+        ]
+        assert server.wait(300) == 0, server.output
+        for c in clients:
+            assert c.wait(60) == 0, c.output
+    finally:
+        release.set()
+        for p in [server, *clients]:
+            p.kill()
+        for channel in channels:
+            channel.close()
+    history = json.loads((tmp_path / "run" / "summary.json").read_text())["history"]
+    assert [r["round"] for r in history] == [1, 2]
+    assert all(r["clients_succeeded"] == 2 for r in history)
+    # Counted once each (reported with the first round, the flood came before it).
+    assert history[0]["rejected_by_reason"].get("unauthenticated") == 600, history[0]
+    assert sum(r["rejected_by_reason"].get("unauthenticated", 0) for r in history) == 600
+    refused = [line for line in server.lines if "rejected (" in line]
+    assert len(refused) < 20, "\n".join(refused)  # rate-limited, with counts
+    assert any("1 of 2 rounds, ETA" in line for line in server.lines), server.output
