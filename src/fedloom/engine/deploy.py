@@ -84,20 +84,25 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def check_client_authentication(address: str, sec: ServerSecurity) -> None:
+def check_client_authentication(address: str, sec: ServerSecurity) -> bool:
     """A server must know who its clients are, unless it listens on loopback only.
 
     Without tokens or a client CA anyone who reaches the port can register, take a
-    client's place and read the global model. On loopback that is a trial (a loud
-    warning); elsewhere it needs ``--allow-anonymous``.
+    client's place and read the global model. On loopback that is a trial; elsewhere
+    it needs ``--allow-anonymous``. Returns whether clients are anonymous (then the
+    server warns loudly once it listens: :func:`warn_anonymous`).
     """
     if sec.tokens is not None or sec.client_ca is not None:
-        return
+        return False
     if not is_loopback(address) and not sec.allow_anonymous:
         raise ConfigError(
             f"address {address} is not loopback and clients would not authenticate: pass "
             "--tokens FILE (see 'fedloom token') or --client-ca, or --allow-anonymous"
         )
+    return True
+
+
+def warn_anonymous(address: str) -> None:
     log.warning(
         "NO CLIENT AUTHENTICATION: anyone who reaches %s can register as a client; "
         "pass --tokens or --client-ca",
@@ -148,7 +153,7 @@ class DeploymentExecutor:
         cfg = wiring.cfg
         self.options = DeployOptions.from_config(cfg.deploy)
         self.min_clients = cfg.server.min_fit_clients
-        check_client_authentication(address, sec)
+        anonymous = check_client_authentication(address, sec)
         self.registry = Registry(
             wiring.data.num_clients,
             wiring.runtime.learner.binding.spec.size,
@@ -173,6 +178,8 @@ class DeploymentExecutor:
             max_message_bytes=max_message_bytes(cfg.deploy.chunk_bytes),
         )
         log.info("listening on port %d", self.port)
+        if anonymous:
+            warn_anonymous(address)
         if on_listening is not None:
             on_listening(self.port)
         self.inner = GrpcExecutor(self.registry, self.options)
