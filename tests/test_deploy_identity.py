@@ -408,3 +408,18 @@ def test_token_file_and_environment(
     assert main([*base, "--token-file", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_silent_session_is_evicted_before_sampling() -> None:
+    """A session whose heartbeats stopped is never offered for sampling, even before
+    the reaper's next pass."""
+    registry = Registry(2, 4, "{}", options=DeployOptions(heartbeat_timeout_s=5))
+    for who, cid in (("a", 0), ("b", 1)):
+        assert not isinstance(
+            registry.open_session(identity=who, requested=cid, name=who, peer=""), Refusal
+        )
+    assert registry.alive_clients() == [0, 1]
+    silent = registry.session_for(1)
+    assert silent is not None
+    silent.last_seen -= 6  # six seconds without a heartbeat
+    assert registry.alive_clients() == [0] and not silent.alive
