@@ -575,7 +575,7 @@ def test_idle_unauthenticated_streams_do_not_stop_rounds(tmp_path: Path) -> None
             )
             for i in range(2)
         ]
-        assert server.wait(300) == 0, server.output
+        assert server.wait(600) == 0, server.output
         for c in clients:
             assert c.wait(60) == 0, c.output
     finally:

@@ -53,10 +53,10 @@ def test_sigterm_then_resume_completes_with_the_same_clients(procs, tmp_path: Pa
         "deploy.heartbeat_interval_s=0.5",
         "deploy.heartbeat_timeout_s=6",
         "deploy.poll_timeout_s=1",
-        "deploy.wait_for_clients_s=120",
+        "deploy.wait_for_clients_s=300",
     ]
     server = procs(fedloom(*server_args, "--out", str(out), *_sets(sets)))
-    server.wait_for(r"listening on")
+    server.wait_for(r"listening on", timeout=300)
     clients = [
         procs(
             slow_client(
@@ -72,21 +72,21 @@ def test_sigterm_then_resume_completes_with_the_same_clients(procs, tmp_path: Pa
         )
         for i in range(2)
     ]
-    server.wait_for(r"^round 1:", timeout=240)
+    server.wait_for(r"^round 1:", timeout=600)
     server.popen.send_signal(signal.SIGTERM)
-    assert server.wait(120) == 130, server.output
+    assert server.wait(300) == 130, server.output
     assert f"fedloom server --resume {out}" in server.output
     assert "Traceback" not in server.output
     for c in clients:
-        c.wait_for(r"waiting for it to come back")
+        c.wait_for(r"waiting for it to come back", timeout=300)
         assert c.popen.poll() is None  # waiting, not exited
     stopped_at = max(r["round"] for r in _rounds(out))
     assert stopped_at < 4
 
     resumed = procs(fedloom(*server_args, "--resume", str(out), *_sets(["rounds=5"])))
-    assert resumed.wait(300) == 0, resumed.output
+    assert resumed.wait(600) == 0, resumed.output
     for c in clients:
-        assert c.wait(120) == 0, c.output
+        assert c.wait(300) == 0, c.output
         assert "run over; this client completed" in c.output
     history = json.loads((out / "summary.json").read_text())["history"]
     assert [r["round"] for r in history] == [1, 2, 3, 4, 5]
