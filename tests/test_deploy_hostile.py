@@ -113,13 +113,15 @@ def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> Non
     size = num_parameters(cfg)
     path = tmp_path / "tokens.txt"
     tokens = {n: add_token(path, n) for n in ("hospital-a", "hospital-b", "mallory")}
+    # The sessions driven by hand send no heartbeats and no stream may be cut short by a
+    # busy machine: long timeouts, except while idle streams are tested (below).
     options = DeployOptions(
-        round_timeout_s=60,
-        heartbeat_timeout_s=30,
+        round_timeout_s=3600,  # the first task stays open through every hostile message
+        heartbeat_timeout_s=3600,
         poll_timeout_s=1,
         chunk_bytes=4096,
         max_streams_per_client=4,
-        idle_stream_timeout_s=2,
+        idle_stream_timeout_s=3600,
     )
     registry = Registry(3, size, cfg.model_dump_json(), options=options)
     servicer = FederationServicer(registry, options, TokenStore(path))
@@ -288,8 +290,15 @@ def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> Non
         assert registry.rejections["unauthenticated"] == ledger.by_reason["unauthenticated"]
         # ... and an authenticated one is capped per identity, idle streams cancelled.
         idle = [m._push.future(_release_on(release), metadata=m.metadata()) for _ in range(4)]
+        mallory = registry.live(msid)
+        assert mallory is not None
+        deadline = time.monotonic() + 120
+        while mallory.streams < 4:  # until the server holds all four open
+            assert time.monotonic() < deadline, mallory.streams
+            time.sleep(0.01)
         for _ in range(20):
             e("too_many_streams", lambda: m.push(iter([_header(**good), _chunk(payload)])))
+        servicer.watchdog.idle_s = 1.0  # nothing else streams meanwhile
         for call in idle:  # each cancelled once silent for idle_stream_timeout_s
             with pytest.raises(grpc.RpcError):
                 call.result(timeout=60)
@@ -297,6 +306,7 @@ def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> Non
         ledger.by_reason["idle_stream"] += len(idle)
         registry_idle = registry.rejections["idle_stream"]
         assert registry_idle == len(idle), registry_idle
+        servicer.watchdog.idle_s = 3600.0
         # The honest result still gets through; replays of it are refused.
         assert push(a, [_header(**good), _chunk(payload[:5000]), _chunk(payload[5000:])]).accepted
         fit.join(30)  # the round collected the task: a replay finds it closed
