@@ -461,7 +461,11 @@ def test_restarted_client_keeps_its_local_dp_budget(pki: dict, procs, tmp_path: 
     os.kill(victim.popen.pid, signal.SIGKILL)  # waiting out round 2's delay, untrained
     (ledger_file,) = (tmp_path / "state").glob("partition-1-*.json")
     ((sigma, q, steps),) = json.loads(ledger_file.read_text())["meta"]["local_dp"]
-    restarted = procs(fedloom("client", *_client_args(pki, port, 1), *state, "-v"))
+    # The killed process's session is still on the server until its heartbeat timeout;
+    # --replace-stale takes it over (its heartbeats have stopped), never a live one.
+    restarted = procs(
+        fedloom("client", *_client_args(pki, port, 1), *state, "--replace-stale", "-v")
+    )
     assert server.wait(180) == 0, server.output
     assert restarted.wait(60) == 0, restarted.output
     assert "resumed this client's state from" in restarted.output

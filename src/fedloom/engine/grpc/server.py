@@ -724,7 +724,7 @@ class FederationServicer:
         watched = self.watchdog.watch(raws, context)
         try:
             return self._push(watched, context, session)
-        except grpc.RpcError:  # cancelled: idle (counted by the watchdog), or the client left
+        except (grpc.RpcError, IdleStreamError):  # idle (counted by the watchdog), or gone
             return pb.PushReply(accepted=False, reason="cancelled").SerializeToString()
         finally:
             self.watchdog.forget(context)
@@ -917,6 +917,10 @@ class _Gate(grpc.GenericRpcHandler):
         return handler
 
 
+class IdleStreamError(Exception):
+    """A result stream the watchdog cancelled ended (already counted as idle_stream)."""
+
+
 class StreamWatchdog:
     """Cancels result streams that stop sending: a client that opens a stream and idles
     holds a worker thread, so no stream may be silent for longer than ``idle_s``."""
@@ -926,6 +930,7 @@ class StreamWatchdog:
         self.on_idle = on_idle
         self._lock = threading.Lock()
         self._last: dict[int, tuple[grpc.ServicerContext, float]] = {}
+        self._cancelled: set[int] = set()
         self._thread: threading.Thread | None = None
 
     def watch(self, raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -940,6 +945,10 @@ class StreamWatchdog:
         for raw in raws:
             self._progress(context)
             yield raw
+        with self._lock:
+            cancelled = id(context) in self._cancelled
+        if cancelled:  # the stream ended because we cut it: counted once, as idle_stream
+            raise IdleStreamError
 
     def _progress(self, context: grpc.ServicerContext) -> None:
         with self._lock:
@@ -948,6 +957,7 @@ class StreamWatchdog:
     def forget(self, context: grpc.ServicerContext) -> None:
         with self._lock:
             self._last.pop(id(context), None)
+            self._cancelled.discard(id(context))
 
     def _loop(self) -> None:
         while True:
@@ -957,6 +967,7 @@ class StreamWatchdog:
                 idle = [c for c, t in self._last.values() if now - t > self.idle_s]
                 for context in idle:
                     del self._last[id(context)]
+                    self._cancelled.add(id(context))
             for context in idle:
                 self.on_idle(context.peer())  # counted before the caller can see it
                 context.cancel()
