@@ -333,8 +333,9 @@ def run_client(
                     if outcome == _OVER:
                         return tally[0]
                     if outcome == _PAUSED:
+                        # ``previous`` stays: until the old server is gone, registering
+                        # there again must replace this process's own session.
                         paused = True
-                        previous = ""
                         log.warning(
                             "the server stopped to be resumed; waiting for it to come back "
                             "(stop this client with Ctrl-C)"
