@@ -53,6 +53,8 @@ def test_resume_rejects_config_arguments(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["run", "--resume", str(tmp_path), "--set", "rounds=3"]) == 2
+    assert "--resume cannot change 'rounds'" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "--resume continues a run" in capsys.readouterr().err
 
 
@@ -168,7 +170,7 @@ def test_server_on_an_address_it_cannot_bind_says_so_in_one_line(
         port = busy.getsockname()[1]
         for i, address in enumerate((f"127.0.0.1:{port}", "999.1.1.1:5")):
             out = str(tmp_path / f"r{i}")
-            args = ["server", "--address", address, "--insecure", "--out", out]
-            assert main(args) == 2
+            args = ["server", "--address", address, "--insecure", "--allow-anonymous"]
+            assert main([*args, "--out", out]) == 2
             err = capsys.readouterr().err.strip()
             assert f"cannot listen on {address}" in err and len(err.splitlines()) == 1, err

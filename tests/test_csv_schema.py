@@ -191,8 +191,8 @@ def test_sites_with_reordered_or_renamed_columns_are_refused_by_name(procs, tmp_
         procs(fedloom("client", "--server", address, "--insecure", "--data", str(p)))
         for p in (reordered, renamed)
     ]
-    assert bad[0].wait(120) == 2, bad[0].output
-    assert bad[1].wait(120) == 2, bad[1].output
+    assert bad[0].wait(600) == 2, bad[0].output
+    assert bad[1].wait(600) == 2, bad[1].output
     assert (
         f"has column '{header[2]}' at position 2, where the experiment's schema "
         f"(data.columns) has '{header[1]}'"

@@ -24,7 +24,7 @@ FAST = [
     "deploy.heartbeat_interval_s=0.5",
     "deploy.heartbeat_timeout_s=6",
     "deploy.poll_timeout_s=1",
-    "deploy.wait_for_clients_s=90",
+    "deploy.wait_for_clients_s=300",
 ]
 
 
@@ -157,7 +157,7 @@ def test_client_killed_mid_round_does_not_stop_it(pki: dict, procs, tmp_path: Pa
     server = procs(_server_args(pki, tmp_path / "run", overrides))
     port = _port(server)
     clients = [procs(slow_client(1.5, *_client_args(pki, port, i))) for i in range(4)]
-    server.wait_for(r"^round 1:", timeout=120)
+    server.wait_for(r"^round 1:", timeout=300)
     os.kill(clients[3].popen.pid, signal.SIGKILL)  # round 2 is under way: all four train
     assert server.wait(180) == 0, server.output
     history = _history(tmp_path / "run")
@@ -196,7 +196,7 @@ def test_server_killed_after_round_2_resumes_to_round_5(pki: dict, procs, tmp_pa
     server = procs(_server_args(pki, out, overrides, port))
     _port(server)
     clients = [procs(slow_client(0.5, *_client_args(pki, port, i))) for i in range(3)]
-    server.wait_for(r"^round 2:", timeout=120)
+    server.wait_for(r"^round 2:", timeout=300)
     server.kill()
     resumed = procs(_server_args(pki, out, [], port, resume=True))
     assert resumed.wait(240) == 0, resumed.output
@@ -457,11 +457,15 @@ def test_restarted_client_keeps_its_local_dp_budget(pki: dict, procs, tmp_path: 
     port = _port(server)
     procs(fedloom("client", *_client_args(pki, port, 0), *state))
     victim = procs(slow_client(4.0, *_client_args(pki, port, 1), *state))
-    server.wait_for(r"^round 1:", timeout=120)
+    server.wait_for(r"^round 1:", timeout=300)
     os.kill(victim.popen.pid, signal.SIGKILL)  # waiting out round 2's delay, untrained
     (ledger_file,) = (tmp_path / "state").glob("partition-1-*.json")
     ((sigma, q, steps),) = json.loads(ledger_file.read_text())["meta"]["local_dp"]
-    restarted = procs(fedloom("client", *_client_args(pki, port, 1), *state, "-v"))
+    # The killed process's session is still on the server until its heartbeat timeout;
+    # --replace-stale takes it over (its heartbeats have stopped), never a live one.
+    restarted = procs(
+        fedloom("client", *_client_args(pki, port, 1), *state, "--replace-stale", "-v")
+    )
     assert server.wait(180) == 0, server.output
     assert restarted.wait(60) == 0, restarted.output
     assert "resumed this client's state from" in restarted.output

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -34,14 +36,14 @@ from fedloom.exchange import ExchangeRequest, Role
 from fedloom.messages import GLOBAL, EvalTask, FitResult, FitTask
 from fedloom.strategies import build_learner, build_strategy
 
-from .deploy_helpers import num_parameters, serving
+from .deploy_helpers import Proc, fedloom, num_parameters, serving
 
 
-def _register(port: int, **fields: object) -> pb.RegisterReply:
+def _register(port: int, token: str = "", **fields: object) -> pb.RegisterReply:
     """Register with the server on the loopback ``port``, over a channel of its own."""
     request = pb.RegisterRequest(**fields).SerializeToString()  # type: ignore[arg-type]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        return pb.RegisterReply.FromString(_Stub(channel).register(request))
+        return pb.RegisterReply.FromString(_Stub(channel, token).register(request))
 
 
 def _header(**kw: object) -> bytes:
@@ -69,33 +71,86 @@ def _pull_header(stub: _Stub, sid: str) -> tuple[pb.TaskHeader, list[bytes]]:
             return header, msgs
 
 
-def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
+class _Ledger:
+    """Sends hostile messages one at a time; each must be refused under its own reason.
+
+    Checks every message: the server's rejection counter grows by exactly one, under
+    the reason the message was built to trigger (not merely "each reason occurred").
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.sent = 0
+        self.by_reason: Counter[str] = Counter()
+
+    def expect(self, reason: str, send: Callable[[], object]) -> None:
+        before = Counter(self.registry.rejections)
+        try:
+            answer = send()
+        except grpc.RpcError:
+            answer = None
+        assert getattr(answer, "accepted", False) is False
+        assert getattr(answer, "known", False) is False
+        delta = Counter(self.registry.rejections)
+        delta.subtract(before)
+        assert +delta == Counter({reason: 1}), (reason, +delta, answer)
+        self.sent += 1
+        self.by_reason[reason] += 1
+
+
+def _release_on(event: threading.Event) -> Iterator[bytes]:
+    """A request stream that sends nothing until ``event`` is set."""
+    event.wait()
+    yield from ()
+
+
+def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> None:
+    """Anonymous, forged and authenticated-but-malicious messages: each refused or bounded
+    and counted under its own reason, the server stays up, honest clients train."""
     # Central DP: the client's clip codec computes the pre-clip norm, which must stay there.
     dp = ["strategy=dp-fedavg", "privacy.noise_multiplier=1.0"]
-    cfg = load_config(None, ["data.num_clients=2", "client.epochs=1", *dp])
+    cfg = load_config(None, ["data.num_clients=3", "client.epochs=1", *dp])
     size = num_parameters(cfg)
-    token = add_token(tmp_path / "tokens.txt", "hospital-a")
+    path = tmp_path / "tokens.txt"
+    tokens = {n: add_token(path, n) for n in ("hospital-a", "hospital-b", "mallory")}
+    # The sessions driven by hand send no heartbeats and no stream may be cut short by a
+    # busy machine: long timeouts, except while idle streams are tested (below).
     options = DeployOptions(
-        round_timeout_s=60, heartbeat_timeout_s=30, poll_timeout_s=1, chunk_bytes=4096
+        round_timeout_s=3600,  # the first task stays open through every hostile message
+        heartbeat_timeout_s=3600,
+        poll_timeout_s=1,
+        chunk_bytes=4096,
+        max_streams_per_client=4,
+        idle_stream_timeout_s=3600,
     )
-    registry = Registry(2, size, cfg.model_dump_json())
-    servicer = FederationServicer(registry, options, TokenStore(tmp_path / "tokens.txt"))
+    registry = Registry(3, size, cfg.model_dump_json(), options=options)
+    servicer = FederationServicer(registry, options, TokenStore(path))
     server, port = start_grpc_server(servicer, "127.0.0.1:0", None, max_workers=16)
     executor = GrpcExecutor(registry, options)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = _Stub(channel)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
+    a, m, anon, forged = (
+        _Stub(channels[0], tokens["hospital-a"]),
+        _Stub(channels[1], tokens["mallory"]),
+        _Stub(channels[2]),
+        _Stub(channels[3], "fl_not-a-token"),
+    )
     rng = np.random.default_rng(0)
+    release = threading.Event()
     try:
-        reply = _register(port, protocol_version=PROTOCOL_VERSION, token=token, partition=0)
-        assert reply.accepted
-        sid = reply.session_id
+        v = PROTOCOL_VERSION
+        reply = _register(port, tokens["hospital-a"], protocol_version=v, partition=0)
+        assert reply.accepted and reply.client_id == 0
+        a.session = sid = reply.session_id
+        mreply = _register(port, tokens["mallory"], protocol_version=v, partition=-1)
+        assert mreply.accepted and mreply.client_id == 1  # the lowest id no identity holds
+        m.session = msid = mreply.session_id
         w0 = np.zeros(size, np.float32)
         outcome: list[object] = []
         fit = threading.Thread(
             target=lambda: outcome.extend(executor.fit([_fit(0, 1, lr_scale=0.5)], {GLOBAL: w0}))
         )
         fit.start()
-        header, msgs = _pull_header(stub, sid)
+        header, msgs = _pull_header(a, sid)
         assert header.kind == pb.TASK_FIT and len(msgs) > 2  # chunked: 4 KiB chunks
         assert [(v.name, v.size) for v in header.vectors] == [(GLOBAL, size)]
         assert json.loads(header.config_json) == {"lr_scale": 0.5} and header.model_version == 0
@@ -111,109 +166,182 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
         delta = rng.normal(size=size).astype("<f4")
         payload = delta.tobytes()
 
-        def push(messages: list[bytes]) -> pb.PushReply:
+        def random_bytes() -> bytes:  # never parses: 0xff is a tag with wire type 7
+            return b"\xff" + rng.bytes(int(rng.integers(0, 200)))
+
+        def register(stub: _Stub, body: bytes) -> pb.RegisterReply:
+            return pb.RegisterReply.FromString(stub.register(body))
+
+        def hb(stub: _Stub, body: bytes) -> pb.HeartbeatReply:
+            return pb.HeartbeatReply.FromString(stub.heartbeat(body))
+
+        def pull(stub: _Stub, body: bytes) -> None:
+            list(stub.pull(body))
+
+        def push(stub: _Stub, messages: list[bytes]) -> pb.PushReply:
             return pb.PushReply.FromString(stub.push(iter(messages)))
 
-        def random_bytes() -> bytes:
-            return rng.bytes(int(rng.integers(1, 200)))
+        def reg_body(**kw: object) -> bytes:
+            fields = {"protocol_version": v, **kw}
+            return pb.RegisterRequest(**fields).SerializeToString()  # type: ignore[arg-type]
 
-        sent = 0
-        for _ in range(200):
-            r = pb.RegisterReply.FromString(stub.register(random_bytes()))
-            assert not r.accepted
-            sent += 1
+        ledger = _Ledger(registry)
+        e = ledger.expect
+        # Registrations: garbage, no or a forged token, identity theft.
         for _ in range(100):
-            hb = pb.HeartbeatReply.FromString(stub.heartbeat(random_bytes()))
-            assert not hb.known
-            sent += 1
+            e("malformed", lambda: register(a, random_bytes()))
+            e("bad_token", lambda: register(anon, reg_body(partition=2)))
+            e("bad_token", lambda: register(forged, reg_body(partition=2)))
+            e("protocol_version", lambda: register(m, reg_body(protocol_version=v + 1)))
+            # a second process of a live identity (hospital-a), and mallory asking for
+            # hospital-a's client id, or a role this run does not have
+            e("identity_in_use", lambda: register(a, reg_body(partition=0)))
+            e("identity_in_use", lambda: register(m, reg_body(partition=0)))
+            e("identity_in_use", lambda: register(m, reg_body(partition=-1, replace_stale=True)))
+            e("bad_role", lambda: register(m, reg_body(role="key-holder")))
+        # Heartbeats and polls: garbage, no credentials, another identity's session.
+        sid_body = pb.HeartbeatRequest(session_id=sid).SerializeToString()
+        pull_a = pb.PullRequest(session_id=sid).SerializeToString()
+        stolen = _Stub(channels[1], tokens["mallory"])
+        stolen.session = sid  # mallory's token with hospital-a's session id
         for _ in range(100):
-            with pytest.raises(grpc.RpcError):
-                list(stub.pull(random_bytes()))
-            sent += 1
-        hostile: list[list[bytes]] = []
-        hostile += [[random_bytes()] for _ in range(100)]
-        hostile += [[_chunk(payload[:64]), _header(**good)] for _ in range(50)]  # chunk first
+            e("malformed", lambda: hb(a, random_bytes()))
+            e("unauthenticated", lambda: hb(anon, sid_body))
+            e("wrong_session", lambda: hb(stolen, sid_body))
+            e("wrong_session", lambda: hb(m, sid_body))  # own session, a's in the body
+            e("malformed", lambda: pull(a, random_bytes()))
+            e("unauthenticated", lambda: pull(anon, pull_a))
+            e("wrong_session", lambda: pull(m, pull_a))
+        # Results: malformed streams from hospital-a's own session ...
+        hostile: list[tuple[str, list[bytes]]] = []
+        hostile += [("malformed", [random_bytes()]) for _ in range(60)]
+        hostile += [("malformed", [_chunk(payload[:64]), _header(**good)]) for _ in range(40)]
         hostile += [
-            [_header(**{**good, "vectors": _infos(delta=size + 1)}), _chunk(payload)]
-            for _ in range(50)
-        ]  # wrong shape
+            (
+                "wrong_shape",
+                [_header(**{**good, "vectors": _infos(delta=size + 1)}), _chunk(payload)],
+            )
+            for _ in range(40)
+        ]
         hostile += [
-            [_header(**{**good, "vectors": _infos(control=size)}), _chunk(payload)]
+            (
+                "unknown_vector",
+                [_header(**{**good, "vectors": _infos(control=size)}), _chunk(payload)],
+            )
             for _ in range(30)
-        ]  # a vector the strategy does not expect
+        ]
         hostile += [
-            [_header(**{**good, "vectors": _infos(delta=size) * 2}), _chunk(payload * 2)]
+            (
+                "malformed",
+                [_header(**{**good, "vectors": _infos(delta=size) * 2}), _chunk(payload * 2)],
+            )
             for _ in range(20)
-        ]  # the same vector twice
-        hostile += [[_header(**{**good, "vectors": [], "held": True})] for _ in range(30)]
-        hostile += [[_header(**good), _chunk(payload[: len(payload) // 2])] for _ in range(50)]
-        hostile += [[_header(**good), _chunk(payload), _chunk(b"\0" * 8)] for _ in range(50)]
-        hostile += [[_header(**{**good, "round": 0}), _chunk(payload)] for _ in range(50)]
-        hostile += [[_header(**{**good, "task_id": "f" * 32}), _chunk(payload)] for _ in range(50)]
-        hostile += [
-            [_header(**{**good, "session_id": "0" * 32}), _chunk(payload)] for _ in range(50)
         ]
         hostile += [
-            [_header(**{**good, "metrics_json": "{not json"}), _chunk(payload)] for _ in range(50)
+            ("unexpected_held", [_header(**{**good, "vectors": [], "held": True})])
+            for _ in range(30)
         ]
-        hostile += [[_header(**good), _header(**good)] for _ in range(50)]
-        hostile += [[_header(**{**good, "vectors": []})] for _ in range(50)]
-        hostile += [[_header(**{**good, "num_examples": -5}), _chunk(payload)] for _ in range(50)]
-        for messages in hostile:
-            assert not push(messages).accepted
-            sent += 1
-        assert registry.rejections.total() == sent
-
-        assert push([_header(**good), _chunk(payload[:5000]), _chunk(payload[5000:])]).accepted
+        hostile += [
+            ("truncated", [_header(**good), _chunk(payload[: len(payload) // 2])])
+            for _ in range(40)
+        ]
+        hostile += [
+            ("oversized", [_header(**good), _chunk(payload), _chunk(b"\0" * 8)]) for _ in range(40)
+        ]
+        hostile += [
+            ("stale_round", [_header(**{**good, "round": 0}), _chunk(payload)]) for _ in range(40)
+        ]
+        hostile += [
+            ("task_not_open", [_header(**{**good, "task_id": "f" * 32}), _chunk(payload)])
+            for _ in range(40)
+        ]
+        hostile += [
+            ("unknown_session", [_header(**{**good, "session_id": "0" * 32}), _chunk(payload)])
+            for _ in range(40)
+        ]
+        hostile += [
+            ("malformed", [_header(**{**good, "metrics_json": "{not json"}), _chunk(payload)])
+            for _ in range(40)
+        ]
+        hostile += [("malformed", [_header(**good), _header(**good)]) for _ in range(40)]
+        hostile += [("missing_vector", [_header(**{**good, "vectors": []})]) for _ in range(40)]
+        hostile += [
+            ("bad_value", [_header(**{**good, "num_examples": -5}), _chunk(payload)])
+            for _ in range(40)
+        ]
+        for reason, messages in hostile:
+            e(reason, lambda messages=messages: push(a, messages))
+        # ... and from mallory, authenticated: hospital-a's task under its own session,
+        # hospital-a's session in the header, and no credentials at all.
+        for _ in range(100):
+            theft = {**good, "session_id": msid}
+            e("wrong_session", lambda theft=theft: push(m, [_header(**theft), _chunk(payload)]))
+            e("wrong_session", lambda: push(m, [_header(**good), _chunk(payload)]))
+            e("unauthenticated", lambda: push(anon, [_header(**good), _chunk(payload)]))
+        # A stream flood: 300 result streams that never send a byte, without credentials,
+        # are refused before a worker reads them ...
+        flood = [anon._push.future(_release_on(release)) for _ in range(300)]
+        for call in flood:
+            with pytest.raises(grpc.RpcError) as err:
+                call.result(timeout=60)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        ledger.sent += len(flood)
+        ledger.by_reason["unauthenticated"] += len(flood)
+        assert registry.rejections["unauthenticated"] == ledger.by_reason["unauthenticated"]
+        # ... and an authenticated one is capped per identity, idle streams cancelled.
+        idle = [m._push.future(_release_on(release), metadata=m.metadata()) for _ in range(4)]
+        mallory = registry.live(msid)
+        assert mallory is not None
+        deadline = time.monotonic() + 120
+        while mallory.streams < 4:  # until the server holds all four open
+            assert time.monotonic() < deadline, mallory.streams
+            time.sleep(0.01)
+        for _ in range(20):
+            e("too_many_streams", lambda: m.push(iter([_header(**good), _chunk(payload)])))
+        servicer.watchdog.idle_s = 1.0  # nothing else streams meanwhile
+        for call in idle:  # each cancelled once silent for idle_stream_timeout_s
+            with pytest.raises(grpc.RpcError):
+                call.result(timeout=60)
+        ledger.sent += len(idle)
+        ledger.by_reason["idle_stream"] += len(idle)
+        registry_idle = registry.rejections["idle_stream"]
+        assert registry_idle == len(idle), registry_idle
+        servicer.watchdog.idle_s = 3600.0
+        # The honest result still gets through; replays of it are refused.
+        assert push(a, [_header(**good), _chunk(payload[:5000]), _chunk(payload[5000:])]).accepted
+        fit.join(30)  # the round collected the task: a replay finds it closed
         for _ in range(50):  # replays of the accepted result
-            assert not push([_header(**good), _chunk(payload)]).accepted
-            sent += 1
-        fit.join(30)
+            e("task_not_open", lambda: push(a, [_header(**good), _chunk(payload)]))
         assert len(outcome) == 1 and isinstance(outcome[0], FitResult)
         np.testing.assert_array_equal(outcome[0].delta, delta)
         assert outcome[0].model_version == 0 and set(outcome[0].vectors) == {"delta"}
-        assert sent >= 1000
-        assert registry.rejections.total() == sent
-        counts = registry.rejections
-        for reason in (
-            "malformed",
-            "wrong_shape",
-            "truncated",
-            "oversized",
-            "stale_round",
-            "task_not_open",
-            "unknown_session",
-            "missing_vector",
-            "bad_value",
-            "unknown_vector",
-            "unexpected_held",
-        ):
-            assert counts[reason] > 0, reason
+        assert ledger.sent >= 2000, ledger.sent
+        assert registry.rejections == ledger.by_reason
         assert json.dumps(executor.round_metrics())  # reported with the round
 
         # A diverged update (NaN, Inf) is answered at once and refused by the strategy, as
         # in simulation: a recorded failure of that client, not a stall until the deadline.
-        plain = load_config(None, ["data.num_clients=2"])
+        plain = load_config(None, ["data.num_clients=3"])
         spec = build_learner(plain, build_federated_dataset(plain.data, plain.seed)).binding.spec
-        strategy = build_strategy(plain, num_clients=2, spec=spec, roles_in_process=False)
+        strategy = build_strategy(plain, num_clients=3, spec=spec, roles_in_process=False)
         for rnd, bad in ((3, np.nan), (4, np.inf)):
             later: list[object] = []
             waiting = threading.Thread(
                 target=lambda rnd=rnd, later=later: later.extend(
-                    executor.fit([_fit(0, rnd)], {GLOBAL: w0})
+                    executor.fit([_fit(1, rnd)], {GLOBAL: w0})
                 )
             )
             waiting.start()
-            head, _ = _pull_header(stub, sid)
+            head, _ = _pull_header(m, msid)
             poisoned = delta.copy()
             poisoned[7] = bad
-            answer = {**good, "task_id": head.task_id, "round": rnd}
-            assert push([_header(**answer), _chunk(poisoned.tobytes())]).accepted
+            answer = {**good, "session_id": msid, "task_id": head.task_id, "round": rnd}
+            assert push(m, [_header(**answer), _chunk(poisoned.tobytes())]).accepted
             waiting.join(30)
             (result,) = later
             assert isinstance(result, FitResult) and not np.all(np.isfinite(result.delta))
-            outcome = strategy.process_fit(rnd, [result], w0, executor.exchange)
-            assert not outcome.updates and "NaN or Inf" in outcome.failures[0].error
+            outcome_ = strategy.process_fit(rnd, [result], w0, executor.exchange)
+            assert not outcome_.updates and "NaN or Inf" in outcome_.failures[0].error
 
         # A normal client still completes a round afterwards.
         stop = threading.Event()
@@ -223,16 +351,16 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
                 run_client(
                     f"127.0.0.1:{port}",
                     BuiltinApp,
-                    Credentials(token=token, insecure=True),
-                    partition=1,
+                    Credentials(token=tokens["hospital-b"], insecure=True),
                     chunk_bytes=4096,
                     stop=stop,
                 )
             )
         )
         client.start()
-        executor.wait_for_clients(2)
-        results = executor.fit([_fit(1, 2)], {GLOBAL: w0})
+        executor.wait_for_clients(3)
+        assert registry.book.id_of("hospital-b") == 2
+        results = executor.fit([_fit(2, 2)], {GLOBAL: w0})
         assert isinstance(results[0], FitResult) and results[0].delta is not None
         assert np.all(np.isfinite(results[0].delta))
         assert "below_clip" in results[0].metrics  # the clip codec ran on the client ...
@@ -241,8 +369,10 @@ def test_thousand_hostile_messages_then_a_normal_round(tmp_path: Path) -> None:
         client.join(30)
         assert done == [1]
     finally:
+        release.set()
         executor.close()
-        channel.close()
+        for channel in channels:
+            channel.close()
         server.stop(0).wait(5)
 
 
@@ -363,9 +493,7 @@ def test_roles_are_checked_at_registration(tmp_path: Path) -> None:
             (ckks, "key-holder", "kh-operator", True, ""),
         ]:
             with serving(registry, tokens=TokenStore(tokens)) as port:
-                reply = _register(
-                    port, protocol_version=PROTOCOL_VERSION, token=names[who], role=role
-                )
+                reply = _register(port, names[who], protocol_version=PROTOCOL_VERSION, role=role)
             assert reply.accepted == accepted and reason in reply.reason, reply.reason
             if accepted:
                 assert reply.client_id == -1
@@ -394,3 +522,84 @@ def test_a_client_without_tenseal_refuses_a_ckks_run(
         pytest.raises(ConfigError, match=r"pip install 'fedloom\[he\]'"),
     ):
         run_client(f"127.0.0.1:{port}", BuiltinApp, Credentials(insecure=True), partition=0)
+
+
+def test_idle_unauthenticated_streams_do_not_stop_rounds(tmp_path: Path) -> None:
+    """600 result streams that never send a byte (no credentials, a forged token, or a
+    made-up session) against a server with 16 workers: each is refused before a worker
+    reads it and counted once, in a few rate-limited log lines; then the registrations
+    and every round complete (their senders never end the streams themselves)."""
+    tokens = tmp_path / "tokens.txt"
+    names = [add_token(tokens, f"site-{i}") for i in range(2)]
+    sets = [
+        "rounds=2",
+        "data.num_clients=2",
+        "server.min_fit_clients=2",
+        "client.epochs=1",
+        "deploy.heartbeat_interval_s=0.5",
+        "deploy.poll_timeout_s=1",
+        "deploy.wait_for_clients_s=300",
+        "deploy.max_workers=16",  # fewer workers than idle streams: none may hold one
+    ]
+    server = Proc(
+        fedloom(
+            "server",
+            "--address",
+            "127.0.0.1:0",
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(tmp_path / "run"),
+            *[a for s in sets for a in ("--set", s)],
+        )
+    )
+    release = threading.Event()
+    clients: list[Proc] = []
+    channels: list[grpc.Channel] = []
+    try:
+        port = int(server.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        flood = []
+        for i in range(600):
+            channel = grpc.insecure_channel(
+                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            channels.append(channel)
+            stub = _Stub(channel, "" if i % 2 else "fl_forged")
+            stub.session = "" if i % 3 else "0" * 32
+            flood.append(stub._push.future(_release_on(release), metadata=stub.metadata()))
+        for call in flood:
+            with pytest.raises(grpc.RpcError):
+                call.result(timeout=120)
+        clients = [
+            Proc(
+                fedloom(
+                    "client",
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--insecure",
+                    "--partition",
+                    str(i),
+                    "--token",
+                    names[i],
+                )
+            )
+            for i in range(2)
+        ]
+        assert server.wait(600) == 0, server.output
+        for c in clients:
+            assert c.wait(60) == 0, c.output
+    finally:
+        release.set()
+        for p in [server, *clients]:
+            p.kill()
+        for channel in channels:
+            channel.close()
+    history = json.loads((tmp_path / "run" / "summary.json").read_text())["history"]
+    assert [r["round"] for r in history] == [1, 2]
+    assert all(r["clients_succeeded"] == 2 for r in history)
+    # Counted once each (reported with the first round, the flood came before it).
+    assert history[0]["rejected_by_reason"].get("unauthenticated") == 600, history[0]
+    assert sum(r["rejected_by_reason"].get("unauthenticated", 0) for r in history) == 600
+    refused = [line for line in server.lines if "rejected (" in line]
+    assert len(refused) < 20, "\n".join(refused)  # rate-limited, with counts
+    assert any("1 of 2 rounds, ETA" in line for line in server.lines), server.output

@@ -320,6 +320,10 @@ class DeployConfig(_Section):
     chunk_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
     wait_for_clients_s: float = Field(300.0, gt=0.0)
     max_workers: int = Field(256, ge=4)
+    #: PullTask/PushResult calls one session may have in progress (an honest client: 2).
+    max_streams_per_client: int = Field(4, ge=2)
+    #: A result stream silent this long is cancelled (it holds a server thread).
+    idle_stream_timeout_s: float = Field(30.0, gt=0.0)
 
 
 class WatermarkConfig(_Section):

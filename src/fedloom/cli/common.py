@@ -54,17 +54,28 @@ def run_outcome(summary: dict[str, Any]) -> int:
     return 0
 
 
-def config_and_run_dir(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+def config_and_run_dir(
+    args: argparse.Namespace, resumable: frozenset[str] = frozenset()
+) -> tuple[RunConfig, Path]:
     """The config and run directory of ``run`` / ``server``: new, or ``--resume DIR``.
 
     A resumed run uses the config stored in its directory (the returned one is only a
-    placeholder the runner replaces), so CONFIG, ``--set`` and ``--out`` are refused.
+    placeholder the runner replaces), so CONFIG and ``--out`` are refused, and ``--set``
+    is refused except for the keys in ``resumable`` (the runner applies those).
     """
     if args.resume is not None:
-        if args.config is not None or args.overrides or args.out is not None:
+        if args.config is not None or args.out is not None:
             raise ConfigError(
-                "--resume continues a run with its stored config; drop CONFIG, --set and --out"
+                "--resume continues a run with its stored config; drop CONFIG and --out"
             )
+        for item in args.overrides or []:
+            key = item.partition("=")[0].strip()
+            if key not in resumable:
+                allowed = ", ".join(sorted(resumable)) if resumable else "none"
+                raise ConfigError(
+                    f"--resume cannot change '{key}': it defines the experiment "
+                    f"(keys a resume may --set: {allowed})"
+                )
         return load_config(None), args.resume
     cfg = load_config(args.config, args.overrides)
     return cfg, args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"

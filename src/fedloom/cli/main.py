@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--tokens", type=Path, help="hashed bearer tokens (see 'fedloom token')")
     server.add_argument("--insecure", action="store_true", help="allow plaintext off loopback")
     server.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="serve clients without tokens or client certificates off loopback",
+    )
+    server.add_argument(
+        "--revoked", type=Path, help="revoked identities, one a line (see 'fedloom certs --revoke')"
+    )
+    server.add_argument(
         "--key-holder-name",
         default="key-holder",
         help="CKKS runs: the token/certificate name the key holder must register with",
@@ -83,7 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="train on this machine's data for a fedloom server")
     client.add_argument("--server", required=True, help="HOST:PORT of the fedloom server")
     client.add_argument("--root-cert", type=Path, help="CA certificate that signed the server's")
-    client.add_argument("--token", help="bearer token (or set FEDLOOM_TOKEN)")
+    client.add_argument(
+        "--token", help="bearer token (visible in ps: prefer --token-file or FEDLOOM_TOKEN)"
+    )
+    client.add_argument("--token-file", type=Path, help="read the bearer token from this file")
+    client.add_argument(
+        "--replace-stale",
+        action="store_true",
+        help="take over this identity's session on the server if its heartbeats stopped",
+    )
     client.add_argument("--cert", type=Path, help="client certificate for mutual TLS")
     client.add_argument("--key", type=Path, help="client private key for mutual TLS")
     client.add_argument("--insecure", action="store_true", help="plaintext (loopback trials)")
@@ -138,11 +154,23 @@ def _parser() -> argparse.ArgumentParser:
     certs = sub.add_parser("certs", help="make a development CA, server and client certificates")
     certs.add_argument("out_dir", type=Path)
     certs.add_argument("--hosts", default="localhost,127.0.0.1", help="server names/IPs")
-    certs.add_argument("--clients", default="client-0,client-1,client-2", help="client names")
+    certs.add_argument(
+        "--clients",
+        default="client-0,client-1,client-2",
+        help="client identities (each certificate's common name)",
+    )
+    certs.add_argument(
+        "--revoke",
+        metavar="NAME",
+        help="revoke identity NAME's certificate: add it to OUT_DIR/revoked.txt",
+    )
 
-    token = sub.add_parser("token", help="create a client token and store its hash")
-    token.add_argument("name")
+    token = sub.add_parser("token", help="create, list or revoke client identities' tokens")
+    token.add_argument("name", nargs="?", help="the identity the new token carries")
     token.add_argument("--tokens", type=Path, required=True, help="the server's tokens file")
+    token.add_argument("--out", type=Path, help="write the token to this file (mode 0600)")
+    token.add_argument("--revoke", metavar="NAME", help="revoke identity NAME's token")
+    token.add_argument("--list", action="store_true", help="list the identities with a token")
 
     leakage = sub.add_parser(
         "leakage",

@@ -7,7 +7,10 @@ executor: a gRPC service that connected clients pull tasks from.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,13 @@ from typing import Any
 import grpc
 
 from fedloom.client.learner import Learner
-from fedloom.config import ConfigError, RunConfig
+from fedloom.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    merge_trees,
+    parse_overrides,
+)
 from fedloom.data.base import FederatedDataset
 from fedloom.engine.grpc import max_message_bytes
 from fedloom.engine.grpc.auth import TokenStore
@@ -24,14 +33,20 @@ from fedloom.engine.grpc.server import (
     DeployOptions,
     FederationServicer,
     GrpcExecutor,
+    IdentityBook,
     Registry,
+    RevocationList,
     start_grpc_server,
 )
 from fedloom.engine.simulation import RoundCallback, Wiring, run_federation
 from fedloom.exchange import ExchangeRequest
 from fedloom.messages import Broadcast, ClientFailure, EvalResult, EvalTask, FitResult, FitTask
+from fedloom.store import RunStore, atomic_write
 
 log = logging.getLogger("fedloom.deploy")
+
+#: In the run directory: which client id each identity holds (kept across resumes).
+IDENTITIES_FILE = "identities.json"
 
 
 @dataclass
@@ -43,6 +58,10 @@ class ServerSecurity:
     client_ca: Path | None = None
     tokens: Path | None = None
     insecure: bool = False
+    #: Serve clients that authenticate neither by token nor by certificate off loopback.
+    allow_anonymous: bool = False
+    #: Identities whose credentials are revoked (``fedloom certs --revoke``), one a line.
+    revoked: Path | None = None
     #: Per role a strategy may need besides the clients (CKKS's ``key-holder``): the
     #: authenticated name (token owner or certificate common name) that may register for
     #: it; anyone else asking for the role is refused. A role not listed here may be
@@ -51,8 +70,44 @@ class ServerSecurity:
 
 
 def is_loopback(address: str) -> bool:
+    """Whether ``HOST:PORT`` listens on loopback only: ``localhost`` or a loopback IP.
+
+    The host is parsed as an IP address, never matched by prefix: "127.evil.example.com"
+    is a name anyone can point anywhere, not loopback.
+    """
     host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_client_authentication(address: str, sec: ServerSecurity) -> bool:
+    """A server must know who its clients are, unless it listens on loopback only.
+
+    Without tokens or a client CA anyone who reaches the port can register, take a
+    client's place and read the global model. On loopback that is a trial; elsewhere
+    it needs ``--allow-anonymous``. Returns whether clients are anonymous (then the
+    server warns loudly once it listens: :func:`warn_anonymous`).
+    """
+    if sec.tokens is not None or sec.client_ca is not None:
+        return False
+    if not is_loopback(address) and not sec.allow_anonymous:
+        raise ConfigError(
+            f"address {address} is not loopback and clients would not authenticate: pass "
+            "--tokens FILE (see 'fedloom token') or --client-ca, or --allow-anonymous"
+        )
+    return True
+
+
+def warn_anonymous(address: str) -> None:
+    log.warning(
+        "NO CLIENT AUTHENTICATION: anyone who reaches %s can register as a client; "
+        "pass --tokens or --client-ca",
+        address,
+    )
 
 
 def server_credentials(address: str, sec: ServerSecurity) -> grpc.ServerCredentials | None:
@@ -93,10 +148,12 @@ class DeploymentExecutor:
         address: str,
         sec: ServerSecurity,
         on_listening: Callable[[int], None] | None = None,
+        run_dir: Path | None = None,
     ) -> None:
         cfg = wiring.cfg
         self.options = DeployOptions.from_config(cfg.deploy)
         self.min_clients = cfg.server.min_fit_clients
+        anonymous = check_client_authentication(address, sec)
         self.registry = Registry(
             wiring.data.num_clients,
             wiring.runtime.learner.binding.spec.size,
@@ -105,9 +162,14 @@ class DeploymentExecutor:
             run_id=wiring.run_id,
             roles=wiring.roles,
             authorized=sec.role_names,
+            # Which client id each identity holds: kept with the run, so a resumed
+            # server gives every site its id again.
+            book=IdentityBook(run_dir / IDENTITIES_FILE if run_dir is not None else None),
+            options=self.options,
         )
         tokens = TokenStore(sec.tokens) if sec.tokens is not None else None
-        servicer = FederationServicer(self.registry, self.options, tokens)
+        revoked = RevocationList(sec.revoked) if sec.revoked is not None else None
+        servicer = FederationServicer(self.registry, self.options, tokens, revoked)
         self.server, self.port = start_grpc_server(
             servicer,
             address,
@@ -116,6 +178,8 @@ class DeploymentExecutor:
             max_message_bytes=max_message_bytes(cfg.deploy.chunk_bytes),
         )
         log.info("listening on port %d", self.port)
+        if anonymous:
+            warn_anonymous(address)
         if on_listening is not None:
             on_listening(self.port)
         self.inner = GrpcExecutor(self.registry, self.options)
@@ -151,9 +215,34 @@ class DeploymentExecutor:
         self.inner.load_client_state(manifest)
 
     def close(self) -> None:
-        """Tell every client the run is over (their next poll), then stop serving."""
-        self.inner.close(wait=True)
+        """Tell every client the run is over (their next poll), then stop serving.
+
+        Closed while an exception propagates (Ctrl-C, SIGTERM, a timeout), the run is
+        not over: clients are told to wait for the server to be resumed instead.
+        """
+        paused = sys.exc_info()[0] is not None
+        if paused:
+            log.warning("stopping: clients are told to wait for the server to be resumed")
+        self.inner.close(wait=True, pause=paused)
         self.server.stop(grace=2.0).wait(5.0)
+
+
+def update_stored_config(out_dir: Path, overrides: Sequence[str]) -> None:
+    """Apply ``KEY=VALUE`` overrides to the config a run directory holds (validated)."""
+    store = RunStore.open(out_dir)
+    try:
+        tree = merge_trees(store.config(), parse_overrides(list(overrides)))
+        cfg = config_from_dict(tree)
+        done = max((int(r["round"]) for r in store.history()), default=0)
+        if cfg.rounds < done:
+            raise ConfigError(
+                f"rounds={cfg.rounds} is below the {done} rounds this run already completed"
+            )
+        store.set_meta("config", cfg.to_dict())
+        atomic_write(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    finally:
+        store.close()
+    log.warning("resuming with %s", ", ".join(overrides))
 
 
 def deploy_federation(
@@ -170,7 +259,7 @@ def deploy_federation(
     clients (the server holds none of their examples) and the server's test set."""
 
     def factory(wiring: Wiring) -> DeploymentExecutor:
-        return DeploymentExecutor(wiring, address, sec, on_listening)
+        return DeploymentExecutor(wiring, address, sec, on_listening, run_dir=out_dir)
 
     return run_federation(
         cfg,
@@ -190,10 +279,18 @@ def run_server(
     resume: bool = False,
     on_round: RoundCallback | None = None,
     on_listening: Callable[[int], None] | None = None,
+    resume_overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Serve the experiment to connecting clients until its last round; write the run dir."""
+    """Serve the experiment to connecting clients until its last round; write the run dir.
+
+    ``resume_overrides`` (``KEY=VALUE``, keys in
+    :data:`~fedloom.engine.grpc.RESUMABLE_SETTINGS`) change the stored config of a
+    resumed run before it continues: more rounds, other timeouts.
+    """
+    if resume and resume_overrides:
+        update_stored_config(out_dir, resume_overrides)
 
     def factory(wiring: Wiring) -> DeploymentExecutor:
-        return DeploymentExecutor(wiring, address, sec, on_listening)
+        return DeploymentExecutor(wiring, address, sec, on_listening, run_dir=out_dir)
 
     return run_federation(cfg, out_dir, factory, resume=resume, on_round=on_round, deployment=True)

@@ -9,7 +9,27 @@ scratch venv: ``pip install grpcio-tools==1.62.3`` then ``python -m grpc_tools.p
 """
 
 #: Version 2: named vectors (VectorInfo), task config as JSON, generic exchange tasks.
-PROTOCOL_VERSION = 2
+#: Version 3: credentials and session in every call's metadata, Deregister, TASK_PAUSE.
+PROTOCOL_VERSION = 3
+#: Call metadata: the bearer token ("Bearer TOKEN") and the session a call belongs to.
+AUTH_HEADER = "authorization"
+SESSION_HEADER = "fedloom-session"
+#: Settings ``fedloom server --resume DIR --set KEY=VALUE`` may change mid-run: how long
+#: the run lasts and how patient the server is. Everything else defines the experiment
+#: (and a client's privacy ledger, see ``client_state.config_digest``) and is refused.
+RESUMABLE_SETTINGS = frozenset(
+    {
+        "rounds",
+        "checkpoint_every",
+        "eval.every",
+        "deploy.round_timeout_s",
+        "deploy.heartbeat_interval_s",
+        "deploy.heartbeat_timeout_s",
+        "deploy.poll_timeout_s",
+        "deploy.wait_for_clients_s",
+        "deploy.idle_stream_timeout_s",
+    }
+)
 #: The gRPC service. Its methods are registered with raw-bytes handlers (no serializer),
 #: so each side parses the messages itself.
 SERVICE = "fedloom.v1.Federation"

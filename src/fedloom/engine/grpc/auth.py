@@ -1,8 +1,10 @@
 """Client authentication by bearer token, stored hashed on the server.
 
-The tokens file holds one ``NAME sha256:HEX`` line per client. The server never sees a
-plaintext token on disk; it hashes what a client presents and compares in constant
-time. Removing a line revokes the token: the file is re-read when it changes.
+The tokens file holds one ``NAME sha256:HEX`` line per client identity: NAME is the
+identity the token carries, and one identity has one token (a second is refused; revoke
+the first). The server never sees a plaintext token on disk; it hashes what a client
+presents and compares in constant time. Removing a line revokes the token
+(``fedloom token --revoke NAME``): the file is re-read when it changes.
 """
 
 from __future__ import annotations
@@ -35,16 +37,60 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+def _owner_only(path: Path) -> int:
+    """A file descriptor for appending to ``path``, which only its owner can read."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to a new file only its owner can read (a token for a client)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with os.fdopen(_owner_only(path), "w") as f:
+        f.write(text)
+
+
+def identities(path: Path) -> list[str]:
+    """The identities that hold a token in ``path``, in file order."""
+    if not path.exists():
+        return []
+    return [
+        line.split()[0]
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+
 def add_token(path: Path, name: str) -> str:
-    """Create a token for ``name``, append its hash to ``path``, return the plaintext once."""
+    """Create the token of identity ``name``, append its hash to ``path``, return it once."""
     if not name or any(c.isspace() for c in name):
         raise TokenFileError(f"token name '{name}' must be non-empty and contain no spaces")
+    if name in identities(path):
+        raise TokenFileError(
+            f"identity '{name}' already has a token in '{path}'; revoke it first with "
+            f"'fedloom token --revoke {name} --tokens {path}'"
+        )
     token = new_token()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
+    with os.fdopen(_owner_only(path), "a") as f:
         f.write(f"{name} {hash_token(token)}\n")
-    os.chmod(path, 0o600)
     return token
+
+
+def revoke_token(path: Path, name: str) -> None:
+    """Remove identity ``name``'s token from ``path``; a running server stops accepting it."""
+    if name not in identities(path):
+        raise TokenFileError(f"identity '{name}' has no token in '{path}'; nothing to revoke")
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if not (line.strip() and not line.startswith("#") and line.split()[0] == name)
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    write_secret(tmp, "".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class TokenStore:

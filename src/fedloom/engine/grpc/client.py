@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import socket
 import threading
 import time
 import traceback
@@ -38,8 +37,10 @@ from fedloom.client.runtime import PRIVATE_METRICS, ClientRuntime
 from fedloom.client_store import ClientState
 from fedloom.config import RunConfig, config_from_json
 from fedloom.engine.grpc import (
+    AUTH_HEADER,
     PROTOCOL_VERSION,
     SERVICE,
+    SESSION_HEADER,
     exchange_message_limit,
     max_message_bytes,
 )
@@ -51,6 +52,7 @@ from fedloom.engine.grpc.client_state import (
     default_state_dir,
     site_name,
 )
+from fedloom.engine.grpc.tls_check import diagnose_tls
 from fedloom.engine.grpc.wire import (
     LayoutEntry,
     WireError,
@@ -167,14 +169,40 @@ class Backoff:
 
 
 class _Stub:
-    """The service's methods; without (de)serializers, so requests and replies are bytes."""
+    """The service's methods; without (de)serializers, so requests and replies are bytes.
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    Every call carries the credential (``token``) and, once registered, the session in
+    its metadata: the server authenticates each call before reading it.
+    """
+
+    def __init__(self, channel: grpc.Channel, token: str = "") -> None:
         base = f"/{SERVICE}/"
-        self.register = channel.unary_unary(base + "Register")
-        self.heartbeat = channel.unary_unary(base + "Heartbeat")
-        self.pull = channel.unary_stream(base + "PullTask")
-        self.push = channel.stream_unary(base + "PushResult")
+        self.token = token
+        self.session = ""
+        self._register = channel.unary_unary(base + "Register")
+        self._heartbeat = channel.unary_unary(base + "Heartbeat")
+        self._pull = channel.unary_stream(base + "PullTask")
+        self._push = channel.stream_unary(base + "PushResult")
+        self._deregister = channel.unary_unary(base + "Deregister")
+
+    def metadata(self) -> list[tuple[str, str]]:
+        md = [(AUTH_HEADER, f"Bearer {self.token}")] if self.token else []
+        return md + ([(SESSION_HEADER, self.session)] if self.session else [])
+
+    def register(self, request: bytes, timeout: float | None = None) -> bytes:
+        return self._register(request, timeout=timeout, metadata=self.metadata())
+
+    def heartbeat(self, request: bytes, timeout: float | None = None) -> bytes:
+        return self._heartbeat(request, timeout=timeout, metadata=self.metadata())
+
+    def pull(self, request: bytes, timeout: float | None = None) -> Iterator[bytes]:
+        return self._pull(request, timeout=timeout, metadata=self.metadata())
+
+    def push(self, requests: Iterator[bytes], timeout: float | None = None) -> bytes:
+        return self._push(requests, timeout=timeout, metadata=self.metadata())
+
+    def deregister(self, request: bytes, timeout: float | None = None) -> bytes:
+        return self._deregister(request, timeout=timeout, metadata=self.metadata())
 
 
 def run_client(
@@ -190,6 +218,7 @@ def run_client(
     role: str = "",
     state_dir: Path | None = None,
     site: str = "",
+    replace_stale: bool = False,
 ) -> int:
     """Serve tasks until the server says the run is over; return the number of tasks done.
 
@@ -198,7 +227,15 @@ def run_client(
     exchanges, e.g. a :class:`ParticipantApp`): it trains nothing and is never sampled.
     Raises
     :class:`ClientRefusedError` if the server refuses the registration, and
-    ``ConnectionError`` when the server stays unreachable for ``max_wait_s``.
+    ``ConnectionError`` when the server stays unreachable for ``max_wait_s`` before
+    this client first registered. Once registered (and after the server said it stops
+    to be resumed, TASK_PAUSE) the client waits for its server without a limit: it ends
+    only when the run is over or ``stop`` is set.
+
+    A client that cannot go on (its app cannot be built from its data, its state file
+    is unusable) ends its session with the reason before raising, so the server never
+    samples it again. ``replace_stale`` takes over this identity's session on the
+    server if that session's heartbeats have stopped (never a live one).
 
     A :class:`StatefulApp` with state keeps it in ``state_dir`` (default
     :func:`~fedloom.engine.grpc.client_state.default_state_dir`), in a file named by
@@ -213,30 +250,45 @@ def run_client(
     app_key = ""
     state_file: ClientStateFile | None = None
     tally = [0]  # tasks completed, across sessions (kept when a session ends by a fault)
-    closed_streak = 0
+    previous = ""  # the last session this process held: proves a reconnect is this process
+    paused = False  # the server stopped to be resumed: wait for it without a limit
+    joined = False  # registered once: from then on the client waits for its server
     max_msg = max_message_bytes(chunk_bytes)
     try:
         while not stop.is_set():
             channel = credentials.channel(address, max_msg)
-            stub = _Stub(channel)
+            stub = _Stub(channel, credentials.token)
             try:
-                reply = pb.RegisterReply.FromString(
-                    stub.register(
+                try:
+                    raw_reply = stub.register(
                         pb.RegisterRequest(
                             protocol_version=PROTOCOL_VERSION,
-                            token=credentials.token,
                             partition=partition,
                             name=name,
                             num_examples=num_examples,
                             role=role,
+                            previous_session=previous,
+                            replace_stale=replace_stale,
                         ).SerializeToString(),
                         timeout=15,
                     )
-                )
+                except grpc.RpcError as err:
+                    if err.code() == grpc.StatusCode.UNIMPLEMENTED and credentials.token:
+                        raise ClientRefusedError(
+                            "token refused: unknown or revoked (or the server runs another "
+                            "fedloom version); ask the operator for a valid token"
+                        ) from None
+                    raise
+                reply = pb.RegisterReply.FromString(raw_reply)
                 if not reply.accepted:
                     raise ClientRefusedError(reply.reason)
+                if unreachable_since is not None and (joined or paused):
+                    log.warning("server %s is back; registered again", address)
                 unreachable_since = None
+                paused = False
+                joined = True
                 backoff.reset()
+                stub.session = previous = reply.session_id
                 # Heartbeats start now: building the app (data, model, checks) can take
                 # longer than the server's heartbeat timeout, and it may assign a task at once.
                 ended = _start_heartbeats(stub, reply)
@@ -245,30 +297,51 @@ def run_client(
                     if app is None or app_key != key:
                         if state_file is not None:
                             state_file.close()  # the new app may take the same file
-                        app = make_app(config_from_json(reply.config_json), int(reply.client_id))
-                        app_key = key
-                        size = getattr(app, "num_parameters", reply.vector_size)
-                        if size != reply.vector_size:
-                            raise ClientRefusedError(
-                                f"this client's data give a model with {size} parameters but the "
-                                f"server's has {reply.vector_size}; the local file must have the "
-                                "experiment's features and classes"
+                        app = None
+                        try:
+                            app = make_app(
+                                config_from_json(reply.config_json), int(reply.client_id)
                             )
-                        state_file = _resume_state(
-                            app,
-                            state_dir,
-                            site or site_name(partition),
-                            reply.config_json,
-                            run_id=reply.run_id,
-                        )
+                            size = getattr(app, "num_parameters", reply.vector_size)
+                            if size != reply.vector_size:
+                                raise ClientRefusedError(
+                                    f"this client's data give a model with {size} parameters "
+                                    f"but the server's has {reply.vector_size}; the local file "
+                                    "must have the experiment's features and classes"
+                                )
+                            state_file = _resume_state(
+                                app,
+                                state_dir,
+                                site or site_name(partition),
+                                reply.config_json,
+                                run_id=reply.run_id,
+                            )
+                        except Exception as exc:
+                            _deregister(stub, exc)
+                            raise
+                        app_key = key
                     if role:
                         log.info("registered as the %s", role)
                     else:
                         log.info("registered as client %d", reply.client_id)
-                    if _serve_session(
-                        stub, reply, app, chunk_bytes, stop, tally, ended, state_file
-                    ):
+                    try:
+                        outcome = _serve_session(
+                            stub, reply, app, chunk_bytes, stop, tally, ended, state_file
+                        )
+                    except ClientStateError as exc:
+                        _deregister(stub, exc)
+                        raise
+                    if outcome == _OVER:
                         return tally[0]
+                    if outcome == _PAUSED:
+                        # ``previous`` stays: until the old server is gone, registering
+                        # there again must replace this process's own session.
+                        paused = True
+                        log.warning(
+                            "the server stopped to be resumed; waiting for it to come back "
+                            "(stop this client with Ctrl-C)"
+                        )
+                        stop.wait(backoff.next_delay())
                 finally:
                     ended.set()
             except _BadTaskError as err:
@@ -278,30 +351,29 @@ def run_client(
                 code = err.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     raise ClientRefusedError(str(err.details())) from None
-                if (
-                    code == grpc.StatusCode.UNAVAILABLE
-                    and "wrong_version_number" in str(err.details()).lower()
-                ):
-                    raise ClientRefusedError(
-                        "the server speaks plaintext, not TLS: pass --insecure for a loopback "
-                        "trial, or start the server with --tls-cert and --tls-key"
-                    ) from None
-                if code == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(err):
-                    raise ClientRefusedError(
-                        "TLS handshake failed: the server's certificate is not trusted by "
-                        "--root-cert (or the server refused this client's certificate)"
-                    ) from None
-                closed_streak = (
-                    closed_streak + 1 if _closed_by_tls_peer(err, credentials, address) else 0
-                )
-                if closed_streak >= 3:
-                    raise ClientRefusedError(
-                        "TLS handshake failed: the server closes every TLS connection from this "
-                        "client; it probably requires a client certificate (pass --cert and --key)"
-                    ) from None
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    # gRPC names no TLS cause and would retry it forever: ask TLS itself.
+                    cause = diagnose_tls(
+                        address,
+                        insecure=credentials.insecure,
+                        root_cert=credentials.root_cert,
+                        cert=credentials.cert,
+                        key=credentials.key,
+                    )
+                    if cause is not None:
+                        raise ClientRefusedError(cause) from None
                 now = time.monotonic()
+                if unreachable_since is None and (joined or paused):
+                    log.warning(
+                        "server %s unavailable (%s); waiting for it to come back "
+                        "(stop this client with Ctrl-C)",
+                        address,
+                        code.name,
+                    )
                 unreachable_since = unreachable_since or now
-                if now - unreachable_since > max_wait_s:
+                # --max-wait bounds the wait for a server this client never reached; once
+                # in a run, the client waits for its server (a restart, a --resume).
+                if not (joined or paused) and now - unreachable_since > max_wait_s:
                     raise ConnectionError(
                         f"server {address} unreachable for {max_wait_s:.0f} s ({code.name}); "
                         "check the address and that the server is running"
@@ -315,6 +387,18 @@ def run_client(
     finally:
         if state_file is not None:
             state_file.close()
+
+
+def _deregister(stub: _Stub, exc: BaseException) -> None:
+    """Tell the server this client cannot go on, and why (best effort: it may be gone)."""
+    reason = " ".join(str(exc).split())[:500] or type(exc).__name__
+    try:
+        stub.deregister(
+            pb.DeregisterRequest(session_id=stub.session, reason=reason).SerializeToString(),
+            timeout=5,
+        )
+    except grpc.RpcError as err:
+        log.info("could not tell the server this client leaves (%s)", err.code().name)
 
 
 def _resume_state(
@@ -361,27 +445,11 @@ def _save_state(app: ClientApp, state_file: ClientStateFile | None) -> None:
     state_file.save(state)
 
 
-def _is_tls_failure(err: grpc.RpcError) -> bool:
-    text = str(err.details()).lower()
-    return "ssl" in text or "handshake" in text or "certificate" in text
-
-
-def _closed_by_tls_peer(err: grpc.RpcError, credentials: Credentials, address: str) -> bool:
-    """A server that accepts TCP but closes the TLS socket: mutual TLS without our cert."""
-    if credentials.insecure or credentials.cert is not None:
-        return False
-    if "socket closed" not in str(err.details()).lower():
-        return False
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 class _BadTaskError(Exception):
     """The server sent a task this client cannot parse."""
+
+
+_OVER, _PAUSED = "over", "paused"
 
 
 def _serve_session(
@@ -393,12 +461,13 @@ def _serve_session(
     tally: list[int],
     ended: threading.Event,
     state_file: ClientStateFile | None = None,
-) -> bool:
-    """Pull and run tasks for one session, counting them in ``tally``; True: the run is over.
+) -> str:
+    """Pull and run tasks for one session, counting them in ``tally``.
 
-    Returns early, run not over, when the server forgets the session (a restart: the
-    heartbeats set ``ended``), so the caller registers again. Network faults propagate
-    as ``grpc.RpcError``.
+    Returns ``_OVER`` when the run is over, ``_PAUSED`` when the server stops to be
+    resumed, and ``""`` when the server forgets the session (a restart: the heartbeats
+    set ``ended``), so the caller registers again. Network faults propagate as
+    ``grpc.RpcError``.
     """
     session = reply.session_id
     own_id = int(reply.client_id)
@@ -407,6 +476,8 @@ def _serve_session(
         try:
             header, payload, layout = _pull(stub, session, int(reply.vector_size))
         except grpc.RpcError as err:
+            if err.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
+                return ""  # the server no longer knows this session (a restart): register
             if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
             # The server is at its concurrent-call limit: keep the session, poll later.
@@ -417,7 +488,9 @@ def _serve_session(
             continue
         if header.kind == pb.TASK_STOP:
             log.info("the server ended the run")
-            return True
+            return _OVER
+        if header.kind == pb.TASK_PAUSE:
+            return _PAUSED
         result: tuple[pb.ResultHeader, Sequence[Buffer]]
         if header.kind == pb.TASK_EXCHANGE:
             limit = exchange_message_limit(int(reply.vector_size))
@@ -428,7 +501,7 @@ def _serve_session(
             result = _unsupported(header)
         _push(stub, session, header, result, chunk_bytes)
         tally[0] += 1
-    return False
+    return ""
 
 
 def _start_heartbeats(stub: _Stub, reply: pb.RegisterReply) -> threading.Event:
@@ -453,7 +526,9 @@ def _heartbeat_loop(stub: _Stub, session: str, interval: float, ended: threading
             )
             if not reply.known:
                 ended.set()  # the server forgot us (restart): register again
-        except grpc.RpcError:
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                ended.set()  # refused at the gate: the session is gone; register again
             continue
 
 

@@ -48,6 +48,7 @@ from typing import IO, Any
 from fedloom.algorithms.dpsgd import LEDGER_KEY
 from fedloom.client_store import ClientState
 from fedloom.config import ConfigError
+from fedloom.engine.grpc import RESUMABLE_SETTINGS
 from fedloom.store import atomic_write
 
 if sys.platform != "win32":
@@ -79,9 +80,19 @@ def default_state_dir() -> Path:
 def config_digest(config_json: str) -> str:
     """SHA-256 (hex) of the experiment config, canonicalised (sorted keys, no spaces).
 
-    Canonical so that formatting alone (key order, whitespace) never starts a new ledger.
+    Canonical so that formatting alone (key order, whitespace) never starts a new ledger,
+    and without the settings a resumed server may change (:data:`RESUMABLE_SETTINGS`:
+    rounds, timeouts), so extending a run keeps every site's ledger.
     """
-    canonical = json.dumps(json.loads(config_json), sort_keys=True, separators=(",", ":"))
+    tree = json.loads(config_json)
+    for dotted in RESUMABLE_SETTINGS:
+        *sections, key = dotted.split(".")
+        node = tree
+        for part in sections:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(key, None)
+    canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

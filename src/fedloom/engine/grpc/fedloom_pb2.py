@@ -14,37 +14,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedloom/engine/grpc/fedloom.proto\x12\nfedloom.v1"\x7f\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x0c\n\x04role\x18\x06 \x01(\t"\xb0\x01\n\rRegisterReply\x12\x10\n\x08accepted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x12\x13\n\x0bconfig_json\x18\x05 \x01(\t\x12\x13\n\x0bvector_size\x18\x06 \x01(\x03\x12\x1c\n\x14heartbeat_interval_s\x18\x07 \x01(\x01\x12\x0e\n\x06run_id\x18\x08 \x01(\t"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08"!\n\x0bPullRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t">\n\nVectorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x14\n\x05dtype\x18\x03 \x01(\tR\x05dtype"\xf0\x02\n\nTaskHeader\x12"\n\x04kind\x18\x01 \x01(\x0e2\x14.fedloom.v1.TaskKind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\x14\n\x0cpayload_size\x18\x0b \x01(\x03\x12\x15\n\rmodel_version\x18\r \x01(\x03\x12\x13\n\x0bconfig_json\x18\x0e \x01(\t\x12\'\n\x07vectors\x18\x0f \x03(\x0b2\x16.fedloom.v1.VectorInfo\x12\x10\n\x08protocol\x18\x10 \x01(\t\x12\r\n\x05stage\x18\x11 \x01(\rJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tJ\x04\x08\t\x10\nJ\x04\x08\n\x10\x0bJ\x04\x08\x0c\x10\rR\x0bvector_sizeR\x0fdrop_stragglersR\tclip_normR\x06secureR\x0csecagg_stageR\x08he_stage"P\n\x0bTaskMessage\x12(\n\x06header\x18\x01 \x01(\x0b2\x16.fedloom.v1.TaskHeaderH\x00\x12\x0f\n\x05chunk\x18\x02 \x01(\x0cH\x00B\x06\n\x04part"\x82\x02\n\x0cResultHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x11\n\tstraggler\x18\x05 \x01(\x08\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\x12\r\n\x05error\x18\t \x01(\t\x12\x14\n\x0cpayload_size\x18\n \x01(\x03\x12\x0c\n\x04held\x18\x0b \x01(\x08\x12\'\n\x07vectors\x18\x0c \x03(\x0b2\x16.fedloom.v1.VectorInfoJ\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08R\nhas_vectorR\x0bvector_size"T\n\rResultMessage\x12*\n\x06header\x18\x01 \x01(\x0b2\x18.fedloom.v1.ResultHeaderH\x00\x12\x0f\n\x05chunk\x18\x02 \x01(\x0cH\x00B\x06\n\x04part"-\n\tPushReply\x12\x10\n\x08accepted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*~\n\x08TaskKind\x12\r\n\tTASK_IDLE\x10\x00\x12\x0c\n\x08TASK_FIT\x10\x01\x12\x11\n\rTASK_EVALUATE\x10\x02\x12\r\n\tTASK_STOP\x10\x03\x12\x11\n\rTASK_EXCHANGE\x10\x06"\x04\x08\x04\x10\x04"\x04\x08\x05\x10\x05*\x0bTASK_SECAGG*\x07TASK_HE2\x99\x02\n\nFederation\x12B\n\x08Register\x12\x1b.fedloom.v1.RegisterRequest\x1a\x19.fedloom.v1.RegisterReply\x12E\n\tHeartbeat\x12\x1c.fedloom.v1.HeartbeatRequest\x1a\x1a.fedloom.v1.HeartbeatReply\x12>\n\x08PullTask\x12\x17.fedloom.v1.PullRequest\x1a\x17.fedloom.v1.TaskMessage0\x01\x12@\n\nPushResult\x12\x19.fedloom.v1.ResultMessage\x1a\x15.fedloom.v1.PushReply(\x01b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedloom/engine/grpc/fedloom.proto\x12\nfedloom.v1\"\xb0\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x18\n\x10previous_session\x18\x07 \x01(\t\x12\x15\n\rreplace_stale\x18\x08 \x01(\x08\"\xb0\x01\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x13\n\x0bvector_size\x18\x06 \x01(\x03\x12\x1c\n\x14heartbeat_interval_s\x18\x07 \x01(\x01\x12\x0e\n\x06run_id\x18\x08 \x01(\t\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"!\n\x0bPullRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"7\n\x11\x44\x65registerRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\" \n\x0f\x44\x65registerReply\x12\r\n\x05known\x18\x01 \x01(\x08\"7\n\nVectorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xf0\x02\n\nTaskHeader\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.fedloom.v1.TaskKind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\x14\n\x0cpayload_size\x18\x0b \x01(\x03\x12\x15\n\rmodel_version\x18\r \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x0e \x01(\t\x12\'\n\x07vectors\x18\x0f \x03(\x0b\x32\x16.fedloom.v1.VectorInfo\x12\x10\n\x08protocol\x18\x10 \x01(\t\x12\r\n\x05stage\x18\x11 \x01(\rJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tJ\x04\x08\t\x10\nJ\x04\x08\n\x10\x0bJ\x04\x08\x0c\x10\rR\x0bvector_sizeR\x0f\x64rop_stragglersR\tclip_normR\x06secureR\x0csecagg_stageR\x08he_stage\"P\n\x0bTaskMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedloom.v1.TaskHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x82\x02\n\x0cResultHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x11\n\tstraggler\x18\x05 \x01(\x08\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x14\n\x0cpayload_size\x18\n \x01(\x03\x12\x0c\n\x04held\x18\x0b \x01(\x08\x12\'\n\x07vectors\x18\x0c \x03(\x0b\x32\x16.fedloom.v1.VectorInfoJ\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08R\nhas_vectorR\x0bvector_size\"T\n\rResultMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedloom.v1.ResultHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x8e\x01\n\x08TaskKind\x12\r\n\tTASK_IDLE\x10\x00\x12\x0c\n\x08TASK_FIT\x10\x01\x12\x11\n\rTASK_EVALUATE\x10\x02\x12\r\n\tTASK_STOP\x10\x03\x12\x11\n\rTASK_EXCHANGE\x10\x06\x12\x0e\n\nTASK_PAUSE\x10\x07\"\x04\x08\x04\x10\x04\"\x04\x08\x05\x10\x05*\x0bTASK_SECAGG*\x07TASK_HE2\xe3\x02\n\nFederation\x12\x42\n\x08Register\x12\x1b.fedloom.v1.RegisterRequest\x1a\x19.fedloom.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedloom.v1.HeartbeatRequest\x1a\x1a.fedloom.v1.HeartbeatReply\x12>\n\x08PullTask\x12\x17.fedloom.v1.PullRequest\x1a\x17.fedloom.v1.TaskMessage0\x01\x12@\n\nPushResult\x12\x19.fedloom.v1.ResultMessage\x1a\x15.fedloom.v1.PushReply(\x01\x12H\n\nDeregister\x12\x1d.fedloom.v1.DeregisterRequest\x1a\x1b.fedloom.v1.DeregisterReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedloom.engine.grpc.fedloom_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_TASKKIND']._serialized_start=1376
-  _globals['_TASKKIND']._serialized_end=1502
-  _globals['_REGISTERREQUEST']._serialized_start=49
-  _globals['_REGISTERREQUEST']._serialized_end=176
-  _globals['_REGISTERREPLY']._serialized_start=179
-  _globals['_REGISTERREPLY']._serialized_end=355
-  _globals['_HEARTBEATREQUEST']._serialized_start=357
-  _globals['_HEARTBEATREQUEST']._serialized_end=395
-  _globals['_HEARTBEATREPLY']._serialized_start=397
-  _globals['_HEARTBEATREPLY']._serialized_end=428
-  _globals['_PULLREQUEST']._serialized_start=430
-  _globals['_PULLREQUEST']._serialized_end=463
-  _globals['_VECTORINFO']._serialized_start=465
-  _globals['_VECTORINFO']._serialized_end=527
-  _globals['_TASKHEADER']._serialized_start=530
-  _globals['_TASKHEADER']._serialized_end=898
-  _globals['_TASKMESSAGE']._serialized_start=900
-  _globals['_TASKMESSAGE']._serialized_end=980
-  _globals['_RESULTHEADER']._serialized_start=983
-  _globals['_RESULTHEADER']._serialized_end=1241
-  _globals['_RESULTMESSAGE']._serialized_start=1243
-  _globals['_RESULTMESSAGE']._serialized_end=1327
-  _globals['_PUSHREPLY']._serialized_start=1329
-  _globals['_PUSHREPLY']._serialized_end=1374
-  _globals['_FEDERATION']._serialized_start=1505
-  _globals['_FEDERATION']._serialized_end=1786
+  _globals['_TASKKIND']._serialized_start=1511
+  _globals['_TASKKIND']._serialized_end=1653
+  _globals['_REGISTERREQUEST']._serialized_start=50
+  _globals['_REGISTERREQUEST']._serialized_end=226
+  _globals['_REGISTERREPLY']._serialized_start=229
+  _globals['_REGISTERREPLY']._serialized_end=405
+  _globals['_HEARTBEATREQUEST']._serialized_start=407
+  _globals['_HEARTBEATREQUEST']._serialized_end=445
+  _globals['_HEARTBEATREPLY']._serialized_start=447
+  _globals['_HEARTBEATREPLY']._serialized_end=478
+  _globals['_PULLREQUEST']._serialized_start=480
+  _globals['_PULLREQUEST']._serialized_end=513
+  _globals['_DEREGISTERREQUEST']._serialized_start=515
+  _globals['_DEREGISTERREQUEST']._serialized_end=570
+  _globals['_DEREGISTERREPLY']._serialized_start=572
+  _globals['_DEREGISTERREPLY']._serialized_end=604
+  _globals['_VECTORINFO']._serialized_start=606
+  _globals['_VECTORINFO']._serialized_end=661
+  _globals['_TASKHEADER']._serialized_start=664
+  _globals['_TASKHEADER']._serialized_end=1032
+  _globals['_TASKMESSAGE']._serialized_start=1034
+  _globals['_TASKMESSAGE']._serialized_end=1114
+  _globals['_RESULTHEADER']._serialized_start=1117
+  _globals['_RESULTHEADER']._serialized_end=1375
+  _globals['_RESULTMESSAGE']._serialized_start=1377
+  _globals['_RESULTMESSAGE']._serialized_end=1461
+  _globals['_PUSHREPLY']._serialized_start=1463
+  _globals['_PUSHREPLY']._serialized_end=1508
+  _globals['_FEDERATION']._serialized_start=1656
+  _globals['_FEDERATION']._serialized_end=2011
 # @@protoc_insertion_point(module_scope)

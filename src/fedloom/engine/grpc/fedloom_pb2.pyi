@@ -13,27 +13,33 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_EVALUATE: _ClassVar[TaskKind]
     TASK_STOP: _ClassVar[TaskKind]
     TASK_EXCHANGE: _ClassVar[TaskKind]
+    TASK_PAUSE: _ClassVar[TaskKind]
 TASK_IDLE: TaskKind
 TASK_FIT: TaskKind
 TASK_EVALUATE: TaskKind
 TASK_STOP: TaskKind
 TASK_EXCHANGE: TaskKind
+TASK_PAUSE: TaskKind
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("protocol_version", "token", "partition", "name", "num_examples", "role")
+    __slots__ = ("protocol_version", "token", "partition", "name", "num_examples", "role", "previous_session", "replace_stale")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SESSION_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_STALE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     token: str
     partition: int
     name: str
     num_examples: int
     role: str
-    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., partition: _Optional[int] = ..., name: _Optional[str] = ..., num_examples: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
+    previous_session: str
+    replace_stale: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., partition: _Optional[int] = ..., name: _Optional[str] = ..., num_examples: _Optional[int] = ..., role: _Optional[str] = ..., previous_session: _Optional[str] = ..., replace_stale: bool = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("accepted", "reason", "session_id", "client_id", "config_json", "vector_size", "heartbeat_interval_s", "run_id")
@@ -72,6 +78,20 @@ class PullRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DeregisterRequest(_message.Message):
+    __slots__ = ("session_id", "reason")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    reason: str
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeregisterReply(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: bool = ...) -> None: ...
 
 class VectorInfo(_message.Message):
     __slots__ = ("name", "size", "dtype")

@@ -24,22 +24,24 @@ untouched.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from fedloom.engine.grpc import PROTOCOL_VERSION, SERVICE
+from fedloom.engine.grpc import AUTH_HEADER, PROTOCOL_VERSION, SERVICE, SESSION_HEADER
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.auth import TokenStore
 from fedloom.engine.grpc.chunks import ChunkError, encode_buffers, read_chunks
@@ -67,11 +69,16 @@ from fedloom.messages import (
     FitResult,
     FitTask,
 )
+from fedloom.store import atomic_write
 
 if TYPE_CHECKING:
     from fedloom.config import DeployConfig
 
 log = logging.getLogger("fedloom.deploy")
+#: The operator's view (whom the server waits for): shown by ``fedloom server`` at INFO.
+progress = logging.getLogger("fedloom.progress")
+#: How often the server says whom it waits for while it waits.
+PROGRESS_EVERY_S = 10.0
 
 Buffer = bytes | bytearray | memoryview
 
@@ -106,6 +113,8 @@ class DeployOptions:
     poll_timeout_s: float = 5.0
     chunk_bytes: int = 1 << 20
     wait_for_clients_s: float = 300.0
+    max_streams_per_client: int = 4
+    idle_stream_timeout_s: float = 30.0
 
     @classmethod
     def from_config(cls, deploy: DeployConfig) -> DeployOptions:
@@ -132,8 +141,72 @@ class Session:
     client_id: int
     name: str
     last_seen: float
+    #: Who holds the session: the token's or certificate's identity, or for a server
+    #: without client authentication a stand-in per participant id.
+    identity: str = ""
+    peer: str = ""
     alive: bool = True
     tasks: queue.Queue[OpenTask] = field(default_factory=queue.Queue)
+    #: PullTask and PushResult calls of this session now in progress.
+    streams: int = 0
+
+
+class IdentityBook:
+    """Which participant id each identity holds in this run, kept in the run directory.
+
+    An identity keeps its id across reconnects and server restarts (``--resume``), and
+    an id once held by one identity is never given to another: a token or certificate
+    cannot take over another site's client id, and one site cannot take several.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._ids: dict[str, int] = {}
+        if path is not None and path.exists():
+            raw = json.loads(path.read_text())
+            self._ids = {str(k): int(v) for k, v in raw.items()}
+
+    def id_of(self, identity: str) -> int | None:
+        return self._ids.get(identity)
+
+    def holder_of(self, participant_id: int) -> str | None:
+        return next((i for i, p in self._ids.items() if p == participant_id), None)
+
+    def bind(self, identity: str, participant_id: int) -> None:
+        self._ids[identity] = participant_id
+        if self.path is not None:
+            atomic_write(self.path, json.dumps(self._ids, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A registration refused: the rejection's reason and the one line the client sees."""
+
+    reason: str
+    line: str
+
+
+class RateLimitedLog:
+    """Warnings for rejected messages: the first of each reason at once, then at most one
+    line per ``every_s`` per reason, which says how many were not logged since."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._quiet: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def warn(self, reason: str, detail: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(reason)
+            if last is not None and now - last < self.every_s:
+                self._quiet[reason] += 1
+                return
+            quiet = self._quiet.pop(reason, 0)
+            self._last[reason] = now
+        more = f" (+{quiet} more '{reason}' since the last line)" if quiet else ""
+        log.warning("rejected (%s): %s%s", reason, detail, more)
 
 
 class Registry:
@@ -145,6 +218,9 @@ class Registry:
     registration for a role is accepted only from the name ``authorized[role]`` (the
     role's own name by default) when clients authenticate, is registered under the
     role's participant id, and is never sampled.
+
+    One identity has at most one live session (:meth:`open_session`), and its
+    participant id comes from the :class:`IdentityBook`.
     """
 
     def __init__(
@@ -157,6 +233,8 @@ class Registry:
         roles: Sequence[Role] = (),
         authorized: Mapping[str, str] | None = None,
         run_id: str = "",
+        book: IdentityBook | None = None,
+        options: DeployOptions | None = None,
     ) -> None:
         self.num_clients = num_clients
         self.run_id = run_id
@@ -168,19 +246,24 @@ class Registry:
         self.roles = {r.name: r.participant_id for r in roles}
         self.authorized = {name: (authorized or {}).get(name, name) for name in self.roles}
         self._role_names = {pid: name for name, pid in self.roles.items()}
+        self.book = book or IdentityBook()
+        self.options = options or DeployOptions()
         self.lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
         #: Latest session id per participant id (client ids, and roles' ids).
         self.by_client: dict[int, str] = {}
         self.open_tasks: dict[str, OpenTask] = {}
         self.rejections: Counter[str] = Counter()
+        self.rejection_log = RateLimitedLog()
         self.stopping = False
+        #: With ``stopping``: the run is not over, clients wait for the server to return.
+        self.pausing = False
         self.told_to_stop: set[str] = set()
 
     def reject(self, reason: str, detail: str) -> None:
         with self.lock:
             self.rejections[reason] += 1
-        log.warning("rejected (%s): %s", reason, detail)
+        self.rejection_log.warn(reason, detail)
 
     def all_told_to_stop(self) -> bool:
         with self.lock:
@@ -188,7 +271,12 @@ class Registry:
             return alive <= self.told_to_stop
 
     def alive_clients(self) -> list[int]:
-        """The connected clients that train; never a role, which is never sampled."""
+        """The connected clients that train; never a role, which is never sampled.
+
+        Sessions whose heartbeats stopped are evicted first, so a dead session is never
+        sampled (and waited for) even between two passes of the reaper.
+        """
+        self.reap(self.options.heartbeat_timeout_s)
         with self.lock:
             return sorted(
                 c
@@ -205,22 +293,146 @@ class Registry:
         role = self._role_names.get(participant_id)
         return role if role is not None else f"client {participant_id}"
 
-    def add_session(self, client_id: int, name: str) -> Session:
+    def add_session(self, client_id: int, name: str, identity: str = "") -> Session:
         """A new session for a participant (a client, or a role's id); its old one dies."""
         with self.lock:
-            old = self.by_client.get(client_id)
-            if old is not None:
-                self._kill(self.sessions[old], "replaced by a new registration")
-            session = Session(secrets.token_hex(16), client_id, name, time.monotonic())
-            self.sessions[session.session_id] = session
-            self.by_client[client_id] = session.session_id
-            return session
+            return self._add_locked(client_id, name, identity or f"client {client_id}", "")
+
+    def _add_locked(self, client_id: int, name: str, identity: str, peer: str) -> Session:
+        old = self.by_client.get(client_id)
+        if old is not None and self.sessions[old].alive:
+            self._kill(self.sessions[old], "replaced by a new registration of the same process")
+        session = Session(
+            secrets.token_hex(16), client_id, name, time.monotonic(), identity=identity, peer=peer
+        )
+        self.sessions[session.session_id] = session
+        self.by_client[client_id] = session.session_id
+        return session
+
+    def open_session(
+        self,
+        *,
+        identity: str | None,
+        requested: int,
+        name: str,
+        peer: str,
+        role: str = "",
+        previous: str = "",
+        replace_stale: bool = False,
+    ) -> Session | Refusal:
+        """A session for an authenticated ``identity`` (None: the server authenticates no
+        one), or why not.
+
+        An identity's participant id is the one it was first given in this run (the
+        requested ``--partition``, else the lowest id no identity holds). A live session
+        of the same identity is replaced only by the process that holds it (it proves so
+        with ``previous``, its old session id), or with ``replace_stale`` once its
+        heartbeats have stopped for three intervals; otherwise the registration is
+        refused: two processes never share one identity.
+        """
+        with self.lock:
+            if role:
+                pid: int | Refusal = self.roles[role]
+            elif identity is None:
+                pid = self._anonymous_id(requested)
+            else:
+                pid = self._identity_id(identity, requested)
+            if isinstance(pid, Refusal):
+                return pid
+            key = identity if identity is not None else f"{role or 'client'} {pid}"
+            held = self.book.id_of(key) if identity is not None else None
+            if held is not None and held != pid:
+                what = self.describe(held)
+                return Refusal(
+                    "identity_in_use",
+                    f"identity '{key}' is {what} of this run and cannot also be {role or pid}",
+                )
+            live = self._live_session_of(key)
+            if live is not None and live.session_id != previous:
+                stale_s = time.monotonic() - live.last_seen
+                if not (replace_stale and stale_s > 3 * self.options.heartbeat_interval_s):
+                    return Refusal(
+                        "identity_in_use",
+                        f"identity '{key}' already has a live session ({self.describe(pid)}, "
+                        f"from {live.peer or 'unknown'}); stop that process first, or pass "
+                        "--replace-stale to take over a session whose heartbeats stopped",
+                    )
+                log.warning(
+                    "%s (%s): replacing a session silent for %.1f s (--replace-stale)",
+                    self.describe(pid),
+                    key,
+                    stale_s,
+                )
+            if identity is not None and held is None:
+                self.book.bind(key, pid)
+            return self._add_locked(pid, name, key, peer)
+
+    def _live_session_of(self, identity: str) -> Session | None:
+        return next((s for s in self.sessions.values() if s.alive and s.identity == identity), None)
+
+    def _anonymous_id(self, requested: int) -> int | Refusal:
+        if requested >= 0:
+            if requested >= self.num_clients:
+                return Refusal(
+                    "bad_client_id",
+                    f"client id {requested} is outside 0..{self.num_clients - 1}",
+                )
+            return requested
+        live = {s.client_id for s in self.sessions.values() if s.alive}
+        free = next((c for c in range(self.num_clients) if c not in live), None)
+        if free is None:
+            return Refusal("bad_client_id", f"all {self.num_clients} client ids are connected")
+        return free
+
+    def _identity_id(self, identity: str, requested: int) -> int | Refusal:
+        held = self.book.id_of(identity)
+        if held is not None:
+            if held in self._role_names:
+                return Refusal(
+                    "identity_in_use",
+                    f"identity '{identity}' is this run's {self._role_names[held]}; "
+                    "it cannot also train",
+                )
+            if requested >= 0 and requested != held:
+                return Refusal(
+                    "identity_in_use",
+                    f"identity '{identity}' is client {held} of this run; start it with "
+                    f"--partition {held}, or without --partition",
+                )
+            return held
+        if requested >= 0:
+            if requested >= self.num_clients:
+                return Refusal(
+                    "bad_client_id",
+                    f"client id {requested} is outside 0..{self.num_clients - 1}",
+                )
+            owner = self.book.holder_of(requested)
+            if owner is not None:
+                return Refusal(
+                    "identity_in_use",
+                    f"client id {requested} belongs to identity '{owner}' in this run; "
+                    "each site uses its own token or certificate",
+                )
+            return requested
+        free = next((c for c in range(self.num_clients) if self.book.holder_of(c) is None), None)
+        if free is None:
+            return Refusal(
+                "identity_in_use",
+                f"all {self.num_clients} client ids belong to other identities in this run",
+            )
+        return free
 
     def session_for(self, client_id: int) -> Session | None:
         """The live session of a participant; the caller holds the lock."""
         sid = self.by_client.get(client_id)
         session = self.sessions[sid] if sid is not None else None
         return session if session is not None and session.alive else None
+
+    def live(self, session_id: str) -> Session | None:
+        """The live session ``session_id``, without counting it as a sign of life."""
+        with self.lock:
+            session = self.sessions.get(session_id)
+            return session if session is not None and session.alive else None
 
     def free_client_id(self) -> int | None:
         taken = set(self.alive_clients())
@@ -234,6 +446,12 @@ class Registry:
             session.last_seen = time.monotonic()
             return session
 
+    def deregister(self, session: Session, reason: str) -> None:
+        """The client ended its session (it failed locally): never sampled again."""
+        with self.lock:
+            if session.alive:
+                self._kill(session, reason, verb="left")
+
     def reap(self, timeout_s: float) -> None:
         """Declare dead the sessions whose heartbeats stopped; fail their open tasks."""
         now = time.monotonic()
@@ -242,10 +460,10 @@ class Registry:
                 if session.alive and now - session.last_seen > timeout_s:
                     self._kill(session, f"no heartbeat for {timeout_s:.0f} s")
 
-    def _kill(self, session: Session, why: str) -> None:
+    def _kill(self, session: Session, why: str, verb: str = "lost") -> None:
         session.alive = False
         who = self.describe(session.client_id)
-        log.warning("%s (%s) lost: %s", who, session.name, why)
+        log.warning("%s (%s) %s: %s", who, session.identity or session.name, verb, why)
         for ot in self.open_tasks.values():
             if ot.session_id == session.session_id and not ot.done.is_set():
                 ot.outcome = ClientFailure(
@@ -255,16 +473,41 @@ class Registry:
 
 
 class FederationServicer:
-    """Request handlers. Each takes raw bytes and returns raw bytes."""
+    """Request handlers. Each takes raw bytes and returns raw bytes.
+
+    Every call is authenticated before a handler runs (:class:`_Gate`): Register by the
+    credential (a token in the call's metadata; the client certificate of mutual TLS is
+    checked by the TLS handshake itself), every other call by a live session in its
+    metadata that belongs to the credential's identity. Handlers then check that the
+    session named in the message is that one.
+    """
 
     def __init__(
-        self, registry: Registry, options: DeployOptions, tokens: TokenStore | None
+        self,
+        registry: Registry,
+        options: DeployOptions,
+        tokens: TokenStore | None,
+        revoked: RevocationList | None = None,
     ) -> None:
         self.registry = registry
         self.options = options
         self.tokens = tokens
+        self.revoked = revoked
+        self.watchdog = StreamWatchdog(
+            options.idle_stream_timeout_s,
+            lambda peer: registry.reject(
+                "idle_stream",
+                f"result stream from {peer} silent for {options.idle_stream_timeout_s:.0f} s",
+            ),
+        )
 
-    # --- Register / Heartbeat -------------------------------------------------------------
+    def identity(self, metadata: Any, context: grpc.ServicerContext | None = None) -> str | None:
+        """The caller's identity: its token's owner, else its certificate's common name."""
+        if self.tokens is not None:
+            return self.tokens.check(_bearer(metadata))
+        return _mtls_name(context) if context is not None else None
+
+    # --- Register / Heartbeat / Deregister -------------------------------------------------
 
     def register(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         reg = self.registry
@@ -280,32 +523,44 @@ class FederationServicer:
             )
             reg.reject("protocol_version", reason)
             return _refuse(reason)
-        name = req.name or "client"
-        authenticated = self.tokens is not None or _mtls_name(context) is not None
-        if self.tokens is not None:
-            owner = self.tokens.check(req.token)
-            if owner is None:
-                reason = "token refused: unknown or revoked; ask the operator for a valid token"
-                reg.reject("bad_token", f"{name} from {context.peer()}: {reason}")
-                return _refuse(reason)
-            name = owner
-        else:
-            name = _mtls_name(context) or name
-        if req.role not in ("", "trainer"):
-            return self._register_role(req.role, name, authenticated, context)
-        client_id = req.partition if req.partition >= 0 else reg.free_client_id()
-        if client_id is None or not 0 <= client_id < reg.num_clients:
-            reason = f"client id {req.partition} is outside 0..{reg.num_clients - 1}"
-            reg.reject("bad_client_id", reason)
+        identity = self.identity(context.invocation_metadata(), context)
+        authenticated = self.tokens is not None or identity is not None
+        if self.tokens is not None and identity is None:  # the gate lets none through
+            reason = "token refused: unknown or revoked; ask the operator for a valid token"
+            reg.reject("bad_token", f"from {context.peer()}: {reason}")
             return _refuse(reason)
-        session = reg.add_session(int(client_id), name)
-        log.info("client %d registered as '%s' from %s", client_id, name, context.peer())
-        return self._accept(session)
+        if identity is not None and self.revoked is not None and self.revoked.has(identity):
+            reason = f"the credential of identity '{identity}' is revoked; ask the operator"
+            reg.reject("revoked", f"from {context.peer()}: {reason}")
+            return _refuse(reason)
+        name = identity or req.name or "client"
+        role = req.role if req.role not in ("", "trainer") else ""
+        if role:
+            refusal = self._check_role(role, name, authenticated)
+            if refusal is not None:
+                return refusal
+        opened = reg.open_session(
+            identity=identity if authenticated else None,
+            requested=int(req.partition),
+            name=name,
+            peer=context.peer(),
+            role=role,
+            previous=req.previous_session,
+            replace_stale=req.replace_stale,
+        )
+        if isinstance(opened, Refusal):
+            reg.reject(opened.reason, f"'{name}' from {context.peer()}: {opened.line}")
+            return _refuse(opened.line)
+        log.info(
+            "%s registered as '%s' from %s",
+            reg.describe(opened.client_id),
+            opened.identity,
+            context.peer(),
+        )
+        return self._accept(opened)
 
-    def _register_role(
-        self, role: str, name: str, authenticated: bool, context: grpc.ServicerContext
-    ) -> bytes:
-        """Accept a participant for a role the run needs, if the credentials name it."""
+    def _check_role(self, role: str, name: str, authenticated: bool) -> bytes | None:
+        """A refusal if this run has no such role or the credentials do not name it."""
         reg = self.registry
         if role not in reg.roles:
             needed = ", ".join(f"'{r}'" for r in reg.roles) or "none"
@@ -323,9 +578,7 @@ class FederationServicer:
             )
             reg.reject("bad_role", reason)
             return _refuse(reason)
-        session = reg.add_session(reg.roles[role], name)
-        log.info("%s registered as '%s' from %s", role, name, context.peer())
-        return self._accept(session)
+        return None
 
     def _accept(self, session: Session) -> bytes:
         """The reply to an accepted registration: the session and the experiment."""
@@ -339,16 +592,41 @@ class FederationServicer:
             heartbeat_interval_s=self.options.heartbeat_interval_s,
         ).SerializeToString()
 
+    def _own_session(self, session_id: str, context: grpc.ServicerContext) -> bool:
+        """Whether ``session_id`` is the session this call was admitted for."""
+        return _session_header(context.invocation_metadata()) == session_id
+
     def heartbeat(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         try:
             req = pb.HeartbeatRequest.FromString(raw)
         except DecodeError:
             self.registry.reject("malformed", "unparseable HeartbeatRequest")
             return pb.HeartbeatReply(known=False).SerializeToString()
-        known = self.registry.touch(req.session_id) is not None
-        if not known:
+        if not self._own_session(req.session_id, context):
+            self.registry.reject("wrong_session", f"heartbeat from {context.peer()}")
+            return pb.HeartbeatReply(known=False).SerializeToString()
+        session = self.registry.touch(req.session_id)
+        if session is None:
             self.registry.reject("unknown_session", f"heartbeat from {context.peer()}")
-        return pb.HeartbeatReply(known=known).SerializeToString()
+        elif self.revoked is not None and self.revoked.has(session.identity):
+            self.registry.deregister(session, "its credential was revoked")
+            session = None
+        return pb.HeartbeatReply(known=session is not None).SerializeToString()
+
+    def deregister(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        """A client that cannot go on ends its session; the reason goes to the log."""
+        try:
+            req = pb.DeregisterRequest.FromString(raw)
+        except DecodeError:
+            self.registry.reject("malformed", "unparseable DeregisterRequest")
+            return pb.DeregisterReply(known=False).SerializeToString()
+        session = self.registry.live(req.session_id)
+        if session is None or not self._own_session(req.session_id, context):
+            self.registry.reject("unknown_session", f"deregister from {context.peer()}")
+            return pb.DeregisterReply(known=False).SerializeToString()
+        reason = " ".join(req.reason.split())[:500] or "no reason given"
+        self.registry.deregister(session, reason)
+        return pb.DeregisterReply(known=True).SerializeToString()
 
     # --- PullTask ---------------------------------------------------------------------
 
@@ -359,17 +637,50 @@ class FederationServicer:
         except DecodeError:
             reg.reject("malformed", "unparseable PullRequest")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed PullRequest")
+        if not self._own_session(req.session_id, context):
+            reg.reject("wrong_session", f"PullTask from {context.peer()}")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "not this call's session")
         session = reg.touch(req.session_id)
         if session is None:
             reg.reject("unknown_session", f"PullTask from {context.peer()}")
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; register again")
             return
+        if not self._open_stream(session):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
+        try:
+            yield from self._poll(session, context)
+        finally:
+            self._close_stream(session)
+
+    def _open_stream(self, session: Session) -> bool:
+        """Count a call of ``session`` in progress; False (counted) if over its cap."""
+        reg = self.registry
+        with reg.lock:
+            if session.streams >= self.options.max_streams_per_client:
+                over = True
+            else:
+                session.streams += 1
+                over = False
+        if over:
+            reg.reject(
+                "too_many_streams",
+                f"{reg.describe(session.client_id)} ({session.identity}) has "
+                f"{self.options.max_streams_per_client} calls in progress",
+            )
+        return not over
+
+    def _close_stream(self, session: Session) -> None:
+        with self.registry.lock:
+            session.streams -= 1
+
+    def _poll(self, session: Session, context: grpc.ServicerContext) -> Iterator[bytes]:
+        reg = self.registry
         deadline = time.monotonic() + self.options.poll_timeout_s
         while True:
             if reg.stopping:
                 with reg.lock:
                     reg.told_to_stop.add(session.session_id)
-                yield _task_header(pb.TASK_STOP)
+                yield _task_header(pb.TASK_PAUSE if reg.pausing else pb.TASK_STOP)
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not context.is_active():
@@ -408,6 +719,22 @@ class FederationServicer:
     # --- PushResult -------------------------------------------------------------------
 
     def push_result(self, raws: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        session = self.registry.live(_session_header(context.invocation_metadata()))
+        if session is None:  # the gate admitted it; the session died since
+            return self._refuse_result("unknown_session", "result from an ended session")
+        if not self._open_stream(session):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
+        # A stream that stops sending is cancelled after deploy.idle_stream_timeout_s.
+        watched = self.watchdog.watch(raws, context)
+        try:
+            return self._push(watched, context, session)
+        except (grpc.RpcError, IdleStreamError):  # idle (counted by the watchdog), or gone
+            return pb.PushReply(accepted=False, reason="cancelled").SerializeToString()
+        finally:
+            self.watchdog.forget(context)
+            self._close_stream(session)
+
+    def _push(self, raws: Iterator[bytes], context: grpc.ServicerContext, caller: Session) -> bytes:
         reg = self.registry
         try:
             first = pb.ResultMessage.FromString(next(raws))
@@ -416,6 +743,12 @@ class FederationServicer:
         if first.WhichOneof("part") != "header":
             return self._refuse_result("malformed", "result stream does not start with a header")
         head = first.header
+        if head.session_id != caller.session_id:
+            known = reg.live(head.session_id) is not None
+            return self._refuse_result(
+                "wrong_session" if known else "unknown_session",
+                f"result for task '{head.task_id[:40]}' names another session",
+            )
         session = reg.touch(head.session_id)
         if session is None:
             return self._refuse_result("unknown_session", f"result for task '{head.task_id[:40]}'")
@@ -531,16 +864,157 @@ class FederationServicer:
         return pb.PushReply(accepted=False, reason=f"{reason}: {detail}").SerializeToString()
 
     def handler(self) -> grpc.GenericRpcHandler:
-        """The service's methods; without (de)serializers, so requests and replies are bytes."""
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
+        """The service's methods behind the authentication gate (:class:`_Gate`)."""
+        return _Gate(
+            self,
             {
                 "Register": grpc.unary_unary_rpc_method_handler(self.register),
                 "Heartbeat": grpc.unary_unary_rpc_method_handler(self.heartbeat),
                 "PullTask": grpc.unary_stream_rpc_method_handler(self.pull_task),
                 "PushResult": grpc.stream_unary_rpc_method_handler(self.push_result),
+                "Deregister": grpc.unary_unary_rpc_method_handler(self.deregister),
             },
         )
+
+
+class _Gate(grpc.GenericRpcHandler):
+    """Admits a call only with credentials, before any of its messages is read.
+
+    gRPC asks for a call's handler on its serving thread, with the call's metadata and
+    before a worker thread is taken; answering None there ends the call at once
+    (UNIMPLEMENTED) at no cost. So a flood of calls without a valid token, or without a
+    live session of the caller's own identity, never occupies a worker: it cannot stall
+    registrations or rounds. Each refused call is counted under ``unauthenticated``.
+    """
+
+    def __init__(
+        self, servicer: FederationServicer, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.servicer = servicer
+        self.handlers = {f"/{SERVICE}/{name}": h for name, h in handlers.items()}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self.handlers.get(details.method)
+        if handler is None:
+            return None
+        servicer, reg = self.servicer, self.servicer.registry
+        metadata = details.invocation_metadata
+        identity = servicer.identity(metadata) if servicer.tokens is not None else None
+        if details.method.endswith("/Register"):
+            if servicer.tokens is not None and identity is None:
+                reg.reject("bad_token", "a registration without a valid token")
+                return None
+            return handler
+        if servicer.tokens is not None and identity is None:
+            reg.reject("unauthenticated", f"{details.method} without a valid token")
+            return None
+        session = reg.live(_session_header(metadata))
+        if session is None:
+            reg.reject("unauthenticated", f"{details.method} without a live session")
+            return None
+        if identity is not None and session.identity != identity:
+            reg.reject(
+                "wrong_session",
+                f"'{identity}' called {details.method} with the session of '{session.identity}'",
+            )
+            return None
+        return handler
+
+
+class IdleStreamError(Exception):
+    """A result stream the watchdog cancelled ended (already counted as idle_stream)."""
+
+
+class StreamWatchdog:
+    """Cancels result streams that stop sending: a client that opens a stream and idles
+    holds a worker thread, so no stream may be silent for longer than ``idle_s``."""
+
+    def __init__(self, idle_s: float, on_idle: Callable[[str], None]) -> None:
+        self.idle_s = idle_s
+        self.on_idle = on_idle
+        self._lock = threading.Lock()
+        self._last: dict[int, tuple[grpc.ServicerContext, float]] = {}
+        self._cancelled: set[int] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._progress(context)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True)
+                self._thread.start()
+        return self._counting(raws, context)
+
+    def _counting(self, raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for raw in raws:
+            self._progress(context)
+            yield raw
+        with self._lock:
+            cancelled = id(context) in self._cancelled
+        if cancelled:  # the stream ended because we cut it: counted once, as idle_stream
+            raise IdleStreamError
+
+    def _progress(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._last[id(context)] = (context, time.monotonic())
+
+    def forget(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._last.pop(id(context), None)
+            self._cancelled.discard(id(context))
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.idle_s / 4))
+            now = time.monotonic()
+            with self._lock:
+                idle = [c for c, t in self._last.values() if now - t > self.idle_s]
+                for context in idle:
+                    del self._last[id(context)]
+                    self._cancelled.add(id(context))
+            for context in idle:
+                self.on_idle(context.peer())  # counted before the caller can see it
+                context.cancel()
+
+
+class RevocationList:
+    """Identities whose credentials are revoked (one per line), re-read when it changes.
+
+    A certificate cannot be un-issued; listing its identity here (``fedloom certs
+    --revoke NAME``) makes the server refuse it at registration and end its session.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mtime = -1.0
+        self._names: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    def has(self, identity: str) -> bool:
+        with self._lock:
+            try:
+                mtime = self.path.stat().st_mtime
+            except FileNotFoundError:
+                return False
+            if mtime != self._mtime:
+                lines = self.path.read_text().splitlines()
+                self._names = frozenset(n.strip() for n in lines if n.strip())
+                self._mtime = mtime
+            return identity in self._names
+
+
+def _bearer(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == AUTH_HEADER and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :]
+    return ""
+
+
+def _session_header(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == SESSION_HEADER and isinstance(value, str):
+            return value[:64]
+    return ""
 
 
 def _eval_metrics(head: Any, metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -617,11 +1091,22 @@ class GrpcExecutor:
         """
         wait_s = self.options.wait_for_clients_s
         deadline = time.monotonic() + wait_s
+        next_report = time.monotonic() + PROGRESS_EVERY_S
         while True:
             connected = len(self.registry.alive_clients())
             missing = self.registry.missing_roles()
             if connected >= count and not missing:
                 return
+            if time.monotonic() >= next_report:
+                next_report += PROGRESS_EVERY_S
+                roles = f"; no {', '.join(missing)} yet" if missing else ""
+                progress.info(
+                    "waiting for clients: %d of %d connected%s (gives up in %.0f s)",
+                    connected,
+                    count,
+                    roles,
+                    max(0.0, deadline - time.monotonic()),
+                )
             if time.monotonic() > deadline:
                 if connected >= count:
                     role = missing[0]
@@ -706,7 +1191,10 @@ class GrpcExecutor:
             if not isinstance(item, OpenTask):
                 outcomes.append(item)
                 continue
-            item.done.wait(max(0.0, deadline - time.monotonic()))
+            while not item.done.wait(min(PROGRESS_EVERY_S, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    break
+                self._report_waiting(opened, deadline)
             with reg.lock:
                 reg.open_tasks.pop(item.task_id, None)
                 if not item.done.is_set():
@@ -714,6 +1202,26 @@ class GrpcExecutor:
                     item.outcome = None
             outcomes.append(self._finish(item))
         return outcomes
+
+    def _report_waiting(self, opened: Sequence[OpenTask | Outcome], deadline: float) -> None:
+        """Tell the operator whom the round waits for, and until when."""
+        reg = self.registry
+        waiting = [o for o in opened if isinstance(o, OpenTask) and not o.done.is_set()]
+        if not waiting:
+            return
+        with reg.lock:
+            names = [
+                f"{reg.describe(o.task.client_id)} ({reg.sessions[o.session_id].identity})"
+                for o in waiting
+                if o.session_id in reg.sessions
+            ]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        progress.info(
+            "round %d: waiting for %s (deadline in %.0f s)",
+            waiting[0].task.round,
+            shown,
+            max(0.0, deadline - time.monotonic()),
+        )
 
     def _finish(self, ot: OpenTask) -> Outcome:
         task = ot.task
@@ -750,12 +1258,15 @@ class GrpcExecutor:
     def load_client_state(self, manifest: Mapping[str, Any]) -> None:
         return None
 
-    def close(self, wait: bool = False) -> None:
+    def close(self, wait: bool = False, *, pause: bool = False) -> None:
         """Stop the reaper and end the run: each client is told so at its next poll.
 
-        With ``wait``, return once every live client has been told, or after one long
-        poll (plus 2 s) at the most; then stopping the gRPC server loses no one.
+        With ``pause`` the run is not over (the server stops to be resumed): clients are
+        told to wait for it and register again, not to exit. With ``wait``, return once
+        every live client has been told, or after one long poll (plus 2 s) at the most;
+        then stopping the gRPC server loses no one.
         """
+        self.registry.pausing = pause
         self.registry.stopping = True
         self._stop.set()
         if not wait:
@@ -784,7 +1295,11 @@ def start_grpc_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # One server per address: with port reuse (gRPC's default on Linux) a second
+            # server binds the same port and the clients split between the two runs.
+            ("grpc.so_reuseport", 0),
         ],
+        # The server-wide cap: beyond it a call is refused (RESOURCE_EXHAUSTED).
         maximum_concurrent_rpcs=max_workers * 4,
     )
     server.add_generic_rpc_handlers((servicer.handler(),))
