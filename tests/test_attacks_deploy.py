@@ -3,6 +3,8 @@ red-team process (sign-flipped, scaled updates); the server defends with its agg
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,6 @@ import numpy as np
 import pytest
 
 from fedloom.attacks.poisoning import malicious_client_ids
-from fedloom.cli import main
 from fedloom.config import RunConfig, load_config
 from fedloom.engine.deploy import ServerSecurity, run_server
 from fedloom.engine.grpc.client import BuiltinApp, Credentials, run_client
@@ -40,25 +41,33 @@ def _deploy(
     cfg: RunConfig, out: Path, state: Path, *, red_team: str | None = None
 ) -> dict[str, Any]:
     """A deployment of built-in partitions; with ``red_team``, partition 0 is a
-    ``fedloom client --attack ...`` process's worth of red team (the CLI, in a thread)."""
+    ``fedloom client --attack ...`` subprocess; the honest clients run in threads."""
 
     def client(i: int) -> Callable[[str], int]:
         if i == 0 and red_team is not None:
-            return lambda address: main(
-                [
-                    "client",
-                    "--server",
-                    address,
-                    "--partition",
-                    "0",
-                    "--insecure",
-                    "--state-dir",
-                    str(state),
-                    "--attack",
-                    red_team,
-                    "--attack-set",
-                    "factor=10.0",
-                ]
+            # A separate `fedloom client` process, as a compromised site would run it.
+            return lambda address: (
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "fedloom.cli",
+                        "client",
+                        "--server",
+                        address,
+                        "--partition",
+                        "0",
+                        "--insecure",
+                        "--state-dir",
+                        str(state),
+                        "--attack",
+                        red_team,
+                        "--attack-set",
+                        "factor=10.0",
+                    ],
+                    check=False,
+                    timeout=600,
+                ).returncode
             )
         return lambda address: run_client(
             address,
@@ -97,7 +106,9 @@ def test_red_team_client_breaks_the_mean_and_robust_aggregators_hold(tmp_path: P
     clean = run_simulation(_config("rounds=3"), tmp_path / "clean")["final"]["accuracy"]
     results = {}
     for agg in ("mean", "multi_krum", "centered_clipping"):
-        cfg = _config("rounds=3", f"server.aggregator='{agg}'")
+        # The deployment's guard rails alone reject a 10x norm outlier; they are off here so
+        # that the aggregator is what faces the attack.
+        cfg = _config("rounds=3", f"server.aggregator='{agg}'", "guards.norm_outliers='off'")
         summary = _deploy(cfg, tmp_path / agg, tmp_path / f"state-{agg}", red_team="sign_flip")
         assert "attack" not in summary
         results[agg] = summary["final"]["accuracy"]
