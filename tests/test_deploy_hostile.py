@@ -283,7 +283,7 @@ def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> Non
         flood = [anon._push.future(_release_on(release)) for _ in range(300)]
         for call in flood:
             with pytest.raises(grpc.RpcError) as err:
-                call.result(timeout=60)
+                call.result(timeout=300)
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         ledger.sent += len(flood)
         ledger.by_reason["unauthenticated"] += len(flood)
@@ -292,7 +292,7 @@ def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> Non
         idle = [m._push.future(_release_on(release), metadata=m.metadata()) for _ in range(4)]
         mallory = registry.live(msid)
         assert mallory is not None
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while mallory.streams < 4:  # until the server holds all four open
             assert time.monotonic() < deadline, mallory.streams
             time.sleep(0.01)
@@ -301,7 +301,7 @@ def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> Non
         servicer.watchdog.idle_s = 1.0  # nothing else streams meanwhile
         for call in idle:  # each cancelled once silent for idle_stream_timeout_s
             with pytest.raises(grpc.RpcError):
-                call.result(timeout=60)
+                call.result(timeout=300)
         ledger.sent += len(idle)
         ledger.by_reason["idle_stream"] += len(idle)
         registry_idle = registry.rejections["idle_stream"]
