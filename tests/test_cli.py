@@ -74,7 +74,16 @@ def test_sigint_then_resume_in_real_processes(tmp_path: Path) -> None:
         str(run),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: restore the default so that how the suite was launched cannot matter.
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     # A bound, not a timing: on a busy machine start-up alone can take minutes.
     deadline = time.monotonic() + 600
     checkpointed = 0  # the last round checkpointed when the interrupt was sent
