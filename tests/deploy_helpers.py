@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def set_args(overrides: Sequence[str]) -> list[str]:
+    """``--set KEY=VALUE`` arguments for a CLI command, one pair per override."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

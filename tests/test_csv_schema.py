@@ -5,7 +5,7 @@ columns are typed by the schema, not by their position."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import pytest
 from fedloom.config import ConfigError, DataConfig, load_config
 from fedloom.data.tabular import build_csv
 
-from .deploy_helpers import Proc, fedloom
+from .deploy_helpers import fedloom, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ["site", "age", "smoker", "dose", "outcome"]
@@ -149,23 +149,14 @@ def test_the_schema_is_a_config_key(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ real processes
 
 
-@pytest.fixture
-def procs() -> Iterator[Callable[[list[str]], Proc]]:
-    started: list[Proc] = []
-
-    def start(args: list[str]) -> Proc:
-        p = Proc(args)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.kill()
-
-
 def test_sites_with_reordered_or_renamed_columns_are_refused_by_name(procs, tmp_path: Path) -> None:
     """The server pins the schema of its own file; a site whose file has two columns
-    swapped, and one with a column renamed, each exit 2 with a line naming it."""
+    swapped, and one with a column renamed, each exit 2 with a line naming it.
+
+    The server waits for three clients, so it never starts a round: with one, the
+    first bad site's failure ends the one-round run, and on a busy machine the second
+    site would then find no server and wait out its ``--max-wait`` instead of being
+    checked."""
     rows = list(csv.reader((ROOT / "examples/data/hospitals.csv").open()))
     header, body = rows[0], [r for r in rows[1:] if r[0] == "north"]
     swapped = header[:]
@@ -173,7 +164,7 @@ def test_sites_with_reordered_or_renamed_columns_are_refused_by_name(procs, tmp_
     idx = [header.index(c) for c in swapped]
     reordered = _write(tmp_path / "reordered.csv", swapped, [[r[i] for i in idx] for r in body])
     renamed = _write(tmp_path / "renamed.csv", ["site", "radius", *header[2:]], body)
-    sets = ["rounds=1", "server.min_fit_clients=1", "deploy.wait_for_clients_s=120"]
+    sets = ["rounds=1", "server.min_fit_clients=3", "deploy.wait_for_clients_s=3600"]
     server = procs(
         fedloom(
             "server",
@@ -182,7 +173,7 @@ def test_sites_with_reordered_or_renamed_columns_are_refused_by_name(procs, tmp_
             "127.0.0.1:0",
             "--out",
             str(tmp_path / "run"),
-            *[a for s in sets for a in ("--set", s)],
+            *set_args(sets),
         )
     )
     port = int(server.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
@@ -191,8 +182,8 @@ def test_sites_with_reordered_or_renamed_columns_are_refused_by_name(procs, tmp_
         procs(fedloom("client", "--server", address, "--insecure", "--data", str(p)))
         for p in (reordered, renamed)
     ]
-    assert bad[0].wait(600) == 2, bad[0].output
-    assert bad[1].wait(600) == 2, bad[1].output
+    assert bad[0].wait(240) == 2, bad[0].output
+    assert bad[1].wait(240) == 2, bad[1].output
     assert (
         f"has column '{header[2]}' at position 2, where the experiment's schema "
         f"(data.columns) has '{header[1]}'"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from fedloom.engine.grpc.certs import make_dev_certs
 from fedloom.engine.simulation import run_simulation
 from fedloom.store import RunStore
 
-from .deploy_helpers import Proc, fedloom, free_port, key_guarded_server, slow_client
+from .deploy_helpers import Proc, fedloom, free_port, key_guarded_server, set_args, slow_client
 
 FAST = [
     "client.epochs=1",
@@ -39,30 +39,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | list[str]]
     return {"dir": base, "tokens": tokens, "plain": names, "key_holder": key_holder}
 
 
-@pytest.fixture
-def procs() -> Iterator[Callable[[list[str]], Proc]]:
-    started: list[Proc] = []
-
-    def start(args: list[str]) -> Proc:
-        p = Proc(args)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.kill()
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
 def _server_args(
     pki: dict, out: Path, overrides: list[str], port: int = 0, resume: bool = False
 ) -> list[str]:
     """``fedloom server`` with TLS and tokens: a new run in ``out``, or ``--resume out``."""
     certs = Path(pki["dir"]) / "certs"
-    run = ["--resume", str(out)] if resume else ["--out", str(out), *_sets(overrides)]
+    run = ["--resume", str(out)] if resume else ["--out", str(out), *set_args(overrides)]
     return fedloom(
         "server",
         "--address",
@@ -241,7 +223,7 @@ def test_mutual_tls_requires_a_client_certificate(pki: dict, procs, tmp_path: Pa
             str(certs / "ca.pem"),
             "--out",
             str(tmp_path / "run"),
-            *_sets(["rounds=1", "data.num_clients=1", "server.min_fit_clients=1", *FAST]),
+            *set_args(["rounds=1", "data.num_clients=1", "server.min_fit_clients=1", *FAST]),
         )
     )
     port = _port(server)
@@ -298,7 +280,7 @@ def test_clients_train_on_their_own_csv_files(procs, tmp_path: Path) -> None:
             "127.0.0.1:0",
             "--out",
             str(tmp_path / "run"),
-            *_sets(sets),
+            *set_args(sets),
         )
     )
     port = _port(server)
@@ -334,7 +316,7 @@ def test_own_csv_needs_pinned_classes(procs, tmp_path: Path) -> None:
             "127.0.0.1:0",
             "--out",
             str(tmp_path / "run"),
-            *_sets(sets),
+            *set_args(sets),
         )
     )
     port = _port(server)

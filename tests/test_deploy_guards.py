@@ -5,18 +5,16 @@ model stays finite and close to the clean run's, and the honest clients finish."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fedloom.config import load_config
 from fedloom.engine.simulation import run_simulation
 from fedloom.server.guards import NORM_REJECTED
 from fedloom.store import RunStore
 
-from .deploy_helpers import Proc, fedloom
+from .deploy_helpers import fedloom, set_args
 
 SETS = [
     "rounds=2",
@@ -31,24 +29,6 @@ SETS = [
 ]
 
 
-@pytest.fixture
-def procs() -> Iterator[Callable[[list[str]], Proc]]:
-    started: list[Proc] = []
-
-    def start(args: list[str]) -> Proc:
-        p = Proc(args)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.kill()
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
 def _final(run: Path) -> tuple[np.ndarray, list[dict], list[dict]]:
     with RunStore.open(run) as store:
         ckpt = store.latest_checkpoint()
@@ -58,7 +38,9 @@ def _final(run: Path) -> tuple[np.ndarray, list[dict], list[dict]]:
 
 def test_a_hostile_client_process_cannot_wreck_the_model(procs, tmp_path: Path) -> None:
     server = procs(
-        fedloom("server", "--address", "127.0.0.1:0", "--out", str(tmp_path / "run"), *_sets(SETS))
+        fedloom(
+            "server", "--address", "127.0.0.1:0", "--out", str(tmp_path / "run"), *set_args(SETS)
+        )
     )
     port = int(server.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
     address = f"127.0.0.1:{port}"

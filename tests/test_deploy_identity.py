@@ -10,7 +10,6 @@ import csv
 import json
 import logging
 import stat
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -38,7 +37,7 @@ from fedloom.engine.grpc.client import (
 from fedloom.engine.grpc.server import DeployOptions, IdentityBook, Refusal, Registry
 from fedloom.store import RunStore
 
-from .deploy_helpers import Proc, fedloom, free_port, serving
+from .deploy_helpers import Proc, fedloom, free_port, serving, set_args
 
 FAST = [
     "rounds=1",
@@ -50,24 +49,6 @@ FAST = [
     "deploy.poll_timeout_s=1",
     "deploy.wait_for_clients_s=300",
 ]
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
-@pytest.fixture
-def procs() -> Iterator[Callable[[list[str]], Proc]]:
-    started: list[Proc] = []
-
-    def start(args: list[str]) -> Proc:
-        p = Proc(args)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.kill()
 
 
 def _port(server: Proc) -> int:
@@ -99,7 +80,7 @@ def test_duplicate_token_identity_is_refused_in_real_processes(procs, tmp_path: 
             "--out",
             str(tmp_path / "run"),
             "-v",
-            *_sets(FAST),
+            *set_args(FAST),
         )
     )
     port = _port(server)
@@ -148,7 +129,7 @@ def test_duplicate_certificate_identity_is_refused_with_mutual_tls(procs, tmp_pa
             str(certs / "ca.pem"),
             "--out",
             str(tmp_path / "run"),
-            *_sets(FAST),
+            *set_args(FAST),
         )
     )
     port = _port(server)
@@ -225,7 +206,7 @@ def test_client_failing_on_its_data_deregisters_and_rounds_go_on(procs, tmp_path
             "127.0.0.1:0",
             "--out",
             str(tmp_path / "run"),
-            *_sets(sets),
+            *set_args(sets),
         )
     )
     port = _port(server)
@@ -372,7 +353,7 @@ def test_no_client_authentication_warns_and_needs_a_flag_off_loopback(
 
 def test_second_server_on_a_bound_port_exits_2_in_one_line(procs, tmp_path: Path) -> None:
     port = free_port()
-    args = ["server", "--address", f"127.0.0.1:{port}", *_sets(FAST)]
+    args = ["server", "--address", f"127.0.0.1:{port}", *set_args(FAST)]
     first = procs(fedloom(*args, "--out", str(tmp_path / "one")))
     _port(first)
     second = procs(fedloom(*args, "--out", str(tmp_path / "two")))

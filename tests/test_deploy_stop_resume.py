@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,25 +14,7 @@ import pytest
 from fedloom.cli import main
 from fedloom.engine.grpc.auth import add_token
 
-from .deploy_helpers import Proc, fedloom, free_port, slow_client
-
-
-@pytest.fixture
-def procs() -> Iterator[Callable[[list[str]], Proc]]:
-    started: list[Proc] = []
-
-    def start(args: list[str]) -> Proc:
-        p = Proc(args)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.kill()
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
+from .deploy_helpers import fedloom, free_port, set_args, slow_client
 
 
 def test_sigterm_then_resume_completes_with_the_same_clients(procs, tmp_path: Path) -> None:
@@ -55,7 +36,7 @@ def test_sigterm_then_resume_completes_with_the_same_clients(procs, tmp_path: Pa
         "deploy.poll_timeout_s=1",
         "deploy.wait_for_clients_s=300",
     ]
-    server = procs(fedloom(*server_args, "--out", str(out), *_sets(sets)))
+    server = procs(fedloom(*server_args, "--out", str(out), *set_args(sets)))
     server.wait_for(r"listening on", timeout=300)
     clients = [
         procs(
@@ -83,7 +64,7 @@ def test_sigterm_then_resume_completes_with_the_same_clients(procs, tmp_path: Pa
     stopped_at = max(r["round"] for r in _rounds(out))
     assert stopped_at < 4
 
-    resumed = procs(fedloom(*server_args, "--resume", str(out), *_sets(["rounds=5"])))
+    resumed = procs(fedloom(*server_args, "--resume", str(out), *set_args(["rounds=5"])))
     assert resumed.wait(600) == 0, resumed.output
     for c in clients:
         assert c.wait(300) == 0, c.output
