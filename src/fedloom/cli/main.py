@@ -21,10 +21,12 @@ from fedloom.attacks.leakage_settings import (
     add_leakage_arguments,
 )
 from fedloom.cli.common import make_console, setup_logging, user_error
+from fedloom.cli.compare import add_compare_parser, cmd_compare
 from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.estimate import cmd_estimate
 from fedloom.cli.leakage import cmd_leakage
 from fedloom.cli.pretrain import add_pretrain_parser, cmd_pretrain
+from fedloom.cli.report_html import add_html_arguments, cmd_report_html
 from fedloom.cli.robustness import DESCRIPTION as ROBUSTNESS_DESCRIPTION
 from fedloom.cli.robustness import add_robustness_arguments, cmd_robustness
 from fedloom.cli.run import cmd_centralized, cmd_report, cmd_run
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="re-draw plots and print the tables of a run")
     report.add_argument("run_dir", type=Path)
+    add_html_arguments(report)
 
     server = sub.add_parser("server", help="serve an experiment to real client processes")
     _add_config_args(server)
@@ -214,6 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(robustness)
     add_robustness_arguments(robustness)
     add_pretrain_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 
@@ -291,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_robustness(args, console)
         if args.command == "pretrain":
             return cmd_pretrain(args, console)
+        if args.command == "compare":
+            return cmd_compare(args, console)
+        if args.command == "report" and (args.html or args.out is not None):
+            return cmd_report_html(args, console)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)
