@@ -91,22 +91,23 @@ def load_run(path: Path, label: str | None = None) -> RunView:
 def unique_labels(paths: Sequence[Path]) -> list[str]:
     """Each run's directory name, with as many parent folders as it takes to tell apart
     runs that share a name (``a/run`` and ``b/run``); a run named twice gets ``#2``."""
-    parts = [Path(p).resolve().parts[1:] or (str(p),) for p in paths]
-
-    def labels_at(depth: int) -> list[str]:
-        return ["/".join(p[-depth:]) for p in parts]
-
-    labels = labels_at(1)
-    for depth in range(2, max(len(p) for p in parts) + 1) if parts else ():
+    resolved = [Path(p).resolve() for p in paths]
+    distinct = list(dict.fromkeys(resolved))
+    parts = [p.parts[1:] or (str(p),) for p in distinct]
+    labels = ["/".join(p[-1:]) for p in parts]
+    for depth in range(2, max((len(p) for p in parts), default=1) + 1):
         if len(set(labels)) == len(labels):
             break
-        deeper = labels_at(depth)
-        labels = [deeper[i] if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
-    seen: dict[str, int] = {}
+        labels = [
+            "/".join(p[-depth:]) if labels.count(lab) > 1 else lab
+            for p, lab in zip(parts, labels, strict=True)
+        ]
+    label_of = dict(zip(distinct, labels, strict=True))
+    seen: dict[Path, int] = {}
     out = []
-    for lab in labels:
-        seen[lab] = seen.get(lab, 0) + 1
-        out.append(lab if seen[lab] == 1 else f"{lab} #{seen[lab]}")
+    for path in resolved:
+        seen[path] = seen.get(path, 0) + 1
+        out.append(label_of[path] if seen[path] == 1 else f"{label_of[path]} #{seen[path]}")
     return out
 
 
