@@ -4,7 +4,9 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck bench clean
+DOCS_STAMP := $(VENV)/.docs-installed
+
+.PHONY: install demo test lint typecheck bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,5 +39,14 @@ bench: $(STAMP)
 	$(PIP) 'flwr[simulation]>=1.10'
 	$(BIN)/python benchmarks/simulation.py
 
+$(DOCS_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(PIP) -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+## Build the documentation site (guides + API reference) into site/; open site/index.html.
+## --strict: any warning (a broken link, a docstring griffe cannot read) fails the build.
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache .ruff_cache
