@@ -4,6 +4,7 @@ devices, and one still running (read through SQLite's WAL while its server waits
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import threading
 from pathlib import Path
@@ -136,6 +137,22 @@ def test_compare_refuses_a_path_that_is_not_a_run(
     assert ".png" in capsys.readouterr().err
     assert main(["compare", str(runs["plain"]), "--out", str(tmp_path / "no" / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_worst10_client_accuracy_is_shown_when_a_run_has_it(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Read generically: a summary that carries ``client_accuracy_worst10`` gets the column."""
+    run = tmp_path / "plain"
+    shutil.copytree(runs["plain"], run)
+    summary = _summary(run)
+    summary["metrics"]["client_accuracy_worst10"] = 0.4321
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert main(["compare", str(runs["dp"]), str(run), "--out", str(tmp_path / "w.png")]) == 0
+    out = capsys.readouterr().out
+    assert "worst-10% acc" in out and "0.4321" in out
+    assert main(["compare", str(runs["dp"]), "--out", str(tmp_path / "w.png")]) == 0
+    assert "worst-10%" not in capsys.readouterr().out
 
 
 def test_unique_labels() -> None:

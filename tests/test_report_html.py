@@ -124,10 +124,12 @@ def test_html_report_is_self_contained_and_complete(
 
     assert page.doctype.lower() == "doctype html" and page.tags[:2] == ["html", "head"]
     assert page.errors == [] and page.stack == []
-    # Nothing outside the file: every src is a data: URI, and there are no links at all.
-    assert page.links and all(attr == "src" for _, attr, _ in page.links)
-    assert all(value.startswith("data:image/png;base64,") for _, _, value in page.links)
-    assert "script" not in page.tags and "link" not in page.tags
+    # Nothing outside the file: every src and href is a data: URI (the images, and an
+    # empty icon so that a browser requests none), with no script at all.
+    assert page.links and all(value.startswith("data:") for _, _, value in page.links)
+    assert [(t, a) for t, a, _ in page.links if a == "href"] == [("link", "href")]
+    assert all(v.startswith("data:image/png;base64,") for _, a, v in page.links if a == "src")
+    assert "script" not in page.tags
     pngs = [base64.b64decode(src.split(",", 1)[1]) for src in page.images]
     assert len(pngs) == 2  # the accuracy plot and the run's clients.png
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") and len(p) > 1000 for p in pngs)

@@ -181,6 +181,8 @@ def render_html(run_dir: Path) -> tuple[str, dict[str, Any]]:
         '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{escape(title)}</title>",
+        # An empty icon in the file itself: a browser asks for none (no request, no error).
+        '<link rel="icon" href="data:,">',
         f"<style>{_CSS}</style>",
         "</head>",
         "<body>",
