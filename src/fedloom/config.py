@@ -666,8 +666,10 @@ class ContributionConfig(_Section):
     permutation once the coalition's utility is this close to the full round's);
     ``round_tolerance``: between-round truncation (every score 0 when the round changed
     the utility by less). ``validation_size``: examples reserved from the server's test
-    set (they leave central evaluation); ``utility``: ``accuracy`` or ``neg_loss`` (−loss).
-    Refused under secure aggregation, which hides the individual updates.
+    set (they leave central evaluation); ``utility``: ``neg_loss`` (−validation loss, the
+    default: accuracy on a few hundred examples moves in steps of 1/n, so small
+    contributions tie or drown in its noise) or ``accuracy``. Refused under secure
+    aggregation, which hides the individual updates.
     """
 
     method: Literal["none", "gtg_shapley", "leave_one_out"] = "none"
@@ -676,7 +678,7 @@ class ContributionConfig(_Section):
     tolerance: float = Field(0.0, ge=0.0)
     round_tolerance: float = Field(0.0, ge=0.0)
     validation_size: int = Field(200, ge=1)
-    utility: Literal["accuracy", "neg_loss"] = "accuracy"
+    utility: Literal["neg_loss", "accuracy"] = "neg_loss"
 
 
 class RunConfig(_Section):
