@@ -55,9 +55,7 @@ def test_exact_shapley_and_leave_one_out_match_the_hand_computed_game() -> None:
 
 
 def test_gtg_shapley_with_enough_permutations_matches_exact_shapley() -> None:
-    phi, used = gtg_shapley(
-        GAME.__getitem__, 3, rng=np.random.default_rng(0), permutations=3000
-    )
+    phi, used = gtg_shapley(GAME.__getitem__, 3, rng=np.random.default_rng(0), permutations=3000)
     assert used == 3000
     np.testing.assert_allclose(phi, SHAPLEY, atol=0.01)
     # Every permutation's marginals add up to v(N) − v(∅): so does the estimate.

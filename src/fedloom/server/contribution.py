@@ -19,9 +19,10 @@ default) or its validation accuracy (``"accuracy"``). Accuracy is coarse on a sm
 validation set: on IID digits (10 clients, 3 rounds, 200 validation examples) with
 accuracy, leave-one-out did not rank the two label-shuffled clients last and
 GTG-Shapley separated them by 0.02 from the next honest client; with −loss both ranked
-them last with a margin of 0.1 or more (tests/test_contribution.py runs that case). The reconstruction is the plain FedAvg step (server learning rate 1);
-with another server optimizer or algorithm it is the clients' share of the round, not
-the exact next model.
+them last with a margin of 0.1 or more (tests/test_contribution.py runs that case).
+The reconstruction is the plain FedAvg step (server learning rate 1); with another
+server optimizer or algorithm it is the clients' share of the round, not the exact
+next model.
 
 Scores:
 
