@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedloom.attacks.poisoning import shuffle_labels
 from fedloom.config import ConfigError, load_config
+from fedloom.data.base import ArrayDataset
 from fedloom.engine.simulation import run_simulation
 from fedloom.server.contribution import (
     coalition_model,
@@ -127,3 +129,14 @@ def test_two_label_shuffled_clients_of_ten_rank_last(tmp_path: Path, method: str
     totals = summary["metrics"]["contribution_total"]
     ranked = sorted(totals, key=lambda c: totals[c])
     assert set(ranked[:2]) == {"2", "7"}, totals
+
+
+def test_label_shuffle_permutes_labels_once_per_client_keeping_class_counts() -> None:
+    y = np.repeat(np.arange(5), 20).astype(np.int64)
+    train = ArrayDataset(np.arange(100, dtype=np.float32).reshape(100, 1), y)
+    a = shuffle_labels(train, seed=0, client_id=3)
+    np.testing.assert_array_equal(a.x, train.x)
+    np.testing.assert_array_equal(np.bincount(a.y), np.bincount(y))
+    assert (a.y != y).mean() > 0.5  # the link between x and y is gone
+    np.testing.assert_array_equal(shuffle_labels(train, seed=0, client_id=3).y, a.y)
+    assert (shuffle_labels(train, seed=0, client_id=4).y != a.y).any()
