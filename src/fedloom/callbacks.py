@@ -9,6 +9,7 @@ API). The shape is pfl-research's ``after_central_iteration``: a hook may stop t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -24,10 +25,19 @@ class RunContext:
     fit_results: list[Any] = field(default_factory=list)
     #: ``time.perf_counter()`` when the current round started.
     round_started: float = 0.0
+    #: The round's federated-evaluation results, one per client that evaluated (empty in
+    #: a round without federated evaluation); set by the evaluation callback, which runs
+    #: first, for stages that look at clients one by one (the client-quality spread).
+    eval_results: list[Any] = field(default_factory=list)
 
 
 class Callback:
     """No-op hooks; override what you need."""
+
+    #: True for a callback that only reads the round record (a tracker, an exporter): the
+    #: run places it after the record is stored, so it sees every field of it, including
+    #: those the user's callbacks add, and it must not change the record.
+    after_record: bool = False
 
     def on_run_start(self, run: RunContext) -> None:
         """Before the first round (of this process: also after a resume)."""
@@ -44,3 +54,7 @@ class Callback:
 
     def on_run_end(self, run: RunContext) -> None:
         """After the last round, or a stop."""
+
+    def on_outputs_written(self, out_dir: Path, summary: dict[str, Any]) -> None:
+        """After the run directory's outputs (summary.json, history.csv, the plots) are
+        written at the end of the run: for callbacks that ship them elsewhere."""

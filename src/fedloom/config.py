@@ -375,6 +375,7 @@ class AttackConfig(_Section):
         "min_max",
         "min_sum",
         "backdoor",
+        "label_shuffle",
     ] = "none"
     fraction: float = Field(0.2, ge=0.0, lt=1.0)
     #: Explicit malicious client ids, instead of a draw of ``fraction`` (a red-team
@@ -633,6 +634,53 @@ class AnomalyConfig(_Section):
     exclude_below: float | None = Field(None, gt=0.0, le=1.0)
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking (``fedloom.server.tracking``): each is a callback, so a
+    simulation (``fedloom run``) and a deployment (``fedloom server``) log alike.
+
+    ``tensorboard``: a directory; the run's event files go to ``DIR/<run directory
+    name>`` (every numeric field of each round record as a scalar at step = round, the
+    config as text and hyper-parameters). ``mlflow``: a tracking URI (``http://…``) or a
+    local file store (``file:///abs/path`` or a plain path); one MLflow run per fedloom
+    run in experiment ``mlflow_experiment``, with the config as params, every round's
+    numeric record fields as metrics (step = round), and at the end the summary, history,
+    plots and final checkpoint as artifacts. Each needs its extra
+    (``pip install 'fedloom[tensorboard]'`` / ``'fedloom[mlflow]'``).
+    """
+
+    tensorboard: str | None = None
+    mlflow: str | None = None
+    mlflow_experiment: str = "fedloom"
+
+
+class ContributionConfig(_Section):
+    """Who contributed (``fedloom.server.contribution``): per-client contribution scores
+    of each round's updates, measured on a validation slice of the server's own examples.
+
+    ``method``: ``gtg_shapley`` (Liu et al. 2022: Monte Carlo Shapley values over the
+    round's updates with guided sampling and truncation), ``leave_one_out`` (v(N) −
+    v(N∖{i}), n + 1 evaluations a round) or ``none``. ``permutations``: at most this many
+    sampled permutations a round (GTG-Shapley); ``convergence``: stop earlier once a
+    full cycle of permutations moves no estimate by more than this share of the mean
+    absolute estimate; ``tolerance``: within-round truncation (skip the rest of a
+    permutation once the coalition's utility is this close to the full round's);
+    ``round_tolerance``: between-round truncation (every score 0 when the round changed
+    the utility by less). ``validation_size``: examples reserved from the server's test
+    set (they leave central evaluation); ``utility``: ``neg_loss`` (−validation loss, the
+    default: accuracy on a few hundred examples moves in steps of 1/n, so small
+    contributions tie or drown in its noise) or ``accuracy``. Refused under secure
+    aggregation, which hides the individual updates.
+    """
+
+    method: Literal["none", "gtg_shapley", "leave_one_out"] = "none"
+    permutations: int = Field(50, ge=1)
+    convergence: float = Field(0.05, ge=0.0)
+    tolerance: float = Field(0.0, ge=0.0)
+    round_tolerance: float = Field(0.0, ge=0.0)
+    validation_size: int = Field(200, ge=1)
+    utility: Literal["neg_loss", "accuracy"] = "neg_loss"
+
+
 class RunConfig(_Section):
     """A complete experiment."""
 
@@ -669,6 +717,8 @@ class RunConfig(_Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    contribution: ContributionConfig = Field(default_factory=ContributionConfig)
     #: Registered callbacks to add to the run, by name, with their options.
     callbacks: list[str] = Field(default_factory=list)
     callback_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

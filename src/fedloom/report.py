@@ -203,6 +203,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         ("Gap to centralized", f"{gap:+.4f}" if _is_number(gap) else DASH),
         ("Wall time", _fmt_duration(summary.get("wall_s"))),
     ]
+    rows.extend(_client_rows(summary, metrics))
     privacy = summary.get("privacy")
     if isinstance(privacy, Mapping) and _is_number(privacy.get("epsilon")):
         rows.append(
@@ -228,6 +229,29 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _client_rows(summary: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Per-client accuracy (mean next to the worst 10 %) and who contributed least/most."""
+    rows: list[tuple[str, str]] = []
+    mean, worst = metrics.get("client_accuracy_mean"), metrics.get("client_accuracy_worst10")
+    hidden = _sub(summary, "client_quality").get("reason")
+    if _is_number(mean) and _is_number(worst):
+        std = metrics.get("client_accuracy_std")
+        spread = f" (std {std:.4f})" if _is_number(std) else ""
+        rows.append(("Client accuracy: mean / worst 10 %", f"{mean:.4f} / {worst:.4f}{spread}"))
+    elif isinstance(hidden, str):
+        rows.append(("Client accuracy: mean / worst 10 %", "not recorded (secure aggregation)"))
+    totals = metrics.get("contribution_total")
+    if isinstance(totals, Mapping) and totals:
+        ranked = sorted(
+            ((str(c), float(v)) for c, v in totals.items() if _is_number(v)), key=lambda kv: -kv[1]
+        )
+        top = ", ".join(f"{c} ({v:+.3g})" for c, v in ranked[:3])
+        bottom = ", ".join(f"{c} ({v:+.3g})" for c, v in ranked[-3:][::-1])
+        rows.append(("Contribution: highest", top))
+        rows.append(("Contribution: lowest", bottom))
+    return rows
 
 
 # ----------------------------------------------------------------------------- plot

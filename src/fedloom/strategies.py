@@ -42,6 +42,8 @@ from fedloom.registry import (
 )
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
 from fedloom.server.callbacks import ServerTestBench
+from fedloom.server.client_quality import hidden_reason
+from fedloom.server.contribution import check_contribution
 from fedloom.server.guards import GuardRails, guard_settings
 from fedloom.server.loop import FederatedServer
 from fedloom.server.optimizers import make_server_optimizer
@@ -161,6 +163,7 @@ def check_composition(cfg: RunConfig) -> None:
             f"'{cfg.server.aggregator}' has another sensitivity, set server.aggregator = 'mean'"
         )
     check_anomaly(cfg)
+    check_contribution(cfg)
     check_compression(cfg)
 
 
@@ -408,8 +411,14 @@ def build_strategy(
         secure = SECURE_AGGREGATIONS.create(
             cfg.privacy.secure_aggregation, cfg.privacy, dp, roles_in_process
         )
+    hidden = hidden_reason(
+        secure_aggregation=cfg.privacy.secure_aggregation,
+        reveal_client_metrics=cfg.privacy.reveal_client_metrics,
+    )
+    stage_callbacks.append(CALLBACKS.create("client-quality", {"hidden": hidden}))
     for name in cfg.callbacks:
         stage_callbacks.append(CALLBACKS.create(name, dict(cfg.callback_options.get(name, {}))))
+    stage_callbacks.extend(tracking_callbacks(cfg))
     arrivals: ArrivalModel = InstantArrivals()
     if cfg.system.enabled and cfg.mode == "sync":  # async rounds keep their own clock
         from fedloom.system.clock import virtual_clock
@@ -429,6 +438,8 @@ def build_strategy(
     monitors = (
         [UPDATE_MONITORS.create("anomaly", cfg.anomaly, context)] if cfg.anomaly.enabled else []
     )
+    if cfg.contribution.method != "none":
+        monitors.append(UPDATE_MONITORS.create("contribution", cfg.contribution, context))
     stage_callbacks.extend(
         attack_callbacks(cfg.attack, num_clients=num_clients, seed=cfg.seed, bench=bench)
     )
@@ -460,6 +471,18 @@ def build_strategy(
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def tracking_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The ``[tracking]`` section's trackers (registered callbacks; they run after the
+    round record is stored, in a simulation and a deployment alike)."""
+    t = cfg.tracking
+    out: list[Callback] = []
+    if t.tensorboard is not None:
+        out.append(CALLBACKS.create("tensorboard", {"dir": t.tensorboard}))
+    if t.mlflow is not None:
+        out.append(CALLBACKS.create("mlflow", {"uri": t.mlflow, "experiment": t.mlflow_experiment}))
+    return out
 
 
 def build_client_runtime(

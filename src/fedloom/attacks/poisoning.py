@@ -14,6 +14,10 @@ model each one assumes:
 
 * ``label_flip`` — data poisoning: labels y ↦ C − 1 − y before honest training (Fang
   et al. 2020, Section 5; Tolpegin et al. 2020).
+* ``label_shuffle`` — useless data: the client's training labels randomly permuted
+  (once, seeded by the run and the client), so labels carry no information about the
+  inputs; the "random labels" of Zhang et al. 2017 (Section 2), used here as a
+  free-rider whose update should earn no contribution (``fedloom.server.contribution``).
 * ``sign_flip`` — send −k·Δ (the "reversed gradient" Byzantine of Damaskinos et al.
   2018 / Fang et al. 2020, scaled by k = ``factor``).
 * ``scale`` — send k·Δ, the explicit boosting of Bhagoji et al. 2019, Eq. 3.
@@ -68,6 +72,7 @@ from fedloom.seeding import derive_rng
 ATTACK_CHOICE = 101
 ATTACK_NOISE = 102
 BACKDOOR_POISON = 103
+LABEL_SHUFFLE = 104
 
 ATTACK_KINDS = (
     "label_flip",
@@ -79,6 +84,7 @@ ATTACK_KINDS = (
     "min_max",
     "min_sum",
     "backdoor",
+    "label_shuffle",
 )
 #: The kinds that craft from the colluding clients' honest updates.
 COLLUDING_KINDS = frozenset({"alie", "ipm", "min_max", "min_sum"})
@@ -248,6 +254,13 @@ def poison_backdoor(
     return ArrayDataset(x, y)
 
 
+def shuffle_labels(train: ArrayDataset, *, seed: int, client_id: int) -> ArrayDataset:
+    """The labels randomly permuted over the examples (seeded by run and client, so the
+    same every round): the class counts stay, the link between x and y is gone."""
+    rng = derive_rng(seed, LABEL_SHUFFLE, client_id)
+    return ArrayDataset(train.x, train.y[rng.permutation(len(train.y))])
+
+
 def flip_labels(train: ArrayDataset, num_classes: int) -> ArrayDataset:
     """y ↦ C − 1 − y (Fang et al. 2020, Section 5: the label-flipping attack)."""
     return ArrayDataset(train.x, (num_classes - 1 - train.y).astype(train.y.dtype))
@@ -312,6 +325,9 @@ class MaliciousClient:
         if kind == "label_flip":
             flipped = flip_labels(ctx.data.train, self._classes(ctx))
             return self.honest.fit(replace(ctx, data=replace(ctx.data, train=flipped)))
+        if kind == "label_shuffle":
+            shuffled = shuffle_labels(ctx.data.train, seed=ctx.seed, client_id=ctx.client_id)
+            return self.honest.fit(replace(ctx, data=replace(ctx.data, train=shuffled)))
         if kind == "backdoor":
             return self._backdoor(ctx)
         update = self.honest.fit(ctx)

@@ -220,11 +220,12 @@ def run_federation(
             num_clients=data.num_clients,
             rounds=cfg.rounds,
             seed=cfg.seed,
+            # Callbacks that only read the record (trackers) run once it is stored.
             callbacks=[
                 evaluation,
-                *strategy.callbacks,
-                *callbacks,
+                *(c for c in (*strategy.callbacks, *callbacks) if not c.after_record),
                 RoundRecorder(),
+                *(c for c in (*strategy.callbacks, *callbacks) if c.after_record),
                 Checkpointer(cfg.checkpoint_every),
             ],
             store=store,
@@ -250,6 +251,8 @@ def run_federation(
         store.set_meta("wall_s", wall_before + time.perf_counter() - started)
     summary = write_outputs(store, out_dir, cfg, data.num_clients, server.state.participation)
     store.close()
+    for cb in server.callbacks:
+        cb.on_outputs_written(out_dir, summary)
     return summary
 
 
@@ -352,7 +355,15 @@ def write_outputs(
     )
     final_out: dict[str, Any] = {"accuracy": final.get("accuracy"), "loss": final.get("loss")}
     # Federated and personalized evaluation: the last round that had each.
-    for key in ("fed_accuracy", "fed_loss", "personalized_accuracy", "personalized_loss"):
+    for key in (
+        "fed_accuracy",
+        "fed_loss",
+        "personalized_accuracy",
+        "personalized_loss",
+        "client_accuracy_mean",
+        "client_accuracy_worst10",
+        "client_accuracy_std",
+    ):
         value = next((r[key] for r in reversed(history) if r.get(key) is not None), None)
         if value is not None:
             final_out[key] = value
@@ -374,7 +385,16 @@ def write_outputs(
     # Central DP: the privacy ledger (ε, δ, q, z, T, C, accountant) and, when the privacy
     # budget ended the run early, why; an attacked run's kind and malicious clients;
     # vertical FL's PSI alignment report and per-party baselines. Absent where unused.
-    for key in ("privacy", "stopped_reason", "attack", "alignment", "baselines"):
+    # Per-client quality and contribution: why they are absent where a stage withheld them.
+    for key in (
+        "privacy",
+        "stopped_reason",
+        "attack",
+        "alignment",
+        "baselines",
+        "client_quality",
+        "contribution",
+    ):
         value = store.get_meta(key)
         if value is not None:
             summary[key] = value

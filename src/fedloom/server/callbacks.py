@@ -51,6 +51,7 @@ class Evaluation(Callback):
         self.eval_clients = list(eval_clients)
 
     def on_round_end(self, rnd: int, record: dict[str, Any], run: RunContext) -> None:
+        run.eval_results = []
         if rnd % self.every != 0 and not run.last:
             return
         server = run.server
@@ -74,6 +75,7 @@ class Evaluation(Callback):
             for r in server.executor.evaluate(tasks, broadcast)
             if isinstance(r, EvalResult) and r.num_examples > 0
         ]
+        run.eval_results = results
         record.update(federated_metrics(results))
 
 

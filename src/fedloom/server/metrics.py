@@ -51,6 +51,37 @@ def history_total(history: Sequence[Mapping[str, Any]], key: str) -> int:
     return sum(int(v) for r in history if is_number(v := r.get(key)))
 
 
+#: Per-client accuracy spread (``fedloom.server.client_quality``), from the last round
+#: that recorded it.
+CLIENT_QUALITY_KEYS = ("client_accuracy_mean", "client_accuracy_worst10", "client_accuracy_std")
+
+
+def last_client_quality(history: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Mean, worst-10 % and spread of per-client accuracy in the last round that had them."""
+    last = next((r for r in reversed(history) if is_number(r.get(CLIENT_QUALITY_KEYS[0]))), None)
+    return {
+        k: (float(last[k]) if last and is_number(last.get(k)) else None)
+        for k in CLIENT_QUALITY_KEYS
+    }
+
+
+def contribution_totals(history: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """Each client's contribution scores summed over the rounds (None: none recorded),
+    highest first."""
+    totals: dict[str, float] = {}
+    for rec in history:
+        scores = rec.get("contribution")
+        if isinstance(scores, Mapping):
+            for client, score in scores.items():
+                if is_number(score):
+                    totals[str(client)] = totals.get(str(client), 0.0) + float(score)
+    if not totals:
+        return None
+    return dict(
+        sorted(totals.items(), key=lambda kv: (-kv[1], int(kv[0]) if kv[0].isdigit() else 0))
+    )
+
+
 def history_metrics(
     history: Sequence[Mapping[str, Any]],
     target_accuracy: float | None,
@@ -77,6 +108,8 @@ def history_metrics(
         "bytes_down_total": history_total(history, "bytes_down"),
         "centralized_accuracy": centralized_accuracy,
         "accuracy_gap": gap,
+        **last_client_quality(history),
+        "contribution_total": contribution_totals(history),
     }
 
 
