@@ -21,6 +21,7 @@ from fedloom.attacks.leakage_settings import (
     add_leakage_arguments,
 )
 from fedloom.cli.common import make_console, setup_logging, user_error
+from fedloom.cli.dashboard import add_dashboard_parser, add_token_argument, cmd_dashboard
 from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.estimate import cmd_estimate
 from fedloom.cli.leakage import cmd_leakage
@@ -87,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--out", type=Path, help="run directory (default: runs/NAME-TIMESTAMP)")
     server.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     server.add_argument("-v", "--verbose", action="store_true", help="log every round")
+    server.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="also serve the live dashboard here (e.g. 127.0.0.1:8050)",
+    )
+    add_token_argument(server, "--dashboard-token-file")
 
     client = sub.add_parser("client", help="train on this machine's data for a fedloom server")
     client.add_argument("--server", required=True, help="HOST:PORT of the fedloom server")
@@ -214,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(robustness)
     add_robustness_arguments(robustness)
     add_pretrain_parser(sub)
+    add_dashboard_parser(sub)
     return parser
 
 
@@ -291,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_robustness(args, console)
         if args.command == "pretrain":
             return cmd_pretrain(args, console)
+        if args.command == "dashboard":
+            return cmd_dashboard(args)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)
