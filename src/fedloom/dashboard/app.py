@@ -161,10 +161,26 @@ def create_app(
     from starlette.responses import PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    def allowed(request: Request) -> bool:
+    def refusal(request: Request) -> Response | None:
         if token is None:
             host = request.headers.get("host", "").rsplit(":", 1)[0]
-            return not loopback or host in _LOOPBACK_NAMES
+            if not loopback or host in _LOOPBACK_NAMES:
+                return None
+            return PlainTextResponse(
+                "403: a loopback dashboard answers only requests for a loopback host name",
+                status_code=403,
+                headers=_SECURITY_HEADERS,
+            )
+        if allowed(request):
+            return None
+        return PlainTextResponse(
+            "401: this dashboard needs its token (?token=...)",
+            status_code=401,
+            headers=_SECURITY_HEADERS,
+        )
+
+    def allowed(request: Request) -> bool:
+        assert token is not None
         offered = [
             request.query_params.get("token", ""),
             request.cookies.get(COOKIE, ""),
@@ -176,12 +192,9 @@ def create_app(
         handler: Callable[[Request], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapped(request: Request) -> Response:
-            if not allowed(request):
-                return PlainTextResponse(
-                    "401: this dashboard needs its token (?token=...)",
-                    status_code=401,
-                    headers=_SECURITY_HEADERS,
-                )
+            refused = refusal(request)
+            if refused is not None:
+                return refused
             response = await handler(request)
             response.headers.update(_SECURITY_HEADERS)
             if token is not None and request.query_params.get("token"):
@@ -279,6 +292,7 @@ class DashboardServer:
             lifespan="off",
             timeout_graceful_shutdown=2,
             log_level="warning",
+            ws="none",  # no websocket routes: do not load a websocket stack at all
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
