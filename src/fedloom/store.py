@@ -479,6 +479,24 @@ class RunStore:
         rows = self._query("SELECT record FROM rounds ORDER BY round")
         return [json.loads(text) for (text,) in rows]
 
+    def round_times(self) -> list[tuple[int, float]]:
+        """``(round, recorded_at)`` for every recorded round (Unix time), ordered by round.
+
+        What a live view needs for its ETA without parsing every record again.
+        """
+        return [
+            (int(r), float(t))
+            for r, t in self._query("SELECT round, recorded_at FROM rounds ORDER BY round")
+        ]
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to this run.
+
+        SQLite's ``PRAGMA data_version``: a reader polls it (cheap) and re-reads the run
+        only when it changed.
+        """
+        return int(self._query("PRAGMA data_version")[0][0])
+
     def record_failure(self, round: int, client_id: int, error: str, traceback: str) -> None:
         """Keep a client's failure (error line and full traceback) for the post-mortem."""
         rnd = _as_round(round, "round")
@@ -591,6 +609,21 @@ class RunStore:
                 tensors[key] = arr.copy()
         meta = json.loads(metadata.get(_MD_META, "{}"))
         return Checkpoint(round=int(metadata[_MD_ROUND]), tensors=tensors, meta=meta)
+
+    def latest_checkpoint_tensor(self, key: str) -> tuple[int, np.ndarray] | None:
+        """``(round, array)`` of one tensor of the newest readable checkpoint holding it.
+
+        Reads only that tensor (safetensors opens lazily), so a live view can show the
+        participation counts without loading the model and every client's state.
+        """
+        for rnd, path in reversed(self._checkpoint_files()):
+            try:
+                with safe_open(str(path), framework="numpy") as fh:
+                    if key in fh.keys():  # noqa: SIM118
+                        return rnd, fh.get_tensor(key)
+            except (SafetensorError, OSError):
+                continue
+        return None
 
     def latest_checkpoint(self) -> Checkpoint | None:
         """The newest readable checkpoint, or None if the run has none.

@@ -52,6 +52,7 @@ def run_deploy_command(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_server(args: argparse.Namespace, console: Console) -> int:
+    from fedloom.cli.dashboard import ServerDashboard
     from fedloom.engine.deploy import ServerSecurity, run_server
     from fedloom.engine.grpc import RESUMABLE_SETTINGS
     from fedloom.engine.grpc.auth import TokenFileError
@@ -106,6 +107,11 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
     # are kept and clients are told to wait for the server to be resumed.
     # Whom the server waits for, while it waits (rate-limited lines; see GrpcExecutor).
     logging.getLogger("fedloom.progress").setLevel(logging.INFO)
+    dashboard = (
+        ServerDashboard(out_dir, args.dashboard, args.dashboard_token_file)
+        if args.dashboard
+        else None
+    )
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run_server(
@@ -117,6 +123,7 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
             resume_overrides=args.overrides if args.resume is not None else (),
             on_round=round_done,
             on_listening=listening,
+            on_registry=dashboard.on_registry if dashboard is not None else None,
         )
     except (TokenFileError, TimeoutError, OSError) as err:
         # One line and exit 2, as for any error the user can fix (fedloom.cli.main).
@@ -125,6 +132,8 @@ def _cmd_server(args: argparse.Namespace, console: Console) -> int:
         return interrupted(f"fedloom server --resume {out_dir} --address {args.address} ...")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if dashboard is not None:
+            dashboard.stop()
     console.print(summary_table(summary))
     console.print(f"run directory: {out_dir}")
     return run_outcome(summary)

@@ -22,6 +22,7 @@ from fedloom.attacks.leakage_settings import (
 )
 from fedloom.cli.common import make_console, setup_logging, user_error
 from fedloom.cli.compare import add_compare_parser, cmd_compare
+from fedloom.cli.dashboard import add_dashboard_parser, add_token_argument, cmd_dashboard
 from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.estimate import cmd_estimate
 from fedloom.cli.leakage import cmd_leakage
@@ -90,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--out", type=Path, help="run directory (default: runs/NAME-TIMESTAMP)")
     server.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     server.add_argument("-v", "--verbose", action="store_true", help="log every round")
+    server.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="also serve the live dashboard here (e.g. 127.0.0.1:8050)",
+    )
+    add_token_argument(server, "--dashboard-token-file")
 
     client = sub.add_parser("client", help="train on this machine's data for a fedloom server")
     client.add_argument("--server", required=True, help="HOST:PORT of the fedloom server")
@@ -218,6 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     add_robustness_arguments(robustness)
     add_pretrain_parser(sub)
     add_compare_parser(sub)
+    add_dashboard_parser(sub)
     return parser
 
 
@@ -299,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args, console)
         if args.command == "report" and (args.html or args.out is not None):
             return cmd_report_html(args, console)
+        if args.command == "dashboard":
+            return cmd_dashboard(args)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)

@@ -149,6 +149,7 @@ class DeploymentExecutor:
         sec: ServerSecurity,
         on_listening: Callable[[int], None] | None = None,
         run_dir: Path | None = None,
+        on_registry: Callable[[Registry], None] | None = None,
     ) -> None:
         cfg = wiring.cfg
         self.options = DeployOptions.from_config(cfg.deploy)
@@ -182,6 +183,10 @@ class DeploymentExecutor:
             warn_anonymous(address)
         if on_listening is not None:
             on_listening(self.port)
+        if on_registry is not None:
+            # An observer's seam (the dashboard reads Registry.status_snapshot); the
+            # rounds never call it.
+            on_registry(self.registry)
         self.inner = GrpcExecutor(self.registry, self.options)
 
     def available_clients(self) -> Sequence[int]:
@@ -280,17 +285,21 @@ def run_server(
     on_round: RoundCallback | None = None,
     on_listening: Callable[[int], None] | None = None,
     resume_overrides: Sequence[str] = (),
+    on_registry: Callable[[Registry], None] | None = None,
 ) -> dict[str, Any]:
     """Serve the experiment to connecting clients until its last round; write the run dir.
 
     ``resume_overrides`` (``KEY=VALUE``, keys in
     :data:`~fedloom.engine.grpc.RESUMABLE_SETTINGS`) change the stored config of a
-    resumed run before it continues: more rounds, other timeouts.
+    resumed run before it continues: more rounds, other timeouts. ``on_registry`` gets
+    the session registry once the server listens (for a read-only observer).
     """
     if resume and resume_overrides:
         update_stored_config(out_dir, resume_overrides)
 
     def factory(wiring: Wiring) -> DeploymentExecutor:
-        return DeploymentExecutor(wiring, address, sec, on_listening, run_dir=out_dir)
+        return DeploymentExecutor(
+            wiring, address, sec, on_listening, run_dir=out_dir, on_registry=on_registry
+        )
 
     return run_federation(cfg, out_dir, factory, resume=resume, on_round=on_round, deployment=True)

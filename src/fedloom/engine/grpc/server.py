@@ -149,6 +149,43 @@ class Session:
     tasks: queue.Queue[OpenTask] = field(default_factory=queue.Queue)
     #: PullTask and PushResult calls of this session now in progress.
     streams: int = 0
+    #: Why the session ended (empty while it is alive).
+    ended: str = ""
+
+
+@dataclass
+class ClientLedger:
+    """What the server saw of one participant across its sessions (the operator's view).
+
+    Counts only: nothing of a client's updates or data is kept here.
+    """
+
+    tasks_done: int = 0
+    deadlines_missed: int = 0
+    #: Whether the participant's latest task missed the round deadline.
+    late: bool = False
+    rejected: int = 0
+    last_rejection: str = ""
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    """One participant's status at one moment, for a read-only view (the dashboard).
+
+    ``state`` is ``dropped`` (no live session; ``detail`` says why), ``rejected`` (its
+    latest message was refused), ``straggling`` (its latest task missed the round
+    deadline), ``training`` (a fit task of it is open) or ``connected``.
+    """
+
+    client_id: int
+    name: str
+    identity: str
+    state: str
+    detail: str
+    silent_s: float
+    tasks_done: int
+    deadlines_missed: int
+    rejected: int
 
 
 class IdentityBook:
@@ -259,11 +296,74 @@ class Registry:
         #: With ``stopping``: the run is not over, clients wait for the server to return.
         self.pausing = False
         self.told_to_stop: set[str] = set()
+        #: Per participant id: tasks done, deadlines missed, messages refused.
+        self.ledgers: dict[int, ClientLedger] = {}
 
-    def reject(self, reason: str, detail: str) -> None:
+    def reject(self, reason: str, detail: str, *, client_id: int | None = None) -> None:
+        """Count a refused message (by reason, and against ``client_id`` when known)."""
         with self.lock:
             self.rejections[reason] += 1
+            if client_id is not None:
+                ledger = self.ledgers.setdefault(client_id, ClientLedger())
+                ledger.rejected += 1
+                ledger.last_rejection = reason
         self.rejection_log.warn(reason, detail)
+
+    def task_finished(self, client_id: int, *, late: bool, ok: bool) -> None:
+        """Count a task's outcome for the participant's status: ``late`` (it missed the
+        deadline) or ``ok`` (a result was accepted; clears an earlier refusal)."""
+        with self.lock:
+            ledger = self.ledgers.setdefault(client_id, ClientLedger())
+            ledger.late = late
+            if late:
+                ledger.deadlines_missed += 1
+            elif ok:
+                ledger.tasks_done += 1
+                ledger.last_rejection = ""
+
+    def status_snapshot(self) -> list[ClientStatus]:
+        """Every client that ever held a session, as a read-only copy (roles excluded).
+
+        The seam between the deployment and an observer (the dashboard): it takes the
+        lock briefly, copies counters and flags, and changes nothing.
+        """
+        now = time.monotonic()
+        with self.lock:
+            training = {
+                ot.session_id
+                for ot in self.open_tasks.values()
+                if isinstance(ot.task, FitTask) and not ot.done.is_set()
+            }
+            out: list[ClientStatus] = []
+            for cid, sid in sorted(self.by_client.items()):
+                if cid in self._role_names:
+                    continue
+                session = self.sessions[sid]
+                ledger = self.ledgers.get(cid, ClientLedger())
+                if not session.alive:
+                    state, detail = "dropped", session.ended
+                elif ledger.last_rejection:
+                    state, detail = "rejected", f"message refused: {ledger.last_rejection}"
+                elif ledger.late:
+                    state, detail = "straggling", "missed the round deadline"
+                elif sid in training:
+                    state, detail = "training", ""
+                else:
+                    state, detail = "connected", ""
+                out.append(
+                    ClientStatus(
+                        client_id=cid,
+                        name=session.name,
+                        identity=session.identity,
+                        state=state,
+                        detail=detail,
+                        silent_s=round(now - session.last_seen, 1),
+                        tasks_done=ledger.tasks_done,
+                        deadlines_missed=ledger.deadlines_missed,
+                        rejected=ledger.rejected,
+                    )
+                )
+            return out
 
     def all_told_to_stop(self) -> bool:
         with self.lock:
@@ -462,6 +562,7 @@ class Registry:
 
     def _kill(self, session: Session, why: str, verb: str = "lost") -> None:
         session.alive = False
+        session.ended = f"{verb}: {why}"
         who = self.describe(session.client_id)
         log.warning("%s (%s) %s: %s", who, session.identity or session.name, verb, why)
         for ot in self.open_tasks.values():
@@ -739,39 +840,51 @@ class FederationServicer:
         try:
             first = pb.ResultMessage.FromString(next(raws))
         except (DecodeError, StopIteration):
-            return self._refuse_result("malformed", "unparseable or empty result stream")
+            return self._refuse_result(
+                "malformed", "unparseable or empty result stream", caller.client_id
+            )
         if first.WhichOneof("part") != "header":
-            return self._refuse_result("malformed", "result stream does not start with a header")
+            return self._refuse_result(
+                "malformed", "result stream does not start with a header", caller.client_id
+            )
         head = first.header
         if head.session_id != caller.session_id:
             known = reg.live(head.session_id) is not None
             return self._refuse_result(
                 "wrong_session" if known else "unknown_session",
                 f"result for task '{head.task_id[:40]}' names another session",
+                caller.client_id,
             )
         session = reg.touch(head.session_id)
         if session is None:
-            return self._refuse_result("unknown_session", f"result for task '{head.task_id[:40]}'")
+            return self._refuse_result(
+                "unknown_session", f"result for task '{head.task_id[:40]}'", caller.client_id
+            )
         with reg.lock:
             ot = reg.open_tasks.get(head.task_id)
         if ot is None:
-            return self._refuse_result("task_not_open", f"task '{head.task_id[:40]}' is not open")
+            return self._refuse_result(
+                "task_not_open", f"task '{head.task_id[:40]}' is not open", caller.client_id
+            )
         if ot.session_id != session.session_id:
             return self._refuse_result(
-                "wrong_session", f"task {ot.task_id} belongs to another client"
+                "wrong_session", f"task {ot.task_id} belongs to another client", caller.client_id
             )
         if head.round != ot.task.round:
             return self._refuse_result(
-                "stale_round", f"result for round {head.round}, task is round {ot.task.round}"
+                "stale_round",
+                f"result for round {head.round}, task is round {ot.task.round}",
+                caller.client_id,
             )
         if ot.done.is_set():
             return self._refuse_result(
-                "duplicate", f"task {ot.task_id} already answered or expired"
+                "duplicate", f"task {ot.task_id} already answered or expired", caller.client_id
             )
         try:
             outcome = self._read_outcome(ot, head, raws)
         except WireError as rej:
-            refused = self._refuse_result(rej.reason, str(rej))  # counted before it closes
+            # counted before it closes
+            refused = self._refuse_result(rej.reason, str(rej), caller.client_id)
             if isinstance(ot.task, ExchangeTask):
                 # A participant answers a protocol stage once: a refused reply (over the
                 # protocol's limit) is its dropout there, now rather than at the deadline.
@@ -787,7 +900,9 @@ class FederationServicer:
             return refused
         with reg.lock:
             if ot.done.is_set():
-                return self._refuse_result("duplicate", f"task {ot.task_id} already answered")
+                return self._refuse_result(
+                    "duplicate", f"task {ot.task_id} already answered", caller.client_id
+                )
             ot.outcome = outcome
             ot.done.set()
         return pb.PushReply(accepted=True).SerializeToString()
@@ -859,8 +974,8 @@ class FederationServicer:
         except ChunkError as err:
             raise WireError(err.reason, str(err)) from None
 
-    def _refuse_result(self, reason: str, detail: str) -> bytes:
-        self.registry.reject(reason, detail)
+    def _refuse_result(self, reason: str, detail: str, client_id: int | None = None) -> bytes:
+        self.registry.reject(reason, detail, client_id=client_id)
         return pb.PushReply(accepted=False, reason=f"{reason}: {detail}").SerializeToString()
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -1225,6 +1340,11 @@ class GrpcExecutor:
 
     def _finish(self, ot: OpenTask) -> Outcome:
         task = ot.task
+        self.registry.task_finished(
+            task.client_id,
+            late=ot.outcome is None,
+            ok=ot.outcome is not None and not isinstance(ot.outcome, ClientFailure),
+        )
         if ot.outcome is not None:
             return ot.outcome
         who = self.registry.describe(task.client_id)
