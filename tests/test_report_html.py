@@ -17,6 +17,7 @@ from fedloom.config import load_config
 from fedloom.engine.simulation import run_simulation
 from fedloom.registry import CLIENT_ALGORITHMS
 from fedloom.store import SUMMARY_FILE
+from tests.browser import Browser, browser  # noqa: F401  (the fixture)
 
 #: Markup in a client's error text must arrive as text, never as markup.
 ERROR = "<b>boom</b> & <script>alert(1)</script>"
@@ -153,6 +154,29 @@ def test_html_report_is_self_contained_and_complete(
     assert "<script>" not in raw and "&lt;script&gt;" in raw
     # The config, as dotted keys.
     assert "client.algorithm" in cells and "report-test-fails-once" in cells
+
+
+def test_html_report_opens_in_a_real_browser_without_errors(
+    run: Path,
+    browser: Browser,  # noqa: F811
+) -> None:
+    """Acceptance: the file a user attaches to a ticket renders in Chromium, its two plots
+    decode as images there, and the console stays clean (no blocked or missing resource)."""
+    assert main(["report", str(run), "--html", "--out", str(run / "browser.html")]) == 0
+    browser.open((run / "browser.html").as_uri())
+    loaded = browser.wait_for(
+        lambda: browser.js(
+            "const imgs = [...document.images];"
+            "return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0)"
+            " ? imgs.map(i => i.naturalWidth) : null;"
+        ),
+        timeout=120,
+        what="both plots decoded",
+    )
+    assert all(width > 100 for width in loaded)
+    assert "round 2, client 0" in browser.js("return document.body.innerText;")
+    browser.screenshot("report.png")
+    assert browser.console_errors() == []
 
 
 def test_html_report_of_an_unfinished_run_and_out(
