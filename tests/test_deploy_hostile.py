@@ -115,9 +115,12 @@ def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> Non
     tokens = {n: add_token(path, n) for n in ("hospital-a", "hospital-b", "mallory")}
     # The sessions driven by hand send no heartbeats and no stream may be cut short by a
     # busy machine: long timeouts, except while idle streams are tested (below).
+    # A session counts as stale (--replace-stale may take it over) after three silent
+    # heartbeat intervals: mallory's must not look stale however slow the machine is.
     options = DeployOptions(
         round_timeout_s=3600,  # the first task stays open through every hostile message
         heartbeat_timeout_s=3600,
+        heartbeat_interval_s=600,
         poll_timeout_s=1,
         chunk_bytes=4096,
         max_streams_per_client=4,
@@ -342,6 +345,39 @@ def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> Non
             assert isinstance(result, FitResult) and not np.all(np.isfinite(result.delta))
             outcome_ = strategy.process_fit(rnd, [result], w0, executor.exchange)
             assert not outcome_.updates and "NaN or Inf" in outcome_.failures[0].error
+
+        # A huge finite update (3e38 everywhere) claiming 10^15 examples is well formed,
+        # so the wire takes it; the deployment's guard rails then reject it beside two
+        # honest updates, and the round's aggregate stays theirs (finite, small).
+        guarded = build_strategy(
+            plain, num_clients=3, spec=spec, roles_in_process=False, deployment=True
+        )
+        later = []
+        waiting = threading.Thread(
+            target=lambda: later.extend(executor.fit([_fit(1, 5)], {GLOBAL: w0}))
+        )
+        waiting.start()
+        head, _ = _pull_header(m, msid)
+        huge = np.full(size, 3e38, dtype="<f4")
+        answer = {
+            **good,
+            "session_id": msid,
+            "task_id": head.task_id,
+            "round": 5,
+            "num_examples": 10**15,
+        }
+        assert push(m, [_header(**answer), _chunk(huge.tobytes())]).accepted
+        waiting.join(30)
+        (hostile_result,) = later
+        assert isinstance(hostile_result, FitResult) and hostile_result.num_examples == 10**15
+        honest = [
+            FitResult(client_id=c, round=5, model_version=4, num_examples=10, vectors={"delta": d})
+            for c, d in ((0, delta), (2, -0.5 * delta))
+        ]
+        screened = guarded.process_fit(5, [hostile_result, *honest], w0, executor.exchange)
+        assert [u.client_id for u in screened.updates] == [0, 2]
+        assert [f.client_id for f in screened.failures] == [1]
+        assert "guard rails" in screened.failures[0].error
 
         # A normal client still completes a round afterwards.
         stop = threading.Event()
