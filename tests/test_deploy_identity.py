@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import stat
+import threading
 from pathlib import Path
 
 import grpc
@@ -31,6 +32,7 @@ from fedloom.engine.grpc.client import (
     BuiltinApp,
     ClientRefusedError,
     Credentials,
+    _heartbeat_loop,
     _Stub,
     run_client,
 )
@@ -166,6 +168,59 @@ def test_duplicate_certificate_identity_is_refused_with_mutual_tls(procs, tmp_pa
         assert c.wait(300) == 0, c.output
 
 
+def test_revoking_a_certificate_ends_its_session_and_refuses_it(procs, tmp_path: Path) -> None:
+    """``fedloom certs --revoke`` while the server runs with ``--revoked``: the revoked
+    site's live session ends at its next heartbeat, and its client, registering again,
+    is refused in one line (exit 2); a site started later with that certificate too."""
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["site-a", "site-b"])
+    tls = ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")]
+    server = procs(
+        fedloom(
+            "server",
+            "--address",
+            "127.0.0.1:0",
+            *tls,
+            "--client-ca",
+            str(certs / "ca.pem"),
+            "--revoked",
+            str(certs / "revoked.txt"),  # absent until the first revocation
+            "--out",
+            str(tmp_path / "run"),
+            *set_args(FAST),
+        )
+    )
+    port = _port(server)
+
+    def site_a() -> Proc:
+        return procs(
+            fedloom(
+                "client",
+                "--server",
+                f"localhost:{port}",
+                "--root-cert",
+                str(certs / "ca.pem"),
+                "--cert",
+                str(certs / "site-a.pem"),
+                "--key",
+                str(certs / "site-a.key"),
+                "--partition",
+                "0",
+                "-v",
+            )
+        )
+
+    live = site_a()
+    live.wait_for(r"registered as client 0", timeout=300)
+    assert main(["certs", str(certs), "--revoke", "site-a"]) == 0
+    assert live.wait(300) == 2, live.output
+    assert "the credential of identity 'site-a' is revoked" in live.output, live.output
+    server.wait_for(r"\(site-a\) left: its credential was revoked", timeout=240)
+    later = site_a()
+    assert later.wait(300) == 2, later.output
+    assert "the credential of identity 'site-a' is revoked" in later.output, later.output
+
+
 def _drop_column(src: Path, dst: Path, column: str) -> None:
     rows = list(csv.reader(src.open()))
     keep = [i for i, name in enumerate(rows[0]) if name != column]
@@ -251,6 +306,18 @@ def test_identity_keeps_its_client_id_across_server_restarts(tmp_path: Path) -> 
         assert not isinstance(opened, Refusal) and opened.client_id == first.book.id_of(who)
     intruder = restarted.open_session(identity="d", requested=-1, name="d", peer="")
     assert isinstance(intruder, Refusal) and "belong to other identities" in intruder.line
+
+
+def test_a_heartbeat_on_a_channel_closed_under_it_ends_quietly() -> None:
+    """The session ended between the heartbeat thread's wait and its call, and the
+    channel closed: gRPC raises ValueError (not an RpcError); the thread ends quietly
+    instead of printing a traceback at every client shutdown."""
+
+    class ClosedChannelStub:
+        def heartbeat(self, request: bytes, timeout: float | None = None) -> bytes:
+            raise ValueError("Cannot invoke RPC on closed channel!")
+
+    _heartbeat_loop(ClosedChannelStub(), "session", 0.001, threading.Event())  # type: ignore[arg-type]
 
 
 def test_reconnect_of_the_same_process_and_replace_stale() -> None:

@@ -530,6 +530,10 @@ def _heartbeat_loop(stub: _Stub, session: str, interval: float, ended: threading
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 ended.set()  # refused at the gate: the session is gone; register again
             continue
+        except ValueError:
+            # The session's channel was closed under this beat (the session ended between
+            # the wait and the call): gRPC raises ValueError, not an RpcError. Nothing to do.
+            return
 
 
 def _pull(
