@@ -9,8 +9,9 @@ so two unary methods under a generic handler carry hand-framed bytes:
           status word (``accepted``, ``late``, ``early``, ``duplicate``).
 ``Ping``  request empty; reply JSON ``{"peer": id, "round": r}`` (the round it works on).
 
-Every push is bounded before it is believed: gRPC refuses messages over the model's
-size plus a small header; the header must parse, name a round, and a model of exactly
+Every push is bounded before it is believed: over the model's size plus a small
+header it is refused and counted (gRPC itself refuses, unread, pushes over twice
+that); the header must parse, name a round, and a model of exactly
 the run's dimension, all finite. The caller must *be* the peer it claims: the service
 asks ``identify`` (mutual-TLS certificate name or bearer token, wired by the CLI) who is
 calling, and the sender field must be that identity's peer id and a neighbour of this
@@ -328,7 +329,9 @@ def start_peer_server(
     max_workers: int = 8,
 ) -> tuple[grpc.Server, int]:
     """Serve ``service`` on ``address`` (TLS when ``credentials``); returns (server, port)."""
-    limit = max_push_bytes(service.dimension)
+    # Twice the bound: a push somewhat too large still reaches the handler, which
+    # refuses and counts it ("oversize"); gRPC refuses anything larger unread.
+    limit = 2 * max_push_bytes(service.dimension)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         handlers=[service],
