@@ -101,9 +101,7 @@ def test_wire_round_trip_and_every_refusal_reason() -> None:
         "malformed"
     )
     header = b'{"v": 2, "sender": 3, "round": 7, "size": 6}'
-    assert reason(b"FLGP" + len(header).to_bytes(4, "little") + header + v.tobytes()) == (
-        "version"
-    )
+    assert reason(b"FLGP" + len(header).to_bytes(4, "little") + header + v.tobytes()) == ("version")
 
 
 def test_peer_lists_from_a_file_or_inline(tmp_path: Path) -> None:
