@@ -1,8 +1,9 @@
 """``fedloom peer``: one gossip peer process (``mode = "gossip"`` with no simulator).
 
-Wiring only: the peer's data partition, model and client runtime (as a deployed
-client builds them), its TLS credentials and identity check (the deployment's rules:
-mutual-TLS certificate name or bearer token), then :class:`~fedloom.gossip.peer.GossipPeer`.
+Wiring only (gRPC, torch and the engine are imported when the command runs): the
+peer's data partition, model and client runtime (as a deployed client builds them), its
+TLS credentials and identity check (the deployment's rules: mutual-TLS certificate name
+or bearer token), then :class:`~fedloom.gossip.peer.GossipPeer`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import time
 from collections.abc import Callable
 from math import nan
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-import numpy as np
 from rich.console import Console
 
 from fedloom.cli.common import EXIT_INTERRUPTED, config_and_run_dir
 from fedloom.config import ConfigError
+
+if TYPE_CHECKING:
+    import grpc
+    import numpy as np
 
 log = logging.getLogger("fedloom.gossip.peer")
 
@@ -91,6 +94,8 @@ def _identify(
 def _credentials(
     args: argparse.Namespace, listen: str
 ) -> tuple[grpc.ServerCredentials | None, grpc.ChannelCredentials | None, str | None]:
+    import grpc
+
     from fedloom.engine.deploy import ServerSecurity, is_loopback, server_credentials
 
     if (args.cert is None) != (args.key is None):
@@ -102,6 +107,9 @@ def _credentials(
             "a peer must prove who it is: pass --cert/--key (mutual TLS, CN = its identity) "
             "or --tokens FILE with --token-file"
         )
+    for path in (args.cert, args.key, args.root_cert, args.tokens, args.token_file):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"file '{path}' does not exist; check the path")
     if args.tokens is not None and args.token_file is None:
         raise ConfigError("--tokens checks the other peers' tokens; pass --token-file for its own")
     sec = ServerSecurity(
@@ -116,8 +124,6 @@ def _credentials(
         if not (args.insecure or is_loopback(listen)):
             raise ConfigError("pass --root-cert to reach the other peers over TLS, or --insecure")
         return server, None, token
-    if not args.root_cert.is_file():
-        raise ConfigError(f"TLS file '{args.root_cert}' does not exist; check the path")
     channel = grpc.ssl_channel_credentials(
         root_certificates=args.root_cert.read_bytes(),
         private_key=args.key.read_bytes() if args.key is not None else None,
@@ -134,12 +140,13 @@ def cmd_peer(
 ) -> int:
     """Run one peer to its last round; ``on_round`` sees each stored record (tests hold a
     peer there to kill it mid-run)."""
+    import numpy as np
     import torch
 
     from fedloom import __version__
     from fedloom.client_store import ClientState
     from fedloom.data import build_federated_dataset
-    from fedloom.gossip.peer import GossipPeer, PeerSettings
+    from fedloom.gossip.peer import GossipPeer, PeerSettings, neighbour_check
     from fedloom.gossip.transport import (
         Inbox,
         MessageLedger,
@@ -200,13 +207,42 @@ def cmd_peer(
     out_dir = args.out or default_dir.with_name(
         f"{cfg.name}-peer-{me}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    store = RunStore.create(out_dir, cfg.to_dict(), __version__)
+    ledger = MessageLedger()
+    inbox = Inbox(lookahead=4)
+    settings = PeerSettings(
+        peer_id=me,
+        num_peers=len(peers),
+        rounds=cfg.rounds,
+        topology=cfg.gossip.topology,
+        seed=cfg.seed,
+        edge_probability=cfg.gossip.edge_probability,
+        time_varying=cfg.gossip.time_varying,
+        round_timeout_s=args.round_timeout,
+        start_timeout_s=args.start_timeout,
+    )
+    service = PeerService(
+        peer_id=me,
+        dimension=dimension,
+        inbox=inbox,
+        ledger=ledger,
+        peers=peers,
+        identify=_identify(args),
+        is_neighbour=neighbour_check(settings),
+    )
+    try:
+        server, port = start_peer_server(listen, service, server_creds)
+    except OSError as err:
+        raise ConfigError(f"{err}; choose another --listen address") from None
+    print(f"peer {me} listening on {listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    try:
+        store = RunStore.create(out_dir, cfg.to_dict(), __version__)
+    except BaseException:
+        server.stop(grace=None)
+        raise
     store.set_meta(
         "gossip_peer",
         {"peer_id": me, "address": peers[me].address, "peers": len(peers)},
     )
-    ledger = MessageLedger()
-    inbox = Inbox(lookahead=4)
     neighbours = Neighbours(
         peers,
         own_id=me,
@@ -227,17 +263,7 @@ def cmd_peer(
             on_round(record)
 
     peer = GossipPeer(
-        settings=PeerSettings(
-            peer_id=me,
-            num_peers=len(peers),
-            rounds=cfg.rounds,
-            topology=cfg.gossip.topology,
-            seed=cfg.seed,
-            edge_probability=cfg.gossip.edge_probability,
-            time_varying=cfg.gossip.time_varying,
-            round_timeout_s=args.round_timeout,
-            start_timeout_s=args.start_timeout,
-        ),
+        settings=settings,
         neighbours=neighbours,
         inbox=inbox,
         ledger=ledger,
@@ -247,17 +273,6 @@ def cmd_peer(
         initial=learner.initial_vector(),
         on_round=announce,
     )
-    service = PeerService(
-        peer_id=me,
-        dimension=dimension,
-        inbox=inbox,
-        ledger=ledger,
-        peers=peers,
-        identify=_identify(args),
-        is_neighbour=peer.is_neighbour,
-    )
-    server, port = start_peer_server(listen, service, server_creds)
-    print(f"peer {me} listening on {listen.rsplit(':', 1)[0]}:{port}", flush=True)
     started = time.perf_counter()
     try:
         history = peer.run()

@@ -76,6 +76,40 @@ class PeerSettings:
     probe_every_s: float = 0.5
 
 
+def neighbour_check(settings: PeerSettings) -> Callable[[int, int], bool]:
+    """Whether a sender mixes with this peer in a round: the service's check, usable
+    before the peer exists (it serves as soon as it listens)."""
+    fixed = (
+        None
+        if settings.time_varying
+        else round_graph(
+            settings.topology,
+            settings.num_peers,
+            seed=settings.seed,
+            rnd=0,
+            edge_probability=settings.edge_probability,
+        )
+    )
+
+    def check(sender: int, rnd: int) -> bool:
+        s = settings
+        if not (0 <= sender < s.num_peers and 1 <= rnd <= s.rounds):
+            return False
+        a = fixed
+        if a is None:
+            a = round_graph(
+                s.topology,
+                s.num_peers,
+                seed=s.seed,
+                rnd=rnd,
+                edge_probability=s.edge_probability,
+                time_varying=True,
+            )
+        return bool(a[s.peer_id, sender])
+
+    return check
+
+
 class GossipPeer:
     """Runs one peer's rounds; the model, graph and inbox stay in this process."""
 
@@ -120,13 +154,6 @@ class GossipPeer:
 
     def neighbours_of(self, rnd: int) -> set[int]:
         return {int(j) for j in np.flatnonzero(self.graph(rnd)[self.settings.peer_id])}
-
-    def is_neighbour(self, sender: int, rnd: int) -> bool:
-        """Whether ``sender`` mixes with this peer in round ``rnd`` (the service's check)."""
-        s = self.settings
-        if not (0 <= sender < s.num_peers and 1 <= rnd <= s.rounds):
-            return False
-        return bool(self.graph(rnd)[s.peer_id, sender])
 
     def wait_for_start(self) -> set[int]:
         """Wait (up to ``start_timeout_s``) until round 1's neighbours listen; those who
