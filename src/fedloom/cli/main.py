@@ -26,6 +26,7 @@ from fedloom.cli.dashboard import add_dashboard_parser, add_token_argument, cmd_
 from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.estimate import cmd_estimate
 from fedloom.cli.leakage import cmd_leakage
+from fedloom.cli.peer import add_peer_arguments, cmd_peer
 from fedloom.cli.pretrain import add_pretrain_parser, cmd_pretrain
 from fedloom.cli.report_html import add_html_arguments, cmd_report_html
 from fedloom.cli.robustness import DESCRIPTION as ROBUSTNESS_DESCRIPTION
@@ -161,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_import_arg(client)
     client.add_argument("-v", "--verbose", action="store_true")
 
+    peer = sub.add_parser("peer", help='run one serverless gossip peer (mode = "gossip")')
+    _add_config_args(peer)
+    add_peer_arguments(peer)
+
     certs = sub.add_parser("certs", help="make a development CA, server and client certificates")
     certs.add_argument("out_dir", type=Path)
     certs.add_argument("--hosts", default="localhost,127.0.0.1", help="server names/IPs")
@@ -291,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, console)
         if args.command == "centralized":
             return cmd_centralized(args, console)
+        if args.command == "peer":
+            return cmd_peer(args, console)
         if args.command in DEPLOY_COMMANDS:
             return run_deploy_command(args, console)
         if args.command == "leakage":

@@ -19,17 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.gossip.topology import adjacency, consensus_distance, metropolis_hastings, spectral_gap
+from fedloom.gossip.topology import (
+    consensus_distance,
+    metropolis_hastings,
+    round_graph,
+    spectral_gap,
+)
 from fedloom.messages import DELTA, ClientFailure, FitResult, FitTask
-from fedloom.seeding import derive_rng
 from fedloom.server.loop import FederatedServer
 from fedloom.server.strategy import FitOutcome
 from fedloom.store import Checkpoint
 
 log = logging.getLogger("fedloom.gossip")
-
-#: Purpose tag of per-round topology draws (time-varying graphs, Erdős–Rényi).
-GOSSIP_TOPOLOGY = 105
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,12 +61,14 @@ class GossipServer(FederatedServer):
 
     def _graph(self, rnd: int) -> np.ndarray:
         s = self.settings
-        rng = derive_rng(self.seed, GOSSIP_TOPOLOGY, rnd)
-        a = adjacency(s.topology, self.num_clients, rng=rng, p=s.edge_probability)
-        if s.time_varying:
-            order = rng.permutation(self.num_clients)
-            a = a[np.ix_(order, order)]
-        return a
+        return round_graph(
+            s.topology,
+            self.num_clients,
+            seed=self.seed,
+            rnd=rnd,
+            edge_probability=s.edge_probability,
+            time_varying=s.time_varying,
+        )
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         state, strategy = self.state, self.strategy

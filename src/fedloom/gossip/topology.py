@@ -14,6 +14,11 @@ import math
 
 import numpy as np
 
+from fedloom.seeding import derive_rng
+
+#: Purpose tag of per-round topology draws (time-varying graphs, Erdős–Rényi).
+GOSSIP_TOPOLOGY = 105
+
 #: Topology names the config accepts (``gossip.topology``).
 TOPOLOGIES = ("ring", "torus", "erdos_renyi", "exponential", "complete")
 
@@ -108,3 +113,40 @@ def consensus_distance(models: np.ndarray) -> float:
     """(1/n) Σ_i ‖x_i − x̄‖², the disagreement between peers' models."""
     mean = models.mean(axis=0, dtype=np.float64)
     return float(((models.astype(np.float64) - mean) ** 2).sum(axis=1).mean())
+
+
+def round_graph(
+    topology: str,
+    n: int,
+    *,
+    seed: int,
+    rnd: int,
+    edge_probability: float = 0.3,
+    time_varying: bool = False,
+) -> np.ndarray:
+    """Round ``rnd``'s adjacency: a pure function of the seed, so every peer process
+    computes the same graph without asking anyone (the simulation uses it too)."""
+    rng = derive_rng(seed, GOSSIP_TOPOLOGY, rnd if time_varying else 0)
+    a = adjacency(topology, n, rng=rng, p=edge_probability)
+    if time_varying:
+        order = rng.permutation(n)
+        a = a[np.ix_(order, order)]
+    return a
+
+
+def renormalised_row(w: np.ndarray, i: int, heard: set[int] | frozenset[int]) -> np.ndarray:
+    """Peer ``i``'s mixing weights when only the neighbours in ``heard`` answered.
+
+    A neighbour that is dead or silent this round has its weight W_ij moved onto the
+    peer's own weight W_ii, so the row still sums to 1 and every weight stays ≥ 0: the
+    peer keeps more of its own model instead of averaging with a model it does not have.
+    When a link is missing in both directions (a dead peer: none of its neighbours hear
+    it, it hears none) the matrix over the surviving peers stays symmetric and doubly
+    stochastic, so the survivors still converge to their exact average; a link missing
+    in one direction only makes that round's matrix row- but not column-stochastic.
+    """
+    row = np.asarray(w[i], dtype=np.float64).copy()
+    missing = [j for j in np.flatnonzero(row) if j != i and int(j) not in heard]
+    row[i] += row[missing].sum()
+    row[missing] = 0.0
+    return row
