@@ -349,7 +349,7 @@ def run_label_party(
         # The whole alignment, the row positions included: wire bytes, messages, time.
         up1, down1 = _wire_bytes(links)
         alignment["wire_bytes"] = (up1 - up0) + (down1 - down0)
-        alignment["messages"] += len(links)
+        alignment["messages"] += 2 * len(links)
         alignment["seconds"] = time.perf_counter() - psi_started
         log.info(
             "PSI: %d common records of %s in %.1f s, %d bytes on the wire",
