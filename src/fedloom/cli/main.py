@@ -26,6 +26,7 @@ from fedloom.cli.dashboard import add_dashboard_parser, add_token_argument, cmd_
 from fedloom.cli.deploy import run_deploy_command
 from fedloom.cli.estimate import cmd_estimate
 from fedloom.cli.leakage import cmd_leakage
+from fedloom.cli.party import add_party_parser, cmd_party
 from fedloom.cli.peer import add_peer_arguments, cmd_peer
 from fedloom.cli.pretrain import add_pretrain_parser, cmd_pretrain
 from fedloom.cli.report_html import add_html_arguments, cmd_report_html
@@ -231,6 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     add_pretrain_parser(sub)
     add_compare_parser(sub)
     add_dashboard_parser(sub)
+    add_party_parser(sub)
     return parser
 
 
@@ -316,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_report_html(args, console)
         if args.command == "dashboard":
             return cmd_dashboard(args)
+        if args.command == "party":
+            return cmd_party(args, console)
         return cmd_report(args, console)
     except (ConfigError, RunStoreError, LeakageSettingsError) as err:
         return user_error(err)

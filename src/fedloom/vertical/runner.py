@@ -14,16 +14,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import save
 from torch import nn
 
 from fedloom.config import ConfigError, RunConfig, VerticalConfig, VerticalOptimizerConfig
 from fedloom.registry import RUN_MODES
 from fedloom.seeding import derive_seed
-from fedloom.store import RunStore
+from fedloom.store import RunStore, atomic_write
 from fedloom.vertical.data import VerticalDataset, build_vertical_dataset, train_test_rows
 from fedloom.vertical.psi import PsiParty, align
 from fedloom.vertical.split import (
@@ -57,13 +59,36 @@ def build_models(
     v: VerticalConfig, dims: Sequence[int], num_classes: int, seed: int, *, top_parties: int
 ) -> tuple[list[nn.Sequential], nn.Sequential]:
     """Bottom models (one per party, seeded by party) and a top over ``top_parties`` of them."""
-    bottoms = []
-    for k, d in enumerate(dims):
-        torch.manual_seed(derive_seed(seed, VERTICAL_INIT, k))
-        bottoms.append(mlp([d, *v.bottom_hidden, v.embedding_dim], relu_out=True))
+    bottoms = [build_bottom(v, d, party=k, seed=seed) for k, d in enumerate(dims)]
+    return bottoms, build_top(v, num_classes, seed=seed, top_parties=top_parties)
+
+
+def build_bottom(v: VerticalConfig, columns: int, *, party: int, seed: int) -> nn.Sequential:
+    """Feature party ``party``'s bottom model, from its own seed: every process that
+    builds it (the simulation, or the party itself in a deployment) gets the same one."""
+    torch.manual_seed(derive_seed(seed, VERTICAL_INIT, party))
+    return mlp([columns, *v.bottom_hidden, v.embedding_dim], relu_out=True)
+
+
+def build_top(v: VerticalConfig, num_classes: int, *, seed: int, top_parties: int) -> nn.Sequential:
+    """The label party's top model over ``top_parties`` embeddings, from its own seed."""
     torch.manual_seed(derive_seed(seed, VERTICAL_INIT, 1000 + top_parties))
-    top = mlp([top_parties * v.embedding_dim, *v.top_hidden, num_classes], relu_out=False)
-    return bottoms, top
+    return mlp([top_parties * v.embedding_dim, *v.top_hidden, num_classes], relu_out=False)
+
+
+#: The trained split model in the run directory: ``top.*`` and ``bottom{k}.*`` tensors
+#: (in a deployment each party writes only its own half to its own directory).
+MODEL_FILE = "model.safetensors"
+
+
+def save_model(path: Path, parts: dict[str, nn.Module]) -> None:
+    """Write the named modules' parameters as one safetensors file (``PREFIX.name``)."""
+    tensors = {
+        f"{prefix}.{name}": t.detach().cpu().numpy().copy()
+        for prefix, module in parts.items()
+        for name, t in module.state_dict().items()
+    }
+    atomic_write(path, save(tensors))
 
 
 def aligned_parties(
@@ -122,7 +147,43 @@ def run_vertical(
     xs = [standardize(x, train_rows) for x in xs]
     trainer = make_trainer(v, y, xs, train_rows, test_rows, data.num_classes, cfg.seed)
     parties = 1 + len(xs)
-    for rnd in range(1, cfg.rounds + 1):
+    train_rounds(trainer, store, rounds=cfg.rounds, parties=parties, on_round=on_round)
+    save_model(
+        store.run_dir / MODEL_FILE,
+        {"top": trainer.label.top}
+        | {
+            f"bottom{k}": f.bottom
+            for k, f in enumerate(trainer.features)
+            if isinstance(f, FeatureParty)
+        },
+    )
+    if v.baselines:
+        baselines = measure_baselines(
+            v, y, xs, train_rows, test_rows, data.num_classes, cfg.seed, cfg.rounds
+        )
+        store.set_meta("baselines", baselines)
+        store.set_meta("centralized_accuracy", baselines["centralized_same_network"])
+    return np.full(parties, cfg.rounds, dtype=np.int64)
+
+
+def train_rounds(
+    trainer: SplitTrainer,
+    store: RunStore,
+    *,
+    rounds: int,
+    parties: int,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    extra: Callable[[], dict[str, Any]] | None = None,
+    started_round: Callable[[int], None] | None = None,
+) -> None:
+    """Train ``rounds`` rounds, evaluate after each, store each round's record.
+
+    One loop for the simulation and the deployment (``extra`` adds the deployment's
+    wire counts to each record; ``started_round`` tells it which round is running).
+    """
+    for rnd in range(1, rounds + 1):
+        if started_round is not None:
+            started_round(rnd)
         started = time.perf_counter()
         fields = trainer.run_round()
         record: dict[str, Any] = {
@@ -133,17 +194,12 @@ def run_vertical(
             "clients_succeeded": parties,
             "clients_failed": 0,
         }
+        if extra is not None:
+            record.update(extra())
         record["round_s"] = time.perf_counter() - started
         store.record_round(record)
         if on_round is not None:
             on_round(record)
-    if v.baselines:
-        baselines = measure_baselines(
-            v, y, xs, train_rows, test_rows, data.num_classes, cfg.seed, cfg.rounds
-        )
-        store.set_meta("baselines", baselines)
-        store.set_meta("centralized_accuracy", baselines["centralized_same_network"])
-    return np.full(parties, cfg.rounds, dtype=np.int64)
 
 
 def make_trainer(
@@ -156,21 +212,32 @@ def make_trainer(
     seed: int,
 ) -> SplitTrainer:
     """The parties (models, optimizers, defense) and the schedule, from the config."""
-    dims = [x.shape[1] for x in xs]
-    bottoms, top = build_models(v, dims, num_classes, seed, top_parties=len(xs))
     return SplitTrainer(
-        LabelParty(y, top, v.top, defense=v.defense, noise_scale=v.noise_scale, seed=seed),
-        [
-            FeatureParty(x, b, bottom_optimizer(v, k))
-            for k, (x, b) in enumerate(zip(xs, bottoms, strict=True))
-        ],
+        make_label_party(v, y, num_classes, seed=seed, top_parties=len(xs)),
+        [make_feature_party(v, x, party=k, seed=seed) for k, x in enumerate(xs)],
         train_rows=train_rows,
         test_rows=test_rows,
-        schedule=BatchSchedule(
-            len(train_rows), batch_size=v.batch_size, shuffle=v.shuffle, seed=seed
-        ),
+        schedule=make_schedule(v, len(train_rows), seed=seed),
         steps_per_round=v.steps_per_round,
     )
+
+
+def make_label_party(
+    v: VerticalConfig, y: np.ndarray, num_classes: int, *, seed: int, top_parties: int
+) -> LabelParty:
+    """The label party: its labels in the aligned order, top model, optimizer, defense."""
+    top = build_top(v, num_classes, seed=seed, top_parties=top_parties)
+    return LabelParty(y, top, v.top, defense=v.defense, noise_scale=v.noise_scale, seed=seed)
+
+
+def make_feature_party(v: VerticalConfig, x: np.ndarray, *, party: int, seed: int) -> FeatureParty:
+    """Feature party ``party``: its standardized, aligned columns, bottom model, optimizer."""
+    bottom = build_bottom(v, x.shape[1], party=party, seed=seed)
+    return FeatureParty(x, bottom, bottom_optimizer(v, party))
+
+
+def make_schedule(v: VerticalConfig, n_train: int, *, seed: int) -> BatchSchedule:
+    return BatchSchedule(n_train, batch_size=v.batch_size, shuffle=v.shuffle, seed=seed)
 
 
 def train_central(

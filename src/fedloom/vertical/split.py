@@ -17,6 +17,7 @@ tensors between them (counting the bytes) in the order of a shared batch schedul
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -83,6 +84,17 @@ class BatchSchedule:
                 self._refill()
             out.append(self._queue.pop(0))
         return out
+
+
+class BottomHalf(Protocol):
+    """What the trainer asks of a feature party: a :class:`FeatureParty` here, or its
+    proxy at the label party in a deployment (``fedloom.vertical.party``)."""
+
+    def forward(self, rows: np.ndarray) -> torch.Tensor: ...
+
+    def backward(self, grad: torch.Tensor) -> None: ...
+
+    def embed(self, rows: np.ndarray) -> torch.Tensor: ...
 
 
 class FeatureParty:
@@ -180,7 +192,7 @@ class SplitTrainer:
     def __init__(
         self,
         label: LabelParty,
-        features: Sequence[FeatureParty],
+        features: Sequence[BottomHalf],
         *,
         train_rows: np.ndarray,
         test_rows: np.ndarray,
@@ -202,14 +214,13 @@ class SplitTrainer:
         cos_aucs: list[float] = []
         for batch in self.schedule.round(self.steps_per_round):
             rows = self.train_rows[batch]
-            bytes_down += 4 * len(rows) * len(self.features)  # the step's row indices
-            acts = [f.forward(rows) for f in self.features]
+            acts = self.forward(rows)
+            bytes_down += 4 * len(rows) * len(acts)  # the step's row indices
             bytes_up += sum(4 * a.numel() for a in acts)
             grads, loss = self.label.step(rows, acts)
             losses.append(loss)
-            for f, g in zip(self.features, grads, strict=True):
-                bytes_down += 4 * g.numel()
-                f.backward(g)
+            bytes_down += sum(4 * g.numel() for g in grads)
+            self.backward(grads)
             steps += 1
             if self.positive is not None:
                 # The attack runs on what feature party 0 received (defended or not).
@@ -230,7 +241,22 @@ class SplitTrainer:
 
     def evaluate(self, rows: np.ndarray | None = None) -> dict[str, float]:
         rows = self.test_rows if rows is None else rows
-        return self.label.evaluate(rows, [f.embed(rows) for f in self.features])
+        return self.label.evaluate(rows, self.embed(rows))
+
+    # How tensors reach the feature parties: method calls here; over the network in a
+    # deployment (``fedloom.vertical.party.RemoteSplitTrainer`` overrides these three).
+    def forward(self, rows: np.ndarray) -> list[torch.Tensor]:
+        """Each feature party's activations h_k for ``rows`` (the step's upload)."""
+        return [f.forward(rows) for f in self.features]
+
+    def backward(self, grads: Sequence[torch.Tensor]) -> None:
+        """Each feature party finishes back-propagation from its ∂L/∂h_k."""
+        for f, g in zip(self.features, grads, strict=True):
+            f.backward(g)
+
+    def embed(self, rows: np.ndarray) -> list[torch.Tensor]:
+        """Each feature party's activations for ``rows`` in evaluation mode."""
+        return [f.embed(rows) for f in self.features]
 
 
 def _nanmean(values: list[float]) -> float:
