@@ -95,3 +95,36 @@ def test_estimate_is_within_25_percent_of_a_rehearsing_deployment(procs, tmp_pat
         f"ratio {ratio:.3f}"
     )
     assert 0.75 <= ratio <= 1.25, (measured, estimated)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["compression.kind=topk", "compression.ratio=0.1", "compression.downlink=float16"],
+        ["strategy=scaffold"],
+    ],
+)
+def test_estimate_bytes_are_the_strategys_wire_sizes(overrides: list[str]) -> None:
+    import numpy as np
+
+    from fedloom.config import load_config
+    from fedloom.data import build_federated_dataset
+    from fedloom.strategies import build_learner, build_strategy, traffic_bytes
+
+    cfg = load_config(None, ["data.num_clients=3", "model.name=logreg", *overrides])
+    spec = build_learner(cfg, build_federated_dataset(cfg.data, cfg.seed)).binding.spec
+    strategy = build_strategy(cfg, num_clients=3, spec=spec, roles_in_process=True)
+    down = sum(
+        v.nbytes for v in strategy.encoded_broadcast(np.zeros(spec.size, np.float32)).values()
+    )
+    up = sum(n * np.dtype(dt).itemsize for n, dt in strategy.wire_layout().values())
+    assert traffic_bytes(cfg, num_clients=3, spec=spec) == (down, up)
+
+
+def test_estimate_runs_for_an_aggregator_that_needs_server_data(tmp_path: Path) -> None:
+    from fedloom.cli import main
+
+    out = tmp_path / "estimate.json"
+    sets = set_args(["server.aggregator=fltrust", "system.enabled=true", "rounds=2"])
+    assert main(["estimate", *sets, "--trajectories", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["estimates"][0]["total_s_this_seed"] > 0
