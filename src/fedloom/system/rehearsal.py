@@ -121,6 +121,11 @@ def rehearsal_app(
 ) -> RehearsedApp:
     """The app ``make_inner`` builds for ``client_id``, rehearsing the device the
     server's config (``cfg``, received at registration) gives that client."""
+    if not cfg.system.enabled:
+        log.warning(
+            "the server's config has system.enabled = false: rehearsing its [system] "
+            "section's values anyway, as fedloom estimate would assume them"
+        )
     clock = virtual_clock(cfg, num_clients=cfg.data.num_clients, held_upload_bytes=0)
     p = clock.profiles
     log.info(
