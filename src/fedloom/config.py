@@ -512,6 +512,19 @@ class SystemConfig(_Section):
     #: arrival (Bonawitz et al. 2019, Section 2.2).
     over_selection: float = Field(0.0, ge=0.0, le=10.0)
     trace: str | None = None
+    #: A client that cannot finish its local work by ``deadline_s`` does the steps that
+    #: fit (floor of its time budget / its seconds per step) and sends that partial update,
+    #: for strategies that keep stragglers' work (``server.drop_stragglers = false``).
+    partial_work: bool = False
+
+    @model_validator(mode="after")
+    def _partial_work_needs_a_deadline(self) -> SystemConfig:
+        if self.partial_work and self.deadline_s is None:
+            raise ValueError(
+                "system.partial_work fits each straggler's steps into the round deadline; "
+                "set system.deadline_s too"
+            )
+        return self
 
 
 class AsyncConfig(_Section):

@@ -34,6 +34,9 @@ DELTA = "delta"
 HOLD = "hold"
 #: DROP_STRAGGLERS: a client the systems model marks as a straggler need not compute.
 DROP_STRAGGLERS = "drop_stragglers"
+#: STEP_BUDGET: the most local steps this client may take this round (one client's own
+#: key: a device that cannot finish its work by a deadline does the steps that fit).
+STEP_BUDGET = "step_budget"
 
 
 def upload_order(names: Iterable[str]) -> list[str]:

@@ -23,6 +23,7 @@ from fedloom.client.learner import Learner, SGDSettings, WorkSettings
 from fedloom.client.models import build_model
 from fedloom.client.runtime import ClientRuntime
 from fedloom.client.transfer import check_transfer_composition, prepare_transfer
+from fedloom.codecs.base import float_layout
 from fedloom.config import ConfigError, RunConfig
 from fedloom.data.base import ClientData, FederatedDataset
 from fedloom.data.server import ServerData
@@ -165,6 +166,26 @@ def check_composition(cfg: RunConfig) -> None:
     check_anomaly(cfg)
     check_contribution(cfg)
     check_compression(cfg)
+    check_partial_work(cfg)
+
+
+def check_partial_work(cfg: RunConfig) -> None:
+    """``system.partial_work`` sends stragglers' partial updates: the strategy must keep
+    them, and only synchronous rounds have the deadline it fits work into."""
+    s = cfg.system
+    if not (s.enabled and s.partial_work):
+        return
+    if cfg.server.drop_stragglers:
+        raise ConfigError(
+            "system.partial_work sends stragglers' partial updates, which "
+            "server.drop_stragglers = true discards; set server.drop_stragglers = false "
+            "(strategies fedprox and fednova keep partial work)"
+        )
+    if cfg.mode != "sync":
+        raise ConfigError(
+            f"system.partial_work fits local work into a synchronous round's deadline; "
+            f"remove it with mode = '{cfg.mode}'"
+        )
 
 
 def check_anomaly(cfg: RunConfig) -> None:
@@ -343,6 +364,37 @@ def downlink_codec(cfg: RunConfig, context: StageContext) -> Any:
     return BROADCAST_CODECS.create(cfg.compression.downlink, cfg.compression, context)
 
 
+def encoded_upload_bytes(algorithm: Any, codecs: Sequence[Any], size: int) -> int:
+    """One client's upload as it travels: the algorithm's uploads through the codecs'
+    encoded layouts (what ``Strategy.wire_layout`` describes)."""
+    layout = float_layout(algorithm.upload_sizes(size))
+    for codec in codecs:
+        layout = codec.encoded_layout(layout)
+    return int(sum(n * np.dtype(dt).itemsize for n, dt in layout.values()))
+
+
+def traffic_bytes(cfg: RunConfig, *, num_clients: int, spec: ParamSpec) -> tuple[int, int]:
+    """Bytes one sampled client downloads and uploads per round, as encoded, built from
+    the server algorithm and the codecs alone (no aggregator, no server data): what
+    ``fedloom estimate`` needs to know before anything runs."""
+    cc = cfg.client
+    context = StageContext(
+        num_clients=num_clients,
+        spec=spec,
+        seed=cfg.seed,
+        expected_clients=expected_clients_per_round(cfg.server, num_clients),
+        work=WorkSettings(epochs=cc.epochs, steps=cc.steps, batch_size=cc.batch_size),
+        sgd=SGDSettings(lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay),
+    )
+    algorithm = SERVER_ALGORITHMS.create(cfg.server.algorithm, algorithm_settings(cfg), context)
+    broadcast = algorithm.broadcast(np.zeros(spec.size, dtype=np.float32))
+    downlink = downlink_codec(cfg, context)
+    if downlink is not None:
+        broadcast = downlink.encode(broadcast)
+    down = sum(v.nbytes for v in broadcast.values())
+    return down, encoded_upload_bytes(algorithm, uplink_codecs(cfg, context), spec.size)
+
+
 def registry_error(registry: Any, name: str) -> str:
     return f"unknown {registry.kind} '{name}'; registered: {', '.join(registry.names())}"
 
@@ -424,7 +476,12 @@ def build_strategy(
         from fedloom.system.clock import virtual_clock
 
         held_bytes = 4 * sum(algorithm.upload_sizes(spec.size).values())
-        arrivals = virtual_clock(cfg, num_clients=num_clients, held_upload_bytes=held_bytes)
+        arrivals = virtual_clock(
+            cfg,
+            num_clients=num_clients,
+            held_upload_bytes=held_bytes,
+            upload_bytes=encoded_upload_bytes(algorithm, codecs, spec.size),
+        )
     transforms: list[Any] = []
     if cfg.watermark.enabled:
         if server_model is None:

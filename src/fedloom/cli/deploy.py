@@ -210,6 +210,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
             make_app = partial(OwnDataApp, data_path=args.data)
         if args.attack is not None:
             make_app = partial(red_team_app, make_app, _red_team_attack(args))
+        if args.rehearse_profile:
+            if args.key_holder:
+                raise ConfigError("the key holder trains nothing: drop --rehearse-profile")
+            from fedloom.system.rehearsal import rehearsal_app
+
+            make_app = partial(rehearsal_app, make_app)
         done = run_client(
             args.server,
             make_app,

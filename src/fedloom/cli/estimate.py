@@ -78,21 +78,17 @@ def cmd_estimate(args: argparse.Namespace, console: Console) -> int:
 
 def _workload(cfg: RunConfig) -> tuple[Workload, int]:
     """Per-client example counts and the dense bytes a round moves, from the config."""
-    import numpy as np
-
     from fedloom.data import build_federated_dataset
-    from fedloom.strategies import build_learner, build_strategy
+    from fedloom.strategies import build_learner, check_composition, traffic_bytes
     from fedloom.system.estimate import Workload
 
+    check_composition(cfg)
     data = build_federated_dataset(cfg.data, cfg.seed)
     learner = build_learner(cfg, data)
-    strategy = build_strategy(
-        cfg, num_clients=data.num_clients, spec=learner.binding.spec, roles_in_process=True
-    )
-    weights = np.zeros(learner.binding.spec.size, dtype=np.float32)
-    # The broadcast and uploads as they travel (after any downlink or uplink compression).
-    down = sum(v.nbytes for v in strategy.encoded_broadcast(weights).values())
-    up = sum(n * np.dtype(dt).itemsize for n, dt in strategy.wire_layout().values())
+    # The broadcast and uploads as they travel (after any downlink or uplink compression),
+    # from the server algorithm and the codecs only: the aggregator and the other server
+    # stages (FLTrust's root data, ...) change no byte a client moves.
+    down, up = traffic_bytes(cfg, num_clients=data.num_clients, spec=learner.binding.spec)
     examples = data.client_sizes().tolist()
     return Workload(client_examples=examples, down_bytes=down, up_bytes=up), data.num_clients
 

@@ -160,6 +160,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="red team: an [attack] parameter, e.g. factor=10 (repeatable)",
     )
+    client.add_argument(
+        "--rehearse-profile",
+        action="store_true",
+        help="act out the device the server's [system] section gives this client: its "
+        "compute speed, bandwidth and dropouts (to check 'fedloom estimate' for real)",
+    )
     _add_import_arg(client)
     client.add_argument("-v", "--verbose", action="store_true")
 

@@ -103,6 +103,18 @@ class WorkPlan:
                 return
             passes += 1
 
+    def capped(self, budget: int, *, num_examples: int, batch_size: int) -> WorkPlan:
+        """This plan cut to at most ``budget`` steps: the partial work of a device that
+        would miss the round's deadline (a straggler), or this plan if it fits."""
+        full = (
+            self.max_steps
+            if self.max_steps is not None
+            else self.epochs * max(1, math.ceil(num_examples / batch_size))
+        )
+        if budget >= full:
+            return self
+        return WorkPlan(self.epochs, max(0, budget), straggler=True)
+
 
 def plan_work(
     work: WorkSettings, *, seed: int, round: int, client_id: int, num_examples: int

@@ -25,6 +25,7 @@ from fedloom.exchange import ExchangeRequest, Participant
 from fedloom.messages import (
     DROP_STRAGGLERS,
     HOLD,
+    STEP_BUDGET,
     Broadcast,
     EvalResult,
     EvalTask,
@@ -122,6 +123,9 @@ class ClientRuntime:
         plan = plan_work(
             self.work, seed=self.seed, round=task.round, client_id=task.client_id, num_examples=n
         )
+        budget = task.config.get(STEP_BUDGET)
+        if isinstance(budget, int) and not isinstance(budget, bool):
+            plan = plan.capped(budget, num_examples=n, batch_size=self.work.batch_size)
         if plan.straggler and task.config.get(DROP_STRAGGLERS, False):
             return FitResult(
                 client_id=task.client_id,

@@ -5,7 +5,9 @@ time on a real fleet is decided here, after the fact, by an :class:`ArrivalModel
 default, :class:`InstantArrivals`, changes nothing (every result arrives, no simulated
 time). The virtual clock (``fedloom.system.clock``) gives each client a duration from its
 device profile and ends the round at a deadline or at the k-th arrival of an
-over-selected cohort.
+over-selected cohort. Before the round, the model may add keys to one client's task
+config (:meth:`ArrivalModel.task_config`): the clock's step budget, with which a device
+that would miss the deadline does the steps that fit (partial work).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedloom.messages import ClientFailure, FitResult
+from fedloom.messages import ClientFailure, FitResult, Scalar
 
 
 @dataclass
@@ -38,6 +40,10 @@ class ArrivalModel(Protocol):
 
     def cohort_size(self, wanted: int) -> int:
         """How many clients to sample so that ``wanted`` results are expected."""
+        ...
+
+    def task_config(self, rnd: int, client_id: int, *, down_bytes: int) -> dict[str, Scalar]:
+        """Task config keys for this client alone (a step budget under a deadline)."""
         ...
 
     def arrive(
@@ -62,6 +68,9 @@ class InstantArrivals:
 
     def cohort_size(self, wanted: int) -> int:
         return wanted
+
+    def task_config(self, rnd: int, client_id: int, *, down_bytes: int) -> dict[str, Scalar]:
+        return {}
 
     def arrive(
         self,

@@ -185,7 +185,12 @@ class FederatedServer:
         sampled = strategy.sample(rnd, pool, self.seed)
         config, broadcast = strategy.configure_fit(rnd, state.weights)
         tasks = [
-            FitTask(client_id=int(c), round=rnd, model_version=state.round, config=config)
+            FitTask(
+                client_id=int(c),
+                round=rnd,
+                model_version=state.round,
+                config=strategy.client_config(rnd, int(c), config, broadcast),
+            )
             for c in sampled
         ]
         outcomes = self.executor.fit(tasks, broadcast)

@@ -150,6 +150,15 @@ class Strategy:
             config[HOLD] = self.secure.protocol
         return config, self.encoded_broadcast(weights)
 
+    def client_config(
+        self, rnd: int, client_id: int, config: Mapping[str, Scalar], broadcast: Broadcast
+    ) -> Mapping[str, Scalar]:
+        """One client's task config: the round's, plus what the arrival model tells this
+        client alone (the step budget a deadline leaves its device)."""
+        down_bytes = sum(v.nbytes for v in broadcast.values())
+        own = self.arrivals.task_config(rnd, client_id, down_bytes=down_bytes)
+        return {**config, **own} if own else config
+
     def encoded_broadcast(self, weights: np.ndarray) -> Broadcast:
         """The broadcast of ``weights`` as it travels (after any downlink codec)."""
         broadcast = self.algorithm.broadcast(weights)

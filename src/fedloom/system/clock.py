@@ -14,14 +14,14 @@ availability windows it implies.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fedloom.config import RunConfig
-from fedloom.messages import ClientFailure, FitResult
+from fedloom.messages import STEP_BUDGET, ClientFailure, FitResult, Scalar
 from fedloom.server.arrivals import Arrivals
 from fedloom.system.profiles import DeviceProfiles, draw_profiles, drops_out
 
@@ -66,6 +66,40 @@ def planned_examples(
     return float(epochs * max(1, math.ceil(num_examples / batch_size)) * batch_size)
 
 
+def step_budget(
+    profiles: DeviceProfiles,
+    client_id: int,
+    *,
+    down_bytes: float,
+    up_bytes: float,
+    batch_size: int,
+    deadline_s: float,
+) -> int:
+    """The local steps that fit before the deadline: floor((deadline − download − upload)
+    / seconds per step), a step being ``batch_size`` examples (at least 0)."""
+
+    def total(steps: int) -> float:
+        return client_time(
+            profiles,
+            client_id,
+            down_bytes=down_bytes,
+            examples=float(steps * batch_size),
+            up_bytes=up_bytes,
+        ).total
+
+    per_step = batch_size * float(profiles.s_per_example[client_id])
+    budget = max(0, math.floor((deadline_s - total(0)) / per_step))
+    while budget > 0 and total(budget) > deadline_s:  # rounding: the budget must fit
+        budget -= 1
+    return budget
+
+
+def step_budget_of(config: Mapping[str, Scalar]) -> int | None:
+    """The step budget a task's config carries, if any."""
+    budget = config.get(STEP_BUDGET)
+    return budget if isinstance(budget, int) and not isinstance(budget, bool) else None
+
+
 def round_end(durations: Sequence[float], *, wanted: int, deadline_s: float | None) -> float:
     """When the round ends: the ``wanted``-th arrival, capped by the deadline.
 
@@ -96,6 +130,8 @@ class VirtualClock:
         held_upload_bytes: int,
         deadline_s: float | None = None,
         over_selection: float = 0.0,
+        partial_work: bool = False,
+        upload_bytes: int = 0,
     ) -> None:
         self.profiles = profiles
         self.seed = seed
@@ -105,7 +141,14 @@ class VirtualClock:
         self.held_upload_bytes = held_upload_bytes
         self.deadline_s = deadline_s
         self.over_selection = over_selection
+        #: Give each client the steps that fit before the deadline (needs ``deadline_s``);
+        #: ``upload_bytes``, one client's encoded upload, is what it must leave time for.
+        self.partial_work = partial_work and deadline_s is not None
+        self.upload_bytes = upload_bytes
         self.sim_time_s = 0.0
+        #: The step budgets handed out for the round in progress, by client.
+        self._budgets: dict[int, int] = {}
+        self._budget_round = 0
 
     # -------------------------------------------------------------- sampling
     def available(self, rnd: int, pool: np.ndarray) -> np.ndarray:
@@ -114,16 +157,39 @@ class VirtualClock:
     def cohort_size(self, wanted: int) -> int:
         return math.ceil(wanted * (1.0 + self.over_selection))
 
+    def task_config(self, rnd: int, client_id: int, *, down_bytes: int) -> dict[str, Scalar]:
+        """With partial work, the steps this client can take before the deadline
+        (:func:`step_budget`); a client that cannot take one gets no budget, trains fully
+        and arrives late, as without partial work."""
+        if not self.partial_work:
+            return {}
+        assert self.deadline_s is not None
+        if self._budget_round != rnd:
+            self._budgets, self._budget_round = {}, rnd
+        budget = step_budget(
+            self.profiles,
+            client_id,
+            down_bytes=down_bytes,
+            up_bytes=self.upload_bytes,
+            batch_size=self.batch_size,
+            deadline_s=self.deadline_s,
+        )
+        if budget < 1:
+            return {}
+        self._budgets[client_id] = budget
+        return {STEP_BUDGET: budget}
+
     # -------------------------------------------------------------- arrivals
-    def examples_of(self, result: FitResult) -> float:
+    def examples_of(self, result: FitResult, *, budget: int | None = None) -> float:
         """Examples the client processed: its reported steps × the batch size, or, for an
-        algorithm that reports no steps, its full planned work."""
+        algorithm that reports no steps, its full planned work (cut to ``budget`` steps)."""
         steps = result.metrics.get("steps")
         if steps is not None:
             return float(steps) * self.batch_size
-        return planned_examples(
+        planned = planned_examples(
             result.num_examples, batch_size=self.batch_size, epochs=self.epochs, steps=self.steps
         )
+        return planned if budget is None else min(planned, float(budget * self.batch_size))
 
     def up_bytes_of(self, result: FitResult) -> float:
         if result.held:
@@ -141,6 +207,8 @@ class VirtualClock:
         timed: list[tuple[float, FitResult]] = []
         passed: list[FitResult | ClientFailure] = []
         dropouts = 0
+        budgets = self._budgets if self._budget_round == rnd else {}
+        self._budgets = {}
         for out in outcomes:
             if isinstance(out, ClientFailure) or not (out.vectors or out.held):
                 passed.append(out)  # failures and self-dropped stragglers keep their fate
@@ -155,7 +223,7 @@ class VirtualClock:
                 self.profiles,
                 out.client_id,
                 down_bytes=down_bytes,
-                examples=self.examples_of(out),
+                examples=self.examples_of(out, budget=budgets.get(out.client_id)),
                 up_bytes=self.up_bytes_of(out),
             )
             timed.append((t.total, out))
@@ -167,16 +235,22 @@ class VirtualClock:
             arrived = on_time[: min(wanted, len(arrived))]
         late = len(timed) - len(arrived)
         self.sim_time_s += end
+        fields: dict[str, Any] = {
+            "sim_round_s": end,
+            "sim_time_s": self.sim_time_s,
+            "sim_late": late,
+            "sim_dropouts": dropouts,
+        }
+        if self.partial_work:
+            # Arrived updates of clients whose budget cut their planned work short.
+            fields["sim_partial"] = sum(
+                1 for out in arrived if out.straggler and out.client_id in budgets
+            )
         return Arrivals(
             [*passed, *arrived],
             late=late,
             durations={out.client_id: d for d, out in timed},
-            fields={
-                "sim_round_s": end,
-                "sim_time_s": self.sim_time_s,
-                "sim_late": late,
-                "sim_dropouts": dropouts,
-            },
+            fields=fields,
         )
 
     # ----------------------------------------------------------- checkpoints
@@ -187,8 +261,11 @@ class VirtualClock:
         self.sim_time_s = float(state.get("sim_time_s", 0.0))
 
 
-def virtual_clock(cfg: RunConfig, *, num_clients: int, held_upload_bytes: int) -> VirtualClock:
-    """The clock a run's ``[system]`` section describes."""
+def virtual_clock(
+    cfg: RunConfig, *, num_clients: int, held_upload_bytes: int, upload_bytes: int = 0
+) -> VirtualClock:
+    """The clock a run's ``[system]`` section describes; ``upload_bytes`` is one
+    client's encoded upload (the time a partial-work budget must leave for it)."""
     return VirtualClock(
         draw_profiles(cfg.system, num_clients=num_clients, seed=cfg.seed),
         seed=cfg.seed,
@@ -198,4 +275,6 @@ def virtual_clock(cfg: RunConfig, *, num_clients: int, held_upload_bytes: int) -
         held_upload_bytes=held_upload_bytes,
         deadline_s=cfg.system.deadline_s,
         over_selection=cfg.system.over_selection,
+        partial_work=cfg.system.partial_work,
+        upload_bytes=upload_bytes,
     )

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from fedloom.config import RunConfig
 from fedloom.seeding import SAMPLING, derive_rng
 from fedloom.server.sampling import clients_per_round, select_clients
-from fedloom.system.clock import client_time, planned_examples, round_end
+from fedloom.system.clock import client_time, planned_examples, round_end, step_budget
 from fedloom.system.profiles import DeviceProfiles, drops_out
 
 M = TypeVar("M", bound=BaseModel)
@@ -148,6 +148,8 @@ def _replay(
                 epochs=cfg.client.epochs,
                 steps=cfg.client.steps,
             )
+            if sysc.partial_work and sysc.deadline_s is not None:
+                examples = _partial_examples(cfg, profiles, workload, c, examples)
             t = client_time(
                 profiles,
                 c,
@@ -166,6 +168,23 @@ def _replay(
         out.bytes_down += len(picked) * workload.down_bytes
         out.late += len(times) - arrived
     return out
+
+
+def _partial_examples(
+    cfg: RunConfig, profiles: DeviceProfiles, workload: Workload, client: int, planned: float
+) -> float:
+    """With ``system.partial_work``, the examples of the steps that fit before the
+    deadline, as the clock budgets them (a client that fits none does its full work)."""
+    assert cfg.system.deadline_s is not None
+    budget = step_budget(
+        profiles,
+        client,
+        down_bytes=workload.down_bytes,
+        up_bytes=workload.up_bytes,
+        batch_size=cfg.client.batch_size,
+        deadline_s=cfg.system.deadline_s,
+    )
+    return planned if budget < 1 else min(planned, float(budget * cfg.client.batch_size))
 
 
 #: Encoded bytes per coordinate of an uplink encoding, as the what-if rows assume them
