@@ -147,8 +147,9 @@ class WallClockAsyncServer(AsyncFederatedServer):
                 state.participation[u.client_id] += 1
         state.round = rnd
         # Clients freed while the buffer filled got the model of their moment; those
-        # free now get the new one at once.
-        launched += self._fill()
+        # free now get the new one at once (after the last step, nothing more to do).
+        if rnd < self.rounds:
+            launched += self._fill()
         live = {launch.version for launch in self.running.values()}
         live.update(launch.version for launch, _ in self.buffer)
         self.versions = {v: w for v, w in self.versions.items() if v in live}
