@@ -175,6 +175,11 @@ def _slow_main() -> int:
     p.add_argument("--secagg-stall", default="", help="stage at which to announce and stall")
     p.add_argument("--he-stall", action="store_true", help="announce and stall at CKKS encrypt")
     p.add_argument("--state-dir", type=Path, help="as 'fedloom client --state-dir'")
+    p.add_argument(
+        "--gate",
+        type=Path,
+        help="hold the first fit task until this file exists (announced when it starts)",
+    )
     args = p.parse_args()
 
     if args.he_stall:
@@ -205,6 +210,10 @@ def _slow_main() -> int:
 
     class SlowApp(BuiltinApp):
         def fit(self, task: FitTask, broadcast: dict[str, np.ndarray]) -> FitResult:
+            if args.gate is not None and not args.gate.exists():
+                print(f"holding task {task.round} until the gate opens", flush=True)
+                while not args.gate.exists():
+                    time.sleep(0.05)
             time.sleep(args.delay)
             return super().fit(task, broadcast)
 

@@ -534,7 +534,8 @@ class AsyncConfig(_Section):
     ``fedasync``: every arrival mixed in with weight ``mixing`` (Xie et al. 2019;
     ``buffer_size`` is 1). Updates are discounted by (1 + staleness)^(−staleness_exponent).
     ``concurrency`` clients train at any time (default: ``buffer_size`` × 2, at most the
-    number of clients). ``rounds`` counts server steps.
+    number of clients; over ``fedloom server``, every connected client). ``rounds``
+    counts server steps.
     """
 
     algorithm: Literal["fedbuff", "fedasync"] = "fedbuff"

@@ -262,11 +262,14 @@ def make_server(
     strategy: Strategy,
     client_examples: Sequence[int],
     evaluate_model: Callable[[np.ndarray], dict[str, float]] | None = None,
+    wall_clock: bool = False,
     **server_args: Any,
 ) -> FederatedServer:
     """The round loop ``cfg.mode`` asks for, over ``strategy``'s stages.
 
-    ``evaluate_model`` scores one model vector (gossip evaluates every peer's own)."""
+    ``evaluate_model`` scores one model vector (gossip evaluates every peer's own).
+    ``wall_clock``: clients run on their own time (a deployment), so asynchronous rounds
+    take results as they really arrive instead of from the virtual clock."""
     if cfg.mode == "sync":
         return FederatedServer(strategy=strategy, **server_args)
     if cfg.mode == "gossip":
@@ -287,6 +290,19 @@ def make_server(
     from fedloom.system.profiles import draw_profiles
 
     a = cfg.async_
+    if wall_clock:
+        from fedloom.server.async_wallclock import WallClockAsyncServer
+
+        fedasync = a.algorithm == "fedasync"
+        live = AsyncSettings(
+            algorithm=a.algorithm,
+            buffer_size=1 if fedasync else a.buffer_size,
+            # Unset: every connected client trains (there are no more than num_clients).
+            concurrency=a.concurrency if a.concurrency is not None else len(client_examples),
+            staleness_exponent=a.staleness_exponent,
+            mixing=a.mixing,
+        )
+        return WallClockAsyncServer(settings=live, strategy=strategy, **server_args)
     profiles = draw_profiles(cfg.system, num_clients=len(client_examples), seed=cfg.seed)
     up_bytes = sum(n * np.dtype(dt).itemsize for n, dt in strategy.wire_layout().values())
 

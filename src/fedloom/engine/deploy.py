@@ -201,6 +201,12 @@ class DeploymentExecutor:
     ) -> list[FitResult | ClientFailure]:
         return self.inner.fit(tasks, broadcast)
 
+    def submit_fit(self, tasks: Sequence[FitTask], broadcast: Broadcast) -> None:
+        self.inner.submit_fit(tasks, broadcast)
+
+    def fit_completed(self, *, wait_s: float) -> list[FitResult | ClientFailure]:
+        return self.inner.fit_completed(wait_s=wait_s)
+
     def evaluate(
         self, tasks: Sequence[EvalTask], broadcast: Broadcast
     ) -> list[EvalResult | ClientFailure]:

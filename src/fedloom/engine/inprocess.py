@@ -24,7 +24,28 @@ log = logging.getLogger("fedloom.engine")
 
 class LocalClients:
     """The :class:`~fedloom.server.loop.ClientExecutor` answers of an engine that runs
-    every client itself: every client is reachable, and there are no engine counters."""
+    every client itself: every client is reachable, there are no engine counters, and
+    submitted tasks run (through the engine's own ``fit``, so in parallel where it is)
+    when their results are asked for."""
+
+    def fit(
+        self, tasks: Sequence[FitTask], broadcast: Broadcast
+    ) -> list[FitResult | ClientFailure]:
+        raise NotImplementedError
+
+    def submit_fit(self, tasks: Sequence[FitTask], broadcast: Broadcast) -> None:
+        submitted: list[tuple[list[FitTask], Broadcast]] = self.__dict__.setdefault(
+            "_submitted", []
+        )
+        submitted.append((list(tasks), broadcast))
+
+    def fit_completed(self, *, wait_s: float) -> list[FitResult | ClientFailure]:
+        """Every submitted task, run now: nothing here runs on its own time."""
+        submitted: list[tuple[list[FitTask], Broadcast]] = self.__dict__.pop("_submitted", [])
+        out: list[FitResult | ClientFailure] = []
+        for tasks, broadcast in submitted:
+            out.extend(self.fit(tasks, broadcast))
+        return out
 
     def available_clients(self) -> None:
         return None

@@ -153,10 +153,10 @@ def run_federation(
             on_round,
             custom=deployment or data is not None or learner_factory is not None,
         )
-    if deployment and cfg.mode != "sync":
+    if deployment and cfg.mode not in ("sync", "async"):
         raise ConfigError(
             f"mode = '{cfg.mode}' runs in simulation only so far (the gRPC server runs "
-            "synchronous rounds); set mode = 'sync' for fedloom server"
+            "synchronous or asynchronous rounds); set mode = 'sync' for fedloom server"
         )
     if data is None:
         data = build_federated_dataset(cfg.data, cfg.seed)
@@ -215,6 +215,9 @@ def run_federation(
             strategy=strategy,
             client_examples=data.client_sizes().tolist(),
             evaluate_model=lambda v: learner.evaluate(v, test_set, cfg.eval.batch_size),
+            # Deployed clients train on their own time: asynchronous rounds then take
+            # results as they arrive, not from the virtual clock.
+            wall_clock=deployment,
             executor=executor,
             initial_weights=learner.initial_vector(),
             num_clients=data.num_clients,

@@ -47,6 +47,24 @@ class ClientExecutor(Protocol):
         self, tasks: Sequence[EvalTask], broadcast: Broadcast
     ) -> list[EvalResult | ClientFailure]: ...
 
+    def submit_fit(self, tasks: Sequence[FitTask], broadcast: Broadcast) -> None:
+        """Start ``tasks`` without waiting for them; :meth:`fit_completed` returns them.
+
+        The asynchronous loop on a real clock hands out work one client at a time, each
+        with the model of the moment, and applies results in the order they come back.
+        """
+        ...
+
+    def fit_completed(self, *, wait_s: float) -> list[FitResult | ClientFailure]:
+        """Submitted tasks that have finished since the last call, each exactly once.
+
+        Waits up to ``wait_s`` for the first when none has finished (returns [] then,
+        and at once when nothing is in flight). A task whose client is lost comes back
+        as a :class:`~fedloom.messages.ClientFailure`, one past its deadline as a
+        straggler; an engine that runs tasks itself may finish them all in this call.
+        """
+        ...
+
     def exchange(self, request: ExchangeRequest, outgoing: Mapping[int, bytes]) -> dict[int, bytes]:
         """Deliver protocol messages to participants; their replies (see fedloom.exchange)."""
         ...

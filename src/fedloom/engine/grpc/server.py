@@ -1185,6 +1185,9 @@ class GrpcExecutor:
         self._reported: Counter[str] = Counter()
         #: Tasks opened and not yet collected (the round loop is one thread).
         self._pending: list[OpenTask | Outcome] = []
+        #: Submitted fit tasks not yet collected, with their deadlines (asynchronous loop).
+        self._in_flight: list[tuple[OpenTask | Outcome, float]] = []
+        self._next_report = time.monotonic() + PROGRESS_EVERY_S
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
         self._reaper.start()
@@ -1281,20 +1284,70 @@ class GrpcExecutor:
     def _open(
         self, task: Task, payload: Sequence[Buffer], infos: Sequence[pb.VectorInfo] = ()
     ) -> None:
+        self._pending.append(self._open_task(task, payload, infos))
+
+    def _open_task(
+        self, task: Task, payload: Sequence[Buffer], infos: Sequence[pb.VectorInfo] = ()
+    ) -> OpenTask | ClientFailure:
+        """Queue ``task`` for its client's session (a failure if it has none)."""
         reg = self.registry
         with reg.lock:
             session = reg.session_for(task.client_id)
             if session is None:
-                self._pending.append(
-                    ClientFailure(
-                        client_id=task.client_id, round=task.round, error="client not connected"
-                    )
+                return ClientFailure(
+                    client_id=task.client_id, round=task.round, error="client not connected"
                 )
-                return
             ot = OpenTask(secrets.token_hex(16), task, session.session_id, payload, infos)
             reg.open_tasks[ot.task_id] = ot
         session.tasks.put(ot)
-        self._pending.append(ot)
+        return ot
+
+    # --- tasks in flight across rounds (the asynchronous loop) -------------------------
+
+    def submit_fit(self, tasks: Sequence[FitTask], broadcast: Broadcast) -> None:
+        """Queue fit tasks that :meth:`fit_completed` collects as they come back.
+
+        Each has its own deadline (``deploy.round_timeout_s`` from now); the handlers
+        check results exactly as for a round's tasks (open, the sender's own, once).
+        """
+        payload, infos = _encode_broadcast(broadcast)
+        deadline = time.monotonic() + self.options.round_timeout_s
+        for task in tasks:
+            self._in_flight.append((self._open_task(task, payload, infos), deadline))
+
+    def fit_completed(self, *, wait_s: float) -> list[FitResult | ClientFailure]:
+        """The submitted tasks that were answered, failed (a lost session fails its task
+        when the reaper ends it) or passed their deadline, in submission order."""
+        until = time.monotonic() + wait_s
+        while True:
+            now = time.monotonic()
+            ready = [
+                (item, due)
+                for item, due in self._in_flight
+                if not isinstance(item, OpenTask) or item.done.is_set() or now >= due
+            ]
+            if ready or not self._in_flight or now >= until:
+                break
+            if now >= self._next_report:
+                self._next_report = now + PROGRESS_EVERY_S
+                self._report_training()
+            time.sleep(min(0.02, max(0.0, until - now)))
+        done = {id(item) for item, _ in ready}
+        self._in_flight = [(item, due) for item, due in self._in_flight if id(item) not in done]
+        out: list[FitResult | ClientFailure] = []
+        for item, _ in ready:
+            if isinstance(item, OpenTask):
+                with self.registry.lock:
+                    self.registry.open_tasks.pop(item.task_id, None)
+                    if not item.done.is_set():
+                        item.done.set()  # past its deadline: a late result is rejected
+                        item.outcome = None
+                outcome = self._finish(item)
+            else:
+                outcome = item
+            if isinstance(outcome, FitResult | ClientFailure):
+                out.append(outcome)
+        return out
 
     def _collect(self) -> list[Outcome]:
         """Wait for the opened tasks until the round deadline; their outcomes in order."""
@@ -1317,6 +1370,18 @@ class GrpcExecutor:
                     item.outcome = None
             outcomes.append(self._finish(item))
         return outcomes
+
+    def _report_training(self) -> None:
+        """Tell the operator who trains a task of the asynchronous loop right now."""
+        reg = self.registry
+        with reg.lock:
+            names = [
+                reg.describe(item.task.client_id)
+                for item, _ in self._in_flight
+                if isinstance(item, OpenTask) and not item.done.is_set()
+            ]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        progress.info("asynchronous: %d tasks in flight (%s)", len(names), shown or "none")
 
     def _report_waiting(self, opened: Sequence[OpenTask | Outcome], deadline: float) -> None:
         """Tell the operator whom the round waits for, and until when."""
@@ -1392,6 +1457,16 @@ class GrpcExecutor:
         if not wait:
             return
         deadline = time.monotonic() + self.options.poll_timeout_s + 2.0
+        training = [due for item, due in self._in_flight if isinstance(item, OpenTask)]
+        if training and not pause:
+            # Clients still training a task of the asynchronous loop hear that the run is
+            # over only when they poll after it (a client waits for its server as long as
+            # the run lasts): wait for them, at most until their tasks' deadlines. Their
+            # results are taken and not used.
+            progress.info(
+                "the run is over; waiting for %d clients to finish their task", len(training)
+            )
+            deadline = max(deadline, max(training) + 2.0)
         while time.monotonic() < deadline and not self.registry.all_told_to_stop():
             time.sleep(0.05)
 
