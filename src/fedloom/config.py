@@ -360,7 +360,8 @@ class AttackConfig(_Section):
     ``sigma`` (gaussian), ``z`` (ALIE; None: the paper's z_max), ``epsilon`` (IPM),
     ``perturbation`` and ``gamma_init`` (min_max, min_sum), ``target_label``,
     ``trigger_size``, ``trigger_value``, ``poison_fraction`` and ``boost`` (backdoor;
-    None: model replacement's n / (server lr x m)). docs/robustness.md gives each
+    None: model replacement's n / (server lr x m)), ``knowledge`` (what ALIE, IPM,
+    min-max and min-sum see: "own" or "omniscient"). docs/robustness.md gives each
     attack's paper and threat model.
     """
 
@@ -392,6 +393,20 @@ class AttackConfig(_Section):
     trigger_value: float = 1.0
     poison_fraction: float = Field(0.5, gt=0.0, le=1.0)
     boost: float | None = Field(None, gt=0.0)
+    #: What the colluding attacks (alie, ipm, min_max, min_sum) craft from: "own", the
+    #: malicious clients' own honest updates; "omniscient", the round's honest updates
+    #: (a simulation-only server-side oracle, fedloom.attacks.omniscient).
+    knowledge: Literal["own", "omniscient"] = "own"
+
+    @model_validator(mode="after")
+    def _knowledge_fits_kind(self) -> AttackConfig:
+        colluding = ("alie", "ipm", "min_max", "min_sum")
+        if self.knowledge == "omniscient" and self.kind not in (*colluding, "none"):
+            raise ValueError(
+                f"attack.knowledge = 'omniscient' applies to {', '.join(colluding)}; "
+                f"'{self.kind}' crafts from its own update, so set knowledge = 'own'"
+            )
+        return self
 
 
 class GuardsConfig(_Section):

@@ -46,6 +46,7 @@ BUILTIN_MODULES = (
     "fedloom.privacy.stages",
     "fedloom.server.watermark",
     "fedloom.attacks.poisoning",
+    "fedloom.attacks.omniscient",
     "fedloom.vertical.runner",
 )
 _loaded = False
@@ -127,6 +128,10 @@ SERVER_OPTIMIZERS: Registry[Any] = Registry("server optimizer")
 CALLBACKS: Registry[Any] = Registry("callback")
 #: Stages that watch the individual updates beside the aggregator (anomaly detection).
 UPDATE_MONITORS: Registry[Any] = Registry("update monitor")
+#: Stages that may rewrite the round's decoded updates before the guard rails
+#: (fedloom.server.interceptors): the simulated omniscient adversary. Factory
+#: ``(section, StageContext)``.
+UPDATE_INTERCEPTORS: Registry[Any] = Registry("update interceptor")
 #: Secure-aggregation protocols: server halves and client-side participants.
 SECURE_AGGREGATIONS: Registry[Any] = Registry("secure aggregation")
 PROTOCOL_PARTICIPANTS: Registry[Any] = Registry("protocol participant")

@@ -39,6 +39,7 @@ from fedloom.registry import (
     SECURE_AGGREGATIONS,
     SERVER_ALGORITHMS,
     SERVER_OPTIMIZERS,
+    UPDATE_INTERCEPTORS,
     UPDATE_MONITORS,
 )
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
@@ -80,6 +81,27 @@ def client_algorithm_name(cfg: RunConfig) -> str:
     return cfg.client.algorithm
 
 
+def check_attack_knowledge(cfg: RunConfig, *, deployment: bool = False) -> None:
+    """Refuse the omniscient adversary where its threat model cannot hold: it is a
+    server-side oracle over the clear, decoded updates of a synchronous simulated round."""
+    a = cfg.attack
+    if a.kind == "none" or a.knowledge != "omniscient":
+        return
+    why = None
+    if deployment:
+        why = "is simulation-only: a deployed client process cannot see the other clients' updates"
+    elif cfg.mode != "sync":
+        why = f"sees a synchronous round's honest updates, which mode = '{cfg.mode}' has not"
+    elif cfg.privacy.secure_aggregation != "none":
+        why = "needs the honest updates in the clear, which secure aggregation hides"
+    elif cfg.privacy.mechanism == "central":
+        why = "crafts the decoded update, which would skip central DP's client-side clipping"
+    elif cfg.compression.kind != "none":
+        why = "crafts the decoded update, which would skip the compression clients apply"
+    if why is not None:
+        raise ConfigError(f"attack.knowledge = 'omniscient' {why}; set attack.knowledge = 'own'")
+
+
 def check_composition(cfg: RunConfig) -> None:
     """Refuse stage combinations that cannot work, with one line each."""
     for registry, name, key in (
@@ -102,6 +124,7 @@ def check_composition(cfg: RunConfig) -> None:
         raise ConfigError(
             f"attack.clients: client {outside[0]} does not exist (0..{cfg.data.num_clients - 1})"
         )
+    check_attack_knowledge(cfg)
     check_transfer_composition(cfg)
     p = cfg.privacy
     if p.local_dp and cfg.client.algorithm != "sgd":
@@ -438,6 +461,7 @@ def build_strategy(
     accuracy (a backdoor's success). ``deployment``: real clients, so the guard rails'
     "auto" settings take their deployment values."""
     check_composition(cfg)
+    check_attack_knowledge(cfg, deployment=deployment)
     cc = cfg.client
     context = StageContext(
         num_clients=num_clients,
@@ -516,6 +540,11 @@ def build_strategy(
     stage_callbacks.extend(
         attack_callbacks(cfg.attack, num_clients=num_clients, seed=cfg.seed, bench=bench)
     )
+    interceptors = (
+        [UPDATE_INTERCEPTORS.create("omniscient", cfg.attack, context)]
+        if cfg.attack.kind != "none" and cfg.attack.knowledge == "omniscient"
+        else []
+    )
     try:
         return Strategy(
             algorithm=algorithm,
@@ -528,6 +557,7 @@ def build_strategy(
             transforms=transforms,
             callbacks=[*stage_callbacks, *callbacks],
             monitors=monitors,
+            interceptors=interceptors,
             min_aggregate_clients=cfg.server.min_aggregate_clients,
             drop_stragglers=cfg.server.drop_stragglers,
             dimension=spec.size,

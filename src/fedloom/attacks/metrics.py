@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from fedloom.attacks.poisoning import attack_client_ids, triggered_test_set
+from fedloom.attacks.poisoning import COLLUDING_KINDS, attack_client_ids, triggered_test_set
 from fedloom.callbacks import Callback, RunContext
 from fedloom.config import AttackConfig
 from fedloom.server.callbacks import ServerTestBench
@@ -32,14 +32,14 @@ class AttackRecord(Callback):
 
     def on_run_start(self, run: RunContext) -> None:
         if run.store is not None:
-            run.store.set_meta(
-                "attack",
-                {
-                    "kind": self.attack.kind,
-                    "fraction": self.attack.fraction,
-                    "malicious_clients": self.malicious,
-                },
-            )
+            meta: dict[str, Any] = {
+                "kind": self.attack.kind,
+                "fraction": self.attack.fraction,
+                "malicious_clients": self.malicious,
+            }
+            if self.attack.kind in COLLUDING_KINDS:  # what its crafting saw
+                meta["knowledge"] = self.attack.knowledge
+            run.store.set_meta("attack", meta)
 
 
 class BackdoorAccuracy(Callback):

@@ -205,6 +205,30 @@ def min_max_update(
     return (mu + best * direction).astype(np.float32), best
 
 
+def craft_colluding(
+    attack: AttackConfig, references: np.ndarray, *, n: int, m: int
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The colluders' one crafted update from ``references`` (ALIE, IPM, min-max or
+    min-sum, as ``attack.kind`` says), and what the crafting chose (ALIE's z, min-max's
+    γ). n and m are the clients and malicious clients of a round, for ALIE's z_max.
+    Both knowledge models craft through here; only the references differ."""
+    kind = attack.kind
+    if kind == "alie":
+        z = attack.z if attack.z is not None else alie_z_max(n, m)
+        return alie_update(references, z), {"z": z}
+    if kind == "ipm":
+        return ipm_update(references, attack.epsilon), {}
+    if kind in ("min_max", "min_sum"):
+        forged, gamma = min_max_update(
+            references,
+            objective=kind,
+            perturbation=attack.perturbation,
+            gamma_init=attack.gamma_init,
+        )
+        return forged, {"gamma": gamma}
+    raise ValueError(f"attack kind '{kind}' does not craft from honest updates")
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -331,6 +355,10 @@ class MaliciousClient:
         if kind == "backdoor":
             return self._backdoor(ctx)
         update = self.honest.fit(ctx)
+        if kind in COLLUDING_KINDS and self.attack.knowledge == "omniscient":
+            # The server-side oracle (fedloom.attacks.omniscient) replaces this upload with
+            # one crafted from the round's honest updates, which no client process sees.
+            return update
         delta = update.vectors[DELTA]
         if kind == "sign_flip":
             forged = -self.attack.factor * delta
@@ -369,19 +397,7 @@ class MaliciousClient:
         if self._crafted is not None and self._crafted[0] == key:
             return self._crafted[1]
         refs = self.reference_updates(ctx, own=own)
-        kind = self.attack.kind
-        if kind == "alie":
-            z = self.attack.z if self.attack.z is not None else alie_z_max(self.n, self.m)
-            forged = alie_update(refs, z)
-        elif kind == "ipm":
-            forged = ipm_update(refs, self.attack.epsilon)
-        else:
-            forged, _ = min_max_update(
-                refs,
-                objective=kind,
-                perturbation=self.attack.perturbation,
-                gamma_init=self.attack.gamma_init,
-            )
+        forged, _ = craft_colluding(self.attack, refs, n=self.n, m=self.m)
         self._crafted = (key, forged)
         return forged
 

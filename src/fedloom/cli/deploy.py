@@ -248,11 +248,16 @@ def _red_team_attack(args: argparse.Namespace) -> dict[str, Any]:
     tree = parse_overrides(args.attack_sets)
     tree["kind"] = args.attack
     try:
-        AttackConfig.model_validate(tree)
+        attack = AttackConfig.model_validate(tree)
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"--attack/--attack-set: attack.{key}: {first['msg']}") from None
+    if attack.knowledge == "omniscient":
+        raise ConfigError(
+            "--attack-set knowledge=omniscient: a red-team client process cannot see the "
+            "other clients' updates; omniscient attacks are simulation-only, use knowledge=own"
+        )
     return tree
 
 

@@ -1,7 +1,8 @@
 """A strategy: the composition of stages a round runs through, and nothing else.
 
 sample → configure (server algorithm + codecs say what clients get) → [engine runs the
-clients] → triage and decode (codecs, in reverse) → [secure sum over the exchange] →
+clients] → triage and decode (codecs, in reverse) → interceptors (a simulated omniscient
+adversary) → guard rails → [secure sum over the exchange] →
 aggregate (aggregator) → combine (server algorithm) → step (server optimizer) →
 transform (post-aggregation model transforms, e.g. a watermark).
 
@@ -46,6 +47,7 @@ from fedloom.seeding import SAMPLING, derive_rng
 from fedloom.server.aggregators import AggregationInput, Aggregator, RoundRefusedError
 from fedloom.server.arrivals import ArrivalModel, InstantArrivals
 from fedloom.server.guards import DISCARDED, GuardRails, not_finite
+from fedloom.server.interceptors import UpdateInterceptor
 from fedloom.server.monitors import UpdateMonitor
 from fedloom.server.optimizers import ServerOptimizer
 from fedloom.server.sampling import clients_per_round, poisson_sample_clients
@@ -86,6 +88,9 @@ class Strategy:
     callbacks: list[Callback] = field(default_factory=list)
     #: Stages that watch the individual updates beside the aggregator (anomaly detection).
     monitors: list[UpdateMonitor] = field(default_factory=list)
+    #: Stages that may rewrite the decoded updates before the guard rails (a simulated
+    #: omniscient adversary), in order.
+    interceptors: list[UpdateInterceptor] = field(default_factory=list)
     min_aggregate_clients: int = 1
     drop_stragglers: bool = False
     dimension: int = 0
@@ -113,6 +118,12 @@ class Strategy:
                 raise ValueError(
                     f"update monitor '{monitor.name}' reads every client's update, which secure "
                     "aggregation hides from the server; turn one of them off"
+                )
+        for interceptor in self.interceptors:
+            if self.secure is not None and interceptor.needs_individual_updates:
+                raise ValueError(
+                    f"update interceptor '{interceptor.name}' reads every client's update, "
+                    "which secure aggregation hides from the server; turn one of them off"
                 )
 
     # ------------------------------------------------------------------ fit
@@ -195,6 +206,10 @@ class Strategy:
         )
         updates, failures, dropped, bytes_up = self._triage(rnd, arrivals.outcomes)
         dropped += arrivals.late
+        fields: dict[str, Any] = dict(arrivals.fields)
+        for interceptor in self.interceptors:
+            updates, intercepted = interceptor.intercept(rnd, updates, global_weights=weights)
+            fields.update(intercepted)
         screened = self.guards.screen(rnd, updates)
         updates = screened.updates
         failures.extend(screened.rejected)
@@ -203,7 +218,7 @@ class Strategy:
             updates = [u if u.held else adjust(u) for u in updates]
         every_round = self.aggregator.aggregates_every_round
         aggregated = every_round or len(updates) >= self.min_aggregate_clients
-        fields: dict[str, Any] = {**arrivals.fields, **screened.fields}
+        fields.update(screened.fields)
         total: np.ndarray | None = None
         if self.secure is not None and aggregated:
             length = sum(size for size, _ in self.wire_layout().values())
@@ -398,6 +413,7 @@ class Strategy:
             ("select", self.selector),
         ]
         stages += [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
+        stages += [(f"icpt/{i.name}", i) for i in self.interceptors]
         return stages + [(f"mon/{m.name}", m) for m in self.monitors]
 
 
