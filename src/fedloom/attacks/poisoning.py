@@ -39,7 +39,9 @@ colludes ("partial knowledge", Shejwalkar & Houmansadr 2021, Section 3): it cont
 malicious clients and holds their data, so each malicious client computes the honest
 updates of *all* malicious clients from the round's broadcast (deterministic, seeded
 local training) and crafts from their mean and standard deviation. It never sees an
-honest client's update.
+honest client's update. With ``attack.knowledge = "omniscient"`` (the papers' own threat
+model) the malicious clients upload their honest update and a server-side oracle of the
+simulation, :mod:`fedloom.attacks.omniscient`, crafts from the round's honest updates.
 """
 
 from __future__ import annotations
