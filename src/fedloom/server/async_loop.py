@@ -197,27 +197,26 @@ class AsyncFederatedServer(FederatedServer):
                 "in_flight": len(self.inflight),
             }
         )
-        record.update(self.executor.round_metrics())
-        self._run.last = rnd == self.rounds or self._stop_reason(rnd + 1) is not None
-        self._run.fit_results = result.updates
-        self._run.round_started = started
-        state.history.append(record)
-        for cb in self.callbacks:
-            cb.on_round_end(rnd, record, self._run)
-        return record
+        return self._close_round(rnd, record, result.updates, started)
 
     def _adjuster(
         self,
         staleness: Mapping[int, int],
         starts: Mapping[int, np.ndarray],
         current: np.ndarray,
+        *,
+        key: Callable[[FitResult], int] = lambda update: update.client_id,
     ) -> Callable[[FitResult], FitResult]:
+        """The staleness discount of each update, found by ``key`` in ``staleness`` and
+        ``starts`` (by client here; by task on the real clock, where a fast client may
+        have two updates in one buffer, from different versions)."""
+
         def adjust(update: FitResult) -> FitResult:
             delta = adjusted_delta(
                 update.vectors[DELTA],
                 settings=self.settings,
-                staleness=staleness[update.client_id],
-                start=starts[update.client_id],
+                staleness=staleness[key(update)],
+                start=starts[key(update)],
                 current=current,
             )
             return replace(update, vectors={**update.vectors, DELTA: delta})

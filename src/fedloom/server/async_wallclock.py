@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fedloom.messages import DELTA, ClientFailure, FitResult, FitTask
+from fedloom.messages import ClientFailure, FitResult, FitTask
 from fedloom.seeding import derive_rng
 from fedloom.server.async_loop import (
     ASYNC_LAUNCH,
     AsyncFederatedServer,
     AsyncSettings,
-    adjusted_delta,
 )
 from fedloom.store import Checkpoint
 
@@ -138,7 +136,7 @@ class WallClockAsyncServer(AsyncFederatedServer):
             outcomes,
             state.weights,
             self.executor.exchange,
-            adjust=self._task_adjuster(staleness, starts, state.weights),
+            adjust=self._adjuster(staleness, starts, state.weights, key=lambda u: u.round),
         )
         self._record_failures(rnd, result.failures)
         if result.aggregated:
@@ -166,35 +164,7 @@ class WallClockAsyncServer(AsyncFederatedServer):
                 "async_updates": applied,
             }
         )
-        record.update(self.executor.round_metrics())
-        self._run.last = rnd == self.rounds or self._stop_reason(rnd + 1) is not None
-        self._run.fit_results = result.updates
-        self._run.round_started = started
-        state.history.append(record)
-        for cb in self.callbacks:
-            cb.on_round_end(rnd, record, self._run)
-        return record
-
-    def _task_adjuster(
-        self,
-        staleness: Mapping[int, int],
-        starts: Mapping[int, np.ndarray],
-        current: np.ndarray,
-    ) -> Callable[[FitResult], FitResult]:
-        """The staleness discount by task (a fast client may have two updates in one
-        buffer, from different versions)."""
-
-        def adjust(update: FitResult) -> FitResult:
-            delta = adjusted_delta(
-                update.vectors[DELTA],
-                settings=self.settings,
-                staleness=staleness[update.round],
-                start=starts[update.round],
-                current=current,
-            )
-            return replace(update, vectors={**update.vectors, DELTA: delta})
-
-        return adjust
+        return self._close_round(rnd, record, result.updates, started)
 
     # ----------------------------------------------------------- checkpoints
     def checkpoint(self) -> Checkpoint:

@@ -219,12 +219,19 @@ class FederatedServer:
             for u in result.updates:
                 state.participation[u.client_id] += 1
         record = self._record(rnd, len(sampled), broadcast, result)
-        record.update(self.executor.round_metrics())
         state.round = rnd
+        return self._close_round(rnd, record, result.updates, started)
+
+    def _close_round(
+        self, rnd: int, record: dict[str, Any], updates: list[FitResult], started: float
+    ) -> dict[str, Any]:
+        """Every loop ends a round alike: the executor's metrics join the record, the
+        callbacks see it (with the round's updates), and it enters the history."""
+        record.update(self.executor.round_metrics())
         self._run.last = rnd == self.rounds or self._stop_reason(rnd + 1) is not None
-        self._run.fit_results = result.updates
+        self._run.fit_results = updates
         self._run.round_started = started
-        state.history.append(record)
+        self.state.history.append(record)
         for cb in self.callbacks:
             cb.on_round_end(rnd, record, self._run)
         return record
