@@ -6,6 +6,7 @@ client; asynchronous ones step as updates arrive. Compared on simulated seconds 
 target and on client updates used (the work the fleet did).
 
     .venv/bin/python benchmarks/async_vs_sync.py [--config examples/async_heterogeneous.toml]
+        [--plot docs/img/async_time_to_accuracy.png]
 """
 
 from __future__ import annotations
@@ -39,7 +40,34 @@ def run(config: Path, overrides: list[str]) -> dict[str, Any]:
         "sim_time_to_target_s": metrics["sim_time_to_target_s"],
         "sim_time_s": history[-1]["sim_time_s"],
         "updates_used": metrics["clients_succeeded_total"],
+        "curve": [(r["sim_time_s"], r["accuracy"]) for r in history if r["accuracy"] is not None],
+        "target": cfg.target_accuracy,
     }
+
+
+def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
+    """Accuracy against simulated seconds, one line per mode: the time-to-accuracy view
+    (a synchronous round costs its slowest client's time; an async step does not)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, r in rows.items():
+        times, accs = zip(*r["curve"], strict=True)
+        ax.plot(times, accs, label=name)
+    target = next(iter(rows.values()))["target"]
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="target")
+    ax.set_xlabel("simulated seconds")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.5, 1.0)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -47,6 +75,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("examples/async_heterogeneous.toml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="write accuracy vs simulated time (PNG)")
     args = parser.parse_args()
     rows = {name: run(args.config, [*extra, *args.overrides]) for name, extra in VARIANTS.items()}
     base = rows["sync FedAvg"]["sim_time_to_target_s"]
@@ -65,6 +94,9 @@ def main() -> None:
         )
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
+    if args.plot is not None:
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
