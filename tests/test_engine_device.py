@@ -191,7 +191,7 @@ def test_inprocess_on_cpu_trains_exactly_as_the_runtime(tmp_path: Path) -> None:
         assert out.delta.dtype == np.float32
 
 
-def test_pool_on_cpu_puts_every_worker_on_the_cpu() -> None:
+def test_pool_on_auto_trains_as_in_process() -> None:
     cfg = load_config(None, [*SMALL, "engine.name=pool"])
     sizes = build_federated_dataset(cfg.data, cfg.seed).client_sizes().tolist()
     factory = partial(simulation_runtime, cfg.model_dump_json())
