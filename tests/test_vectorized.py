@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedloom.algorithms.vectorizable import LocalTraining
+from fedloom.client.device import resolve_device
 from fedloom.client.learner import Learner, SGDSettings, WorkPlan
 from fedloom.client_store import ClientStateStore
 from fedloom.config import ConfigError, load_config
@@ -17,12 +18,7 @@ from fedloom.data import build_federated_dataset
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.simulation import run_simulation
-from fedloom.engine.vectorized import (
-    BatchedReLUNet,
-    TrainingJob,
-    VectorizedExecutor,
-    resolve_device,
-)
+from fedloom.engine.vectorized import BatchedReLUNet, TrainingJob, VectorizedExecutor
 from fedloom.messages import GLOBAL, FitResult, FitTask
 from fedloom.params import module_to_vector
 from fedloom.seeding import SHUFFLE, torch_generator
@@ -189,8 +185,7 @@ def test_user_sequential_relu_model_is_vectorized() -> None:
 
 
 def test_device_config() -> None:
-    with pytest.raises(ConfigError, match=r"needs engine\.name = 'vectorized'"):
-        load_config(None, ["engine.device=cuda"])
+    assert load_config(None, ["engine.name=vectorized", "engine.device=cuda"]).engine.device
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():

@@ -292,9 +292,12 @@ class EngineConfig(_Section):
     #: ``engine.name = "ray"``: the CPUs each actor reserves; ``workers = 0`` then means
     #: as many actors as the cluster's CPUs hold.
     actor_cpus: float = Field(1.0, gt=0.0)
-    #: Where clients train: ``auto`` is CUDA when torch sees a GPU, else the CPU. Only the
-    #: vectorized engine trains on a GPU (many small clients at once is where one pays).
+    #: Where clients train: ``auto`` is CUDA when torch sees a GPU (on Ray: when the
+    #: cluster has GPUs), else the CPU. The pool puts worker i on ``cuda:(i mod n_gpus)``.
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    #: ``engine.name = "ray"`` on CUDA: the share of one GPU each actor reserves (several
+    #: actors share a GPU); unset packs the actors evenly over the cluster's GPUs.
+    actor_gpus: float | None = Field(None, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check_ray_keys(self) -> EngineConfig:
@@ -302,10 +305,10 @@ class EngineConfig(_Section):
             raise ValueError(
                 "engine.address names a Ray cluster; set engine.name = 'ray' or remove it"
             )
-        if self.device != "cpu" and self.name != "vectorized":
+        if self.actor_gpus is not None and (self.name != "ray" or self.device == "cpu"):
             raise ValueError(
-                f"engine.device = '{self.device}' needs engine.name = 'vectorized' (the "
-                f"'{self.name}' engine trains on the CPU); set engine.device = 'cpu'"
+                "engine.actor_gpus reserves GPUs for Ray actors; set engine.name = 'ray' and "
+                "engine.device = 'cuda' or 'auto', or remove it"
             )
         return self
 

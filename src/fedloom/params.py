@@ -208,7 +208,7 @@ class FlatBinding:
 
     def vector(self) -> np.ndarray:
         """A copy of the current weights as a NumPy vector."""
-        return self.weights.detach().numpy().copy()
+        return self.weights.detach().cpu().numpy().copy()
 
 
 def bind_flat_parameters(module: torch.nn.Module) -> FlatBinding:
@@ -223,8 +223,12 @@ def bind_flat_parameters(module: torch.nn.Module) -> FlatBinding:
     for p in params:
         if p.dtype != torch.float32:
             raise TypeError(f"fedloom trains float32 parameters; found {p.dtype}; cast the model")
-    weights = torch.empty(spec.size, dtype=torch.float32)
-    grads = torch.zeros(spec.size, dtype=torch.float32)
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError("fedloom trains a model whose parameters are on one device; move it")
+    device = devices.pop() if devices else torch.device("cpu")
+    weights = torch.empty(spec.size, dtype=torch.float32, device=device)
+    grads = torch.zeros(spec.size, dtype=torch.float32, device=device)
     for p, (a, b) in zip(params, spec.offsets(), strict=True):
         view = weights[a:b].view_as(p)
         view.copy_(p.data)

@@ -141,7 +141,14 @@ class DPSGDClient:
         return copy.deepcopy(self._template).train()
 
     def check(self, learner: Learner) -> None:
-        """Refuse, before training, a model Opacus cannot train (one line naming the layer)."""
+        """Refuse, before training, a model Opacus cannot train (one line naming the layer),
+        or a learner on a GPU: this module's seeded sampling and noise are CPU generators,
+        and a silent fallback to the CPU would misreport where the run trained."""
+        if learner.device.type != "cpu":
+            raise ConfigError(
+                "client.algorithm = 'dp-sgd' trains on the CPU (its seeded noise and "
+                "sampling generators are CPU ones); set engine.device = 'cpu'"
+            )
         self._fresh_model(learner)
 
     def evaluate(self, ctx: ClientContext) -> dict[str, float]:

@@ -43,7 +43,13 @@ from fedloom.algorithms.base import (
     full_global,
 )
 from fedloom.algorithms.sgd import evaluate_global, proximal_correction, train_locally
-from fedloom.client.learner import GradientCorrection, SGDSettings, TrainOutcome, WorkPlan
+from fedloom.client.learner import (
+    GradientCorrection,
+    OnDevice,
+    SGDSettings,
+    TrainOutcome,
+    WorkPlan,
+)
 from fedloom.config import ConfigError, PersonalizationConfig
 from fedloom.messages import DELTA, GLOBAL, FitResult
 from fedloom.params import ParamSpec
@@ -88,10 +94,10 @@ def freeze(mask: np.ndarray) -> GradientCorrection:
     starts at zero every training call, so frozen coordinates stay exactly where they
     started.
     """
-    frozen = torch.from_numpy(mask.copy())
+    frozen = OnDevice(torch.from_numpy(mask.copy()))
 
     def correct(w: torch.Tensor, g: torch.Tensor) -> None:
-        g.masked_fill_(frozen, 0.0)
+        g.masked_fill_(frozen.like(g), 0.0)
 
     return correct
 

@@ -52,7 +52,7 @@ from fedloom.algorithms.base import (
 )
 from fedloom.algorithms.fednova import local_step_normalizer
 from fedloom.algorithms.sgd import evaluate_global, train_locally
-from fedloom.client.learner import GradientCorrection
+from fedloom.client.learner import GradientCorrection, OnDevice
 from fedloom.messages import DELTA, GLOBAL, FitResult
 from fedloom.registry import CLIENT_ALGORITHMS, SERVER_ALGORITHMS
 
@@ -65,8 +65,10 @@ STATE_KEY = "scaffold/c"
 def control_correction(shift: torch.Tensor) -> GradientCorrection:
     """g ← g + (c − c_i): SCAFFOLD's corrected local gradient (Algorithm 1, line 10)."""
 
+    held = OnDevice(shift)
+
     def correct(w: torch.Tensor, g: torch.Tensor) -> None:
-        g.add_(shift)
+        g.add_(held.like(g))
 
     return correct
 

@@ -21,7 +21,7 @@ from fedloom.algorithms.base import (
     full_global,
 )
 from fedloom.algorithms.vectorizable import LocalTraining
-from fedloom.client.learner import GradientCorrection, TrainOutcome
+from fedloom.client.learner import GradientCorrection, OnDevice, TrainOutcome
 from fedloom.messages import DELTA
 from fedloom.registry import CLIENT_ALGORITHMS, SERVER_ALGORITHMS
 from fedloom.seeding import SHUFFLE, torch_generator
@@ -47,8 +47,10 @@ def train_locally(
 def proximal_correction(mu: float, anchor: torch.Tensor) -> GradientCorrection:
     """g ← g + μ(w − w_anchor): the gradient of μ/2 ‖w − w_anchor‖² (Li et al. 2020, Eq. 2)."""
 
+    held = OnDevice(anchor)
+
     def correct(w: torch.Tensor, g: torch.Tensor) -> None:
-        g.add_(w, alpha=mu).sub_(anchor, alpha=mu)
+        g.add_(w, alpha=mu).sub_(held.like(w), alpha=mu)
 
     return correct
 

@@ -442,7 +442,7 @@ class MaliciousClient:
 
             model = ctx.learner.model
             with torch.no_grad():
-                out = model(torch.from_numpy(ctx.data.train.x[:1]))
+                out = model(torch.from_numpy(ctx.data.train.x[:1]).to(ctx.learner.device))
             self._num_classes = int(out.shape[-1])
         return self._num_classes
 

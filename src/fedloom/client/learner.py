@@ -41,6 +41,23 @@ TrainStep = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 GradientCorrection = Callable[[torch.Tensor, torch.Tensor], None]
 
 
+class OnDevice:
+    """A tensor a gradient correction holds (an anchor, a shift, a mask), built on the
+    CPU from NumPy and copied once to the device of the weights it meets: a correction
+    is made before anyone knows where the learner trains."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor = tensor
+        self._copies: dict[torch.device, torch.Tensor] = {tensor.device: tensor}
+
+    def like(self, ref: torch.Tensor) -> torch.Tensor:
+        """The tensor on ``ref``'s device (the tensor itself when it is already there)."""
+        found = self._copies.get(ref.device)
+        if found is None:
+            found = self._copies[ref.device] = self._tensor.to(ref.device)
+        return found
+
+
 def correct_count(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Number of examples whose arg-max class is the target (summed, for accuracy)."""
     return (outputs.argmax(dim=1) == targets).sum()
@@ -157,7 +174,10 @@ class Learner:
         loss: LossFn = F.cross_entropy,
         metrics: Mapping[str, MetricFn] | None = None,
         train_step: TrainStep | None = None,
+        initial: np.ndarray | None = None,
     ) -> None:
+        """``initial``: the initial vector, when it is not the model's weights now (a copy
+        on another device keeps the original's, whatever the original was loaded with)."""
         self.binding: FlatBinding = bind_flat_parameters(model)
         self.model = self.binding.module
         self.loss = loss
@@ -165,11 +185,33 @@ class Learner:
         self.train_step = train_step
         self._start = torch.empty_like(self.binding.weights)
         self._momentum = torch.zeros_like(self.binding.weights)
-        self._initial = self.binding.vector()
+        self._initial = self.binding.vector() if initial is None else initial.copy()
 
     @property
     def num_parameters(self) -> int:
         return self.binding.spec.size
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's flat buffers live (and so where it trains and evaluates)."""
+        return self.binding.weights.device
+
+    def on_device(self, device: torch.device) -> Learner:
+        """This learner on ``device``: itself if it is there, else a copy of the model
+        (same loss, metrics, train step and initial vector) bound to flat buffers there.
+
+        A copy rather than a move, because the server holds the same learner for its own
+        evaluation and transforms, which stay on the CPU.
+        """
+        if torch.device(device) == self.device:
+            return self
+        return Learner(
+            self.unbound_copy().to(device),
+            loss=self.loss,
+            metrics=self.metrics,
+            train_step=self.train_step,
+            initial=self._initial,
+        )
 
     def initial_vector(self) -> np.ndarray:
         """The deterministic initial model (same in every process built from the seed)."""
@@ -205,15 +247,22 @@ class Learner:
         w0.copy_(torch.from_numpy(np.ascontiguousarray(start, dtype=np.float32)))
         w.copy_(w0)
         buf.zero_()
+        device = w.device
         x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
+        on_cpu = device.type == "cpu"
+        if not on_cpu:  # the client's examples go over once; batches are gathered there
+            x, y = x.to(device), y.to(device)
         n = len(data)
 
         def shuffled() -> Iterator[torch.Tensor]:
+            # Drawn on the CPU from the client's generator: the same shuffles on any device.
             perm = torch.randperm(n, generator=generator)
+            if not on_cpu:
+                perm = perm.to(device)
             return (perm[s : s + batch_size] for s in range(0, n, batch_size))
 
         self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         steps = 0
         for idx in plan.batches(shuffled):
             g.zero_()
@@ -223,7 +272,7 @@ class Learner:
                 _sgd_step(w, g, buf, sgd, correction)
             loss_sum += loss.detach()
             steps += 1
-        return TrainOutcome(w.numpy().copy(), float(loss_sum) / max(steps, 1), steps)
+        return TrainOutcome(w.cpu().numpy().copy(), float(loss_sum) / max(steps, 1), steps)
 
     def evaluate(
         self, vector: np.ndarray, dataset: ArrayDataset, batch_size: int = 512
@@ -234,10 +283,14 @@ class Learner:
         self.binding.load(np.ascontiguousarray(vector, dtype=np.float32))
         self.model.eval()
         x, y = torch.from_numpy(dataset.x), torch.from_numpy(dataset.y)
+        device = self.device
         sums = dict.fromkeys(["loss", *self.metrics], 0.0)
         with torch.no_grad():
             for s in range(0, len(dataset), batch_size):
-                out, target = self.model(x[s : s + batch_size]), y[s : s + batch_size]
+                xb, target = x[s : s + batch_size], y[s : s + batch_size]
+                if device.type != "cpu":
+                    xb, target = xb.to(device), target.to(device)
+                out = self.model(xb)
                 sums["loss"] += float(self.loss(out, target)) * len(target)
                 for name, fn in self.metrics.items():
                     sums[name] += float(fn(out, target))

@@ -10,11 +10,12 @@ a result or a protocol message.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedloom.algorithms.base import ClientAlgorithm, ClientContext, ClientUpdate
 from fedloom.client.learner import Learner, SGDSettings, WorkSettings, plan_work
@@ -82,6 +83,22 @@ class ClientRuntime:
 
     def initial_vector(self) -> np.ndarray:
         return self.learner.initial_vector()
+
+    def on_device(self, device: torch.device) -> ClientRuntime:
+        """This runtime training on ``device`` (``engine.device``): itself on its own
+        device, else one around a copy of the learner there (:meth:`Learner.on_device`),
+        with nothing held yet. Updates still come back as CPU NumPy vectors.
+
+        The algorithm's ``check`` sees the moved learner, so one that cannot train there
+        (DP-SGD through Opacus) refuses at start-up, not in every client's fit.
+        """
+        learner = self.learner.on_device(device)
+        if learner is self.learner:
+            return self
+        check = getattr(self.algorithm, "check", None)
+        if check is not None:
+            check(learner)
+        return replace(self, learner=learner, _held={}, _participants={})
 
     def _context(
         self, client_id: int, rnd: int, config: Any, broadcast: Broadcast, state: ClientState

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
+from fedloom.client.device import resolve_device
 from fedloom.client.runtime import ClientRuntime
 from fedloom.client.safety import run_safely
 from fedloom.client_store import ClientStateStore
@@ -58,8 +59,13 @@ class LocalClients:
 
 
 class InProcessExecutor(LocalClients):
-    def __init__(self, runtime: ClientRuntime, store: ClientStateStore) -> None:
-        self.runtime = runtime
+    """``device`` (``engine.device``) is where the clients train; the runtime then works
+    on a copy of the learner there, and the server's own learner stays on the CPU."""
+
+    def __init__(
+        self, runtime: ClientRuntime, store: ClientStateStore, *, device: str = "cpu"
+    ) -> None:
+        self.runtime = runtime.on_device(resolve_device(device))
         self.store = store
 
     def fit(

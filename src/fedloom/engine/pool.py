@@ -7,8 +7,10 @@ back the update as raw bytes. Tasks are handed out dynamically, largest client f
 so uneven client sizes still keep every core busy.
 
 Workers run one torch thread each: with many small clients, process parallelism beats
-intra-op threading. A worker that dies takes only its in-flight task with it; that task
-comes back as a failure and the remaining tasks go to the surviving workers.
+intra-op threading. With ``engine.device`` on CUDA the workers spread over the GPUs
+present (worker i on ``cuda:(i mod n_gpus)``); updates still come back as CPU vectors.
+A worker that dies takes only its in-flight task with it; that task comes back as a
+failure and the remaining tasks go to the surviving workers.
 
 State a client keeps across rounds (a local-DP ledger, SCAFFOLD's control variate,
 personal layers) lives in the parent's :class:`~fedloom.client_store.ClientStateStore`,
@@ -37,10 +39,13 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
+import torch
 
+from fedloom.client.device import resolve_device, worker_device
 from fedloom.client.runtime import ClientRuntime
 from fedloom.client.safety import run_safely
 from fedloom.client_store import ClientState, ClientStateStore
+from fedloom.config import ConfigError
 from fedloom.engine.inprocess import LocalClients
 from fedloom.exchange import ExchangeRequest
 from fedloom.messages import Broadcast, ClientFailure, EvalResult, EvalTask, FitResult, FitTask
@@ -53,14 +58,17 @@ Outcome = FitResult | EvalResult | ClientFailure
 RuntimeFactory = Callable[[], ClientRuntime]
 
 
-def _worker_main(conn: Connection, factory: RuntimeFactory, torch_threads: int) -> None:
+def _worker_main(
+    conn: Connection, factory: RuntimeFactory, torch_threads: int, device: str = "cpu"
+) -> None:
     """Entry point of a worker process: build once, then serve tasks until told to stop."""
     try:
-        import torch
-
         torch.set_num_threads(torch_threads)
-        runtime = factory()
+        runtime = factory().on_device(torch.device(device))
         size = runtime.learner.num_parameters
+    except ConfigError as err:  # the user's to fix: their one line, not a traceback
+        conn.send(("config", str(err)))
+        return
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return
@@ -120,18 +128,25 @@ class ProcessPoolExecutor(LocalClients):
         *,
         workers: int = 0,
         torch_threads: int = 1,
+        device: str = "cpu",
         start_timeout_s: float = 300.0,
     ) -> None:
         self.client_sizes = list(client_sizes)
         self.store = store
         count = workers or os.cpu_count() or 1
+        base = resolve_device(device)  # refused here, before any worker starts
+        gpus = torch.cuda.device_count() if base.type == "cuda" else 0
+        #: Where each worker trains: worker i on cuda:(i mod gpus), or all on the CPU.
+        self.devices = [worker_device(i, base, gpus=gpus) for i in range(count)]
         ctx = mp.get_context("spawn")
         self.workers: list[_Worker] = []
         self.size = 0
-        for _ in range(count):
+        for i in range(count):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_worker_main, args=(child, factory, torch_threads), daemon=True
+                target=_worker_main,
+                args=(child, factory, torch_threads, str(self.devices[i])),
+                daemon=True,
             )
             proc.start()
             child.close()
@@ -141,6 +156,9 @@ class ProcessPoolExecutor(LocalClients):
                 self.close()
                 raise RuntimeError(f"a pool worker did not start within {start_timeout_s:.0f} s")
             kind, payload = w.conn.recv()
+            if kind == "config":
+                self.close()
+                raise ConfigError(payload)
             if kind != "ready":
                 self.close()
                 raise RuntimeError(f"a pool worker failed to start:\n{payload}")

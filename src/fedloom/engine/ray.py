@@ -9,7 +9,9 @@ never one actor per client. The factory builds the data set on the actor itself
 read), so per round only the broadcast (put in the object store once), each client's
 id and state, and the updates travel.
 
-Each actor reserves ``engine.actor_cpus`` CPUs and runs one task at a time
+Each actor reserves ``engine.actor_cpus`` CPUs (and, with ``engine.device`` on CUDA,
+``engine.actor_gpus`` of one GPU, so several actors share it; the actor trains on the
+GPU Ray assigns it) and runs one task at a time
 (``max_concurrency=1``, stated rather than left to Ray's default: a runtime trains one
 client at a time). Actors are spread over the nodes. Tasks are handed out largest
 client first, two in flight per actor, so an actor never waits on the driver.
@@ -103,11 +105,17 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 class _ClientActor:
     """One model, built once; trains the clients it is sent one at a time."""
 
-    def __init__(self, factory: RuntimeFactory, torch_threads: int) -> None:
+    def __init__(self, factory: RuntimeFactory, torch_threads: int, gpu: bool = False) -> None:
+        import os
+
         import torch
 
         torch.set_num_threads(torch_threads)
         self.runtime = factory()
+        if gpu:  # the GPU Ray assigned this actor (CUDA_VISIBLE_DEVICES lists it)
+            ray = _import_ray()
+            index = actor_cuda_index(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            self.runtime = self.runtime.on_device(torch.device("cuda", index))
         self._broadcast_id = -1
         self._broadcast: Broadcast = {}
 
@@ -171,6 +179,8 @@ class RayExecutor(LocalClients):
         actors: int = 0,
         actor_cpus: float = 1.0,
         torch_threads: int = 1,
+        device: str = "cpu",
+        actor_gpus: float | None = None,
         start_timeout_s: float = 600.0,
     ) -> None:
         ray = _import_ray()
@@ -198,13 +208,6 @@ class RayExecutor(LocalClients):
                     configure_logging=False,
                 )
             self._owns_connection = True
-        self._actor_class = ray.remote(_ClientActor).options(
-            num_cpus=actor_cpus,
-            max_concurrency=1,
-            max_restarts=0,
-            max_task_retries=0,
-            scheduling_strategy="SPREAD",
-        )
         cpus = float(ray.cluster_resources().get("CPU", 0.0))
         if actors == 0:
             actors = max(1, int(cpus // actor_cpus))
@@ -214,6 +217,21 @@ class RayExecutor(LocalClients):
                 f"engine.workers = {actors} actors of engine.actor_cpus = {actor_cpus:g} need "
                 f"{actors * actor_cpus:g} CPUs but the Ray cluster has {cpus:g}; lower one of them"
             )
+        gpus = int(ray.cluster_resources().get("GPU", 0.0))  # the cluster's decide 'auto'
+        self._use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+        try:
+            self.actor_gpus = actor_gpu_share(actors, gpus, actor_gpus) if self._use_gpu else 0.0
+        except ConfigError:
+            self.close()
+            raise
+        self._actor_class = ray.remote(_ClientActor).options(
+            num_cpus=actor_cpus,
+            num_gpus=self.actor_gpus,
+            max_concurrency=1,
+            max_restarts=0,
+            max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )
         try:
             self.slots = [_Slot(self._spawn()) for _ in range(actors)]
             sizes = ray.get(
@@ -221,6 +239,9 @@ class RayExecutor(LocalClients):
             )
         except Exception as err:
             self.close()
+            name, sep, text = _cause_line(err).partition(": ")
+            if sep and name.rsplit(".", 1)[-1] == "ConfigError":  # e.g. refused on a GPU
+                raise ConfigError(text) from err
             raise RayUnavailableError(
                 f"Ray actors failed to start ({_cause_line(err)}); is this fedloom installed "
                 "on every node?"
@@ -228,7 +249,7 @@ class RayExecutor(LocalClients):
         self.size = int(sizes[0])
 
     def _spawn(self) -> Any:
-        return self._actor_class.remote(self._factory, self._torch_threads)
+        return self._actor_class.remote(self._factory, self._torch_threads, self._use_gpu)
 
     def fit(
         self, tasks: Sequence[FitTask], broadcast: Broadcast
@@ -345,6 +366,43 @@ class RayExecutor(LocalClients):
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()
             self._owns_connection = False
+
+
+def actor_gpu_share(actors: int, gpus: int, requested: float | None) -> float:
+    """The GPU fraction each actor reserves (``engine.actor_gpus``), or one line why the
+    cluster cannot hold them.
+
+    A fractional request is placed on one GPU, never split across two, so a GPU holds
+    ``floor(1 / share)`` actors. The default packs ``ceil(actors / gpus)`` actors on each
+    GPU, the fewest per GPU that still start every actor.
+    """
+    if gpus < 1:
+        raise ConfigError(
+            "engine.device = 'cuda' but the Ray cluster has no GPUs; "
+            "set engine.device = 'auto' or 'cpu'"
+        )
+    share = requested if requested is not None else 1.0 / math.ceil(actors / gpus)
+    share = math.floor(share * 10_000) / 10_000  # Ray's resource precision
+    if share <= 0.0 or actors > gpus * math.floor(1.0 / share + 1e-9):
+        raise ConfigError(
+            f"engine.workers = {actors} actors of engine.actor_gpus = {share:g} do not fit on "
+            f"the Ray cluster's {gpus} GPUs ({math.floor(1.0 / share + 1e-9) if share else 0} "
+            "per GPU); lower engine.actor_gpus or engine.workers"
+        )
+    return share
+
+
+def actor_cuda_index(gpu_ids: Sequence[int | str], visible: str | None) -> int:
+    """The torch CUDA index of the GPU Ray gave an actor: its position in
+    ``CUDA_VISIBLE_DEVICES`` (which Ray sets to the actor's GPUs), or the id itself when
+    Ray left the variable alone."""
+    if not gpu_ids:
+        raise RuntimeError("Ray assigned this actor no GPU although it asked for one")
+    first = str(gpu_ids[0]).strip()
+    listed = [v.strip() for v in visible.split(",")] if visible else []
+    if first in listed:
+        return listed.index(first)
+    return 0 if listed else int(first)
 
 
 def _first_line(err: BaseException) -> str:

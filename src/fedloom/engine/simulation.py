@@ -90,6 +90,8 @@ def make_executor(wiring: Wiring) -> ClientExecutor:
             actors=cfg.engine.workers,
             actor_cpus=cfg.engine.actor_cpus,
             torch_threads=cfg.engine.torch_threads,
+            device=cfg.engine.device,
+            actor_gpus=cfg.engine.actor_gpus,
         )
     if cfg.engine.name == "pool" and wiring.runtime_factory is not None:
         return ProcessPoolExecutor(
@@ -98,10 +100,11 @@ def make_executor(wiring: Wiring) -> ClientExecutor:
             wiring.client_store,
             workers=cfg.engine.workers,
             torch_threads=cfg.engine.torch_threads,
+            device=cfg.engine.device,
         )
     if cfg.engine.name == "vectorized":
         return VectorizedExecutor(wiring.runtime, wiring.client_store, device=cfg.engine.device)
-    return InProcessExecutor(wiring.runtime, wiring.client_store)
+    return InProcessExecutor(wiring.runtime, wiring.client_store, device=cfg.engine.device)
 
 
 ExecutorFactory = Callable[[Wiring], ClientExecutor]

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedloom.algorithms.vectorizable import LocalTraining, VectorizableAlgorithm
+from fedloom.client.device import resolve_device
 from fedloom.client.learner import Learner, SGDSettings, TrainOutcome, WorkPlan
 from fedloom.client.models import MLP
 from fedloom.client.runtime import ClientRuntime, PreparedFit
@@ -58,18 +59,6 @@ from fedloom.messages import Broadcast, ClientFailure, FitResult, FitTask
 from fedloom.seeding import SHUFFLE, torch_generator
 
 log = logging.getLogger("fedloom.engine")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (refused without a GPU) or ``auto`` (CUDA when torch sees one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "engine.device = 'cuda' but torch sees no CUDA device here; "
-            "set engine.device = 'auto' or 'cpu'"
-        )
-    return torch.device(name)
 
 
 def linear_layers(model: nn.Module) -> list[nn.Linear]:
