@@ -706,7 +706,7 @@ def fedloom_run(
             if certs is not None:
                 args += ["--ca", str(certs / "ca.pem")]
             procs.append(Proc("clients", args))
-        port = int(server.wait_for(r"^PORT (\d+)$", 60).group(1))
+        port = int(server.wait_for(r"^PORT (\d+)$", max(60.0, timeout_s)).group(1))
         for p in procs[1:]:
             p.send(f"{HOST}:{port}")
         result = json.loads(server.wait_for(r"^RESULT (.*)$", timeout_s + 60).group(1))

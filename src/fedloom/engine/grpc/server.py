@@ -700,7 +700,9 @@ class FederationServicer:
         """Whether ``session_id`` is the session this call was admitted for."""
         return _session_header(context.invocation_metadata()) == session_id
 
-    def heartbeat(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+    async def heartbeat(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Answered on the serving loop: it only stamps the session (a short lock), and
+        every live client sends one each interval, so a thread hop would dominate it."""
         try:
             req = pb.HeartbeatRequest.FromString(raw)
         except DecodeError:
