@@ -454,6 +454,8 @@ def _server_main(args: argparse.Namespace) -> int:
         round_timeout_s=args.round_timeout_s,
         chunk_bytes=args.chunk_bytes,
         wait_for_clients_s=args.wait_s,
+        heartbeat_interval_s=args.heartbeat_s,
+        heartbeat_timeout_s=max(d.heartbeat_timeout_s, 10 * args.heartbeat_s),
     )
     max_workers = args.max_workers or d.max_workers
     registry = Registry(args.clients, args.vector_size, load_config(None, []).model_dump_json())
@@ -479,6 +481,8 @@ def _server_main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         executor.wait_for_clients(args.clients)
         result["connect_s"] = time.perf_counter() - t0
+        result["rss_connected"] = proc_memory()["VmRSS"]
+        result["heartbeat_s"] = args.heartbeat_s
         # Let every client settle into its first long poll before measuring traffic.
         time.sleep(args.settle_s if args.proxy or args.idle_s > 0 else 0.2)
         if proxy:
@@ -491,9 +495,11 @@ def _server_main(args: argparse.Namespace) -> int:
             result["idle_bytes_per_s"] = (sum(b1) - sum(b0)) / (t1 - t0) / args.clients
         vector = np.full(args.vector_size, 0.5, dtype=np.float32)
         rounds: list[dict[str, float]] = []
+        sample = args.sample or args.clients
         for rnd in range(1, args.rounds + 1):
+            chosen = np.random.default_rng(rnd).choice(args.clients, sample, replace=False)
             tasks = [
-                FitTask(client_id=c, round=rnd, model_version=rnd - 1) for c in range(args.clients)
+                FitTask(client_id=int(c), round=rnd, model_version=rnd - 1) for c in sorted(chosen)
             ]
             b0, c0 = proxy.totals() if proxy else (0, 0), proc_cpu_s()
             t0 = time.perf_counter()
@@ -508,7 +514,7 @@ def _server_main(args: argparse.Namespace) -> int:
                 for o in outcomes
             )
             del outcomes
-            row = {"seconds": seconds, "cpu_s": cpu, "ok": good}
+            row = {"seconds": seconds, "cpu_s": cpu, "ok": good, "sampled": sample}
             if proxy:
                 time.sleep(0.3)  # the PushReply and the stream trailers
                 b1 = proxy.totals()
@@ -519,6 +525,7 @@ def _server_main(args: argparse.Namespace) -> int:
         result["rss_peak"], result["rss_end"] = mem["VmHWM"], mem["VmRSS"]
         result["rejected"] = dict(registry.rejections)
         result["sessions"] = len(registry.sessions)
+        result["alive_at_end"] = len(registry.alive_clients())
         del vector
     finally:
         executor.close(wait=True)  # as DeploymentExecutor.close
@@ -647,6 +654,8 @@ def fedloom_run(
     idle_s: float = 0.0,
     max_workers: int = 0,
     timeout_s: float = 300.0,
+    sample: int = 0,
+    heartbeat_s: float = 1.0,
 ) -> FedloomRun:
     """Start a server process and client processes, run the rounds, stop everything."""
     server_args = [
@@ -664,6 +673,12 @@ def fedloom_run(
         str(max_workers),
         "--round-timeout-s",
         str(timeout_s),
+        "--sample",
+        str(sample),
+        "--heartbeat-s",
+        str(heartbeat_s),
+        "--wait-s",
+        str(max(120.0, timeout_s)),
     ]
     if certs is not None:
         server_args += ["--certs", str(certs)]
@@ -691,7 +706,7 @@ def fedloom_run(
             if certs is not None:
                 args += ["--ca", str(certs / "ca.pem")]
             procs.append(Proc("clients", args))
-        port = int(server.wait_for(r"^PORT (\d+)$", 60).group(1))
+        port = int(server.wait_for(r"^PORT (\d+)$", max(60.0, timeout_s)).group(1))
         for p in procs[1:]:
             p.send(f"{HOST}:{port}")
         result = json.loads(server.wait_for(r"^RESULT (.*)$", timeout_s + 60).group(1))
@@ -714,8 +729,11 @@ def run_problems(run: FedloomRun, clients: int) -> list[str]:
     server rejected from these honest clients. Empty when the run is clean."""
     problems: list[str] = []
     for i, r in enumerate(run.rounds, 1):
-        if r["ok"] != clients:
-            problems.append(f"round {i}: {clients - int(r['ok'])} of {clients} updates failed")
+        sampled = int(r.get("sampled", clients))
+        if r["ok"] != sampled:
+            problems.append(f"round {i}: {sampled - int(r['ok'])} of {sampled} updates failed")
+    if run.server.get("alive_at_end", clients) != clients:
+        problems.append(f"only {run.server['alive_at_end']} of {clients} clients alive at the end")
     for report in run.clients:
         if report.get("hung"):
             problems.append("a client process never finished: " + " / ".join(report["tail"]))
@@ -787,20 +805,28 @@ class Table:
         return "\n".join(lines)
 
 
-def many_clients_rows(table: Table, run: FedloomRun, n_clients: int, idle_s: float) -> None:
+def many_clients_rows(
+    table: Table, run: FedloomRun, n_clients: int, idle_s: float, *, sample: int = 0
+) -> None:
     """Part (b)'s rows, from a clean run (see :func:`run_problems`)."""
     s = run.server
     timed = run.rounds[1:]
     total = sum(r["seconds"] for r in timed)
-    failed = sum(n_clients - r["ok"] for r in run.rounds)
-    setting = f"{n_clients} clients, TLS, 10k params, max_workers {s['max_workers']}"
+    failed = sum(int(r.get("sampled", n_clients)) - r["ok"] for r in run.rounds)
+    per_round = sample or n_clients
+    heartbeat = s.get("heartbeat_s", 1.0)
+    setting = (
+        f"{n_clients} clients, TLS, 10k params, heartbeat {heartbeat:g} s, "
+        f"max_workers {s['max_workers']}"
+    )
+    sampled = f"{sample} of {n_clients} sampled" if sample else "all clients sampled"
     table.add(
         "(b)",
-        "rounds per second, all clients sampled",
+        f"rounds per second, {sampled}",
         setting,
         f"{len(timed) / total:.2f} rounds/s (median round "
         f"{statistics.median(r['seconds'] for r in timed):.2f} s)",
-        f"{n_clients * len(timed) / total:,.0f} client updates/s; "
+        f"{per_round * len(timed) / total:,.0f} client updates/s; "
         f"server CPU {statistics.median(r['cpu_s'] for r in timed):.2f} s/round",
     )
     table.add(
@@ -809,13 +835,14 @@ def many_clients_rows(table: Table, run: FedloomRun, n_clients: int, idle_s: flo
         setting,
         f"{s['rss_peak'] / MB:,.0f} MB peak",
         f"{s['rss_baseline'] / MB:,.0f} MB before any client (imports + gRPC server); "
-        f"{(s['rss_peak'] - s['rss_baseline']) / n_clients / 1e3:,.0f} kB per client",
+        f"{(s['rss_connected'] - s['rss_baseline']) / n_clients / 1e3:,.0f} kB per idle "
+        f"connected client",
     )
     rejected = sum(s["rejected"].values())
     table.add(
         "(b)",
-        "server idle CPU, clients only polling",
-        f"{idle_s:.0f} s window",
+        "server idle CPU, clients only polling and heartbeating",
+        f"{n_clients} clients, {idle_s:.0f} s window",
         f"{100 * s['idle_cpu_frac']:.0f} % of one core",
         f"all {n_clients} connected in {s['connect_s']:.1f} s; failed client-rounds "
         f"{failed}, rejected messages {rejected}, re-registrations "
@@ -849,6 +876,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--settle-s", type=float, default=1.0)
     p.add_argument("--wait-s", type=float, default=120.0)
     p.add_argument("--round-timeout-s", type=float, default=300.0)
+    p.add_argument("--sample", type=int, default=0, help="clients per round (0: all)")
+    p.add_argument("--heartbeat-s", type=float, default=1.0)
+    p.add_argument(
+        "--fleet", type=int, help="clients of the fleet row in (b) (default 2000; quick 0: none)"
+    )
     p.add_argument("--server", default="")
     p.add_argument("--ca", default="")
     p.add_argument("--first-id", type=int, default=0)
@@ -989,6 +1021,28 @@ def _bench(args: argparse.Namespace) -> int:
             )
         else:
             many_clients_rows(table, run, n_clients, idle_s)
+        fleet = args.fleet if args.fleet is not None else (0 if quick else 2000)
+        if fleet:
+            # A fleet: every client connected and heartbeating, 100 of them sampled per
+            # round; 100 client threads per process keep the process count small.
+            fleet_sample = min(100, fleet)
+            procs = max(1, -(-fleet // 100))
+            log(f"(b) fleet: {fleet} clients in {procs} processes, {fleet_sample} per round")
+            run, problems = attempt(
+                fleet,
+                certs=certs,
+                vector_size=10_000,
+                client_procs=procs,
+                rounds=rounds + 1,
+                idle_s=idle_s,
+                max_workers=args.max_workers,
+                timeout_s=300.0,
+                sample=fleet_sample,
+            )
+            if run is None or problems:
+                refuse("(b)", "fleet: rounds/s, memory, idle CPU", f"{fleet} clients", problems)
+            else:
+                many_clients_rows(table, run, fleet, idle_s, sample=fleet_sample)
 
         # (c) protocol overhead
         sizes = [1_000_000] if quick else [1_000_000, params]

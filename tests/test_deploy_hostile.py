@@ -301,7 +301,7 @@ def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> Non
             time.sleep(0.01)
         for _ in range(20):
             e("too_many_streams", lambda: m.push(iter([_header(**good), _chunk(payload)])))
-        servicer.watchdog.idle_s = 1.0  # nothing else streams meanwhile
+        servicer.idle_stream_s = 1.0  # nothing else streams meanwhile
         for call in idle:  # each cancelled once silent for idle_stream_timeout_s
             with pytest.raises(grpc.RpcError):
                 call.result(timeout=300)
@@ -309,7 +309,7 @@ def test_two_thousand_hostile_messages_then_normal_rounds(tmp_path: Path) -> Non
         ledger.by_reason["idle_stream"] += len(idle)
         registry_idle = registry.rejections["idle_stream"]
         assert registry_idle == len(idle), registry_idle
-        servicer.watchdog.idle_s = 3600.0
+        servicer.idle_stream_s = 3600.0
         # The honest result still gets through; replays of it are refused.
         assert push(a, [_header(**good), _chunk(payload[:5000]), _chunk(payload[5000:])]).accepted
         fit.join(30)  # the round collected the task: a replay finds it closed

@@ -322,7 +322,12 @@ class DeployConfig(_Section):
     poll_timeout_s: float = Field(5.0, gt=0.0)
     chunk_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
     wait_for_clients_s: float = Field(300.0, gt=0.0)
+    #: Threads for the handlers that compute (registration, heartbeats, reading results);
+    #: a waiting long poll holds none, so this does not grow with the clients.
     max_workers: int = Field(256, ge=4)
+    #: Calls in progress at once, long polls included (each live client holds one):
+    #: beyond it a call is refused. Bounds the memory a flood of connections can take.
+    max_concurrent_calls: int = Field(8192, ge=16)
     #: PullTask/PushResult calls one session may have in progress (an honest client: 2).
     max_streams_per_client: int = Field(4, ge=2)
     #: A result stream silent this long is cancelled (it holds a server thread).

@@ -176,6 +176,7 @@ class DeploymentExecutor:
             address,
             server_credentials(address, sec),
             max_workers=cfg.deploy.max_workers,
+            max_calls=cfg.deploy.max_concurrent_calls,
             max_message_bytes=max_message_bytes(cfg.deploy.chunk_bytes),
         )
         log.info("listening on port %d", self.port)

@@ -24,15 +24,14 @@ untouched.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent import futures
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +44,7 @@ from fedloom.engine.grpc import AUTH_HEADER, PROTOCOL_VERSION, SERVICE, SESSION_
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.auth import TokenStore
 from fedloom.engine.grpc.chunks import ChunkError, encode_buffers, read_chunks
+from fedloom.engine.grpc.serving import AioServer, BlockingReader, StreamEnded, TaskMailbox
 from fedloom.engine.grpc.wire import (
     WireError,
     broadcast_order,
@@ -146,7 +146,7 @@ class Session:
     identity: str = ""
     peer: str = ""
     alive: bool = True
-    tasks: queue.Queue[OpenTask] = field(default_factory=queue.Queue)
+    tasks: TaskMailbox[OpenTask] = field(default_factory=TaskMailbox)
     #: PullTask and PushResult calls of this session now in progress.
     streams: int = 0
     #: Why the session ended (empty while it is alive).
@@ -364,6 +364,13 @@ class Registry:
                     )
                 )
             return out
+
+    def wake_polls(self) -> None:
+        """Wake every waiting long poll so that it looks at the run's state now."""
+        with self.lock:
+            sessions = list(self.sessions.values())
+        for session in sessions:
+            session.tasks.wake()
 
     def all_told_to_stop(self) -> bool:
         with self.lock:
@@ -594,13 +601,9 @@ class FederationServicer:
         self.options = options
         self.tokens = tokens
         self.revoked = revoked
-        self.watchdog = StreamWatchdog(
-            options.idle_stream_timeout_s,
-            lambda peer: registry.reject(
-                "idle_stream",
-                f"result stream from {peer} silent for {options.idle_stream_timeout_s:.0f} s",
-            ),
-        )
+        #: A result stream silent this long loses its call (it holds a worker thread);
+        #: read afresh at every wait, so a change applies to streams already open.
+        self.idle_stream_s = options.idle_stream_timeout_s
 
     def identity(self, metadata: Any, context: grpc.ServicerContext | None = None) -> str | None:
         """The caller's identity: its token's owner, else its certificate's common name."""
@@ -697,7 +700,9 @@ class FederationServicer:
         """Whether ``session_id`` is the session this call was admitted for."""
         return _session_header(context.invocation_metadata()) == session_id
 
-    def heartbeat(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+    async def heartbeat(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Answered on the serving loop: it only stamps the session (a short lock), and
+        every live client sends one each interval, so a thread hop would dominate it."""
         try:
             req = pb.HeartbeatRequest.FromString(raw)
         except DecodeError:
@@ -731,25 +736,30 @@ class FederationServicer:
 
     # --- PullTask ---------------------------------------------------------------------
 
-    def pull_task(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    async def pull_task(
+        self, raw: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """The long poll: a coroutine on the serving loop, so a waiting client holds no
+        thread (see :mod:`fedloom.engine.grpc.serving`)."""
         reg = self.registry
         try:
             req = pb.PullRequest.FromString(raw)
         except DecodeError:
             reg.reject("malformed", "unparseable PullRequest")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed PullRequest")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed PullRequest")
         if not self._own_session(req.session_id, context):
             reg.reject("wrong_session", f"PullTask from {context.peer()}")
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "not this call's session")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not this call's session")
         session = reg.touch(req.session_id)
         if session is None:
             reg.reject("unknown_session", f"PullTask from {context.peer()}")
-            context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; register again")
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; register again")
             return
         if not self._open_stream(session):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
         try:
-            yield from self._poll(session, context)
+            async for message in self._poll(session):
+                yield message
         finally:
             self._close_stream(session)
 
@@ -774,7 +784,10 @@ class FederationServicer:
         with self.registry.lock:
             session.streams -= 1
 
-    def _poll(self, session: Session, context: grpc.ServicerContext) -> Iterator[bytes]:
+    async def _poll(self, session: Session) -> AsyncIterator[bytes]:
+        """A task for ``session`` as soon as one is queued, else an idle header after the
+        poll timeout; a stop or pause as soon as the run ends (the executor wakes every
+        waiting poll then). A client that goes away cancels the wait."""
         reg = self.registry
         deadline = time.monotonic() + self.options.poll_timeout_s
         while True:
@@ -784,16 +797,14 @@ class FederationServicer:
                 yield _task_header(pb.TASK_PAUSE if reg.pausing else pb.TASK_STOP)
                 return
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not context.is_active():
+            if remaining <= 0:
                 yield _task_header(pb.TASK_IDLE)
                 return
-            try:
-                ot = session.tasks.get(timeout=min(remaining, 0.25))
-            except queue.Empty:
+            ot = await session.tasks.get(timeout=remaining)
+            if ot is None or ot.done.is_set():  # woken, timed out, or expired while queued
                 continue
-            if ot.done.is_set():  # expired or failed while queued
-                continue
-            yield from self._stream_task(ot)
+            for message in self._stream_task(ot):
+                yield message
             return
 
     def _stream_task(self, ot: OpenTask) -> Iterator[bytes]:
@@ -819,23 +830,48 @@ class FederationServicer:
 
     # --- PushResult -------------------------------------------------------------------
 
-    def push_result(self, raws: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    async def push_result(
+        self, messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> bytes:
+        """A result stream, read and checked on a worker thread (the checks are numpy
+        work that must not stall the serving loop); every wait for the client's next
+        message is bounded by ``deploy.idle_stream_timeout_s``."""
         session = self.registry.live(_session_header(context.invocation_metadata()))
         if session is None:  # the gate admitted it; the session died since
             return self._refuse_result("unknown_session", "result from an ended session")
         if not self._open_stream(session):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
-        # A stream that stops sending is cancelled after deploy.idle_stream_timeout_s.
-        watched = self.watchdog.watch(raws, context)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
+        peer = context.peer()
+        raws = BlockingReader(
+            messages,
+            asyncio.get_running_loop(),
+            idle_s=lambda: self.idle_stream_s,
+            on_idle=lambda: self.registry.reject(
+                "idle_stream", f"result stream from {peer} silent for {self.idle_stream_s:.0f} s"
+            ),
+        )
+        loop = asyncio.get_running_loop()
+        reading = loop.run_in_executor(None, self._push_closing, raws, session)
         try:
-            return self._push(watched, context, session)
-        except (grpc.RpcError, IdleStreamError):  # idle (counted by the watchdog), or gone
-            return pb.PushReply(accepted=False, reason="cancelled").SerializeToString()
+            reply = await asyncio.shield(reading)
+        except asyncio.CancelledError:  # the client went away: free the worker, then end
+            raws.close()
+            raise
+        if reply is None:  # idle (counted by the reader) or broken
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "result stream went silent")
+            raise AssertionError("unreachable: abort raises")
+        return reply
+
+    def _push_closing(self, raws: BlockingReader, session: Session) -> bytes | None:
+        """:meth:`_push` on a worker thread; None if the stream went idle or broke."""
+        try:
+            return self._push(raws, session)
+        except StreamEnded:
+            return None
         finally:
-            self.watchdog.forget(context)
             self._close_stream(session)
 
-    def _push(self, raws: Iterator[bytes], context: grpc.ServicerContext, caller: Session) -> bytes:
+    def _push(self, raws: Iterator[bytes], caller: Session) -> bytes:
         reg = self.registry
         try:
             first = pb.ResultMessage.FromString(next(raws))
@@ -1034,62 +1070,6 @@ class _Gate(grpc.GenericRpcHandler):
             )
             return None
         return handler
-
-
-class IdleStreamError(Exception):
-    """A result stream the watchdog cancelled ended (already counted as idle_stream)."""
-
-
-class StreamWatchdog:
-    """Cancels result streams that stop sending: a client that opens a stream and idles
-    holds a worker thread, so no stream may be silent for longer than ``idle_s``."""
-
-    def __init__(self, idle_s: float, on_idle: Callable[[str], None]) -> None:
-        self.idle_s = idle_s
-        self.on_idle = on_idle
-        self._lock = threading.Lock()
-        self._last: dict[int, tuple[grpc.ServicerContext, float]] = {}
-        self._cancelled: set[int] = set()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        self._progress(context)
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, daemon=True)
-                self._thread.start()
-        return self._counting(raws, context)
-
-    def _counting(self, raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        for raw in raws:
-            self._progress(context)
-            yield raw
-        with self._lock:
-            cancelled = id(context) in self._cancelled
-        if cancelled:  # the stream ended because we cut it: counted once, as idle_stream
-            raise IdleStreamError
-
-    def _progress(self, context: grpc.ServicerContext) -> None:
-        with self._lock:
-            self._last[id(context)] = (context, time.monotonic())
-
-    def forget(self, context: grpc.ServicerContext) -> None:
-        with self._lock:
-            self._last.pop(id(context), None)
-            self._cancelled.discard(id(context))
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.idle_s / 4))
-            now = time.monotonic()
-            with self._lock:
-                idle = [c for c, t in self._last.values() if now - t > self.idle_s]
-                for context in idle:
-                    del self._last[id(context)]
-                    self._cancelled.add(id(context))
-            for context in idle:
-                self.on_idle(context.peer())  # counted before the caller can see it
-                context.cancel()
 
 
 class RevocationList:
@@ -1453,6 +1433,7 @@ class GrpcExecutor:
         """
         self.registry.pausing = pause
         self.registry.stopping = True
+        self.registry.wake_polls()
         self._stop.set()
         if not wait:
             return
@@ -1483,10 +1464,21 @@ def start_grpc_server(
     credentials: grpc.ServerCredentials | None,
     max_workers: int = 64,
     max_message_bytes: int = 8 << 20,
-) -> tuple[grpc.Server, int]:
-    """Start serving; returns the server and the bound port (``:0`` picks a free one)."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
+    *,
+    max_calls: int = 8192,
+) -> tuple[AioServer, int]:
+    """Start serving; returns the server and the bound port (``:0`` picks a free one).
+
+    ``max_workers`` threads run the handlers that compute; long polls wait on the event
+    loop without one. ``max_calls`` bounds the calls in progress (each live client holds
+    one long poll): beyond it a call is refused (RESOURCE_EXHAUSTED).
+    """
+    server = AioServer(
+        (servicer.handler(),),
+        address,
+        credentials,
+        max_workers=max_workers,
+        max_calls=max_calls,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -1494,19 +1486,5 @@ def start_grpc_server(
             # server binds the same port and the clients split between the two runs.
             ("grpc.so_reuseport", 0),
         ],
-        # The server-wide cap: beyond it a call is refused (RESOURCE_EXHAUSTED).
-        maximum_concurrent_rpcs=max_workers * 4,
     )
-    server.add_generic_rpc_handlers((servicer.handler(),))
-    try:  # grpcio >= 1.70 raises RuntimeError on a failed bind; older ones returned 0
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        server.stop(None)
-        raise OSError(f"cannot listen on {address}; is the address valid and the port free?")
-    server.start()
-    return server, port
+    return server, server.port
