@@ -212,16 +212,9 @@ class _RecordingArrivals(InstantArrivals):
     def __init__(self) -> None:
         self.down_bytes: list[int] = []
 
-    def arrive(
-        self,
-        rnd: int,
-        outcomes: Sequence[FitResult | ClientFailure],
-        *,
-        down_bytes: int,
-        wanted: int,
-    ) -> Arrivals:
-        self.down_bytes.append(down_bytes)
-        return super().arrive(rnd, outcomes, down_bytes=down_bytes, wanted=wanted)
+    def arrive(self, rnd: int, outcomes: Sequence[Any], **kw: Any) -> Arrivals:
+        self.down_bytes.append(kw["down_bytes"])
+        return super().arrive(rnd, outcomes, **kw)
 
 
 def test_a_round_encodes_its_broadcast_once_and_times_the_download_by_its_size() -> None:
