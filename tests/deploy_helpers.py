@@ -30,6 +30,43 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: The names a development server certificate is issued for: every test serves on loopback.
+LOOPBACK_NAMES = ["localhost", "127.0.0.1"]
+
+
+def dev_certs(out: Path, identities: Sequence[str]) -> Path:
+    """A development PKI in ``out`` (as ``fedloom certs`` writes it): the CA, a server
+    certificate for :data:`LOOPBACK_NAMES` and one client certificate per identity (its
+    common name). Returns ``out``."""
+    from fedloom.engine.grpc.certs import make_dev_certs
+
+    make_dev_certs(out, LOOPBACK_NAMES, list(identities))
+    return out
+
+
+def tls_server_args(certs: Path) -> list[str]:
+    """A serving command's TLS arguments: the dev PKI's server certificate and key."""
+    return ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")]
+
+
+def mtls_server_args(certs: Path) -> list[str]:
+    """:func:`tls_server_args` plus ``--client-ca``: callers must show a certificate of
+    the dev CA, whose common name is their identity (mutual TLS)."""
+    return [*tls_server_args(certs), "--client-ca", str(certs / "ca.pem")]
+
+
+def mtls_client_args(certs: Path, identity: str) -> list[str]:
+    """A dialling command's mutual-TLS arguments: trust the dev CA, prove ``identity``."""
+    return [
+        "--root-cert",
+        str(certs / "ca.pem"),
+        "--cert",
+        str(certs / f"{identity}.pem"),
+        "--key",
+        str(certs / f"{identity}.key"),
+    ]
+
+
 def set_args(overrides: Sequence[str]) -> list[str]:
     """``--set KEY=VALUE`` arguments for a CLI command, one pair per override."""
     return [a for o in overrides for a in ("--set", o)]

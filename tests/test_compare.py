@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from fedloom.cli import main
-from fedloom.compare import compare_rows, load_run, unique_labels
+from fedloom.compare import compare_rows, compare_table, load_run, unique_labels
 from fedloom.config import load_config
 from fedloom.engine.simulation import run_simulation
+from fedloom.report import summary_table
 
 FAST = ["rounds=3", "client.epochs=1", "data.num_clients=5"]
 
@@ -153,6 +155,19 @@ def test_worst10_client_accuracy_is_shown_when_a_run_has_it(
     assert "worst-10% acc" in out and "0.4321" in out
     assert main(["compare", str(runs["dp"]), "--out", str(tmp_path / "w.png")]) == 0
     assert "worst-10%" not in capsys.readouterr().out
+
+
+def test_times_read_as_fedloom_report_shows_them() -> None:
+    """One duration format for both commands: a run's wall time in ``fedloom compare``
+    is the text its ``fedloom report`` summary shows."""
+    row = {"run": "r", "strategy": "fedavg", "status": "completed", "rounds": 3}
+    row |= {"final_accuracy": 0.93124, "wall_s": 125.5, "sim_time_s": 7300.0}
+    console = Console(record=True, width=200)
+    console.print(compare_table([row]))
+    console.print(summary_table({"wall_s": 125.5}))
+    text = console.export_text()
+    assert text.count("2m 05.5s") == 2, text
+    assert "2h 01m 40s" in text and "0.9312" in text
 
 
 def test_unique_labels() -> None:

@@ -17,7 +17,16 @@ from fedloom.engine.grpc.certs import make_dev_certs
 from fedloom.engine.simulation import run_simulation
 from fedloom.store import RunStore
 
-from .deploy_helpers import Proc, fedloom, free_port, key_guarded_server, set_args, slow_client
+from .deploy_helpers import (
+    Proc,
+    fedloom,
+    free_port,
+    key_guarded_server,
+    mtls_client_args,
+    mtls_server_args,
+    set_args,
+    slow_client,
+)
 
 FAST = [
     "client.epochs=1",
@@ -215,41 +224,18 @@ def test_mutual_tls_requires_a_client_certificate(pki: dict, procs, tmp_path: Pa
             "server",
             "--address",
             "127.0.0.1:0",
-            "--tls-cert",
-            str(certs / "server.pem"),
-            "--tls-key",
-            str(certs / "server.key"),
-            "--client-ca",
-            str(certs / "ca.pem"),
+            *mtls_server_args(certs),
             "--out",
             str(tmp_path / "run"),
             *set_args(["rounds=1", "data.num_clients=1", "server.min_fit_clients=1", *FAST]),
         )
     )
     port = _port(server)
-    common = [
-        "--server",
-        f"localhost:{port}",
-        "--root-cert",
-        str(certs / "ca.pem"),
-        "--partition",
-        "0",
-        "--max-wait",
-        "20",
-    ]
-    anonymous = procs(fedloom("client", *common))
+    common = ["--server", f"localhost:{port}", "--partition", "0", "--max-wait", "20"]
+    anonymous = procs(fedloom("client", *common, "--root-cert", str(certs / "ca.pem")))
     assert anonymous.wait(60) == 2
     assert "requires a client certificate" in anonymous.output, anonymous.output
-    good = procs(
-        fedloom(
-            "client",
-            *common,
-            "--cert",
-            str(certs / "client-0.pem"),
-            "--key",
-            str(certs / "client-0.key"),
-        )
-    )
+    good = procs(fedloom("client", *common, *mtls_client_args(certs, "client-0")))
     assert good.wait(120) == 0, good.output
     assert server.wait(60) == 0
 

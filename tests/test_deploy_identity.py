@@ -27,7 +27,6 @@ from fedloom.engine.deploy import (
 from fedloom.engine.grpc import PROTOCOL_VERSION
 from fedloom.engine.grpc import fedloom_pb2 as pb
 from fedloom.engine.grpc.auth import TokenFileError, TokenStore, add_token, revoke_token
-from fedloom.engine.grpc.certs import make_dev_certs
 from fedloom.engine.grpc.client import (
     BuiltinApp,
     ClientRefusedError,
@@ -39,7 +38,16 @@ from fedloom.engine.grpc.client import (
 from fedloom.engine.grpc.server import DeployOptions, IdentityBook, Refusal, Registry
 from fedloom.store import RunStore
 
-from .deploy_helpers import Proc, fedloom, free_port, serving, set_args
+from .deploy_helpers import (
+    Proc,
+    dev_certs,
+    fedloom,
+    free_port,
+    mtls_client_args,
+    mtls_server_args,
+    serving,
+    set_args,
+)
 
 FAST = [
     "rounds=1",
@@ -116,19 +124,13 @@ def test_duplicate_token_identity_is_refused_in_real_processes(procs, tmp_path: 
 
 
 def test_duplicate_certificate_identity_is_refused_with_mutual_tls(procs, tmp_path: Path) -> None:
-    certs = tmp_path / "certs"
-    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["site-a", "site-b"])
+    certs = dev_certs(tmp_path / "certs", ["site-a", "site-b"])
     server = procs(
         fedloom(
             "server",
             "--address",
             "127.0.0.1:0",
-            "--tls-cert",
-            str(certs / "server.pem"),
-            "--tls-key",
-            str(certs / "server.key"),
-            "--client-ca",
-            str(certs / "ca.pem"),
+            *mtls_server_args(certs),
             "--out",
             str(tmp_path / "run"),
             *set_args(FAST),
@@ -142,12 +144,7 @@ def test_duplicate_certificate_identity_is_refused_with_mutual_tls(procs, tmp_pa
                 "client",
                 "--server",
                 f"localhost:{port}",
-                "--root-cert",
-                str(certs / "ca.pem"),
-                "--cert",
-                str(certs / f"{name}.pem"),
-                "--key",
-                str(certs / f"{name}.key"),
+                *mtls_client_args(certs, name),
                 "--partition",
                 str(partition),
                 "-v",
@@ -172,17 +169,13 @@ def test_revoking_a_certificate_ends_its_session_and_refuses_it(procs, tmp_path:
     """``fedloom certs --revoke`` while the server runs with ``--revoked``: the revoked
     site's live session ends at its next heartbeat, and its client, registering again,
     is refused in one line (exit 2); a site started later with that certificate too."""
-    certs = tmp_path / "certs"
-    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["site-a", "site-b"])
-    tls = ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")]
+    certs = dev_certs(tmp_path / "certs", ["site-a", "site-b"])
     server = procs(
         fedloom(
             "server",
             "--address",
             "127.0.0.1:0",
-            *tls,
-            "--client-ca",
-            str(certs / "ca.pem"),
+            *mtls_server_args(certs),
             "--revoked",
             str(certs / "revoked.txt"),  # absent until the first revocation
             "--out",
@@ -198,12 +191,7 @@ def test_revoking_a_certificate_ends_its_session_and_refuses_it(procs, tmp_path:
                 "client",
                 "--server",
                 f"localhost:{port}",
-                "--root-cert",
-                str(certs / "ca.pem"),
-                "--cert",
-                str(certs / "site-a.pem"),
-                "--key",
-                str(certs / "site-a.key"),
+                *mtls_client_args(certs, "site-a"),
                 "--partition",
                 "0",
                 "-v",

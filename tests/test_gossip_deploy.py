@@ -16,11 +16,17 @@ import numpy as np
 import pytest
 
 from fedloom.config import load_config
-from fedloom.engine.grpc.certs import make_dev_certs
 from fedloom.engine.simulation import run_simulation
 from fedloom.store import RunStore
 
-from .deploy_helpers import Proc, fedloom, free_port
+from .deploy_helpers import (
+    Proc,
+    dev_certs,
+    fedloom,
+    free_port,
+    mtls_client_args,
+    tls_server_args,
+)
 
 PEERS = 5
 ROUNDS = 8
@@ -52,9 +58,7 @@ topology = "{topology}"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("peer-pki")
-    make_dev_certs(out, ["localhost", "127.0.0.1"], [f"peer-{i}" for i in range(PEERS)])
-    return out
+    return dev_certs(tmp_path_factory.mktemp("peer-pki"), [f"peer-{i}" for i in range(PEERS)])
 
 
 def _setup(tmp_path: Path, topology: str) -> tuple[Path, Path]:
@@ -77,16 +81,8 @@ def _peer_args(config: Path, peers: Path, pki: Path, i: int, out: Path) -> list[
         str(peers),
         "--out",
         str(out),
-        "--tls-cert",
-        str(pki / "server.pem"),
-        "--tls-key",
-        str(pki / "server.key"),
-        "--root-cert",
-        str(pki / "ca.pem"),
-        "--cert",
-        str(pki / f"peer-{i}.pem"),
-        "--key",
-        str(pki / f"peer-{i}.key"),
+        *tls_server_args(pki),
+        *mtls_client_args(pki, f"peer-{i}"),
     ]
 
 

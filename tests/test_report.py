@@ -17,6 +17,9 @@ from fedloom.config import load_config
 from fedloom.engine.simulation import run_simulation
 from fedloom.report import (
     format_bytes,
+    format_duration,
+    format_float,
+    format_percent,
     history_table,
     plot_accuracy,
     redraw,
@@ -111,6 +114,16 @@ def test_format_bytes() -> None:
     assert format_bytes(3 * 1024 * 1024) == "3.0 MiB"
     assert format_bytes(5 * 1024**3) == "5.0 GiB"
     assert format_bytes(None) == "—"
+
+
+def test_number_formats_and_the_dash_for_what_is_missing() -> None:
+    assert format_duration(42.06) == "42.1s"
+    assert format_duration(125.5) == "2m 05.5s"
+    assert format_duration(7300) == "2h 01m 40s"
+    assert format_float(0.93124) == "0.9312" and format_float(1.23456, 2) == "1.23"
+    assert format_percent(0.625) == "62.5%"
+    for fmt in (format_duration, format_float, format_percent):
+        assert fmt(None) == fmt("n/a") == "—"
 
 
 def test_history_table_contents() -> None:

@@ -10,6 +10,7 @@ import pytest
 from fedloom.algorithms.base import PlainServer
 from fedloom.client_store import ClientState
 from fedloom.codecs.base import Layout, RejectedUpdateError
+from fedloom.codecs.downlink import Int8Broadcast
 from fedloom.config import ServerConfig
 from fedloom.engine.inprocess import LocalClients
 from fedloom.exchange import ExchangeRequest
@@ -25,6 +26,7 @@ from fedloom.messages import (
     Scalar,
 )
 from fedloom.server.aggregators import AggregationInput, MeanAggregator
+from fedloom.server.arrivals import Arrivals, InstantArrivals
 from fedloom.server.loop import FederatedServer
 from fedloom.server.optimizers import make_server_optimizer
 from fedloom.server.strategy import Strategy
@@ -190,6 +192,46 @@ def test_a_codec_rejection_is_a_failure_and_its_task_key_reaches_the_clients() -
     assert record["clients_failed"] == 2 and record["clients_succeeded"] == 2
     np.testing.assert_allclose(server.state.weights, [1.0, 0.0, 0.0])  # mean of clients 0, 2
     assert server.state.participation.tolist() == [1, 0, 1, 0]
+
+
+class _CountingInt8(Int8Broadcast):
+    """The int8 downlink, counting how often the broadcast is encoded."""
+
+    def __init__(self, bucket_size: int) -> None:
+        super().__init__(bucket_size)
+        self.encodes = 0
+
+    def encode(self, broadcast: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.encodes += 1
+        return super().encode(broadcast)
+
+
+class _RecordingArrivals(InstantArrivals):
+    """Instant arrivals that keep the download size each round was timed by."""
+
+    def __init__(self) -> None:
+        self.down_bytes: list[int] = []
+
+    def arrive(self, rnd: int, outcomes: Sequence[Any], **kw: Any) -> Arrivals:
+        self.down_bytes.append(kw["down_bytes"])
+        return super().arrive(rnd, outcomes, **kw)
+
+
+def test_a_round_encodes_its_broadcast_once_and_times_the_download_by_its_size() -> None:
+    """The arrival model gets the size of the broadcast the clients were sent: int8 codes
+    of the 3 weights plus 2 float32 scales (buckets of 2) = 11 bytes, every round."""
+    strategy = _strategy()
+    strategy.downlink, strategy.arrivals = _CountingInt8(bucket_size=2), _RecordingArrivals()
+    clients = _Clients({c: _update([0.5, -0.5, 1.0]) for c in range(2)})
+    server = _server(strategy, clients, rounds=2)
+    for rnd in (1, 2):
+        server.run_round(rnd)
+    sent = [sum(v.nbytes for v in b.values()) for b in clients.broadcasts]
+    assert sent == [11, 11] and strategy.arrivals.down_bytes == sent
+    assert strategy.downlink.encodes == 2  # one per round
+    # Without a configure_fit for the round (a direct call) the size is still the same.
+    strategy.process_fit(3, [], np.zeros(D, np.float32), clients.exchange)
+    assert strategy.arrivals.down_bytes[-1] == 11 and strategy.downlink.encodes == 3
 
 
 def test_nan_inf_wrong_size_and_wrong_names_are_failures_with_reasons() -> None:

@@ -19,9 +19,15 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from fedloom.cli import main
-from fedloom.engine.grpc.certs import make_dev_certs
 
-from .deploy_helpers import Proc, fedloom, set_args
+from .deploy_helpers import (
+    Proc,
+    dev_certs,
+    fedloom,
+    mtls_client_args,
+    mtls_server_args,
+    set_args,
+)
 
 CONFIG = "examples/vertical_breast_cancer.toml"
 #: Small and fast: the first 120 records (~114 ids per party, ~900 PSI exponentiations).
@@ -29,8 +35,7 @@ SMALL = ["vertical.records=120", "vertical.baselines=false"]
 
 
 def _setup(tmp_path: Path, overrides: list[str]) -> tuple[Path, Path]:
-    certs = tmp_path / "certs"
-    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["party-0", "party-1"])
+    certs = dev_certs(tmp_path / "certs", ["party-0", "party-1"])
     tables = tmp_path / "tables"
     assert main(["party", "--export-tables", str(tables), CONFIG, *set_args(overrides)]) == 0
     return certs, tables
@@ -51,12 +56,7 @@ def _start(
             str(tables / "label.csv"),
             "--address",
             "127.0.0.1:0",
-            "--tls-cert",
-            str(certs / "server.pem"),
-            "--tls-key",
-            str(certs / "server.key"),
-            "--client-ca",
-            str(certs / "ca.pem"),
+            *mtls_server_args(certs),
             "--out",
             str(tmp_path / "label"),
         )
@@ -74,12 +74,7 @@ def _start(
                 str(tables / f"features_{k}.csv"),
                 "--server",
                 f"localhost:{port}",
-                "--root-cert",
-                str(certs / "ca.pem"),
-                "--cert",
-                str(certs / f"party-{k}.pem"),
-                "--key",
-                str(certs / f"party-{k}.key"),
+                *mtls_client_args(certs, f"party-{k}"),
                 "--out",
                 str(tmp_path / f"party{k}"),
             )

@@ -10,7 +10,6 @@ import grpc
 import numpy as np
 import pytest
 
-from fedloom.engine.grpc.certs import make_dev_certs
 from fedloom.vertical.party import FeatureWorker
 from fedloom.vertical.transport import (
     HubSettings,
@@ -30,6 +29,8 @@ from fedloom.vertical.wire import (
     require,
     require_indices,
 )
+
+from .deploy_helpers import dev_certs
 
 
 def test_messages_round_trip_exactly() -> None:
@@ -119,8 +120,7 @@ def test_a_feature_party_refuses_commands_out_of_order_or_out_of_bounds() -> Non
 
 
 def _tls_hub(tmp_path: Path) -> tuple[PartyHub, int, Path]:
-    certs = tmp_path / "certs"
-    make_dev_certs(certs, ["localhost", "127.0.0.1"], ["party-0", "party-1", "party-2"])
+    certs = dev_certs(tmp_path / "certs", ["party-0", "party-1", "party-2"])
 
     def authenticate(context: grpc.ServicerContext) -> str | None:
         names = context.auth_context().get("x509_common_name") or []

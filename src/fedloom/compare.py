@@ -23,14 +23,20 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from fedloom.report import format_bytes, summarize_history
+from fedloom.report import (
+    DASH,
+    format_bytes,
+    format_duration,
+    format_float,
+    number_or_none,
+    subsection,
+    summarize_history,
+)
 from fedloom.server.metrics import history_total, rounds_to_target
 from fedloom.server.metrics import is_number as _is_number
 from fedloom.store import RunStore, atomic_write
 
 __all__ = ["RunView", "compare_rows", "compare_table", "load_run", "plot_overlay"]
-
-DASH = "—"
 
 #: Record or summary keys for the worst-10 % client accuracy, when federated evaluation
 #: keeps per-client accuracies (read generically: older runs simply lack them).
@@ -53,10 +59,6 @@ class RunView:
     wall_s: float | None
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if _is_number(value) else None
-
-
 def load_run(path: Path, label: str | None = None) -> RunView:
     """Read one run (finished or running) through :class:`~fedloom.store.RunStore`.
 
@@ -67,14 +69,16 @@ def load_run(path: Path, label: str | None = None) -> RunView:
         config = store.config()
         history = store.history()
         stored = store.read_summary()
-        meta_wall = _number(store.get_meta("wall_s"))
-        centralized = _number(store.get_meta("centralized_accuracy"))
+        meta_wall = number_or_none(store.get_meta("wall_s"))
+        centralized = number_or_none(store.get_meta("centralized_accuracy"))
     if stored is None:
-        summary = summarize_history(history, _number(config.get("target_accuracy")), centralized)
+        summary = summarize_history(
+            history, number_or_none(config.get("target_accuracy")), centralized
+        )
         wall = meta_wall
     else:
         summary = stored
-        wall = _number(stored.get("wall_s"))
+        wall = number_or_none(stored.get("wall_s"))
         if wall is None:
             wall = meta_wall
     return RunView(
@@ -111,14 +115,9 @@ def unique_labels(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def _sub(mapping: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = mapping.get(key)
-    return value if isinstance(value, Mapping) else {}
-
-
 def _epsilon(run: RunView) -> tuple[float | None, str]:
     """The privacy budget spent and its kind: central DP's ledger, else the worst local ε."""
-    privacy = _sub(run.summary, "privacy")
+    privacy = subsection(run.summary, "privacy")
     if _is_number(privacy.get("epsilon")):
         return float(privacy["epsilon"]), "central"
     central = [float(r["epsilon"]) for r in run.history if _is_number(r.get("epsilon"))]
@@ -135,7 +134,7 @@ def _epsilon(run: RunView) -> tuple[float | None, str]:
 def _last_value(run: RunView, key: str) -> float | None:
     """``key`` from the summary (final, then metrics), else its last recorded number."""
     for section in ("final", "metrics"):
-        value = _sub(run.summary, section).get(key)
+        value = subsection(run.summary, section).get(key)
         if _is_number(value):
             return float(value)
     return next((float(r[key]) for r in reversed(run.history) if _is_number(r.get(key))), None)
@@ -156,15 +155,15 @@ def compare_rows(runs: Sequence[RunView], *, target: float | None = None) -> lis
     """
     rows = []
     for run in runs:
-        metrics = _sub(run.summary, "metrics")
-        final = _sub(run.summary, "final")
+        metrics = subsection(run.summary, "metrics")
+        final = subsection(run.summary, "final")
         if target is not None:
             run_target: float | None = target
             reached = rounds_to_target(run.history, target)
         else:
-            run_target = _number(metrics.get("target_accuracy"))
+            run_target = number_or_none(metrics.get("target_accuracy"))
             if run_target is None:
-                run_target = _number(run.config.get("target_accuracy"))
+                run_target = number_or_none(run.config.get("target_accuracy"))
             reached = metrics.get("rounds_to_target")
             if not _is_number(reached):
                 reached = rounds_to_target(run.history, run_target)
@@ -178,7 +177,7 @@ def compare_rows(runs: Sequence[RunView], *, target: float | None = None) -> lis
                 "strategy": run.config.get("strategy") or "custom",
                 "status": _status(run),
                 "rounds": len(run.history),
-                "final_accuracy": _number(final.get("accuracy")),
+                "final_accuracy": number_or_none(final.get("accuracy")),
                 WORST10_KEY: _last_value(run, WORST10_KEY),
                 "target_accuracy": run_target,
                 "rounds_to_target": int(reached) if _is_number(reached) else None,
@@ -200,21 +199,6 @@ def compare_rows(runs: Sequence[RunView], *, target: float | None = None) -> lis
             }
         )
     return rows
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if _is_number(value) else DASH
-
-
-def _fmt_seconds(value: Any) -> str:
-    if not _is_number(value):
-        return DASH
-    s = float(value)
-    if s < 120:
-        return f"{s:.1f}s"
-    if s < 7200:
-        return f"{s / 60:.1f}m"
-    return f"{s / 3600:.1f}h"
 
 
 def compare_table(rows: Sequence[Mapping[str, Any]]) -> Table:
@@ -262,18 +246,18 @@ def compare_table(rows: Sequence[Mapping[str, Any]]) -> Table:
         if _is_number(r.get("epsilon")):
             eps = f"{r['epsilon']:.3g}" + (" local" if r.get("epsilon_kind") == "local" else "")
         cells = [str(r["run"]), str(r["strategy"]), str(r["status"]), str(r["rounds"])]
-        cells.append(_fmt(r.get("final_accuracy")))
+        cells.append(format_float(r.get("final_accuracy")))
         if worst:
-            cells.append(_fmt(r.get(WORST10_KEY)))
+            cells.append(format_float(r.get(WORST10_KEY)))
         cells += [
             reached,
             eps,
             format_bytes(r.get("bytes_up")),
             format_bytes(r.get("bytes_down")),
-            _fmt_seconds(r.get("wall_s")),
+            format_duration(r.get("wall_s")),
         ]
         if sim:
-            cells.append(_fmt_seconds(r.get("sim_time_s")))
+            cells.append(format_duration(r.get("sim_time_s")))
         table.add_row(*cells)
     common = {t for t in targets if _is_number(t)}
     if len(common) == 1 and len(targets) == 1:
@@ -316,7 +300,7 @@ def plot_overlay(
     if sim:
         panels.append((axes[1], "sim_time_s", "simulated time (s)"))
     if target is None:
-        targets = {_number(run.config.get("target_accuracy")) for run in runs}
+        targets = {number_or_none(run.config.get("target_accuracy")) for run in runs}
         target = targets.pop() if len(targets) == 1 else None
     for ax, key, xlabel in panels:
         drawn = False

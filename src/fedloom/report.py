@@ -27,15 +27,24 @@ from fedloom.server.metrics import is_number as _is_number
 from fedloom.store import PLOT_FILE, RunStore, RunStoreError, atomic_write
 
 __all__ = [
+    "DASH",
     "DEFAULT_HISTORY_COLUMNS",
     "format_bytes",
+    "format_duration",
+    "format_float",
+    "format_int",
+    "format_percent",
+    "format_value",
     "history_table",
+    "number_or_none",
     "plot_accuracy",
     "redraw",
+    "subsection",
     "summarize_history",
     "summary_table",
 ]
 
+#: What a table shows for a value the run did not record.
 DASH = "—"
 
 #: Columns of :func:`history_table` when none are requested. ``clients`` is derived
@@ -79,20 +88,26 @@ def format_bytes(n: Any) -> str:
     raise AssertionError("unreachable")
 
 
-def _fmt_float(value: Any, digits: int = 4) -> str:
+def format_float(value: Any, digits: int = 4) -> str:
+    """``value`` with ``digits`` decimals (accuracies, losses); ``—`` if not a number, so
+    a missing or ``None`` field never breaks a table."""
     return f"{value:.{digits}f}" if _is_number(value) else DASH
 
 
-def _fmt_int(value: Any) -> str:
+def format_int(value: Any) -> str:
+    """``value`` as a whole number (rounds, client counts); ``—`` if not a number."""
     return str(int(value)) if _is_number(value) else DASH
 
 
-def _fmt_percent(value: Any) -> str:
+def format_percent(value: Any) -> str:
+    """A fraction as a percentage with one decimal (``0.625`` -> ``62.5%``); ``—`` if not
+    a number."""
     return f"{100 * value:.1f}%" if _is_number(value) else DASH
 
 
-def _fmt_duration(seconds: Any) -> str:
-    """``42.1s``, ``3m 07.5s`` or ``2h 05m 03s``: readable at any run length."""
+def format_duration(seconds: Any) -> str:
+    """``42.1s``, ``3m 07.5s`` or ``2h 05m 03s``: readable at any run length, and one
+    format for every command that shows a run's time (``report``, ``compare``)."""
     if not _is_number(seconds):
         return DASH
     s = float(seconds)
@@ -105,7 +120,13 @@ def _fmt_duration(seconds: Any) -> str:
     return f"{hours}h {minutes:02d}m {int(sec):02d}s"
 
 
-def _fmt_generic(value: Any) -> str:
+def number_or_none(value: Any) -> float | None:
+    """``value`` as a float, or None where a stored field is missing or not a number."""
+    return float(value) if _is_number(value) else None
+
+
+def format_value(value: Any) -> str:
+    """Any other recorded value: floats to four significant digits, ``None`` as ``—``."""
     if value is None:
         return DASH
     if isinstance(value, float):
@@ -119,21 +140,21 @@ def _history_cell(record: Mapping[str, Any], column: str) -> str:
         ok, sampled = record.get("clients_succeeded"), record.get("clients_sampled")
         if not (_is_number(ok) or _is_number(sampled)):
             return DASH
-        return f"{_fmt_int(ok)}/{_fmt_int(sampled)}"
+        return f"{format_int(ok)}/{format_int(sampled)}"
     if column == "round":
-        return _fmt_int(value)
+        return format_int(value)
     if column in ("accuracy", "loss", "fed_accuracy", "fed_loss", "train_loss"):
-        return _fmt_float(value)
+        return format_float(value)
     if column in ("bytes_up", "bytes_down"):
         return format_bytes(value)
     if column == "epsilon":
-        return _fmt_float(value, 2)
+        return format_float(value, 2)
     if column == "round_s":
         return f"{value:.2f}s" if _is_number(value) else DASH
-    return _fmt_generic(value)
+    return format_value(value)
 
 
-def _sub(mapping: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+def subsection(mapping: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     """``mapping[key]`` if it is a mapping, else empty: tolerate partial summaries."""
     value = mapping.get(key)
     return value if isinstance(value, Mapping) else {}
@@ -179,8 +200,8 @@ def history_table(
 
 def summary_table(summary: Mapping[str, Any]) -> Table:
     """The run's key numbers; anything missing from ``summary`` shows as ``—``."""
-    final = _sub(summary, "final")
-    metrics = _sub(summary, "metrics")
+    final = subsection(summary, "final")
+    metrics = subsection(summary, "metrics")
     target = metrics.get("target_accuracy")
     rounds_to_target = metrics.get("rounds_to_target")
     if _is_number(rounds_to_target):
@@ -191,17 +212,17 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         reached = DASH
     gap = metrics.get("accuracy_gap")
     rows = [
-        ("Rounds completed", _fmt_int(summary.get("rounds_completed"))),
-        ("Final accuracy", _fmt_float(final.get("accuracy"))),
-        ("Final loss", _fmt_float(final.get("loss"))),
-        ("Target accuracy", _fmt_float(target)),
+        ("Rounds completed", format_int(summary.get("rounds_completed"))),
+        ("Final accuracy", format_float(final.get("accuracy"))),
+        ("Final loss", format_float(final.get("loss"))),
+        ("Target accuracy", format_float(target)),
         ("Rounds to target", reached),
-        ("Participation rate", _fmt_percent(metrics.get("participation_rate"))),
+        ("Participation rate", format_percent(metrics.get("participation_rate"))),
         ("Bytes up (total)", format_bytes(metrics.get("bytes_up_total"))),
         ("Bytes down (total)", format_bytes(metrics.get("bytes_down_total"))),
-        ("Centralized accuracy", _fmt_float(metrics.get("centralized_accuracy"))),
+        ("Centralized accuracy", format_float(metrics.get("centralized_accuracy"))),
         ("Gap to centralized", f"{gap:+.4f}" if _is_number(gap) else DASH),
-        ("Wall time", _fmt_duration(summary.get("wall_s"))),
+        ("Wall time", format_duration(summary.get("wall_s"))),
     ]
     rows.extend(_client_rows(summary, metrics))
     privacy = summary.get("privacy")
@@ -235,7 +256,7 @@ def _client_rows(summary: Mapping[str, Any], metrics: Mapping[str, Any]) -> list
     """Per-client accuracy (mean next to the worst 10 %) and who contributed least/most."""
     rows: list[tuple[str, str]] = []
     mean, worst = metrics.get("client_accuracy_mean"), metrics.get("client_accuracy_worst10")
-    hidden = _sub(summary, "client_quality").get("reason")
+    hidden = subsection(summary, "client_quality").get("reason")
     if _is_number(mean) and _is_number(worst):
         std = metrics.get("client_accuracy_std")
         spread = f" (std {std:.4f})" if _is_number(std) else ""
@@ -374,10 +395,6 @@ def summarize_history(
     }
 
 
-def _number_or_none(value: Any) -> float | None:
-    return float(value) if _is_number(value) else None
-
-
 def redraw(run_dir: Path, console: Console | None = None, *, max_rows: int = 40) -> dict[str, Any]:
     """``fedloom report DIR``: rewrite ``history.csv`` and ``accuracy.png``, print tables.
 
@@ -392,14 +409,14 @@ def redraw(run_dir: Path, console: Console | None = None, *, max_rows: int = 40)
     with RunStore.open(run_dir) as store:
         history = store.history()
         stored = store.read_summary()
-        metrics = _sub(stored or {}, "metrics")
-        baseline = _number_or_none(metrics.get("centralized_accuracy"))
+        metrics = subsection(stored or {}, "metrics")
+        baseline = number_or_none(metrics.get("centralized_accuracy"))
         if baseline is None:
-            baseline = _number_or_none(store.get_meta("centralized_accuracy"))
-        target = _number_or_none(metrics.get("target_accuracy"))
+            baseline = number_or_none(store.get_meta("centralized_accuracy"))
+        target = number_or_none(metrics.get("target_accuracy"))
         if target is None:
             try:
-                target = _number_or_none(store.config().get("target_accuracy"))
+                target = number_or_none(store.config().get("target_accuracy"))
             except RunStoreError:
                 target = None
         summary = stored if stored is not None else summarize_history(history, target, baseline)

@@ -25,7 +25,10 @@ from fedloom import __version__
 from fedloom.report import (
     DEFAULT_HISTORY_COLUMNS,
     _history_cell,  # the terminal table's cell format, so both reports agree
+    format_value,
+    number_or_none,
     plot_accuracy,
+    subsection,
     summarize_history,
     summary_table,
 )
@@ -68,20 +71,12 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img src="{_png_data_uri(data)}" alt="{escape(alt)}">'
 
 
-def _number_or_none(value: Any) -> float | None:
-    return float(value) if _is_number(value) else None
-
-
 def _cell(value: Any) -> str:
     """A history value that :func:`_history_cell` has no format for (lists, flags)."""
-    if value is None:
-        return "—"
     if isinstance(value, dict | list | tuple):
         text = json.dumps(value, default=str)
         return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return format_value(value)
 
 
 def _summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -158,14 +153,13 @@ def render_html(run_dir: Path) -> tuple[str, dict[str, Any]]:
             config = store.config()
         except RunStoreError:
             config = {}
-        baseline = _number_or_none(store.get_meta("centralized_accuracy"))
-    metrics = stored.get("metrics", {}) if stored is not None else {}
-    metrics = metrics if isinstance(metrics, Mapping) else {}
+        baseline = number_or_none(store.get_meta("centralized_accuracy"))
+    metrics = subsection(stored or {}, "metrics")
     if _is_number(metrics.get("centralized_accuracy")):
         baseline = float(metrics["centralized_accuracy"])
-    target = _number_or_none(metrics.get("target_accuracy"))
+    target = number_or_none(metrics.get("target_accuracy"))
     if target is None:
-        target = _number_or_none(config.get("target_accuracy"))
+        target = number_or_none(config.get("target_accuracy"))
     summary = stored if stored is not None else summarize_history(history, target, baseline)
 
     with tempfile.TemporaryDirectory(prefix="fedloom-report-") as tmp:

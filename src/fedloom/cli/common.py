@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,70 @@ from rich.console import Console
 
 from fedloom.config import ConfigError, RunConfig, load_config
 
+#: The credential options of a process that serves (``fedloom server``, the label party,
+#: a gossip peer), with their help as ``fedloom server`` words it.
+SERVING_CREDENTIALS: dict[str, str] = {
+    "--tls-cert": "server certificate (PEM)",
+    "--tls-key": "server private key (PEM)",
+    "--client-ca": "require client certificates from this CA",
+    "--tokens": "hashed bearer tokens (see 'fedloom token')",
+}
+#: The credential options of a process that dials one (``fedloom client``, a feature
+#: party, a gossip peer), with their help as ``fedloom client`` words it.
+DIALLING_CREDENTIALS: dict[str, str] = {
+    "--root-cert": "CA certificate that signed the server's",
+    "--cert": "client certificate for mutual TLS",
+    "--key": "client private key for mutual TLS",
+    "--token-file": "read the bearer token from this file",
+}
+
 EXIT_USER_ERROR = 2
 #: A run that ran but produced no model update (every round discarded or empty).
 EXIT_RUN_FAILED = 1
 #: What a shell reports for a process ended by SIGINT (128 + 2); Ctrl-C exits with it.
 EXIT_INTERRUPTED = 130
+
+
+def add_credential_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    serving: bool,
+    help: Mapping[str, str] | None = None,
+    omit: Collection[str] = (),
+) -> None:
+    """The TLS and token options of a serving (``serving=True``) or a dialling process.
+
+    One definition, so every command that deploys (``server``, ``client``, ``party``,
+    ``peer``) names its credentials alike and reads them as paths. ``help`` rewords
+    options for a command whose roles have other names (the label party); ``omit``
+    leaves out options the command does not take (a gossip peer checks callers against
+    its ``--root-cert``, so it has no ``--client-ca``).
+    """
+    options = SERVING_CREDENTIALS if serving else DIALLING_CREDENTIALS
+    texts = {**options, **(help or {})}
+    unknown = (set(texts) | set(omit)) - set(options)
+    if unknown:
+        raise ValueError(f"not a credential option here: {', '.join(sorted(unknown))}")
+    for name in options:
+        if name not in omit:
+            parser.add_argument(name, type=Path, help=texts[name])
+
+
+def add_overrides_argument(
+    parser: argparse.ArgumentParser,
+    *,
+    help: str = "override a config key, e.g. --set client.lr=0.05 (repeatable)",
+) -> None:
+    """``--set KEY=VALUE`` (repeatable), collected in ``args.overrides`` for
+    :func:`~fedloom.config.load_config`."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help,
+    )
 
 
 def make_console() -> Console:

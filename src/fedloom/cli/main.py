@@ -20,7 +20,13 @@ from fedloom.attacks.leakage_settings import (
     LeakageSettingsError,
     add_leakage_arguments,
 )
-from fedloom.cli.common import make_console, setup_logging, user_error
+from fedloom.cli.common import (
+    add_credential_arguments,
+    add_overrides_argument,
+    make_console,
+    setup_logging,
+    user_error,
+)
 from fedloom.cli.compare import add_compare_parser, cmd_compare
 from fedloom.cli.dashboard import add_dashboard_parser, add_token_argument, cmd_dashboard
 from fedloom.cli.deploy import run_deploy_command
@@ -72,10 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="serve an experiment to real client processes")
     _add_config_args(server)
     server.add_argument("--address", default="127.0.0.1:8443", help="HOST:PORT (port 0: any free)")
-    server.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
-    server.add_argument("--tls-key", type=Path, help="server private key (PEM)")
-    server.add_argument("--client-ca", type=Path, help="require client certificates from this CA")
-    server.add_argument("--tokens", type=Path, help="hashed bearer tokens (see 'fedloom token')")
+    add_credential_arguments(server, serving=True)
     server.add_argument("--insecure", action="store_true", help="allow plaintext off loopback")
     server.add_argument(
         "--allow-anonymous",
@@ -102,18 +105,15 @@ def _parser() -> argparse.ArgumentParser:
 
     client = sub.add_parser("client", help="train on this machine's data for a fedloom server")
     client.add_argument("--server", required=True, help="HOST:PORT of the fedloom server")
-    client.add_argument("--root-cert", type=Path, help="CA certificate that signed the server's")
+    add_credential_arguments(client, serving=False)
     client.add_argument(
         "--token", help="bearer token (visible in ps: prefer --token-file or FEDLOOM_TOKEN)"
     )
-    client.add_argument("--token-file", type=Path, help="read the bearer token from this file")
     client.add_argument(
         "--replace-stale",
         action="store_true",
         help="take over this identity's session on the server if its heartbeats stopped",
     )
-    client.add_argument("--cert", type=Path, help="client certificate for mutual TLS")
-    client.add_argument("--key", type=Path, help="client private key for mutual TLS")
     client.add_argument("--insecure", action="store_true", help="plaintext (loopback trials)")
     client.add_argument(
         "--partition",
@@ -284,14 +284,7 @@ def _import_user_modules(names: list[str]) -> None:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     _add_import_arg(p)
     p.add_argument("config", nargs="?", type=Path, help="TOML config (default: embedded digits)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set client.lr=0.05 (repeatable)",
-    )
+    add_overrides_argument(p)
 
 
 def main(argv: list[str] | None = None) -> int:

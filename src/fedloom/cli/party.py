@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from fedloom import __version__
-from fedloom.cli.common import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR
+from fedloom.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_RUN_FAILED,
+    EXIT_USER_ERROR,
+    add_credential_arguments,
+    add_overrides_argument,
+)
 from fedloom.config import ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -53,24 +59,23 @@ def add_party_parser(sub: Any) -> None:
         help="this party's own CSV (id, then label or its feature columns); "
         "default: its share of the config's built-in data set (trials)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="label party: override a config key (repeatable)",
-    )
+    add_overrides_argument(p, help="label party: override a config key (repeatable)")
     p.add_argument(
         "--out", type=Path, help="run directory (label) / where to save the bottom model"
     )
     p.add_argument("--export-tables", type=Path, metavar="DIR", help="write each party's CSV, exit")
     # label party: serving
     p.add_argument("--address", default="127.0.0.1:8444", help="label: HOST:PORT (port 0: any)")
-    p.add_argument("--tls-cert", type=Path, help="label: server certificate (PEM)")
-    p.add_argument("--tls-key", type=Path, help="label: server private key (PEM)")
-    p.add_argument("--client-ca", type=Path, help="label: require party certificates of this CA")
-    p.add_argument("--tokens", type=Path, help="label: hashed bearer tokens ('fedloom token')")
+    add_credential_arguments(
+        p,
+        serving=True,
+        help={
+            "--tls-cert": "label: server certificate (PEM)",
+            "--tls-key": "label: server private key (PEM)",
+            "--client-ca": "label: require party certificates of this CA",
+            "--tokens": "label: hashed bearer tokens ('fedloom token')",
+        },
+    )
     p.add_argument(
         "--parties",
         help="label: NAME0,NAME1,...: the identity that may take each feature-party slot "
@@ -86,10 +91,16 @@ def add_party_parser(sub: Any) -> None:
     )
     # feature party: dialling
     p.add_argument("--server", help="features: HOST:PORT of the label party")
-    p.add_argument("--root-cert", type=Path, help="features: CA that signed the label party's")
-    p.add_argument("--cert", type=Path, help="features: this party's certificate (mutual TLS)")
-    p.add_argument("--key", type=Path, help="features: this party's private key")
-    p.add_argument("--token-file", type=Path, help="features: read the bearer token here")
+    add_credential_arguments(
+        p,
+        serving=False,
+        help={
+            "--root-cert": "features: CA that signed the label party's",
+            "--cert": "features: this party's certificate (mutual TLS)",
+            "--key": "features: this party's private key",
+            "--token-file": "features: read the bearer token here",
+        },
+    )
     p.add_argument("--max-wait", type=float, default=300.0, help="features: reach the label party")
     p.add_argument("--insecure", action="store_true", help="plaintext (loopback trials)")
     p.add_argument("-v", "--verbose", action="store_true")

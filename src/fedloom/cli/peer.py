@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from fedloom.cli.common import EXIT_INTERRUPTED, config_and_run_dir
+from fedloom.cli.common import EXIT_INTERRUPTED, add_credential_arguments, config_and_run_dir
 from fedloom.config import ConfigError
 
 if TYPE_CHECKING:
@@ -39,13 +39,26 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--listen", help="HOST:PORT to bind (default: this peer's address in --peers)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/NAME-peer-ID-TIMESTAMP)")
-    p.add_argument("--tls-cert", type=Path, help="certificate this peer serves with (PEM)")
-    p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
-    p.add_argument("--root-cert", type=Path, help="CA that signed every peer's certificates")
-    p.add_argument("--cert", type=Path, help="this peer's identity certificate (CN = identity)")
-    p.add_argument("--key", type=Path, help="its private key")
-    p.add_argument("--tokens", type=Path, help="hashed tokens of the peers (see 'fedloom token')")
-    p.add_argument("--token-file", type=Path, help="this peer's own bearer token")
+    add_credential_arguments(
+        p,
+        serving=True,
+        omit=("--client-ca",),
+        help={
+            "--tls-cert": "certificate this peer serves with (PEM)",
+            "--tls-key": "its private key (PEM)",
+            "--tokens": "hashed tokens of the peers (see 'fedloom token')",
+        },
+    )
+    add_credential_arguments(
+        p,
+        serving=False,
+        help={
+            "--root-cert": "CA that signed every peer's certificates",
+            "--cert": "this peer's identity certificate (CN = identity)",
+            "--key": "its private key",
+            "--token-file": "this peer's own bearer token",
+        },
+    )
     p.add_argument(
         "--server-name",
         help="the name the peers' serving certificate is issued for, if not "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fedloom.cli.common import add_overrides_argument
 from fedloom.config import ConfigError, load_config
 
 
@@ -21,14 +22,7 @@ def add_pretrain_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="pretrain the configured model on MNIST as 8x8 digits (for model.pretrained)",
     )
     p.add_argument("config", nargs="?", type=Path, help="TOML config (default: embedded digits)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
+    add_overrides_argument(p, help="override a config key (repeatable)")
     p.add_argument("--mnist", type=Path, required=True, help="directory with MNIST IDX files")
     p.add_argument("--out", type=Path, help="where to write it (default: model.pretrained)")
     p.add_argument("--epochs", type=int, default=5, help="passes over MNIST (default 5)")

@@ -105,6 +105,9 @@ class Strategy:
     #: Per round: how many clients the sample was drawn from, and how many it drew (a
     #: privacy accountant must count the sampling that happened, not the configured one).
     _sampled: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
+    #: Per round: the bytes of the broadcast :meth:`configure_fit` encoded, which
+    #: :meth:`process_fit` hands the arrival model (so the round encodes it once).
+    _down_bytes: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.secure is not None and self.aggregator.needs_individual_updates:
@@ -159,14 +162,17 @@ class Strategy:
             config.update(codec.task_config(rnd))
         if self.secure is not None:
             config[HOLD] = self.secure.protocol
-        return config, self.encoded_broadcast(weights)
+        broadcast = self.encoded_broadcast(weights)
+        self._down_bytes = {r: n for r, n in self._down_bytes.items() if r >= rnd - 1}
+        self._down_bytes[rnd] = _broadcast_nbytes(broadcast)
+        return config, broadcast
 
     def client_config(
         self, rnd: int, client_id: int, config: Mapping[str, Scalar], broadcast: Broadcast
     ) -> Mapping[str, Scalar]:
         """One client's task config: the round's, plus what the arrival model tells this
         client alone (the step budget a deadline leaves its device)."""
-        down_bytes = sum(v.nbytes for v in broadcast.values())
+        down_bytes = _broadcast_nbytes(broadcast)
         own = self.arrivals.task_config(rnd, client_id, down_bytes=down_bytes)
         return {**config, **own} if own else config
 
@@ -200,7 +206,10 @@ class Strategy:
         ``adjust`` rewrites each decoded update before aggregation (the asynchronous
         loop's staleness discount); it never sees held (secure-aggregation) uploads.
         """
-        down_bytes = sum(v.nbytes for v in self.encoded_broadcast(weights).values())
+        down_bytes = self._down_bytes.pop(rnd, None)
+        if down_bytes is None:  # no configure_fit for this round (a direct call)
+            down_bytes = _broadcast_nbytes(self.encoded_broadcast(weights))
+        self._down_bytes = {r: n for r, n in self._down_bytes.items() if r > rnd}
         arrivals = self.arrivals.arrive(
             rnd, outcomes, down_bytes=down_bytes, wanted=self._wanted.pop(rnd, len(outcomes))
         )
@@ -415,6 +424,11 @@ class Strategy:
         stages += [(f"transform{i}", t) for i, t in enumerate(self.transforms)]
         stages += [(f"icpt/{i.name}", i) for i in self.interceptors]
         return stages + [(f"mon/{m.name}", m) for m in self.monitors]
+
+
+def _broadcast_nbytes(broadcast: Broadcast) -> int:
+    """The bytes of a broadcast, as the arrival model times its download."""
+    return sum(v.nbytes for v in broadcast.values())
 
 
 def _refuse_if_not_finite(what: str, vector: np.ndarray) -> None:
