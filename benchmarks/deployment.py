@@ -466,6 +466,7 @@ def _server_main(args: argparse.Namespace) -> int:
         chunk_bytes=args.chunk_bytes,
         wait_for_clients_s=args.wait_s,
         heartbeat_interval_s=args.heartbeat_s,
+        poll_timeout_s=args.poll_s,
         heartbeat_timeout_s=max(d.heartbeat_timeout_s, 10 * args.heartbeat_s),
     )
     max_workers = args.max_workers or d.max_workers
@@ -496,6 +497,7 @@ def _server_main(args: argparse.Namespace) -> int:
         result["connect_s"] = time.perf_counter() - t0
         result["rss_connected"] = proc_memory()["VmRSS"]
         result["heartbeat_s"] = args.heartbeat_s
+        result["poll_s"] = args.poll_s
         # Let every client settle into its first long poll before measuring traffic.
         time.sleep(args.settle_s if args.proxy or args.idle_s > 0 else 0.2)
         if proxy:
@@ -728,11 +730,13 @@ async def _fleet_client(
                     return
 
         beating = asyncio.create_task(beat())
+        stage = "start"
         try:
             poll = pb.PullRequest(session_id=sid).SerializeToString()
             while True:
                 header: Any = None
                 chunks: list[bytes] = []
+                stage = "pull"
                 async for raw in pull(poll, metadata=metadata, timeout=120):
                     message = pb.TaskMessage.FromString(raw)
                     if message.WhichOneof("part") == "header":
@@ -753,13 +757,17 @@ async def _fleet_client(
                     yield pb.ResultMessage(header=head).SerializeToString()
                     yield pb.ResultMessage(chunk=payload).SerializeToString()
 
+                stage = "push"
                 answer = await push(result(), metadata=metadata, timeout=120)
                 accepted = pb.PushReply.FromString(answer)
                 if not accepted.accepted:
                     errors.append(f"client {partition}: result refused: {accepted.reason}")
                 tasks += 1
         except grpc.aio.AioRpcError as err:
-            errors.append(f"client {partition}: {err.code().name}: {err.details()}")
+            errors.append(
+                f"client {partition}, {stage}: {err.code().name}: {err.details()} "
+                f"({err.debug_error_string()[:300]})"
+            )
         finally:
             beating.cancel()
             done.append(tasks)
@@ -794,6 +802,7 @@ def fedloom_run(
     timeout_s: float = 300.0,
     sample: int = 0,
     heartbeat_s: float = 1.0,
+    poll_s: float = 5.0,
     client_role: str = "clients",
 ) -> FedloomRun:
     """Start a server process and client processes, run the rounds, stop everything."""
@@ -816,6 +825,8 @@ def fedloom_run(
         str(sample),
         "--heartbeat-s",
         str(heartbeat_s),
+        "--poll-s",
+        str(poll_s),
         "--wait-s",
         str(max(120.0, timeout_s)),
     ]
@@ -1019,6 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--round-timeout-s", type=float, default=300.0)
     p.add_argument("--sample", type=int, default=0, help="clients per round (0: all)")
     p.add_argument("--heartbeat-s", type=float, default=1.0)
+    p.add_argument("--poll-s", type=float, default=5.0, help="the server's long-poll timeout")
     p.add_argument(
         "--fleet", type=int, help="clients of the fleet row in (b) (default 2000; quick 0: none)"
     )
