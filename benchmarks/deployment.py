@@ -35,16 +35,16 @@ on stderr.
     failed client-round, rejected message and re-registration (signs of starvation).
     The client processes share the same cores, so this is the whole system's rate.
     **The fleet** (``--fleet``, default 2,000; none with ``--quick``): that many clients
-    connected at once, all heartbeating (``--fleet-heartbeat-s``, default 5 s: gRPC
-    Python spends about 0.3-0.6 ms of server CPU per call here, so 2,000 heartbeats a
-    second alone would take a core of this 2-core machine), 100 sampled per round (a
-    seeded draw per round). Its clients are coroutines speaking the wire protocol over
-    their own TLS connections, 500 per process (``--role fleet``): the same calls a
-    ``run_client`` makes, without its two threads per client, which on two cores would
-    starve the server being measured. Also reported: the server's memory per idle
-    connected client (VmRSS with every client connected, before any round, minus before
-    the first one, over the clients). Any honest client-round that fails, any client
-    lost or refused, and the fleet reports no numbers.
+    connected at once, all heartbeating (``--fleet-heartbeat-s``, default 1 s as in
+    ``[deploy]``; gRPC Python spends about 0.3-0.6 ms of server CPU per call here, so a
+    longer interval frees most of a core), 100 sampled per round (a seeded draw per
+    round). Its clients are coroutines speaking the wire protocol over their own TLS
+    connections, 500 per process (``--role fleet``): the same calls a ``run_client``
+    makes, without its two threads per client, which on two cores would starve the
+    server being measured. Also reported: the server's memory per idle connected client
+    (VmRSS with every client connected, before any round, minus before the first one,
+    over the clients). Any honest client-round that fails, any client lost or refused,
+    and the fleet reports no numbers.
 (c) **Protocol overhead.** The same one-client round through a byte-counting TCP proxy
     (in the server process) between client and server: bytes in the TCP streams (TLS
     records, HTTP/2 frames, gRPC and protobuf framing, plus the heartbeats and polls
@@ -1035,7 +1035,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--fleet", type=int, help="clients of the fleet row in (b) (default 2000; quick 0: none)"
     )
     p.add_argument(
-        "--fleet-heartbeat-s", type=float, default=5.0, help="the fleet's heartbeat interval"
+        "--fleet-heartbeat-s", type=float, default=1.0, help="the fleet's heartbeat interval"
     )
     p.add_argument("--server", default="")
     p.add_argument("--ca", default="")
