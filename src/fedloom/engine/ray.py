@@ -291,13 +291,9 @@ class RayExecutor(LocalClients):
         sizes = deque(size_of)
 
         def take_chunk() -> list[Task]:
-            target = left[0] / (CHUNKS_PER_ACTOR * len(self.slots))
-            chunk, work = [pending.popleft()], sizes.popleft()
-            while pending and work + sizes[0] <= target:
-                chunk.append(pending.popleft())
-                work += sizes.popleft()
-            left[0] -= work
-            return chunk
+            n = chunk_length(sizes, queued=left[0], actors=len(self.slots))
+            left[0] -= sum(sizes.popleft() for _ in range(n))
+            return [pending.popleft() for _ in range(n)]
 
         def dispatch(i: int) -> None:
             while pending and self.slots[i].alive and load[i] < IN_FLIGHT_PER_ACTOR:
@@ -380,6 +376,20 @@ class RayExecutor(LocalClients):
         if self._owns_connection and ray.is_initialized():
             ray.shutdown()
             self._owns_connection = False
+
+
+def chunk_length(sizes: Sequence[int], *, queued: float, actors: int) -> int:
+    """How many of the queued clients (their sizes, largest first) the next chunk takes.
+
+    At most ``queued / (CHUNKS_PER_ACTOR * actors)`` examples, and at least one client:
+    a large client travels alone, small ones in shrinking groups.
+    """
+    target = queued / (CHUNKS_PER_ACTOR * actors)
+    n, work = 1, sizes[0]
+    while n < len(sizes) and work + sizes[n] <= target:
+        work += sizes[n]
+        n += 1
+    return n
 
 
 def _failures(chunk: Sequence[Task], error: str) -> list[Outcome]:
