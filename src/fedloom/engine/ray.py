@@ -14,8 +14,8 @@ Each actor reserves ``engine.actor_cpus`` CPUs and runs one call at a time
 client at a time). Actors are spread over the nodes. Tasks are handed out largest
 client first, in chunks that shrink as the round's queue empties (guided
 self-scheduling, Polychronopoulos and Kuck 1987, by work rather than count: a chunk
-holds at most the queued examples over four times the actors, and at least one
-client, so a large client travels alone), two chunks in flight per actor, so an actor never
+holds at most the queued examples over four times the actors, and at least one client,
+so a large client travels alone), two chunks in flight per actor, so an actor never
 waits on the driver. A Ray call costs about a millisecond of driver and actor time
 whatever it carries, about as much as training one small client; chunks pay it a few
 times per actor and round instead of once per client, while the last, one-client
@@ -24,10 +24,10 @@ chunks still even out the actors' finishing times.
 Client state lives in the driver's :class:`~fedloom.client_store.ClientStateStore`
 and travels with each task, exactly as in the pool engine, so the result does not
 depend on which actor ran which client. An actor that dies (its process killed, its
-node lost) costs only the tasks it held (the chunks it was running or had queued): each
-becomes a :class:`ClientFailure` that the
-round records, the round goes on with the other actors, and the dead actor is replaced
-by a fresh one (once per actor and round, so an actor that cannot start does not loop).
+node lost) costs only the tasks it held (the chunks it was running or had queued):
+each becomes a :class:`ClientFailure` that the round records, the round goes on with
+the other actors, and the dead actor is replaced by a fresh one (once per actor and
+round, so an actor that cannot start does not loop).
 
 Secure aggregation needs every held upload in one place; like the pool, this engine
 answers no protocol exchange (the configuration refuses the combination).
