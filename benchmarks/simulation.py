@@ -28,6 +28,13 @@ Contenders, all in one invocation on the same machine and the same data:
 * **fedloom vectorized**: the same server with the
   :class:`~fedloom.engine.vectorized.VectorizedExecutor` (every sampled client's SGD at
   once, batched over stacked parameters), one thread, on the CPU.
+* **fedloom on Ray** (when ``ray`` is importable): the same server with the
+  :class:`~fedloom.engine.ray.RayExecutor` (``engine.name = "ray"``), which starts a
+  local Ray instance with one CPU per core and one actor per core, each building its
+  runtime with :func:`~fedloom.strategies.simulation_runtime` (as the pool's workers do),
+  and shuts it down on close. It runs on its own between Flower's two runs (two Ray
+  instances cannot share the process, and the Ray-vs-Ray ratios should see the same
+  machine), so its rows are compared with Flower's in particular.
 * **Flower** (when ``flwr`` is importable): ``flwr.simulation.run_simulation`` (Ray)
   with FedAvg sampling 10% of 1000 virtual clients and no evaluation, written two ways:
   the Message API (``@app.train()`` + ``flwr.serverapp.strategy.FedAvg``, what current
@@ -43,7 +50,8 @@ global models up to float rounding; the script checks that. Each builds the data
 itself during its start-up (Flower's actors, like fedloom's pool workers, build it once
 per process and keep it). Imports are outside every timing. The single-process
 contenders and the pool run interleaved, round 1 of each, then round 2 of each, ..., so
-that a shared VM's drifting speed affects them alike; Flower runs afterwards.
+that a shared VM's drifting speed affects them alike; then Flower's Message API,
+fedloom on Ray and Flower's legacy API run one after another.
 
 Results are only printed when they are results: if any finished contender's global model
 after round 1 or after the last round differs from the floor's by more than
@@ -75,6 +83,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, cast
 
@@ -143,6 +153,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                 "weight_decay": 0.0,
             },
             "server": {"fraction_fit": args.per_round / args.clients, "min_fit_clients": 1},
+            # The floor and Flower weight each client by its true example count; the
+            # guard rails' cap on claimed counts (a defense against lying clients, of
+            # which there are none here) would weight Synthetic's largest devices less.
+            "guards": {"examples_median_multiple": 0},
             "eval": {"centralized": False, "federated": False},
             "engine": {"name": "inprocess", "workers": args.workers},
         }
@@ -384,7 +398,7 @@ class _BudgetedExecutor:
 
 
 class FedloomEngine(Contender):
-    """fedloom's own round loop with the in-process, process-pool or vectorized engine."""
+    """fedloom's own round loop with the in-process, process-pool, vectorized or Ray engine."""
 
     def start(self) -> None:
         cfg = self.cfg
@@ -401,6 +415,20 @@ class FedloomEngine(Contender):
             )
         elif cfg.engine.name == "vectorized":
             executor = VectorizedExecutor(client_runtime(cfg, data, learner), ClientStateStore())
+        elif cfg.engine.name == "ray":
+            from fedloom.engine.ray import RayExecutor
+
+            # A local Ray instance (num_cpus = actors), one actor per core; each actor
+            # builds data, model and runtime once from the config, as the pool's workers.
+            factory = functools.partial(simulation_runtime, cfg.model_dump_json())
+            executor = RayExecutor(
+                factory,
+                data.client_sizes().tolist(),
+                ClientStateStore(),
+                actors=cfg.engine.workers,
+                actor_cpus=cfg.engine.actor_cpus,
+                torch_threads=cfg.engine.torch_threads,
+            )
         else:
             executor = InProcessExecutor(client_runtime(cfg, data, learner), ClientStateStore())
         if self.budgeted:
@@ -582,12 +610,21 @@ def flower_train(cfg_json: str, msg: Any, context: Any) -> Any:
 
 
 def flower_version() -> str | None:
-    try:
-        from importlib.metadata import version
+    return installed_version("flwr")
 
-        return version("flwr")
-    except Exception:
+
+def installed_version(package: str) -> str | None:
+    try:
+        return package_version(package)
+    except PackageNotFoundError:
         return None
+
+
+def quiet_ray_environment() -> None:
+    """The same Ray settings for Flower's instance and fedloom's: no usage reporting."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 @dataclass
@@ -724,9 +761,7 @@ def _message_server_app(cfg: RunConfig, init: dict[str, torch.Tensor], clock: _F
 def run_flower(cfg: RunConfig, workers: int, init: np.ndarray, api: str) -> EngineResult:
     """Flower's simulation runtime (Ray) on the same clients, data, model and local loop."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    quiet_ray_environment()
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     bench = importlib.import_module("benchmarks.simulation")
@@ -869,6 +904,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_default_threads": torch.get_num_threads(),
         "flwr": flower_version(),
+        "ray": installed_version("ray"),
     }
 
 
@@ -889,7 +925,15 @@ def print_report(
         f"{info['parallel_speedup_after']:.2f}x after), {info['platform']}, "
         f"Python {info['python']}, "
         f"torch {info['torch']} (default threads {info['torch_default_threads']}), "
-        f"flwr {info['flwr'] or 'not installed'}"
+        f"flwr {info['flwr'] or 'not installed'}, ray {info['ray'] or 'not installed'}"
+    )
+    print(
+        "load average (1, 5, 15 min): "
+        + "; ".join(
+            f"{k.removeprefix('load_')} {' '.join(f'{x:.2f}' for x in info[k])}"
+            for k in ("load_before", "load_after")
+            if k in info
+        )
     )
     print(
         f"work: Synthetic(1,1), {cfg.data.num_clients} devices "
@@ -914,8 +958,8 @@ def print_report(
     print("-" * len(header))
     notes: list[str] = []
     for key, r in results.items():
-        if r.stopped is not None and r.note:
-            notes.append(f"  {r.name}: {r.stopped}; {r.note}")
+        if r.note:
+            notes.append(f"  {r.name}: {r.stopped + '; ' if r.stopped else ''}{r.note}")
         if r.stopped is not None:
             steady = f"{r.steady_s:>10.3f}" if len(r.rounds_s) > 1 else f"{'-':>10}"
             print(f"{r.name:<34}{r.startup_s:>11.2f}{steady}{'-':>10}{'-':>10}   {r.stopped}")
@@ -960,13 +1004,17 @@ def print_report(
         )
     flowers = [k for k in results if k.startswith("flower") and results[k].stopped is None]
     # The Flower aims compare the engines that run any model (as before the vectorized
-    # engine existed); the vectorized engine gets its own row and line.
+    # engine existed); the vectorized engine and fedloom on Ray get their own rows and
+    # lines (fedloom on Ray against Flower on Ray is its own aim).
     fedlooms = [k for k in (inproc_key, "pool") if k in results]
+    ray = results.get("ray")
+    on_ray = ray is not None and ray.stopped is None
+    extra = [k for k in ("vectorized", "ray") if k in results]
     if flowers:
         print()
         print(f"{'Flower time / fedloom time':<50}{'per steady round':>18}{'whole run':>12}")
         for fk in flowers:
-            for key in [*fedlooms, *(["vectorized"] if vec is not None else [])]:
+            for key in [*fedlooms, *extra]:
                 fl, other = results[fk], results[key]
                 if other.stopped is not None:
                     continue
@@ -998,8 +1046,33 @@ def print_report(
                 f"vectorized vs Flower's faster API: {vec_round:.2f}x per steady round, "
                 f"{vec_total:.2f}x over the whole run"
             )
+        if on_ray:
+            assert ray is not None
+            print()
+            for fk in flowers:
+                fl = results[fk]
+                print(
+                    f"fedloom on Ray vs Flower on Ray ({fk.removeprefix('flower_')} API): "
+                    f"steady {fl.steady_s / ray.steady_s:.2f}x, "
+                    f"whole run {fl.total_s / ray.total_s:.2f}x"
+                )
+            # Against Flower's faster API, per metric (the conservative reading).
+            ray_round = min(results[k].steady_s for k in flowers) / ray.steady_s
+            ray_total = min(results[k].total_s for k in flowers) / ray.total_s
+            aims["flower_over_ray"] = {"per_round": ray_round, "whole_run": ray_total}
+            lines.append(
+                f"fedloom on Ray >= 3x faster than Flower on Ray per steady round: "
+                f"{ray_round:.2f}x  [{'met' if ray_round >= 3 else 'MISSED'}]"
+            )
+            lines.append(
+                f"fedloom on Ray >= 3x faster than Flower on Ray over the whole run: "
+                f"{ray_total:.2f}x  [{'met' if ray_total >= 3 else 'MISSED'}]"
+            )
     print()
-    print("aims (fedloom's engines vs the floor; in-process/pool's faster vs Flower's faster API):")
+    print(
+        "aims (fedloom's engines vs the floor; in-process/pool's faster vs Flower's faster "
+        "API; fedloom on Ray vs Flower's faster API):"
+    )
     for line in lines:
         print("  " + line)
     return aims
@@ -1015,6 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="pool workers / Ray CPUs; 0 = cores")
     parser.add_argument("--skip-flower", action="store_true")
+    parser.add_argument("--skip-ray", action="store_true", help="no fedloom on Ray contender")
     parser.add_argument(
         "--budget-s",
         type=float,
@@ -1028,6 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or os.cpu_count() or 1
     cfg = build_config(args)
     info = machine_info()
+    info["load_before"] = list(os.getloadavg())
     info["parallel_speedup"] = parallel_speedup(workers)
 
     # Outside every timing: the data summary, the probes, the initial model for Flower.
@@ -1072,21 +1147,56 @@ def main(argv: list[str] | None = None) -> int:
     ]
     results = run_interleaved(contenders, cfg.rounds, args.budget_s)
 
+    # Flower's Message API, fedloom on Ray, Flower's legacy API: one Ray instance at a
+    # time, the Ray-vs-Ray comparison close together in time.
     flower_note: str | None = None
+    flower_apis: tuple[str, ...] = FLOWER_APIS
     if args.skip_flower:
         flower_note = "Flower skipped (--skip-flower)"
+        flower_apis = ()
     elif flower_version() is None:
         flower_note = "flwr not installed — run `make bench`"
         print(flower_note)
-    else:
+        flower_apis = ()
+    ray_note: str | None = None
+    run_ray = not args.skip_ray
+    if args.skip_ray:
+        ray_note = "fedloom on Ray skipped (--skip-ray)"
+    elif installed_version("ray") is None:
+        ray_note = "ray not installed: no fedloom-on-Ray row (pip install 'fedloom[ray]')"
+        print(ray_note)
+        run_ray = False
+    if flower_apis or run_ray:
         info["parallel_speedup_before_flower"] = parallel_speedup(workers)
-        for api in FLOWER_APIS:
-            print(f"running Flower {flower_version()} ({api} API) ...", flush=True)
+        quiet_ray_environment()
+    phases = [*(("flower", api) for api in flower_apis)]
+    if run_ray:
+        phases.insert(min(1, len(phases)), ("ray", ""))
+    for kind, api in phases:
+        if kind == "ray":
+            importlib.import_module("ray")  # imports are outside every timing
+            ray_cfg = cfg.model_copy(deep=True)
+            ray_cfg.engine.name = "ray"
+            ray_cfg.engine.workers = workers
+            on_ray = FedloomEngine("ray", f"fedloom on Ray ({workers} actors)", ray_cfg, 1)
             try:
-                results[f"flower_{api}"] = run_flower(cfg, workers, init, api)
+                results.update(run_interleaved([on_ray], cfg.rounds, args.budget_s))
+                split = on_ray.executor.startup_s  # type: ignore[attr-defined]
+                results["ray"].note = (
+                    f"local Ray with num_cpus={workers}, {workers} actors of 1 CPU; start-up: "
+                    f"Ray {split['ray']:.2f} s, actors {split['actors']:.2f} s (the slowest "
+                    f"actor's own torch import and runtime build {split['actor_build']:.2f} s)"
+                )
             except Exception as exc:
-                flower_note = f"Flower ({api} API) failed: {type(exc).__name__}: {exc}"
-                print(flower_note)
+                ray_note = f"fedloom on Ray failed: {type(exc).__name__}: {exc}"
+                print(ray_note)
+            continue
+        print(f"running Flower {flower_version()} ({api} API) ...", flush=True)
+        try:
+            results[f"flower_{api}"] = run_flower(cfg, workers, init, api)
+        except Exception as exc:
+            flower_note = f"Flower ({api} API) failed: {type(exc).__name__}: {exc}"
+            print(flower_note)
 
     finished = {k: r for k, r in results.items() if r.stopped is None}
     floor_key = min(
@@ -1096,6 +1206,7 @@ def main(argv: list[str] | None = None) -> int:
         (k for k in finished if k.startswith("inprocess")), key=lambda k: results[k].steady_s
     )
     info["parallel_speedup_after"] = parallel_speedup(workers)
+    info["load_after"] = list(os.getloadavg())
 
     # Same work? From the same start every contender takes the floor's SGD steps, so
     # every finished contender's models must equal the floor's (float tolerance).
@@ -1106,7 +1217,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: {value:.3g}")
     aims: dict[str, Any] | None = None
     if not failures:
-        aims = print_report(cfg, info, data_info, results, floor_key, inproc_key, flower_note)
+        notes = "\n".join(n for n in (ray_note, flower_note) if n) or None
+        aims = print_report(cfg, info, data_info, results, floor_key, inproc_key, notes)
 
     if args.json is not None:
         payload = {

@@ -1,7 +1,12 @@
 """benchmarks/simulation.py refuses to report timings of a contender that did other work."""
 
 import numpy as np
-from benchmarks.simulation import FINAL_TOLERANCE, EngineResult, same_work_checks
+from benchmarks.simulation import (
+    FINAL_TOLERANCE,
+    ROUND1_TOLERANCE,
+    EngineResult,
+    same_work_checks,
+)
 
 
 def _result(name: str, round1: np.ndarray | None, final: np.ndarray | None) -> EngineResult:
@@ -18,14 +23,16 @@ def test_every_contender_is_checked_against_the_floor() -> None:
         "inprocess_1": _result("in-process", w, w + 1e-7),
         "vectorized": _result("vectorized", w, off),
         "flower_message": _result("Flower", None, w),
+        "ray": _result("fedloom on Ray", w + 10 * ROUND1_TOLERANCE, w),
         "bare_default": stopped,
     }
     checks, failures = same_work_checks(results, "bare_1")
     assert checks["final_inprocess_1_vs_floor"] <= FINAL_TOLERANCE
     assert "final_bare_default_vs_floor" not in checks  # stopped: no ratio is printed either
-    assert len(failures) == 2
+    assert len(failures) == 3
     assert failures[0].startswith("vectorized differs from the floor after the last round")
     assert failures[1].startswith("Flower differs from the floor after round 1 (nan")
+    assert failures[2].startswith("fedloom on Ray differs from the floor after round 1")
     assert same_work_checks({"bare_1": results["bare_1"]}, "bare_1") == ({}, [])
 
 

@@ -11,17 +11,25 @@ id and state, and the updates travel.
 
 Each actor reserves ``engine.actor_cpus`` CPUs (and, with ``engine.device`` on CUDA,
 ``engine.actor_gpus`` of one GPU, so several actors share it; the actor trains on the
-GPU Ray assigns it) and runs one task at a time
+GPU Ray assigns it) and runs one call at a time
 (``max_concurrency=1``, stated rather than left to Ray's default: a runtime trains one
 client at a time). Actors are spread over the nodes. Tasks are handed out largest
-client first, two in flight per actor, so an actor never waits on the driver.
+client first, in chunks that shrink as the round's queue empties (guided
+self-scheduling, Polychronopoulos and Kuck 1987, by work rather than count: a chunk
+holds at most the queued examples over four times the actors, and at least one client,
+so a large client travels alone), two chunks in flight per actor, so an actor never
+waits on the driver. A Ray call costs about a millisecond of driver and actor time
+whatever it carries, about as much as training one small client; chunks pay it a few
+times per actor and round instead of once per client, while the last, one-client
+chunks still even out the actors' finishing times.
 
 Client state lives in the driver's :class:`~fedloom.client_store.ClientStateStore`
 and travels with each task, exactly as in the pool engine, so the result does not
 depend on which actor ran which client. An actor that dies (its process killed, its
-node lost) costs only the tasks it held: each becomes a :class:`ClientFailure` that the
-round records, the round goes on with the other actors, and the dead actor is replaced
-by a fresh one (once per actor and round, so an actor that cannot start does not loop).
+node lost) costs only the tasks it held (the chunks it was running or had queued):
+each becomes a :class:`ClientFailure` that the round records, the round goes on with
+the other actors, and the dead actor is replaced by a fresh one (once per actor and
+round, so an actor that cannot start does not loop).
 
 Secure aggregation needs every held upload in one place; like the pool, this engine
 answers no protocol exchange (the configuration refuses the combination).
@@ -34,6 +42,7 @@ import logging
 import math
 import re
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,9 +65,12 @@ Task = FitTask | EvalTask
 Outcome = FitResult | EvalResult | ClientFailure
 RuntimeFactory = Callable[[], ClientRuntime]
 
-#: Tasks queued on one actor at a time: one running, one waiting, so the actor starts
-#: its next client while the driver is still reading the last result.
+#: Chunks queued on one actor at a time: one running, one waiting, so the actor starts
+#: its next chunk while the driver is still reading the last result.
 IN_FLIGHT_PER_ACTOR = 2
+#: A chunk holds at most the round's queued examples over this many times the actors
+#: (and at least one client).
+CHUNKS_PER_ACTOR = 4
 #: How long to wait for a TCP answer from the cluster's head before giving up.
 CONNECT_TIMEOUT_S = 10.0
 
@@ -108,6 +120,7 @@ class _ClientActor:
     def __init__(self, factory: RuntimeFactory, torch_threads: int, gpu: bool = False) -> None:
         import os
 
+        started = time.perf_counter()
         import torch
 
         torch.set_num_threads(torch_threads)
@@ -116,11 +129,13 @@ class _ClientActor:
             ray = _import_ray()
             index = actor_cuda_index(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
             self.runtime = self.runtime.on_device(torch.device("cuda", index))
+        self._built_s = time.perf_counter() - started
         self._broadcast_id = -1
         self._broadcast: Broadcast = {}
 
-    def num_parameters(self) -> int:
-        return int(self.runtime.learner.num_parameters)
+    def started(self) -> tuple[int, float]:
+        """The model's size, and the seconds this actor took to import torch and build."""
+        return int(self.runtime.learner.num_parameters), self._built_s
 
     def _use(self, broadcast_id: int, broadcast: Broadcast) -> Broadcast:
         # Arrays from the object store are read-only views; copy them once per round.
@@ -129,25 +144,24 @@ class _ClientActor:
             self._broadcast_id = broadcast_id
         return self._broadcast
 
-    def fit(
-        self, task: FitTask, broadcast_id: int, broadcast: Broadcast, state: bytes
-    ) -> tuple[FitResult | ClientFailure, bytes | None]:
-        client_state = ClientState.from_bytes(state)
-        out = run_safely(
-            partial(self.runtime.fit, task, self._use(broadcast_id, broadcast), client_state),
-            task,
-        )
-        return out, client_state.to_bytes() if isinstance(out, FitResult) else None
-
-    def evaluate(
-        self, task: EvalTask, broadcast_id: int, broadcast: Broadcast, state: bytes
-    ) -> tuple[EvalResult | ClientFailure, None]:
-        client_state = ClientState.from_bytes(state)
-        out = run_safely(
-            partial(self.runtime.evaluate, task, self._use(broadcast_id, broadcast), client_state),
-            task,
-        )
-        return out, None
+    def run(
+        self, tasks: list[Task], broadcast_id: int, broadcast: Broadcast, states: list[bytes]
+    ) -> list[tuple[Outcome, bytes | None]]:
+        """Train (or evaluate) a chunk of clients in order; each one's outcome and new state."""
+        model = self._use(broadcast_id, broadcast)
+        out: list[tuple[Outcome, bytes | None]] = []
+        for task, state in zip(tasks, states, strict=True):
+            client_state = ClientState.from_bytes(state)
+            if isinstance(task, FitTask):
+                fitted = run_safely(partial(self.runtime.fit, task, model, client_state), task)
+                keep = isinstance(fitted, FitResult)  # a failed fit leaves the state as it was
+                out.append((fitted, client_state.to_bytes() if keep else None))
+            else:
+                evaluated = run_safely(
+                    partial(self.runtime.evaluate, task, model, client_state), task
+                )
+                out.append((evaluated, None))
+        return out
 
     def pid(self) -> int:
         import os
@@ -195,6 +209,11 @@ class RayExecutor(LocalClients):
         self._broadcast_id = 0
         self.slots: list[_Slot] = []
         self.size = 0
+        #: Where start-up went (seconds): ``ray`` starting or joining Ray (0 if this
+        #: process was already connected), ``actors`` until every actor answered,
+        #: ``actor_build`` the slowest actor's own import and runtime build within it.
+        self.startup_s: dict[str, float] = {"ray": 0.0}
+        started = time.perf_counter()
         if not ray.is_initialized():
             if address is not None:
                 check_reachable(address)
@@ -208,6 +227,7 @@ class RayExecutor(LocalClients):
                     configure_logging=False,
                 )
             self._owns_connection = True
+        self.startup_s["ray"] = time.perf_counter() - started
         cpus = float(ray.cluster_resources().get("CPU", 0.0))
         if actors == 0:
             actors = max(1, int(cpus // actor_cpus))
@@ -232,10 +252,11 @@ class RayExecutor(LocalClients):
             max_task_retries=0,
             scheduling_strategy="SPREAD",
         )
+        started = time.perf_counter()
         try:
             self.slots = [_Slot(self._spawn()) for _ in range(actors)]
-            sizes = ray.get(
-                [s.actor.num_parameters.remote() for s in self.slots], timeout=start_timeout_s
+            answers = ray.get(
+                [s.actor.started.remote() for s in self.slots], timeout=start_timeout_s
             )
         except Exception as err:
             self.close()
@@ -246,7 +267,9 @@ class RayExecutor(LocalClients):
                 f"Ray actors failed to start ({_cause_line(err)}); is this fedloom installed "
                 "on every node?"
             ) from err
-        self.size = int(sizes[0])
+        self.startup_s["actors"] = time.perf_counter() - started
+        self.startup_s["actor_build"] = max(built for _, built in answers)
+        self.size = int(answers[0][0])
 
     def _spawn(self) -> Any:
         return self._actor_class.remote(self._factory, self._torch_threads, self._use_gpu)
@@ -280,17 +303,29 @@ class RayExecutor(LocalClients):
         self._broadcast_id += 1
         ref = ray.put(dict(broadcast))
         pending = deque(sorted(tasks, key=lambda t: -self.client_sizes[t.client_id]))
-        inflight: dict[Any, tuple[int, Any, Task]] = {}
+        inflight: dict[Any, tuple[int, Any, list[Task]]] = {}
         load = [0] * len(self.slots)
         results: dict[tuple[int, int], Outcome] = {}
 
+        size_of = [max(1, self.client_sizes[t.client_id]) for t in pending]
+        left = [sum(size_of)]  # examples still queued (a client's work is about its size)
+        sizes = deque(size_of)
+
+        def take_chunk() -> list[Task]:
+            n = chunk_length(sizes, queued=left[0], actors=len(self.slots))
+            left[0] -= sum(sizes.popleft() for _ in range(n))
+            return [pending.popleft() for _ in range(n)]
+
         def dispatch(i: int) -> None:
             while pending and self.slots[i].alive and load[i] < IN_FLIGHT_PER_ACTOR:
-                task = pending.popleft()
+                chunk = take_chunk()
+                states = [self.store.get(t.client_id).to_bytes() for t in chunk]
                 actor = self.slots[i].actor
-                method = actor.fit if isinstance(task, FitTask) else actor.evaluate
-                state = self.store.get(task.client_id).to_bytes()
-                inflight[method.remote(task, self._broadcast_id, ref, state)] = (i, actor, task)
+                inflight[actor.run.remote(chunk, self._broadcast_id, ref, states)] = (
+                    i,
+                    actor,
+                    chunk,
+                )
                 load[i] += 1
 
         for i in range(len(self.slots)):
@@ -298,18 +333,20 @@ class RayExecutor(LocalClients):
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for done in ready:
-                i, actor, task = inflight.pop(done)
+                i, actor, chunk = inflight.pop(done)
                 load[i] -= 1
-                results[(task.client_id, task.round)] = self._receive(i, actor, task, done)
+                for task, outcome in zip(chunk, self._receive(i, actor, chunk, done), strict=True):
+                    results[(task.client_id, task.round)] = outcome
             for i, slot in enumerate(self.slots):
                 if not slot.alive and not slot.replaced_this_round:
                     self._replace(i)
-                    # The dead actor's queued tasks still come back (as failures).
+                    # The dead actor's queued chunks still come back (as failures).
                     load[i] = sum(1 for j, _, _ in inflight.values() if j == i)
                 dispatch(i)
             if not inflight:
                 while pending:
                     t = pending.popleft()
+                    sizes.popleft()
                     results[(t.client_id, t.round)] = ClientFailure(
                         client_id=t.client_id,
                         round=t.round,
@@ -317,28 +354,22 @@ class RayExecutor(LocalClients):
                     )
         return [results[(t.client_id, t.round)] for t in tasks]
 
-    def _receive(self, i: int, actor: Any, task: Task, ref: Any) -> Outcome:
+    def _receive(self, i: int, actor: Any, chunk: list[Task], ref: Any) -> list[Outcome]:
         ray = self._ray
         try:
-            out, state = ray.get(ref)
+            answers = ray.get(ref)
         except ray.exceptions.RayActorError as err:
             if self.slots[i].actor is actor:  # not a replacement started since
                 self.slots[i].alive = False
-            return ClientFailure(
-                client_id=task.client_id,
-                round=task.round,
-                error=f"Ray actor died: {_first_line(err)}",
-            )
+            return _failures(chunk, f"Ray actor died: {_first_line(err)}")
         except ray.exceptions.RayError as err:
-            return ClientFailure(
-                client_id=task.client_id,
-                round=task.round,
-                error=f"Ray task failed: {_first_line(err)}",
-            )
-        if state is not None:
-            self.store.put(task.client_id, ClientState.from_bytes(state), round=task.round)
-        outcome: Outcome = out
-        return outcome
+            return _failures(chunk, f"Ray task failed: {_first_line(err)}")
+        outcomes: list[Outcome] = []
+        for task, (out, state) in zip(chunk, answers, strict=True):
+            if state is not None:
+                self.store.put(task.client_id, ClientState.from_bytes(state), round=task.round)
+            outcomes.append(out)
+        return outcomes
 
     def _replace(self, i: int) -> None:
         """A fresh actor in a dead one's place; its work queues until it has started."""
@@ -403,6 +434,24 @@ def actor_cuda_index(gpu_ids: Sequence[int | str], visible: str | None) -> int:
     if first in listed:
         return listed.index(first)
     return 0 if listed else int(first)
+
+
+def chunk_length(sizes: Sequence[int], *, queued: float, actors: int) -> int:
+    """How many of the queued clients (their sizes, largest first) the next chunk takes.
+
+    At most ``queued / (CHUNKS_PER_ACTOR * actors)`` examples, and at least one client:
+    a large client travels alone, small ones in shrinking groups.
+    """
+    target = queued / (CHUNKS_PER_ACTOR * actors)
+    n, work = 1, sizes[0]
+    while n < len(sizes) and work + sizes[n] <= target:
+        work += sizes[n]
+        n += 1
+    return n
+
+
+def _failures(chunk: Sequence[Task], error: str) -> list[Outcome]:
+    return [ClientFailure(client_id=t.client_id, round=t.round, error=error) for t in chunk]
 
 
 def _first_line(err: BaseException) -> str:
