@@ -1,7 +1,8 @@
 """Deployment speed: fedloom's gRPC transport against raw sockets (the floor), on loopback.
 
 Run: ``python benchmarks/deployment.py`` (about 3 minutes on 2 idle cores; at most 8) or
-``--quick`` (10M parameters, 50 clients; under a minute). Everything runs on 127.0.0.1
+``--quick`` (10M parameters, 50 clients; under a minute); ``--parts a`` runs only part (a)
+(``b``, ``c``, or any combination, likewise). Everything runs on 127.0.0.1
 on free ports; every process, thread and socket the script starts is stopped before it
 exits. It prints one Markdown table (the README's deployment table) on stdout, progress
 on stderr.
