@@ -109,7 +109,8 @@ class BufferPool:
             buf = np.empty(size, dtype=np.uint8)
             if size >= _POOLED_FROM:
                 self._held.append(buf)
-                del self._held[: -self.keep or len(self._held)]
+                if len(self._held) > self.keep:
+                    del self._held[: len(self._held) - self.keep]
             return buf
 
     def clear(self) -> None:
