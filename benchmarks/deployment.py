@@ -1,7 +1,8 @@
 """Deployment speed: fedloom's gRPC transport against raw sockets (the floor), on loopback.
 
 Run: ``python benchmarks/deployment.py`` (about 3 minutes on 2 idle cores; at most 8) or
-``--quick`` (10M parameters, 50 clients; under a minute). Everything runs on 127.0.0.1
+``--quick`` (10M parameters, 50 clients; under a minute); ``--parts a`` runs only part (a)
+(``b``, ``c``, or any combination, likewise). Everything runs on 127.0.0.1
 on free ports; every process, thread and socket the script starts is stopped before it
 exits. It prints one Markdown table (the README's deployment table) on stdout, progress
 on stderr.
@@ -1014,6 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--rounds", type=int, help="timed rounds in (b) (default 10, quick 5)")
     p.add_argument("--max-workers", type=int, default=0, help="server threads (0: deploy default)")
+    p.add_argument("--parts", default="abc", help="parts to run: 'a' for (a) only (default abc)")
     # child roles
     p.add_argument(
         "--role",
@@ -1086,128 +1088,137 @@ def _bench(args: argparse.Namespace) -> int:
         certs = Path(tmp) / "certs"
         make_dev_certs(certs, [HOST, "localhost"], [])
 
-        # (a) transfer throughput
-        payload = encode_vector(np.full(params, 0.5, dtype=np.float32))
-        moved = 2 * len(payload)
+        if "a" in args.parts:
+            # (a) transfer throughput
+            payload = encode_vector(np.full(params, 0.5, dtype=np.float32))
+            moved = 2 * len(payload)
 
-        def speed(times: Sequence[float]) -> str:
-            best = min(times)
-            return (
-                f"{moved / MB / best:,.0f} MB/s ({best:.2f} s; "
-                f"median of {len(times)} {statistics.median(times):.2f} s)"
-            )
+            def speed(times: Sequence[float]) -> str:
+                best = min(times)
+                return (
+                    f"{moved / MB / best:,.0f} MB/s ({best:.2f} s; "
+                    f"median of {len(times)} {statistics.median(times):.2f} s)"
+                )
 
-        setting = f"{params / 1e6:,.0f}M params = {fmt_bytes(raw)} each way"
-        log(f"(a) raw TCP floor, {setting}")
-        # Every contender runs one untimed warm-up copy first (fresh buffers, TCP and
-        # HTTP/2 windows opening up), then ``repeats`` timed ones.
-        tcp_times, _ = raw_floor(payload, None, repeats + 1)
-        tcp_times = tcp_times[1:]
-        log("(a) raw TLS floor (Python ssl)")
-        tls_times, cipher = raw_floor(payload, certs, repeats + 1)
-        tls_times = tls_times[1:]
-        log("(a) bare grpcio floor (TLS, 1 MiB messages)")
-        grpc_times = grpc_floor(payload, certs, MiB, repeats + 1)[1:]
-        del payload
-        tcp, grpc_tls = min(tcp_times), min(grpc_times)
-        table.add("(a)", "raw TCP socket copy (the floor)", setting, speed(tcp_times), "floor")
-        table.add(
-            "(a)",
-            "raw TLS socket copy",
-            f"Python ssl, {cipher}",
-            speed(tls_times),
-            f"{tcp / min(tls_times):.2f} of raw TCP",
-        )
-        table.add(
-            "(a)",
-            "bare grpcio streams, TLS (transport floor)",
-            "1 MiB messages, no fedloom code",
-            speed(grpc_times),
-            f"{tcp / grpc_tls:.2f} of raw TCP",
-        )
-        variants = (
-            [(True, MiB), (False, MiB)] if quick else [(True, MiB), (True, 4 * MiB), (False, MiB)]
-        )
-        for tls, chunk in variants:
-            name = "TLS" if tls else "plaintext"
-            log(f"(a) fedloom gRPC {name}, chunk {chunk // MiB} MiB")
-            what = f"fedloom GrpcExecutor.fit, {name}"
-            setting = f"chunk {chunk // MiB} MiB, 1 client process"
-            run, problems = attempt(
-                1,
-                certs=certs if tls else None,
-                vector_size=params,
-                rounds=repeats + 1,
-                chunk_bytes=chunk,
-                max_workers=args.max_workers,
-            )
-            if run is None or problems:
-                refuse("(a)", what, setting, problems)
-                continue
-            times = [r["seconds"] for r in run.rounds[1:]]
-            best = min(times)
-            s, c = run.server, run.clients[0]
-            vs = f"{tcp / best:.2f} of raw TCP"
-            if tls:
-                vs += f", {grpc_tls / best:.2f} of bare grpcio TLS"
+            setting = f"{params / 1e6:,.0f}M params = {fmt_bytes(raw)} each way"
+            log(f"(a) raw TCP floor, {setting}")
+            # Every contender runs one untimed warm-up copy first (fresh buffers, TCP and
+            # HTTP/2 windows opening up), then ``repeats`` timed ones.
+            tcp_times, _ = raw_floor(payload, None, repeats + 1)
+            tcp_times = tcp_times[1:]
+            log("(a) raw TLS floor (Python ssl)")
+            tls_times, cipher = raw_floor(payload, certs, repeats + 1)
+            tls_times = tls_times[1:]
+            log("(a) bare grpcio floor (TLS, 1 MiB messages)")
+            grpc_times = grpc_floor(payload, certs, MiB, repeats + 1)[1:]
+            del payload
+            tcp, grpc_tls = min(tcp_times), min(grpc_times)
+            table.add("(a)", "raw TCP socket copy (the floor)", setting, speed(tcp_times), "floor")
             table.add(
                 "(a)",
-                what,
-                setting,
-                speed(times),
-                f"{vs}; peak RSS above start-up: server "
-                f"{(s['rss_peak'] - s['rss_baseline']) / raw:.1f}x, client "
-                f"{(c['peak'] - c['baseline']) / raw:.1f}x the vector",
+                "raw TLS socket copy",
+                f"Python ssl, {cipher}",
+                speed(tls_times),
+                f"{tcp / min(tls_times):.2f} of raw TCP",
             )
+            table.add(
+                "(a)",
+                "bare grpcio streams, TLS (transport floor)",
+                "1 MiB messages, no fedloom code",
+                speed(grpc_times),
+                f"{tcp / grpc_tls:.2f} of raw TCP",
+            )
+            variants = (
+                [(True, MiB), (False, MiB)]
+                if quick
+                else [(True, MiB), (True, 4 * MiB), (False, MiB)]
+            )
+            for tls, chunk in variants:
+                name = "TLS" if tls else "plaintext"
+                log(f"(a) fedloom gRPC {name}, chunk {chunk // MiB} MiB")
+                what = f"fedloom GrpcExecutor.fit, {name}"
+                setting = f"chunk {chunk // MiB} MiB, 1 client process"
+                run, problems = attempt(
+                    1,
+                    certs=certs if tls else None,
+                    vector_size=params,
+                    rounds=repeats + 1,
+                    chunk_bytes=chunk,
+                    max_workers=args.max_workers,
+                )
+                if run is None or problems:
+                    refuse("(a)", what, setting, problems)
+                    continue
+                times = [r["seconds"] for r in run.rounds[1:]]
+                best = min(times)
+                s, c = run.server, run.clients[0]
+                vs = f"{tcp / best:.2f} of raw TCP"
+                if tls:
+                    vs += f", {grpc_tls / best:.2f} of bare grpcio TLS"
+                table.add(
+                    "(a)",
+                    what,
+                    setting,
+                    speed(times),
+                    f"{vs}; peak RSS above start-up: server "
+                    f"{(s['rss_peak'] - s['rss_baseline']) / raw:.1f}x, client "
+                    f"{(c['peak'] - c['baseline']) / raw:.1f}x the vector",
+                )
 
-        # (b) many clients
-        procs = max(1, -(-n_clients // 50))
-        log(f"(b) {n_clients} clients in {procs} processes, {rounds} rounds + 1 warm-up")
-        run, problems = attempt(
-            n_clients,
-            certs=certs,
-            vector_size=10_000,
-            client_procs=procs,
-            rounds=rounds + 1,
-            idle_s=idle_s,
-            max_workers=args.max_workers,
-            timeout_s=120.0,
-        )
-        if run is None or problems:
-            refuse(
-                "(b)", "many clients: rounds/s, memory, idle CPU", f"{n_clients} clients", problems
-            )
-        else:
-            many_clients_rows(table, run, n_clients, idle_s)
-        fleet = args.fleet if args.fleet is not None else (0 if quick else 2000)
-        if fleet:
-            # A fleet: every client connected and heartbeating, 100 of them sampled per
-            # round. Its clients are coroutines (``--role fleet``), 500 per process:
-            # 2,000 thread pairs of ``run_client`` would starve this machine's own cores.
-            fleet_sample = min(100, fleet)
-            procs = max(1, -(-fleet // 500))
-            log(f"(b) fleet: {fleet} clients in {procs} processes, {fleet_sample} per round")
+        if "b" in args.parts:
+            # (b) many clients
+            procs = max(1, -(-n_clients // 50))
+            log(f"(b) {n_clients} clients in {procs} processes, {rounds} rounds + 1 warm-up")
             run, problems = attempt(
-                fleet,
+                n_clients,
                 certs=certs,
                 vector_size=10_000,
                 client_procs=procs,
                 rounds=rounds + 1,
                 idle_s=idle_s,
                 max_workers=args.max_workers,
-                timeout_s=300.0,
-                sample=fleet_sample,
-                heartbeat_s=args.fleet_heartbeat_s,
-                client_role="fleet",
+                timeout_s=120.0,
             )
             if run is None or problems:
-                refuse("(b)", "fleet: rounds/s, memory, idle CPU", f"{fleet} clients", problems)
+                refuse(
+                    "(b)",
+                    "many clients: rounds/s, memory, idle CPU",
+                    f"{n_clients} clients",
+                    problems,
+                )
             else:
-                many_clients_rows(table, run, fleet, idle_s, sample=fleet_sample)
+                many_clients_rows(table, run, n_clients, idle_s)
+            fleet = args.fleet if args.fleet is not None else (0 if quick else 2000)
+            if fleet:
+                # A fleet: every client connected and heartbeating, 100 of them sampled per
+                # round. Its clients are coroutines (``--role fleet``), 500 per process:
+                # 2,000 thread pairs of ``run_client`` would starve this machine's own cores.
+                fleet_sample = min(100, fleet)
+                procs = max(1, -(-fleet // 500))
+                log(f"(b) fleet: {fleet} clients in {procs} processes, {fleet_sample} per round")
+                run, problems = attempt(
+                    fleet,
+                    certs=certs,
+                    vector_size=10_000,
+                    client_procs=procs,
+                    rounds=rounds + 1,
+                    idle_s=idle_s,
+                    max_workers=args.max_workers,
+                    timeout_s=300.0,
+                    sample=fleet_sample,
+                    heartbeat_s=args.fleet_heartbeat_s,
+                    client_role="fleet",
+                )
+                if run is None or problems:
+                    refuse("(b)", "fleet: rounds/s, memory, idle CPU", f"{fleet} clients", problems)
+                else:
+                    many_clients_rows(table, run, fleet, idle_s, sample=fleet_sample)
 
         # (c) protocol overhead
         sizes = [1_000_000] if quick else [1_000_000, params]
         cases = [(1_000_000, True), (1_000_000, False)] + [(n, True) for n in sizes[1:]]
+        if "c" not in args.parts:
+            cases = []
         idle_rates: dict[str, float] = {}
         for size, tls in cases:
             name = "TLS" if tls else "plaintext"

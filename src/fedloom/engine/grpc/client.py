@@ -500,6 +500,9 @@ def _serve_session(
         else:  # a newer server's task: fail it (the server counts it), keep serving
             result = _unsupported(header)
         _push(stub, session, header, result, chunk_bytes)
+        # Drop the task's buffers before the next pull, so that it can receive into the
+        # same memory (chunks.RECEIVE_BUFFERS) instead of holding two payloads at once.
+        del payload, result
         tally[0] += 1
     return ""
 
@@ -538,7 +541,7 @@ def _heartbeat_loop(stub: _Stub, session: str, interval: float, ended: threading
 
 def _pull(
     stub: _Stub, session: str, dimension: int
-) -> tuple[pb.TaskHeader, bytearray, list[LayoutEntry]]:
+) -> tuple[pb.TaskHeader, np.ndarray, list[LayoutEntry]]:
     """One task: its header, payload and the payload's vector layout (fit, evaluate).
 
     The payload is the broadcast vectors or a protocol message. Chunks are written into
@@ -590,7 +593,7 @@ def _check_participant(header: pb.TaskHeader, own_id: int) -> None:
 
 
 def _run_exchange(
-    app: ClientApp, header: pb.TaskHeader, payload: bytearray, own_id: int, limit: int
+    app: ClientApp, header: pb.TaskHeader, payload: np.ndarray, own_id: int, limit: int
 ) -> tuple[pb.ResultHeader, Sequence[Buffer]]:
     """Answer one protocol stage through the app; a refusal is reported (a dropout)."""
     head = pb.ResultHeader(task_id=header.task_id, round=header.round)
@@ -618,7 +621,7 @@ def _run_exchange(
 def _run_task(
     app: ClientApp,
     header: pb.TaskHeader,
-    payload: bytearray,
+    payload: np.ndarray,
     layout: list[LayoutEntry],
     own_id: int,
     state_file: ClientStateFile | None = None,

@@ -826,7 +826,14 @@ class FederationServicer:
             header.config_json = encode_config(task.config)
             header.vectors.extend(ot.infos)
         yield pb.TaskMessage(header=header).SerializeToString()
-        yield from encode_buffers(ot.payload, self.options.chunk_bytes)
+        try:
+            # Straight from the vectors' own memory (the broadcast is not copied); each
+            # chunk message costs one slice and one concatenation, nothing per byte in
+            # Python.
+            yield from encode_buffers(ot.payload, self.options.chunk_bytes)
+        finally:
+            # Streamed (or the stream ended): the task no longer pins its payload.
+            ot.payload = ()
 
     # --- PushResult -------------------------------------------------------------------
 
@@ -1004,7 +1011,9 @@ class FederationServicer:
         return bytes(self._chunks(raws, size))
 
     @staticmethod
-    def _chunks(raws: Iterator[bytes], size: int) -> bytearray:
+    def _chunks(raws: Iterator[bytes], size: int) -> np.ndarray:
+        """The payload in one buffer of the announced size (reused across rounds once
+        the previous round's update is released; see :func:`read_chunks`)."""
         try:
             return read_chunks(raws, size)
         except ChunkError as err:

@@ -155,7 +155,9 @@ def payload_bytes(layout: Sequence[LayoutEntry]) -> int:
     return sum(entry[1] * _wire(entry).itemsize for entry in layout)
 
 
-def split_vectors(buf: bytearray, layout: Sequence[LayoutEntry]) -> dict[str, np.ndarray]:
+def split_vectors(
+    buf: bytearray | np.ndarray, layout: Sequence[LayoutEntry]
+) -> dict[str, np.ndarray]:
     """Views of ``buf`` as the named vectors (writable; no copy)."""
     out: dict[str, np.ndarray] = {}
     offset = 0
