@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from torch import nn
 
 from fedloom.client.learner import Learner
-from fedloom.client_store import ClientStateStore
+from fedloom.client_store import ClientState, ClientStateStore
 from fedloom.config import ConfigError, load_config
+from fedloom.engine.inprocess import InProcessExecutor
+from fedloom.engine.ray import _ClientActor
 from fedloom.engine.simulation import Wiring, make_executor, run_simulation
+from fedloom.messages import GLOBAL, FitResult, FitTask
 
 from .helpers import client_runtime, toy_dataset
 
@@ -57,3 +62,34 @@ def test_a_non_vectorizable_model_is_refused_before_ray_starts() -> None:
         make_executor(wiring)
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()
+
+
+def test_an_actor_trains_its_chunk_at_once_as_the_in_process_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The actor class itself (no Ray): one batched call for the chunk, each client's
+    update, loss, steps and kept state as the in-process engine's."""
+    cfg = load_config(None, ["model.name=mlp", "client.batch_size=4", "client.epochs=2"])
+    data = toy_dataset(n=30, clients=3)
+    runtime = client_runtime(cfg, data)
+    actor = _ClientActor(lambda: runtime, 1, vectorize=True)
+    assert actor._batch is not None
+    batched: list[int] = []
+    fit = actor._batch.fit
+
+    def spy(tasks: Any, broadcast: Any, states: Any) -> Any:
+        batched.append(len(tasks))
+        return fit(tasks, broadcast, states)
+
+    monkeypatch.setattr(actor._batch, "fit", spy)
+    w0 = runtime.initial_vector()
+    tasks = [FitTask(client_id=c, round=2, model_version=1) for c in range(3)]
+    answers = actor.run(list(tasks), 1, {GLOBAL: w0}, [ClientState().to_bytes()] * 3)
+    assert batched == [3]
+    reference = InProcessExecutor(runtime, ClientStateStore()).fit(tasks, {GLOBAL: w0})
+    for (ours, state), ref in zip(answers, reference, strict=True):
+        assert isinstance(ours, FitResult) and isinstance(ref, FitResult)
+        assert ours.client_id == ref.client_id and state is not None
+        assert ours.metrics["steps"] == ref.metrics["steps"]
+        assert ours.metrics["train_loss"] == pytest.approx(ref.metrics["train_loss"], rel=1e-5)
+        np.testing.assert_allclose(ours.vectors["delta"], ref.vectors["delta"], atol=1e-6)
