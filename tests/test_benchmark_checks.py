@@ -24,15 +24,19 @@ def test_every_contender_is_checked_against_the_floor() -> None:
         "vectorized": _result("vectorized", w, off),
         "flower_message": _result("Flower", None, w),
         "ray": _result("fedloom on Ray", w + 10 * ROUND1_TOLERANCE, w),
+        "ray_vectorized": _result("fedloom on Ray, vectorized", w, off),
         "bare_default": stopped,
     }
     checks, failures = same_work_checks(results, "bare_1")
     assert checks["final_inprocess_1_vs_floor"] <= FINAL_TOLERANCE
     assert "final_bare_default_vs_floor" not in checks  # stopped: no ratio is printed either
-    assert len(failures) == 3
+    assert len(failures) == 4
     assert failures[0].startswith("vectorized differs from the floor after the last round")
     assert failures[1].startswith("Flower differs from the floor after round 1 (nan")
     assert failures[2].startswith("fedloom on Ray differs from the floor after round 1")
+    assert failures[3].startswith(
+        "fedloom on Ray, vectorized differs from the floor after the last"
+    )
     assert same_work_checks({"bare_1": results["bare_1"]}, "bare_1") == ({}, [])
 
 

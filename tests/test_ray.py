@@ -140,3 +140,19 @@ def test_ray_config_rules() -> None:
         load_config(None, ["engine.address='127.0.0.1:6379'"])
     with pytest.raises(ConfigError, match="not on the ray engine"):
         load_config(None, ["engine.name=ray", "privacy.secure_aggregation='secagg+'"])
+
+
+def test_vectorized_actors_equal_in_process(cluster: TwoNodeCluster, tmp_path: Path) -> None:
+    """engine.vectorize: each actor trains its chunk's clients at once, and the federation
+    ends at the in-process model (the vectorized engine's float tolerance)."""
+    base = [*BASE, "model.name=logreg"]
+    run_simulation(load_config(None, base), tmp_path / "inprocess")
+    run_simulation(
+        load_config(None, [*_ray_config(cluster.address, "engine.vectorize=true"), *base[-1:]]),
+        tmp_path / "ray-vectorized",
+    )
+    np.testing.assert_allclose(
+        final_weights(tmp_path / "ray-vectorized"),
+        final_weights(tmp_path / "inprocess"),
+        atol=1e-4,
+    )

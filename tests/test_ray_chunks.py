@@ -39,3 +39,16 @@ def test_a_few_clients_go_one_per_call() -> None:
     # clients it holds, as before chunks existed.
     for sizes in ([50] * 6, [500, 60, 55, 52, 51, 50], [1, 1, 1, 1, 1, 1000]):
         assert all(len(c) == 1 for c in _plan(sizes, actors=2))
+
+
+def test_vectorized_actors_get_a_round_share_each() -> None:
+    """engine.vectorize: the sizing is against the whole round, one chunk per actor, so
+    two actors get two large chunks (and at most a small leftover)."""
+    sizes = sorted([6000, 900, 800, *([100] * 40), *([60] * 57)], reverse=True)
+    queue, total, chunks = deque(sizes), sum(sizes), []
+    while queue:
+        n = chunk_length(queue, queued=total, actors=2, chunks_per_actor=1)
+        chunks.append([queue.popleft() for _ in range(n)])
+    assert sorted(x for c in chunks for x in c) == sorted(sizes)
+    assert len(chunks) <= 3 and all(sum(c) <= total / 2 for c in chunks)
+    assert len(chunks[1]) > 40  # the small clients train together

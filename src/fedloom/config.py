@@ -298,9 +298,17 @@ class EngineConfig(_Section):
     #: ``engine.name = "ray"`` on CUDA: the share of one GPU each actor reserves (several
     #: actors share a GPU); unset packs the actors evenly over the cluster's GPUs.
     actor_gpus: float | None = Field(None, gt=0.0, le=1.0)
+    #: ``engine.name = "ray"``: each actor trains the clients of a chunk at once, as the
+    #: vectorized engine trains a round (the same models; refused for what it cannot train).
+    vectorize: bool = False
 
     @model_validator(mode="after")
     def _check_ray_keys(self) -> EngineConfig:
+        if self.vectorize and self.name != "ray":
+            raise ValueError(
+                "engine.vectorize trains each Ray actor's clients at once; set "
+                "engine.name = 'ray' (or engine.name = 'vectorized' on one machine) or remove it"
+            )
         if self.address is not None and self.name != "ray":
             raise ValueError(
                 "engine.address names a Ray cluster; set engine.name = 'ray' or remove it"

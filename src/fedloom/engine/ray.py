@@ -31,6 +31,13 @@ each becomes a :class:`ClientFailure` that the round records, the round goes on 
 the other actors, and the dead actor is replaced by a fresh one (once per actor and
 round, so an actor that cannot start does not loop).
 
+With ``engine.vectorize = true`` an actor trains the clients of a chunk at once,
+through the vectorized engine's :class:`~fedloom.engine.vectorized.BatchFit` (the same
+checks, refused at start-up with one line, and the same updates to float tolerance).
+Batching pays with many clients per call, so then a round is cut into one chunk per
+actor (by examples, largest clients first; what is left over goes to whichever actor
+finishes first) and each actor holds one chunk at a time.
+
 Secure aggregation needs every held upload in one place; like the pool, this engine
 answers no protocol exchange (the configuration refuses the combination).
 """
@@ -56,6 +63,7 @@ from fedloom.client.safety import run_safely
 from fedloom.client_store import ClientState, ClientStateStore
 from fedloom.config import ConfigError
 from fedloom.engine.inprocess import LocalClients
+from fedloom.engine.vectorized import BatchFit
 from fedloom.exchange import ExchangeRequest
 from fedloom.messages import Broadcast, ClientFailure, EvalResult, EvalTask, FitResult, FitTask
 
@@ -71,6 +79,8 @@ IN_FLIGHT_PER_ACTOR = 2
 #: A chunk holds at most the round's queued examples over this many times the actors
 #: (and at least one client).
 CHUNKS_PER_ACTOR = 4
+#: ``engine.vectorize``: the refusals name this setting, and the way out.
+VECTORIZE_SETTING = ("engine.vectorize = true", "set engine.vectorize = false")
 #: How long to wait for a TCP answer from the cluster's head before giving up.
 CONNECT_TIMEOUT_S = 10.0
 
@@ -115,9 +125,16 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 
 
 class _ClientActor:
-    """One model, built once; trains the clients it is sent one at a time."""
+    """One model, built once; trains the clients it is sent one at a time, or a chunk's
+    clients at once (``vectorize``)."""
 
-    def __init__(self, factory: RuntimeFactory, torch_threads: int, gpu: bool = False) -> None:
+    def __init__(
+        self,
+        factory: RuntimeFactory,
+        torch_threads: int,
+        gpu: bool = False,
+        vectorize: bool = False,
+    ) -> None:
         import os
 
         started = time.perf_counter()
@@ -129,6 +146,11 @@ class _ClientActor:
             ray = _import_ray()
             index = actor_cuda_index(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
             self.runtime = self.runtime.on_device(torch.device("cuda", index))
+        self._batch = (
+            BatchFit(self.runtime, device=self.runtime.learner.device, setting=VECTORIZE_SETTING)
+            if vectorize
+            else None
+        )
         self._built_s = time.perf_counter() - started
         self._broadcast_id = -1
         self._broadcast: Broadcast = {}
@@ -149,6 +171,10 @@ class _ClientActor:
     ) -> list[tuple[Outcome, bytes | None]]:
         """Train (or evaluate) a chunk of clients in order; each one's outcome and new state."""
         model = self._use(broadcast_id, broadcast)
+        fits = [t for t in tasks if isinstance(t, FitTask)]
+        if self._batch is not None and fits and len(fits) == len(tasks):
+            kept = self._batch.fit(fits, model, [ClientState.from_bytes(s) for s in states])
+            return [(o, None if st is None else st.to_bytes()) for o, st in kept]
         out: list[tuple[Outcome, bytes | None]] = []
         for task, state in zip(tasks, states, strict=True):
             client_state = ClientState.from_bytes(state)
@@ -196,6 +222,7 @@ class RayExecutor(LocalClients):
         device: str = "cpu",
         actor_gpus: float | None = None,
         start_timeout_s: float = 600.0,
+        vectorize: bool = False,
     ) -> None:
         ray = _import_ray()
         self._ray = ray
@@ -203,6 +230,7 @@ class RayExecutor(LocalClients):
         self.store = store
         self._factory = factory
         self._torch_threads = torch_threads
+        self.vectorize = vectorize
         self._start_timeout_s = start_timeout_s
         self._owns_connection = False
         self._replaced = 0
@@ -272,7 +300,9 @@ class RayExecutor(LocalClients):
         self.size = int(answers[0][0])
 
     def _spawn(self) -> Any:
-        return self._actor_class.remote(self._factory, self._torch_threads, self._use_gpu)
+        return self._actor_class.remote(
+            self._factory, self._torch_threads, self._use_gpu, self.vectorize
+        )
 
     def fit(
         self, tasks: Sequence[FitTask], broadcast: Broadcast
@@ -310,14 +340,21 @@ class RayExecutor(LocalClients):
         size_of = [max(1, self.client_sizes[t.client_id]) for t in pending]
         left = [sum(size_of)]  # examples still queued (a client's work is about its size)
         sizes = deque(size_of)
+        # Vectorized actors: one chunk of the round's share each, one at a time.
+        whole_round, in_flight = left[0], 1 if self.vectorize else IN_FLIGHT_PER_ACTOR
 
         def take_chunk() -> list[Task]:
-            n = chunk_length(sizes, queued=left[0], actors=len(self.slots))
+            n = chunk_length(
+                sizes,
+                queued=whole_round if self.vectorize else left[0],
+                actors=len(self.slots),
+                chunks_per_actor=1 if self.vectorize else CHUNKS_PER_ACTOR,
+            )
             left[0] -= sum(sizes.popleft() for _ in range(n))
             return [pending.popleft() for _ in range(n)]
 
         def dispatch(i: int) -> None:
-            while pending and self.slots[i].alive and load[i] < IN_FLIGHT_PER_ACTOR:
+            while pending and self.slots[i].alive and load[i] < in_flight:
                 chunk = take_chunk()
                 states = [self.store.get(t.client_id).to_bytes() for t in chunk]
                 actor = self.slots[i].actor
@@ -436,13 +473,19 @@ def actor_cuda_index(gpu_ids: Sequence[int | str], visible: str | None) -> int:
     return 0 if listed else int(first)
 
 
-def chunk_length(sizes: Sequence[int], *, queued: float, actors: int) -> int:
+def chunk_length(
+    sizes: Sequence[int],
+    *,
+    queued: float,
+    actors: int,
+    chunks_per_actor: int = CHUNKS_PER_ACTOR,
+) -> int:
     """How many of the queued clients (their sizes, largest first) the next chunk takes.
 
-    At most ``queued / (CHUNKS_PER_ACTOR * actors)`` examples, and at least one client:
+    At most ``queued / (chunks_per_actor * actors)`` examples, and at least one client:
     a large client travels alone, small ones in shrinking groups.
     """
-    target = queued / (CHUNKS_PER_ACTOR * actors)
+    target = queued / (chunks_per_actor * actors)
     n, work = 1, sizes[0]
     while n < len(sizes) and work + sizes[n] <= target:
         work += sizes[n]

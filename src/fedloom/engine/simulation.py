@@ -30,7 +30,7 @@ from fedloom.data.server import ServerData
 from fedloom.data.summary import write_client_summary
 from fedloom.engine.inprocess import InProcessExecutor
 from fedloom.engine.pool import ProcessPoolExecutor
-from fedloom.engine.vectorized import VectorizedExecutor
+from fedloom.engine.vectorized import VectorizedExecutor, vectorizable
 from fedloom.messages import GLOBAL, FitTask
 from fedloom.registry import RUN_MODES
 from fedloom.seeding import EVAL_SUBSET, derive_rng
@@ -80,8 +80,10 @@ def make_executor(wiring: Wiring) -> ClientExecutor:
             "needs a built-in model; use engine.name = 'inprocess' with your own model"
         )
     if cfg.engine.name == "ray" and wiring.runtime_factory is not None:
-        from fedloom.engine.ray import RayExecutor  # Ray is an optional extra
+        from fedloom.engine.ray import VECTORIZE_SETTING, RayExecutor  # Ray: an extra
 
+        if cfg.engine.vectorize:  # refused here, before Ray and its actors start
+            vectorizable(wiring.runtime, setting=VECTORIZE_SETTING)
         return RayExecutor(
             wiring.runtime_factory,
             wiring.data.client_sizes().tolist(),
@@ -92,6 +94,7 @@ def make_executor(wiring: Wiring) -> ClientExecutor:
             torch_threads=cfg.engine.torch_threads,
             device=cfg.engine.device,
             actor_gpus=cfg.engine.actor_gpus,
+            vectorize=cfg.engine.vectorize,
         )
     if cfg.engine.name == "pool" and wiring.runtime_factory is not None:
         return ProcessPoolExecutor(

@@ -51,7 +51,7 @@ from fedloom.client.learner import Learner, SGDSettings, TrainOutcome, WorkPlan
 from fedloom.client.models import MLP
 from fedloom.client.runtime import ClientRuntime, PreparedFit
 from fedloom.client.safety import run_safely
-from fedloom.client_store import ClientStateStore
+from fedloom.client_store import ClientState, ClientStateStore
 from fedloom.config import ConfigError
 from fedloom.data.base import ArrayDataset
 from fedloom.engine.inprocess import InProcessExecutor
@@ -61,17 +61,25 @@ from fedloom.seeding import SHUFFLE, torch_generator
 log = logging.getLogger("fedloom.engine")
 
 
-def linear_layers(model: nn.Module) -> list[nn.Linear]:
+#: How the refusals name the setting that asked for vectorized training, and the way out.
+VECTORIZED_ENGINE = ("engine.name = 'vectorized'", "use engine.name = 'inprocess'")
+
+
+def linear_layers(
+    model: nn.Module, *, setting: tuple[str, str] = VECTORIZED_ENGINE
+) -> list[nn.Linear]:
     """The model's Linear layers, if it is a ReLU network this engine can train.
 
-    Raises ConfigError naming what is not: the one line the user sees.
+    Raises ConfigError naming what is not: the one line the user sees (``setting``: the
+    option that asked for vectorized training and what to set instead).
     """
+    asked, fix = setting
     body = model.net if isinstance(model, MLP) else model
     if not isinstance(body, nn.Sequential):
         raise ConfigError(
-            f"engine.name = 'vectorized' trains fedloom's logreg/mlp models or an "
+            f"{asked} trains fedloom's logreg/mlp models or an "
             f"nn.Sequential of Flatten, Linear and ReLU layers, not {type(model).__name__}; "
-            "use engine.name = 'inprocess'"
+            f"{fix}"
         )
     layers = list(body)
     while layers and isinstance(layers[0], nn.Flatten):
@@ -82,50 +90,42 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
         ok = isinstance(layer, nn.Linear) if expect_linear else isinstance(layer, nn.ReLU)
         if not ok:
             raise ConfigError(
-                f"engine.name = 'vectorized' cannot train a model with a "
+                f"{asked} cannot train a model with a "
                 f"{type(layer).__name__} layer here (it trains alternating Linear and ReLU "
-                "layers after an optional Flatten); use engine.name = 'inprocess'"
+                f"layers after an optional Flatten); {fix}"
             )
         if isinstance(layer, nn.Linear):
             linears.append(layer)
         expect_linear = not expect_linear
     if not linears or expect_linear:  # empty, or ends in a ReLU
-        raise ConfigError(
-            "engine.name = 'vectorized' needs a model that ends in a Linear layer; "
-            "use engine.name = 'inprocess'"
-        )
+        raise ConfigError(f"{asked} needs a model that ends in a Linear layer; {fix}")
     return linears
 
 
-def check_vectorizable(learner: Learner, runtime: ClientRuntime) -> list[nn.Linear]:
+def check_vectorizable(
+    learner: Learner, runtime: ClientRuntime, *, setting: tuple[str, str] = VECTORIZED_ENGINE
+) -> list[nn.Linear]:
     """Everything the vectorized engine needs, or one ConfigError saying what is not met."""
+    asked, fix = setting
     if not isinstance(runtime.algorithm, VectorizableAlgorithm):
         raise ConfigError(
-            f"engine.name = 'vectorized' cannot train the client algorithm "
+            f"{asked} cannot train the client algorithm "
             f"{type(runtime.algorithm).__name__} (its fit is not one plain local SGD run: "
-            "only sgd, i.e. FedAvg/FedProx, is vectorized); use engine.name = 'inprocess'"
+            f"only sgd, i.e. FedAvg/FedProx, is vectorized); {fix}"
         )
     if learner.train_step is not None:
-        raise ConfigError(
-            "engine.name = 'vectorized' cannot run a custom train_step; "
-            "use engine.name = 'inprocess'"
-        )
+        raise ConfigError(f"{asked} cannot run a custom train_step; {fix}")
     if learner.loss is not F.cross_entropy:
         raise ConfigError(
-            "engine.name = 'vectorized' trains with the default cross-entropy loss only; "
-            "use engine.name = 'inprocess' for another loss"
+            f"{asked} trains with the default cross-entropy loss only; {fix} for another loss"
         )
     if any(True for _ in learner.model.buffers()):
-        raise ConfigError(
-            "engine.name = 'vectorized' cannot train a model with buffers (e.g. BatchNorm); "
-            "use engine.name = 'inprocess'"
-        )
-    linears = linear_layers(learner.model)
+        raise ConfigError(f"{asked} cannot train a model with buffers (e.g. BatchNorm); {fix}")
+    linears = linear_layers(learner.model, setting=setting)
     params = [p for layer in linears for p in (layer.weight, layer.bias)]
     if any(p is None for p in params) or len(params) != len(list(learner.model.parameters())):
         raise ConfigError(
-            "engine.name = 'vectorized' needs every Linear layer to have a bias and no other "
-            "parameters; use engine.name = 'inprocess'"
+            f"{asked} needs every Linear layer to have a bias and no other parameters; {fix}"
         )
     return linears
 
@@ -333,7 +333,9 @@ class BatchedReLUNet:
         return [o for o in out if o is not None]
 
 
-def self_check(linears: Sequence[nn.Linear], learner: Learner) -> None:
+def self_check(
+    linears: Sequence[nn.Linear], learner: Learner, *, setting: tuple[str, str] = VECTORIZED_ENGINE
+) -> None:
     """Two hand-written SGD steps (momentum, weight decay, proximal pull, a short last
     batch) against the learner's autograd steps on random data: a model the engine would
     misread is refused, not trained wrongly."""
@@ -368,48 +370,60 @@ def self_check(linears: Sequence[nn.Linear], learner: Learner) -> None:
     ).weights
     if not np.allclose(ours, reference, atol=1e-5, rtol=1e-4):
         raise ConfigError(
-            "engine.name = 'vectorized' does not reproduce this model's gradient "
-            f"(max difference {np.max(np.abs(ours - reference)):.3g}); use "
-            "engine.name = 'inprocess'"
+            f"{setting[0]} does not reproduce this model's gradient "
+            f"(max difference {np.max(np.abs(ours - reference)):.3g}); {setting[1]}"
         )
 
 
-class VectorizedExecutor(InProcessExecutor):
-    """The in-process engine with every fit task of a round trained at once."""
+def vectorizable(
+    runtime: ClientRuntime, *, setting: tuple[str, str] = VECTORIZED_ENGINE
+) -> list[nn.Linear]:
+    """The model's Linear layers once the runtime passed every check and the gradient
+    self-check; else one ConfigError (so a caller can refuse before it starts anything)."""
+    linears = check_vectorizable(runtime.learner, runtime, setting=setting)
+    self_check(linears, runtime.learner, setting=setting)
+    return linears
+
+
+class BatchFit:
+    """Prepare every task, train them all at once, complete each: one vectorized fit of
+    a batch of clients, with each client's failure its own.
+
+    The vectorized engine runs a round through it; a Ray actor (``engine.vectorize``)
+    runs the chunk of clients it receives through it, so both train exactly alike.
+    """
 
     def __init__(
         self,
         runtime: ClientRuntime,
-        store: ClientStateStore,
         *,
-        device: str = "cpu",
+        device: torch.device,
+        setting: tuple[str, str] = VECTORIZED_ENGINE,
     ) -> None:
-        super().__init__(runtime, store)
-        linears = check_vectorizable(runtime.learner, runtime)
+        self.runtime = runtime
         self.trainer = BatchedReLUNet(
-            linears,
+            vectorizable(runtime, setting=setting),
             batch_size=runtime.work.batch_size,
             sgd=runtime.sgd,
-            device=resolve_device(device),
+            device=device,
         )
-        self_check(linears, runtime.learner)
         self.algorithm: VectorizableAlgorithm = runtime.algorithm  # type: ignore[assignment]
-        log.info("vectorized engine: training on %s", self.trainer.device)
 
     def fit(
-        self, tasks: Sequence[FitTask], broadcast: Broadcast
-    ) -> list[FitResult | ClientFailure]:
-        out: dict[int, FitResult | ClientFailure] = {}
+        self, tasks: Sequence[FitTask], broadcast: Broadcast, states: Sequence[ClientState]
+    ) -> list[tuple[FitResult | ClientFailure, ClientState | None]]:
+        """Each task's outcome, and the client state to keep (None: a failed or dropped
+        fit leaves the stored state as it was). ``states`` are updated in place."""
+        out: dict[int, tuple[FitResult | ClientFailure, ClientState | None]] = {}
         ready: list[tuple[int, PreparedFit, LocalTraining]] = []
-        for i, task in enumerate(tasks):
-            state = self.store.get(task.client_id)
+        for i, (task, state) in enumerate(zip(tasks, states, strict=True)):
             prepared = run_safely(_bind(self.runtime.prepare_fit, task, broadcast, state), task)
             if not isinstance(prepared, PreparedFit):
-                out[i] = prepared
+                out[i] = (prepared, None)
                 continue
             training = run_safely(_bind(self.algorithm.local_training, prepared.ctx), task)
             if isinstance(training, ClientFailure):
-                out[i] = training
+                out[i] = (training, None)
                 continue
             ready.append((i, prepared, training))
         jobs = [
@@ -425,13 +439,11 @@ class VectorizedExecutor(InProcessExecutor):
             outcomes = self.trainer.train(jobs) if jobs else []
         except Exception as err:  # the batch failed: every client in it failed
             for i, p, _ in ready:
-                out[i] = run_safely(_raise(err), p.task)
+                out[i] = (run_safely(_raise(err), p.task), None)
             return [out[i] for i in range(len(tasks))]
         for (i, p, training), outcome in zip(ready, outcomes, strict=True):
             result = run_safely(_bind(self._complete, p, training, outcome), p.task)
-            if isinstance(result, FitResult):  # a failed fit leaves the state as it was
-                self.store.put(p.task.client_id, p.ctx.state, round=p.task.round)
-            out[i] = result
+            out[i] = (result, p.ctx.state if isinstance(result, FitResult) else None)
         return [out[i] for i in range(len(tasks))]
 
     def _complete(
@@ -439,6 +451,35 @@ class VectorizedExecutor(InProcessExecutor):
     ) -> FitResult:
         update = self.algorithm.finish(prepared.ctx, training, outcome)
         return self.runtime.complete_fit(prepared, update)
+
+
+class VectorizedExecutor(InProcessExecutor):
+    """The in-process engine with every fit task of a round trained at once."""
+
+    def __init__(
+        self,
+        runtime: ClientRuntime,
+        store: ClientStateStore,
+        *,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(runtime, store)
+        self.batch = BatchFit(runtime, device=resolve_device(device))
+        self.trainer = self.batch.trainer
+        log.info("vectorized engine: training on %s", self.trainer.device)
+
+    def fit(
+        self, tasks: Sequence[FitTask], broadcast: Broadcast
+    ) -> list[FitResult | ClientFailure]:
+        states = [self.store.get(task.client_id) for task in tasks]
+        out: list[FitResult | ClientFailure] = []
+        for task, (outcome, state) in zip(
+            tasks, self.batch.fit(tasks, broadcast, states), strict=True
+        ):
+            if state is not None:
+                self.store.put(task.client_id, state, round=task.round)
+            out.append(outcome)
+        return out
 
 
 def _bind(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
