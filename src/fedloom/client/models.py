@@ -6,6 +6,8 @@ server and every worker build the identical starting model without exchanging it
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from torch import nn
@@ -68,9 +70,16 @@ class CharLSTM(nn.Module):
         return self.head(out[:, -1, :])
 
 
+#: Model construction seeds torch's process-wide generator (layers draw their initial
+#: weights from it); two threads building at once would reset each other's draws, so
+#: clients run as threads of one process (deployment tests, a site's several clients)
+#: got initial weights that depended on timing. One build at a time.
+_BUILD_LOCK = threading.Lock()
+
+
 def build_model(cfg: ModelConfig, data: FederatedDataset, seed: int) -> nn.Module:
     """Construct the configured model with deterministic initial weights."""
-    with torch.random.fork_rng(devices=[]):
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, MODEL_INIT))
         return _construct(cfg, data)
 
