@@ -1169,25 +1169,27 @@ def _bench(args: argparse.Namespace) -> int:
             # (b) many clients
             procs = max(1, -(-n_clients // 50))
             log(f"(b) {n_clients} clients in {procs} processes, {rounds} rounds + 1 warm-up")
-            run, problems = attempt(
-                n_clients,
-                certs=certs,
-                vector_size=10_000,
-                client_procs=procs,
-                rounds=rounds + 1,
-                idle_s=idle_s,
-                max_workers=args.max_workers,
-                timeout_s=120.0,
-            )
-            if run is None or problems:
-                refuse(
-                    "(b)",
-                    "many clients: rounds/s, memory, idle CPU",
-                    f"{n_clients} clients",
-                    problems,
+
+            def many(label: str, count: int, *, procs: int, **kwargs: Any) -> None:
+                """One many-clients row: echoed 10,000-parameter updates, or no numbers."""
+                run, problems = attempt(
+                    count,
+                    certs=certs,
+                    vector_size=10_000,
+                    client_procs=procs,
+                    rounds=rounds + 1,
+                    idle_s=idle_s,
+                    max_workers=args.max_workers,
+                    **kwargs,
                 )
-            else:
-                many_clients_rows(table, run, n_clients, idle_s)
+                if run is None or problems:
+                    refuse(
+                        "(b)", f"{label}: rounds/s, memory, idle CPU", f"{count} clients", problems
+                    )
+                else:
+                    many_clients_rows(table, run, count, idle_s, sample=kwargs.get("sample", 0))
+
+            many("many clients", n_clients, procs=procs, timeout_s=120.0)
             fleet = args.fleet if args.fleet is not None else (0 if quick else 2000)
             if fleet:
                 # A fleet: every client connected and heartbeating, 100 of them sampled per
@@ -1196,23 +1198,15 @@ def _bench(args: argparse.Namespace) -> int:
                 fleet_sample = min(100, fleet)
                 procs = max(1, -(-fleet // 500))
                 log(f"(b) fleet: {fleet} clients in {procs} processes, {fleet_sample} per round")
-                run, problems = attempt(
+                many(
+                    "fleet",
                     fleet,
-                    certs=certs,
-                    vector_size=10_000,
-                    client_procs=procs,
-                    rounds=rounds + 1,
-                    idle_s=idle_s,
-                    max_workers=args.max_workers,
+                    procs=procs,
                     timeout_s=300.0,
                     sample=fleet_sample,
                     heartbeat_s=args.fleet_heartbeat_s,
                     client_role="fleet",
                 )
-                if run is None or problems:
-                    refuse("(b)", "fleet: rounds/s, memory, idle CPU", f"{fleet} clients", problems)
-                else:
-                    many_clients_rows(table, run, fleet, idle_s, sample=fleet_sample)
 
         # (c) protocol overhead
         sizes = [1_000_000] if quick else [1_000_000, params]

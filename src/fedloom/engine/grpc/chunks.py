@@ -91,6 +91,12 @@ class BufferPool:
     receives one update per round, or a client that receives one broadcast, writes
     each round into memory that is already mapped; at most ``keep`` idle buffers are
     held between rounds.
+
+    The reference count is the only sign of use, so whoever reads a received vector must
+    hold a Python object over it (a NumPy array or view, a memoryview, a tensor made by
+    ``torch.from_numpy``: all keep their base alive) for as long as it reads. Code that
+    kept only a raw address (``ctypes``, a C extension storing the pointer) would see the
+    next round's bytes there; copy first in that case.
     """
 
     def __init__(self, keep: int = 2) -> None:

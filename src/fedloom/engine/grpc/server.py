@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,8 @@ log = logging.getLogger("fedloom.deploy")
 progress = logging.getLogger("fedloom.progress")
 #: How often the server says whom it waits for while it waits.
 PROGRESS_EVERY_S = 10.0
+#: How stale a heartbeat's view of the revocation file may be (registration reads it fresh).
+REVOCATION_MAX_AGE_S = 1.0
 
 Buffer = bytes | bytearray | memoryview
 
@@ -714,7 +717,9 @@ class FederationServicer:
         session = self.registry.touch(req.session_id)
         if session is None:
             self.registry.reject("unknown_session", f"heartbeat from {context.peer()}")
-        elif self.revoked is not None and self.revoked.has(session.identity):
+        elif self.revoked is not None and self.revoked.has(
+            session.identity, max_age_s=REVOCATION_MAX_AGE_S
+        ):
             self.registry.deregister(session, "its credential was revoked")
             session = None
         return pb.HeartbeatReply(known=session is not None).SerializeToString()
@@ -1086,25 +1091,37 @@ class RevocationList:
 
     A certificate cannot be un-issued; listing its identity here (``fedloom certs
     --revoke NAME``) makes the server refuse it at registration and end its session.
+    Registration looks at the file every time; heartbeats (every live client, on the
+    event loop) accept an answer up to ``max_age_s`` old, so a fleet costs one ``stat``
+    per second rather than one per heartbeat.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
+        self._clock = clock
         self._mtime = -1.0
+        self._checked = -math.inf
         self._names: frozenset[str] = frozenset()
         self._lock = threading.Lock()
 
-    def has(self, identity: str) -> bool:
+    def has(self, identity: str, *, max_age_s: float = 0.0) -> bool:
         with self._lock:
-            try:
-                mtime = self.path.stat().st_mtime
-            except FileNotFoundError:
-                return False
-            if mtime != self._mtime:
-                lines = self.path.read_text().splitlines()
-                self._names = frozenset(n.strip() for n in lines if n.strip())
-                self._mtime = mtime
+            now = self._clock()
+            if now - self._checked >= max_age_s:
+                self._reload()
+                self._checked = now
             return identity in self._names
+
+    def _reload(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            self._names, self._mtime = frozenset(), -1.0
+            return
+        if mtime != self._mtime:
+            lines = self.path.read_text().splitlines()
+            self._names = frozenset(n.strip() for n in lines if n.strip())
+            self._mtime = mtime
 
 
 def _bearer(metadata: Any) -> str:
