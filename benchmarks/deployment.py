@@ -1161,8 +1161,8 @@ def _bench(args: argparse.Namespace) -> int:
                     setting,
                     speed(times),
                     f"{vs}; peak RSS above start-up: server "
-                    f"{(s['rss_peak'] - s['rss_baseline']) / raw:.1f}x, client "
-                    f"{(c['peak'] - c['baseline']) / raw:.1f}x the vector",
+                    f"{(s['rss_peak'] - s['rss_baseline']) / raw:.3f}x, client "
+                    f"{(c['peak'] - c['baseline']) / raw:.3f}x the vector",
                 )
 
         if "b" in args.parts:
