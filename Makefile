@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: install demo test lint typecheck bench docs clean
+.PHONY: install demo test test-slow lint typecheck bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## Lint, type-check and run the test suite.
+## Lint, type-check and run the test suite (the tests marked slow excepted).
 test: lint typecheck
 	$(BIN)/python -m pytest
+
+## The slow tests: processes killed and resumed, long learning runs, the browser (CI runs them too).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 ## Simulation benchmark; installs Flower into the venv to compare against it.
 bench: $(STAMP)

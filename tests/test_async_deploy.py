@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fedloom.engine.grpc.auth import add_token
 from fedloom.store import RunStore
 
@@ -22,6 +24,7 @@ from .deploy_helpers import Proc, fedloom, free_port, set_args, slow_client
 SLOW, KILLED = 3, 2
 
 
+@pytest.mark.slow
 def test_fedbuff_deployment_no_barrier_staleness_kill_and_resume(procs, tmp_path: Path) -> None:
     """FedBuff (K = 2) with four client processes: two quick (0.2 s a task), one slower
     (0.6 s), one held on its first task. Buffers are applied while the held client still

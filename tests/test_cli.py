@@ -58,6 +58,7 @@ def test_resume_rejects_config_arguments(
     assert "--resume continues a run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_in_real_processes(tmp_path: Path) -> None:
     """Interrupt a real `fedloom run` mid-run, then resume it to the same rounds."""
     run = tmp_path / "run"

@@ -59,6 +59,7 @@ def _no_console_errors(b: Browser) -> None:
     assert errors == [], f"browser console errors: {errors}"
 
 
+@pytest.mark.slow
 def test_dashboards_of_a_simulation_and_a_deployment_in_chromium(
     browser: Browser,  # noqa: F811
     procs: Callable[[list[str]], Proc],

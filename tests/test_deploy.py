@@ -159,6 +159,7 @@ def test_client_killed_mid_round_does_not_stop_it(pki: dict, procs, tmp_path: Pa
         assert any("client lost" in f["error"] for f in store.failures(2))
 
 
+@pytest.mark.slow
 def test_straggler_beyond_deadline_is_excluded_and_counted(
     pki: dict, procs, tmp_path: Path
 ) -> None:
@@ -313,6 +314,7 @@ def test_own_csv_needs_pinned_classes(procs, tmp_path: Path) -> None:
     assert "does not pin data.classes" in client.output, client.output
 
 
+@pytest.mark.slow
 def test_secagg_over_grpc_survives_a_client_killed_mid_protocol(
     pki: dict, procs, tmp_path: Path
 ) -> None:
@@ -377,6 +379,7 @@ def test_ckks_over_grpc_equals_simulation_and_the_server_holds_no_secret_key(
     np.testing.assert_allclose(ckpt.tensors["global"], sim.tensors["global"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ckks_round_completes_without_a_client_killed_at_the_encrypt_stage(
     pki: dict, procs, tmp_path: Path
 ) -> None:
@@ -412,6 +415,7 @@ LOCAL_DP = [
 ]
 
 
+@pytest.mark.slow
 def test_restarted_client_keeps_its_local_dp_budget(pki: dict, procs, tmp_path: Path) -> None:
     """Client 1 is SIGKILLed after round 1 and restarted with the same --state-dir.
 

@@ -72,6 +72,7 @@ def _register(port: int, token: str, partition: int) -> pb.RegisterReply:
     return pb.RegisterReply.FromString(raw)
 
 
+@pytest.mark.slow
 def test_duplicate_token_identity_is_refused_in_real_processes(procs, tmp_path: Path) -> None:
     """A token names one identity: a second process with it is refused with one line,
     whatever partition it asks for, and no token takes another identity's client id."""
@@ -123,6 +124,7 @@ def test_duplicate_token_identity_is_refused_in_real_processes(procs, tmp_path: 
     assert ids == {"hospital-a": 0, "hospital-b": 1}
 
 
+@pytest.mark.slow
 def test_duplicate_certificate_identity_is_refused_with_mutual_tls(procs, tmp_path: Path) -> None:
     certs = dev_certs(tmp_path / "certs", ["site-a", "site-b"])
     server = procs(
@@ -224,6 +226,7 @@ def _site(rows: list[list[str]], site: str, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_client_failing_on_its_data_deregisters_and_rounds_go_on(procs, tmp_path: Path) -> None:
     """The failing site says why and leaves; the server logs it and never samples it, so
     no round waits for it (the round timeout is 10 minutes: a wait would fail the test)."""

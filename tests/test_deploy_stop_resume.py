@@ -17,6 +17,7 @@ from fedloom.engine.grpc.auth import add_token
 from .deploy_helpers import fedloom, free_port, set_args, slow_client
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_completes_with_the_same_clients(procs, tmp_path: Path) -> None:
     """SIGTERM stops the server (exit 130, the run store kept) and tells the clients to
     wait; ``--resume --set rounds=5`` continues with the same client processes, which

@@ -39,6 +39,7 @@ CONFIG = [
 ]
 
 
+@pytest.mark.slow
 def test_estimate_is_within_25_percent_of_a_rehearsing_deployment(procs, tmp_path: Path) -> None:
     from fedloom.cli import main
 

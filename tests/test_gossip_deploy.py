@@ -128,6 +128,7 @@ def test_five_peers_compute_the_simulations_rounds(
         assert err < 1e-3, (i, err)
 
 
+@pytest.mark.slow
 def test_a_killed_peer_never_stalls_the_others_who_reach_consensus(
     tmp_path: Path, pki: Path, procs: Callable[[list[str]], Proc]
 ) -> None:

@@ -256,6 +256,7 @@ def test_valid_local_dp_config_round_trips() -> None:
     assert both.engine.name == "pool" and both.privacy.secure_noise
 
 
+@pytest.mark.slow
 def test_digits_learns_with_local_dp(tmp_path: Path) -> None:
     cfg = load_config(
         None,
@@ -368,6 +369,7 @@ def test_secure_noise_is_not_reproducible_and_leaves_epsilon_unchanged(
 POOL_DP = ["data.num_clients=4", "client.epochs=1", "privacy.local_dp=true"]
 
 
+@pytest.mark.slow
 def test_pool_ships_each_clients_ledger_to_whichever_worker_trains_it() -> None:
     """Per-client ε and Δ on the pool equal the in-process ones, bit for bit."""
     cfg = load_config(None, POOL_DP)
@@ -407,6 +409,7 @@ def _final_checkpoint(run_dir: Path) -> tuple[np.ndarray, dict[int, Any]]:
     return latest_checkpoint(run_dir).tensors["global"], _run_ledgers(run_dir)
 
 
+@pytest.mark.slow
 def test_digits_on_the_pool_and_resumed_equals_in_process(tmp_path: Path) -> None:
     """Same per-client ledgers, ε and final model on pool (2 workers, resumed) and in-process."""
     overrides = [*POOL_DP, "rounds=3", "server.fraction_fit=0.5"]

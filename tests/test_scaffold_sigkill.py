@@ -46,6 +46,7 @@ def _checkpointed_rounds(run: Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in folder.glob("round_*.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("scaffold" not in CLIENT_ALGORITHMS, reason="SCAFFOLD is not registered")
 def test_scaffold_killed_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

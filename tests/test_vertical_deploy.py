@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from fedloom.cli import main
@@ -129,6 +130,7 @@ def test_party_processes_train_the_simulations_model(
     assert book == {"0": "party-0", "1": "party-1"}
 
 
+@pytest.mark.slow
 def test_killed_feature_party_stops_the_label_party_naming_it(
     procs: Callable[[list[str]], Proc], tmp_path: Path
 ) -> None:
