@@ -28,6 +28,7 @@ from fedloom.messages import Broadcast, FitTask
 REPO = Path(__file__).resolve().parents[1]
 STARTED = "Ray runtime started"
 START_TIMEOUT_S = 180.0
+START_ATTEMPTS = 3
 
 
 def free_port() -> int:
@@ -48,6 +49,7 @@ class TwoNodeCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[subprocess.Popen[str]] = []
+        self.failures: list[str] = []  # the output of nodes that exited before starting
         self.env = dict(os.environ)
         src = Path(fedloom.__file__).resolve().parents[1]
         self.env["PYTHONPATH"] = os.pathsep.join([str(src), str(REPO)])
@@ -56,7 +58,14 @@ class TwoNodeCluster:
     def _ray(self) -> str:
         return str(Path(sys.executable).with_name("ray"))
 
-    def _start(self, name: str, *args: str) -> None:
+    def _start(self, name: str, *args: str) -> bool:
+        """Starts one node; True once it says it started, False if it exited first.
+
+        A node that exits before starting is stopped and reported, not raised: the ports it
+        was given were free when :func:`free_port` looked, but another process (one of the
+        head's own, on a busy machine) can bind one before the node does, and the caller
+        then tries again with fresh ports.
+        """
         log = (self.root / f"{name}.log").open("w")
         proc = subprocess.Popen(
             [
@@ -98,31 +107,57 @@ class TwoNodeCluster:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not started.wait(timeout=1.0):
             if ended.is_set() or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start ({name}) did not start; see {log.name}")
+                self._stop_node(proc)
+                self.failures.append(f"--- {log.name} ---\n{_tail(Path(log.name))}")
+                return False
+        return True
+
+    def _start_with_retries(self, name: str, args: Callable[[], list[str]]) -> None:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            if self._start(f"{name}-{attempt}", *args()):
+                return
+        raise RuntimeError(
+            f"ray start ({name}) did not start in {START_ATTEMPTS} attempts; their output:\n"
+            + "\n".join(self.failures)
+        )
 
     def start(self) -> TwoNodeCluster:
-        self._start(
-            "head",
-            "--head",
-            f"--port={self.port}",
-            f"--ray-client-server-port={free_port()}",
-            "--include-dashboard=false",
-        )
-        self._start("worker", f"--address={self.address}")
+        def head_args() -> list[str]:
+            self.port = free_port()
+            self.address = f"127.0.0.1:{self.port}"
+            return [
+                "--head",
+                f"--port={self.port}",
+                f"--ray-client-server-port={free_port()}",
+                "--include-dashboard=false",
+            ]
+
+        self._start_with_retries("head", head_args)
+        self._start_with_retries("worker", lambda: [f"--address={self.address}"])
         return self
+
+    @staticmethod
+    def _stop_node(proc: subprocess.Popen[str]) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
     def stop(self) -> None:
         for proc in reversed(self.nodes):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in reversed(self.nodes):
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+            self._stop_node(proc)
         self.nodes = []
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def dying_runtime(
