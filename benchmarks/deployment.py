@@ -1170,8 +1170,11 @@ def _bench(args: argparse.Namespace) -> int:
             procs = max(1, -(-n_clients // 50))
             log(f"(b) {n_clients} clients in {procs} processes, {rounds} rounds + 1 warm-up")
 
-            def many(label: str, count: int, *, procs: int, **kwargs: Any) -> None:
-                """One many-clients row: echoed 10,000-parameter updates, or no numbers."""
+            def many(label: str, count: int, *, procs: int, sample: int = 0, **kwargs: Any) -> None:
+                """One many-clients row: echoed 10,000-parameter updates, or no numbers.
+
+                ``sample`` clients per round (0: all of them); ``kwargs`` go to ``attempt``.
+                """
                 run, problems = attempt(
                     count,
                     certs=certs,
@@ -1180,6 +1183,7 @@ def _bench(args: argparse.Namespace) -> int:
                     rounds=rounds + 1,
                     idle_s=idle_s,
                     max_workers=args.max_workers,
+                    sample=sample,
                     **kwargs,
                 )
                 if run is None or problems:
@@ -1187,7 +1191,7 @@ def _bench(args: argparse.Namespace) -> int:
                         "(b)", f"{label}: rounds/s, memory, idle CPU", f"{count} clients", problems
                     )
                 else:
-                    many_clients_rows(table, run, count, idle_s, sample=kwargs.get("sample", 0))
+                    many_clients_rows(table, run, count, idle_s, sample=sample)
 
             many("many clients", n_clients, procs=procs, timeout_s=120.0)
             fleet = args.fleet if args.fleet is not None else (0 if quick else 2000)

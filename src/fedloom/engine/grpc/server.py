@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import numpy as np
@@ -751,17 +751,16 @@ class FederationServicer:
             req = pb.PullRequest.FromString(raw)
         except DecodeError:
             reg.reject("malformed", "unparseable PullRequest")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed PullRequest")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed PullRequest")
         if not self._own_session(req.session_id, context):
             reg.reject("wrong_session", f"PullTask from {context.peer()}")
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not this call's session")
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "not this call's session")
         session = reg.touch(req.session_id)
         if session is None:
             reg.reject("unknown_session", f"PullTask from {context.peer()}")
-            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown session; register again")
-            return
+            await _abort(context, grpc.StatusCode.NOT_FOUND, "unknown session; register again")
         if not self._open_stream(session):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
         try:
             async for message in self._poll(session):
                 yield message
@@ -852,7 +851,7 @@ class FederationServicer:
         if session is None:  # the gate admitted it; the session died since
             return self._refuse_result("unknown_session", "result from an ended session")
         if not self._open_stream(session):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
         peer = context.peer()
         raws = BlockingReader(
             messages,
@@ -870,8 +869,7 @@ class FederationServicer:
             raws.close()
             raise
         if reply is None:  # idle (counted by the reader) or broken
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "result stream went silent")
-            raise AssertionError("unreachable: abort raises")
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "result stream went silent")
         return reply
 
     def _push_closing(self, raws: BlockingReader, session: Session) -> bytes | None:
@@ -1122,6 +1120,15 @@ class RevocationList:
             lines = self.path.read_text().splitlines()
             self._names = frozenset(n.strip() for n in lines if n.strip())
             self._mtime = mtime
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str
+) -> NoReturn:
+    """Ends the call with ``code``; ``context.abort`` always raises, but its stub does not
+    say so, and this lets the type checker follow the handlers' early exits."""
+    await context.abort(code, details)
+    raise AssertionError("grpc.aio's abort returned")  # it raises; never reached
 
 
 def _bearer(metadata: Any) -> str:
