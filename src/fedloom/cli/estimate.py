@@ -72,7 +72,7 @@ def cmd_estimate(args: argparse.Namespace, console: Console) -> int:
         )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {args.json}", markup=False, highlight=False)
+        console.print(f"wrote {args.json}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -54,5 +54,7 @@ def cmd_leakage(args: argparse.Namespace, console: Console) -> int:
     )
     json_path = write_leakage_json(report, settings, out / "leakage.json")
     png_path = write_leakage_png(report, out / "leakage.png")
-    console.print(f"wrote {json_path} and {png_path}", markup=False, highlight=False)
+    console.print(
+        f"wrote {json_path} and {png_path}", markup=False, highlight=False, soft_wrap=True
+    )
     return 0
