@@ -147,9 +147,8 @@ class TwoNodeCluster:
             proc.wait(timeout=30)
 
     def stop(self) -> None:
-        for proc in reversed(self.nodes):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+        # One node at a time, the worker before the head: a worker node whose head is gone
+        # first waits a minute for it to come back before it exits.
         for proc in reversed(self.nodes):
             self._stop_node(proc)
         self.nodes = []
