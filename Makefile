@@ -30,9 +30,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## Lint, type-check and run the test suite (the tests marked slow excepted).
+## Lint, type-check and run the test suite (the tests marked slow excepted), one test
+## file per worker process (pytest-xdist): the suite leaves cores idle while its tests
+## wait on the processes they start (2 cores: 14.2 min serial, 8.4 min with 2 workers).
 test: lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --dist loadfile
 
 ## The slow tests: processes killed and resumed, long learning runs, the browser (CI runs them too).
 test-slow: $(STAMP)
