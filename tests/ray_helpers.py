@@ -112,29 +112,30 @@ class TwoNodeCluster:
                 return False
         return True
 
-    def _start_with_retries(self, name: str, args: Callable[[], list[str]]) -> None:
-        for attempt in range(1, START_ATTEMPTS + 1):
-            if self._start(f"{name}-{attempt}", *args()):
-                return
-        raise RuntimeError(
-            f"ray start ({name}) did not start in {START_ATTEMPTS} attempts; their output:\n"
-            + "\n".join(self.failures)
-        )
-
     def start(self) -> TwoNodeCluster:
-        def head_args() -> list[str]:
+        """Head, then worker; if either exits before starting, both are stopped and the
+        pair starts again on fresh ports (a worker that cannot join its head will not
+        join it on a second try either), up to ``START_ATTEMPTS`` times."""
+        for attempt in range(1, START_ATTEMPTS + 1):
             self.port = free_port()
             self.address = f"127.0.0.1:{self.port}"
-            return [
+            head = [
                 "--head",
                 f"--port={self.port}",
                 f"--ray-client-server-port={free_port()}",
                 "--include-dashboard=false",
             ]
-
-        self._start_with_retries("head", head_args)
-        self._start_with_retries("worker", lambda: [f"--address={self.address}"])
-        return self
+            if self._start(f"head-{attempt}", *head):
+                if self._start(f"worker-{attempt}", f"--address={self.address}"):
+                    return self
+                logs = self.root / f"head-{attempt}" / "session_latest" / "logs"
+                for gcs_log in sorted(logs.glob("gcs_server.*")):
+                    self.failures.append(f"--- the head's {gcs_log.name} ---\n{_tail(gcs_log, 20)}")
+            self.stop(remove=False)
+        raise RuntimeError(
+            f"the two-node Ray cluster did not start in {START_ATTEMPTS} attempts; the "
+            "output of the nodes that exited:\n" + "\n".join(self.failures)
+        )
 
     @staticmethod
     def _stop_node(proc: subprocess.Popen[str]) -> None:
@@ -146,13 +147,14 @@ class TwoNodeCluster:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
 
-    def stop(self) -> None:
+    def stop(self, *, remove: bool = True) -> None:
         # One node at a time, the worker before the head: a worker node whose head is gone
         # first waits a minute for it to come back before it exits.
         for proc in reversed(self.nodes):
             self._stop_node(proc)
         self.nodes = []
-        shutil.rmtree(self.root, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
