@@ -54,6 +54,10 @@ class TwoNodeCluster:
         src = Path(fedloom.__file__).resolve().parents[1]
         self.env["PYTHONPATH"] = os.pathsep.join([str(src), str(REPO)])
         self.env["RAY_USAGE_STATS_ENABLED"] = "0"
+        # Said explicitly for both nodes: from Ray 2.60 a head started without it turns on
+        # token authentication when ~/.ray/auth_token exists (any local ``ray.init()``
+        # writes one), while a joining node stays without, and the GCS refuses it.
+        self.env["RAY_AUTH_MODE"] = "disabled"
 
     def _ray(self) -> str:
         return str(Path(sys.executable).with_name("ray"))

@@ -21,7 +21,7 @@ from tests.helpers import final_weights
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'fedloom[ray]')")
 
-from fedloom.engine.ray import RayUnavailableError, check_reachable  # noqa: E402
+from fedloom.engine.ray import RayUnavailableError, _join, check_reachable  # noqa: E402
 from tests.ray_helpers import TwoNodeCluster, dying_runtime, free_port  # noqa: E402
 
 BASE = [
@@ -133,6 +133,23 @@ def test_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
         )
     with pytest.raises(RayUnavailableError, match="is not host:port"):
         check_reachable("head-node")
+
+
+def test_a_cluster_that_refuses_the_driver_is_one_line() -> None:
+    """What ``ray.init`` raises when the head wants a token this driver lacks (Ray 2.60:
+    ConnectionError after a minute of retries) becomes one line that says what to set."""
+
+    class Refusing:
+        exceptions = ray.exceptions
+
+        @staticmethod
+        def init(**_: object) -> None:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379\nmore")
+
+    with pytest.raises(RayUnavailableError, match="RAY_AUTH_MODE=token") as err:
+        _join(Refusing, "10.0.0.5:6379")
+    assert "\n" not in str(err.value)
+    assert "Failed to connect to Ray cluster at 10.0.0.5:6379" in str(err.value)
 
 
 def test_ray_config_rules() -> None:

@@ -124,6 +124,24 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         ) from err
 
 
+def _join(ray: Any, address: str) -> None:
+    """``ray.init`` on an existing cluster; a cluster that answers but will not take this
+    driver (most often token authentication) fails in one line that says what to set."""
+    refused: tuple[type[BaseException], ...] = (ConnectionError,)
+    auth_error = getattr(ray.exceptions, "AuthenticationError", None)
+    if isinstance(auth_error, type) and issubclass(auth_error, BaseException):
+        refused += (auth_error,)
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except refused as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RayUnavailableError(
+            f"the Ray cluster at {address} answers but did not accept this driver ({reason}); if "
+            "it uses token authentication (Ray 2.60 turns it on for `ray start --head` when "
+            "~/.ray/auth_token exists), copy that token file here and set RAY_AUTH_MODE=token"
+        ) from err
+
+
 class _ClientActor:
     """One model, built once; trains the clients it is sent one at a time, or a chunk's
     clients at once (``vectorize``)."""
@@ -245,7 +263,7 @@ class RayExecutor(LocalClients):
         if not ray.is_initialized():
             if address is not None:
                 check_reachable(address)
-                ray.init(address=address, log_to_driver=False, configure_logging=False)
+                _join(ray, address)
             else:
                 ray.init(
                     address="local",
