@@ -46,8 +46,8 @@ class TwoNodeCluster:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="fl-ray-"))  # short: Ray's socket paths
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.port = 0  # the head's GCS port and address, chosen by start()
+        self.address = ""
         self.nodes: list[subprocess.Popen[str]] = []
         self.failures: list[str] = []  # the output of nodes that exited before starting
         self.env = dict(os.environ)
@@ -65,10 +65,9 @@ class TwoNodeCluster:
     def _start(self, name: str, *args: str) -> bool:
         """Starts one node; True once it says it started, False if it exited first.
 
-        A node that exits before starting is stopped and reported, not raised: the ports it
-        was given were free when :func:`free_port` looked, but another process (one of the
-        head's own, on a busy machine) can bind one before the node does, and the caller
-        then tries again with fresh ports.
+        A node that exits before starting is stopped and its output kept in
+        ``self.failures``, not raised: :meth:`start` decides whether to try again (the
+        ports :func:`free_port` hands out are only known to be free when it looks).
         """
         log = (self.root / f"{name}.log").open("w")
         proc = subprocess.Popen(

@@ -127,10 +127,8 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 def _join(ray: Any, address: str) -> None:
     """``ray.init`` on an existing cluster; a cluster that answers but will not take this
     driver (most often token authentication) fails in one line that says what to set."""
-    refused: tuple[type[BaseException], ...] = (ConnectionError,)
-    auth_error = getattr(ray.exceptions, "AuthenticationError", None)
-    if isinstance(auth_error, type) and issubclass(auth_error, BaseException):
-        refused += (auth_error,)
+    # AuthenticationError is Ray's own (2.5x on); older releases raise ConnectionError only.
+    refused = (ConnectionError, getattr(ray.exceptions, "AuthenticationError", ConnectionError))
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except refused as err:
