@@ -20,7 +20,9 @@ on stderr.
     * **raw TLS socket**: the same through Python's ``ssl`` with the same certificates;
     * **bare grpcio streams over TLS** (the transport's floor): a server-streaming call
       of pre-cut 1 MiB messages down and a client-streaming call of the same objects
-      back, copied once into a preallocated buffer; no protobuf, no fedloom code.
+      back, copied once into a preallocated buffer; no protobuf, no fedloom code. Its
+      server is a process of its own, so its peak memory (the vector to send, one
+      receive buffer, and what grpcio holds in flight) is the floor for fedloom's.
 
     The receiving side is always a separate process that takes the whole vector before
     sending it back, as a fedloom client does. Every contender does one untimed warm-up
@@ -256,30 +258,76 @@ def _echo_main(args: argparse.Namespace) -> int:
 GRPC_FLOOR = "/bench.Copy/"
 
 
-def grpc_floor(payload: bytes, certs: Path, chunk_bytes: int, repeats: int) -> list[float]:
-    """Seconds per round trip through bare grpcio streams over TLS, without fedloom.
+def grpc_floor(
+    params: int, certs: Path, chunk_bytes: int, repeats: int
+) -> tuple[list[float], float]:
+    """Seconds per round trip through bare grpcio streams over TLS, without fedloom, and
+    the server's peak RSS above its start-up over the vector's bytes.
 
-    What the transport costs when the application adds nothing: the server streams
-    pre-cut ``chunk_bytes`` messages (no protobuf, no per-round copy) and copies what comes
-    back into a preallocated buffer; the client (another process) keeps the chunks it
-    receives and streams the same objects back. Timed in the client, from the first
-    request to the last reply.
+    What the transport costs when the application adds nothing: the server (a process of
+    its own, measured like fedloom's) holds the vector as pre-cut ``chunk_bytes`` messages
+    (no protobuf, no per-round copy), streams them down, and copies what comes back into a
+    preallocated buffer; the client (another process) keeps the chunks it receives and
+    streams the same objects back. Timed in the client, from the first request to the last
+    reply. The server's memory is therefore one vector to send plus one receive buffer plus
+    whatever grpcio holds in flight: the transport's own floor for fedloom's server peak.
     """
-    import grpc
+    server_args = ["--vector-size", str(params), "--chunk-bytes", str(chunk_bytes)]
+    server = Proc("grpc-server", [*server_args, "--certs", str(certs)])
+    client: Proc | None = None
+    try:
+        port = server.wait_for(r"^PORT (\d+)$", 120).group(1)
+        client = Proc(
+            "grpc-client",
+            [
+                "--port",
+                port,
+                "--ca",
+                str(certs / "ca.pem"),
+                "--repeats",
+                str(repeats),
+                "--nbytes",
+                str(4 * params),
+                "--chunk-bytes",
+                str(chunk_bytes),
+            ],
+        )
+        times = json.loads(client.wait_for(r"^TIMES (.*)$", 300).group(1))
+        client.wait(30)
+        server.send("done")
+        result = json.loads(server.wait_for(r"^RESULT (.*)$", 60).group(1))
+        server.wait(30)
+        if not result["intact"]:
+            raise RuntimeError("bare grpcio copy returned different bytes")
+        return [float(t) for t in times], (result["peak"] - result["baseline"]) / (4 * params)
+    finally:
+        if client is not None:
+            client.stop()
+        server.stop()
 
-    view = memoryview(payload)
-    chunks = [bytes(view[i : i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
-    back = bytearray(len(payload))
-    back_view = memoryview(back)
+
+def _grpc_server_main(args: argparse.Namespace) -> int:
+    """The bare grpcio floor's server (see :func:`grpc_floor`); prints PORT, then a RESULT
+    line once the benchmark writes a line to its stdin."""
+    from concurrent import futures
+
+    import grpc
+    import numpy as np
+
+    size, step = args.vector_size, args.chunk_bytes // 4
+    chunks: list[bytes] = []
+    backs: list[bytearray] = []  # the receive buffer, allocated after the baseline
+    received = [0]
 
     def down(request: bytes, context: grpc.ServicerContext) -> Any:
         yield from chunks
 
     def up(requests: Any, context: grpc.ServicerContext) -> bytes:
-        off = 0
+        view, off = memoryview(backs[0]), 0
         for c in requests:
-            back_view[off : off + len(c)] = c
+            view[off : off + len(c)] = c
             off += len(c)
+        received[0] = off
         return str(off).encode()
 
     handler = grpc.method_handlers_generic_handler(  # no (de)serializers: bytes as they are
@@ -289,9 +337,7 @@ def grpc_floor(payload: bytes, certs: Path, chunk_bytes: int, repeats: int) -> l
             "Up": grpc.stream_unary_rpc_method_handler(up),
         },
     )
-    limit = max(8 << 20, 2 * chunk_bytes)
-    from concurrent import futures
-
+    limit = max(8 << 20, 2 * args.chunk_bytes)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
         options=[
@@ -300,35 +346,30 @@ def grpc_floor(payload: bytes, certs: Path, chunk_bytes: int, repeats: int) -> l
         ],
     )
     server.add_generic_rpc_handlers((handler,))
+    certs = Path(args.certs)
     creds = grpc.ssl_server_credentials(
         [((certs / "server.key").read_bytes(), (certs / "server.pem").read_bytes())]
     )
     port = server.add_secure_port(f"{HOST}:0", creds)
     server.start()
-    child = Proc(
-        "grpc-client",
-        [
-            "--port",
-            str(port),
-            "--ca",
-            str(certs / "ca.pem"),
-            "--repeats",
-            str(repeats),
-            "--nbytes",
-            str(len(payload)),
-            "--chunk-bytes",
-            str(chunk_bytes),
-        ],
+    baseline = proc_memory()["VmRSS"]
+    # The vector to send, already cut (each chunk its own bytes object: one vector in all),
+    # and the buffer it comes back into: what fedloom's server holds, the global model and
+    # one receive buffer.
+    chunks.extend(
+        np.full(min(step, size - i), 0.5, dtype=np.float32).tobytes() for i in range(0, size, step)
     )
-    try:
-        times = json.loads(child.wait_for(r"^TIMES (.*)$", 300).group(1))
-        child.wait(30)
-        if back != payload:
-            raise RuntimeError("bare grpcio copy returned different bytes")
-        return [float(t) for t in times]
-    finally:
-        child.stop()
-        server.stop(0).wait(5)
+    backs.append(bytearray(4 * size))
+    print(f"PORT {port}", flush=True)
+    sys.stdin.readline()
+    peak = proc_memory()["VmHWM"]
+    server.stop(0).wait(5)
+    got = np.frombuffer(backs[0], dtype=np.float32)
+    intact = received[0] == 4 * size and bool((got == 0.5).all())
+    print(
+        "RESULT " + json.dumps({"baseline": baseline, "peak": peak, "intact": intact}), flush=True
+    )
+    return 0
 
 
 def _grpc_client_main(args: argparse.Namespace) -> int:
@@ -1019,7 +1060,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # child roles
     p.add_argument(
         "--role",
-        choices=["main", "server", "clients", "fleet", "echo", "grpc-client"],
+        choices=["main", "server", "clients", "fleet", "echo", "grpc-server", "grpc-client"],
         default="main",
     )
     p.add_argument("--vector-size", type=int, default=0)
@@ -1055,6 +1096,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fleet_main(args)
     if args.role == "echo":
         return _echo_main(args)
+    if args.role == "grpc-server":
+        return _grpc_server_main(args)
     if args.role == "grpc-client":
         return _grpc_client_main(args)
     return _bench(args)
@@ -1110,8 +1153,9 @@ def _bench(args: argparse.Namespace) -> int:
             tls_times, cipher = raw_floor(payload, certs, repeats + 1)
             tls_times = tls_times[1:]
             log("(a) bare grpcio floor (TLS, 1 MiB messages)")
-            grpc_times = grpc_floor(payload, certs, MiB, repeats + 1)[1:]
             del payload
+            grpc_times, grpc_peak = grpc_floor(params, certs, MiB, repeats + 1)
+            grpc_times = grpc_times[1:]
             tcp, grpc_tls = min(tcp_times), min(grpc_times)
             table.add("(a)", "raw TCP socket copy (the floor)", setting, speed(tcp_times), "floor")
             table.add(
@@ -1126,7 +1170,8 @@ def _bench(args: argparse.Namespace) -> int:
                 "bare grpcio streams, TLS (transport floor)",
                 "1 MiB messages, no fedloom code",
                 speed(grpc_times),
-                f"{tcp / grpc_tls:.2f} of raw TCP",
+                f"{tcp / grpc_tls:.2f} of raw TCP; peak RSS above start-up: server "
+                f"{grpc_peak:.3f}x the vector",
             )
             variants = (
                 [(True, MiB), (False, MiB)]
