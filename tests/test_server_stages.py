@@ -22,6 +22,23 @@ def test_weighted_mean_rejects_empty_and_mismatch() -> None:
         weighted_mean([np.zeros(2, np.float32)], [1, 2])
 
 
+def test_weighted_mean_in_blocks_equals_the_whole_vector_sum_bit_for_bit() -> None:
+    """Blocked accumulation (bounded float64 temporaries) changes no bit of the mean:
+    each element sees the same float64 sum in the same client order."""
+    from fedloom.server import aggregators
+
+    rng = np.random.default_rng(0)
+    size = 2 * aggregators._BLOCK + 12_345  # two whole blocks and a partial one
+    updates = [rng.standard_normal(size).astype(np.float32) for _ in range(5)]
+    weights = [3, 1, 4, 1, 5]
+    expected = np.zeros(size, np.float64)
+    for update, weight in zip(updates, weights, strict=True):
+        expected += (weight / sum(weights)) * update.astype(np.float64)
+    np.testing.assert_array_equal(weighted_mean(updates, weights), expected.astype(np.float32))
+    with pytest.raises(ValueError, match="different lengths"):
+        weighted_mean([np.zeros(3, np.float32), np.zeros(4, np.float32)], [1, 1])
+
+
 def test_mean_aggregator_weights_clear_updates_and_averages_a_secure_sum() -> None:
     """In the clear the example-weighted mean; of a secure sum, each client counts once."""
     rows = np.array([[1.0, 0.0], [4.0, 3.0]], np.float32)

@@ -30,10 +30,24 @@ def weighted_mean(updates: Sequence[np.ndarray], weights: Sequence[float]) -> np
     total = float(np.sum(weights, dtype=np.float64))
     if total <= 0.0:
         raise ValueError("aggregation weights must sum to a positive number")
-    acc = np.zeros(updates[0].shape, dtype=np.float64)
-    for update, weight in zip(updates, weights, strict=True):
-        acc += (float(weight) / total) * update.astype(np.float64, copy=False)
-    return acc.astype(np.float32)
+    shares = [float(weight) / total for weight in weights]
+    flat = [np.asarray(update).reshape(-1) for update in updates]
+    if len({f.size for f in flat}) != 1:
+        raise ValueError(f"updates of different lengths: {sorted({f.size for f in flat})}")
+    out = np.empty(flat[0].size, dtype=np.float32)
+    # Block by block, so the float64 sum and its temporaries are a block long, not a
+    # model long: the extra memory of a mean of a large model is its float32 result.
+    for start in range(0, out.size, _BLOCK):
+        end = min(start + _BLOCK, out.size)
+        acc = np.zeros(end - start, dtype=np.float64)
+        for update, share in zip(flat, shares, strict=True):
+            acc += share * update[start:end].astype(np.float64)
+        out[start:end] = acc
+    return out.reshape(np.shape(updates[0]))
+
+
+#: Elements per block of :func:`weighted_mean` (8 MiB of float64).
+_BLOCK = 1 << 20
 
 
 @dataclass(kw_only=True)
@@ -43,6 +57,8 @@ class AggregationInput:
     In the clear, ``updates`` is the k×d matrix of the contributors' update vectors (rows
     in client-id order) and ``weights`` their example counts. Under secure aggregation the
     server never sees rows: ``updates`` is None and ``total`` is their (unweighted) sum.
+    The matrix is read-only: its rows are the contributors' own vectors (the round holds
+    each update once), so an aggregator that works in place copies it first.
     """
 
     round: int

@@ -47,7 +47,10 @@ class ServerSGD:
         self.lr = lr
 
     def step(self, weights: np.ndarray, update: np.ndarray) -> np.ndarray:
-        return (weights + np.float32(self.lr) * update).astype(np.float32)
+        # η Δ, then x added in place: one model-sized array, the same float32 sums.
+        out = np.float32(self.lr) * update
+        out += weights
+        return out.astype(np.float32, copy=False)
 
     def state(self) -> dict[str, np.ndarray]:
         return {}

@@ -313,11 +313,12 @@ class Strategy:
         extras: dict[str, np.ndarray] = {}
         for name in names[1:]:
             if updates:
-                summed: np.ndarray = (
-                    parts[name].astype(np.float64)
-                    if total is not None
-                    else np.stack([u.vectors[name] for u in updates]).sum(axis=0, dtype=np.float64)
-                )
+                if total is not None:
+                    summed = parts[name].astype(np.float64)
+                else:  # a running sum: no k×d stack of a vector only its mean is wanted of
+                    summed = np.zeros(sizes[name], dtype=np.float64)
+                    for u in updates:
+                        summed += u.vectors[name]
                 extras[name] = (summed / len(updates)).astype(np.float32)
             else:
                 extras[name] = np.zeros(sizes[name], dtype=np.float32)
@@ -438,9 +439,21 @@ def _refuse_if_not_finite(what: str, vector: np.ndarray) -> None:
 
 
 def _rows(updates: list[FitResult], name: str, size: int) -> np.ndarray:
-    if not updates:
-        return np.zeros((0, size), dtype=np.float32)
-    return np.stack([u.vectors[name] for u in updates]).astype(np.float32, copy=False)
+    """The updates' ``name`` vectors as the rows of one k×d float32 matrix.
+
+    Each result's vector is re-pointed at its row once copied there, which lets go of
+    its own buffer (in a deployment, the buffer the upload was received into) at once:
+    a round holds its k updates once, not twice, on the way to the aggregator.
+    """
+    matrix = np.empty((len(updates), size), dtype=np.float32)
+    for row, u in zip(matrix, updates, strict=True):
+        row[:] = u.vectors[name]
+        if u.vectors[name].dtype == np.float32:
+            u.vectors[name] = row
+    # The rows are now the results' vectors: a stage that changed the matrix in place
+    # would change what the round records of each client. Copy to modify.
+    matrix.flags.writeable = False
+    return matrix
 
 
 def _check_vectors(vectors: Mapping[str, np.ndarray], layout: Layout) -> str | None:
