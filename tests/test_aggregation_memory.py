@@ -73,3 +73,48 @@ def test_a_round_of_eight_large_updates_takes_a_few_models_more_not_eight() -> N
     assert result["error"] < 1e-6  # the hand-computed weighted mean
     # The mean (1 model), the next global model (1) and blocks; was 12.3 before.
     assert result["extra"] < 4.0, result
+
+
+def test_an_aggregated_upload_frees_its_receive_buffer_while_the_round_is_still_held() -> None:
+    """In a deployment an update is a view of the buffer its upload was received into;
+    once the round has copied it into the aggregator's rows, the next upload reuses that
+    buffer even though the round's results are still referenced."""
+    import numpy as np
+
+    from fedloom.algorithms.base import PlainServer
+    from fedloom.config import ServerConfig
+    from fedloom.engine.grpc.chunks import BufferPool
+    from fedloom.engine.grpc.wire import split_vectors
+    from fedloom.messages import FitResult
+    from fedloom.server.aggregators import MeanAggregator
+    from fedloom.server.optimizers import make_server_optimizer
+    from fedloom.server.strategy import Strategy
+
+    size = 1 << 18  # 1 MiB of float32: the pool keeps buffers from 1 MiB up
+    pool = BufferPool(keep=3)  # nothing is dropped from it in this test
+    bufs = [pool.take(4 * size) for _ in range(2)]
+    outcomes = []
+    for c, buf in enumerate(bufs):
+        buf.view(np.float32)[:] = float(c + 1)
+        vectors = split_vectors(buf, [("delta", size)])
+        outcomes.append(
+            FitResult(client_id=c, round=1, model_version=0, num_examples=1, vectors=vectors)
+        )
+    ids = [id(b) for b in bufs]
+    del bufs, buf, vectors
+    assert id(pool.take(4 * size)) not in ids  # still in use: a fresh buffer
+    sampling = ServerConfig(fraction_fit=1.0, min_fit_clients=1, optimizer="sgd", lr=1.0)
+    strategy = Strategy(
+        algorithm=PlainServer(),
+        aggregator=MeanAggregator(),
+        optimizer=make_server_optimizer(sampling, size),
+        sampling=sampling,
+        dimension=size,
+    )
+    out = strategy.process_fit(1, outcomes, np.zeros(size, np.float32), lambda r, o: {})
+    np.testing.assert_array_equal(out.weights, np.full(size, 1.5, np.float32))
+    # The results still carry their updates (now rows of the aggregator's matrix) ...
+    assert [float(u.vectors["delta"][0]) for u in out.updates] == [1.0, 2.0]
+    assert [float(r.vectors["delta"][-1]) for r in outcomes] == [1.0, 2.0]
+    # ... and the receive buffers are the pool's to hand out again.
+    assert id(pool.take(4 * size)) in ids
