@@ -69,8 +69,14 @@ class ServerMomentum:
         self.velocity = np.zeros(size, dtype=np.float32)
 
     def step(self, weights: np.ndarray, update: np.ndarray) -> np.ndarray:
-        self.velocity = (np.float32(self.momentum) * self.velocity + update).astype(np.float32)
-        return (weights + np.float32(self.lr) * self.velocity).astype(np.float32)
+        # A new velocity array (a checkpoint may hold the old one), summed in place: the
+        # same float32 arithmetic as m·v + Δ and x + η·v with one temporary each.
+        velocity = np.float32(self.momentum) * self.velocity
+        velocity += update
+        self.velocity = velocity.astype(np.float32, copy=False)
+        out = np.float32(self.lr) * self.velocity
+        out += weights
+        return out.astype(np.float32, copy=False)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"velocity": self.velocity}
