@@ -315,7 +315,7 @@ class Strategy:
             if updates:
                 if total is not None:
                     summed = parts[name].astype(np.float64)
-                else:  # a running sum: no k×d stack of a vector only its mean is wanted of
+                else:  # only their mean is wanted: a running sum, no k×d stack
                     summed = np.zeros(sizes[name], dtype=np.float64)
                     for u in updates:
                         summed += u.vectors[name]
