@@ -1,4 +1,5 @@
-"""Small data sets built by hand and run-directory helpers, shared by the test modules.
+"""Small data sets built by hand, run-directory helpers and a plain FedAvg strategy,
+shared by the test modules.
 
 Kept apart from ``conftest.py`` because tests call them with arguments (a plain
 function reads better than a fixture factory), and importable as ``tests.helpers``
@@ -14,12 +15,16 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedloom.algorithms.base import PlainServer
 from fedloom.client.runtime import ClientRuntime
 from fedloom.client_store import ClientState
-from fedloom.config import RunConfig
+from fedloom.config import RunConfig, ServerConfig
 from fedloom.data.base import ArrayDataset, ClientData, FederatedDataset
 from fedloom.engine.simulation import run_simulation
 from fedloom.messages import GLOBAL, FitResult, FitTask, Scalar
+from fedloom.server.aggregators import MeanAggregator
+from fedloom.server.optimizers import make_server_optimizer
+from fedloom.server.strategy import Strategy
 from fedloom.store import Checkpoint, RunStore
 from fedloom.strategies import build_client_runtime, build_learner
 
@@ -90,3 +95,18 @@ def fit_once(
     """One fit task of ``client`` in ``round`` from the global model ``weights``."""
     task = FitTask(client_id=client, round=round, model_version=round - 1, config=config or {})
     return runtime.fit(task, {GLOBAL: weights}, ClientState() if state is None else state)
+
+
+def fedavg_strategy(dimension: int) -> Strategy:
+    """Plain FedAvg over ``dimension`` parameters: every client sampled, the example-
+    weighted mean, a server step of 1 (the new model is the old one plus the mean)."""
+    sampling = ServerConfig(fraction_fit=1.0, min_fit_clients=1, optimizer="sgd", lr=1.0)
+    return Strategy(
+        algorithm=PlainServer(),
+        aggregator=MeanAggregator(),
+        optimizer=make_server_optimizer(sampling, dimension),
+        sampling=sampling,
+        codecs=[],
+        min_aggregate_clients=1,
+        dimension=dimension,
+    )

@@ -10,19 +10,19 @@ summed in blocks, the same round took 12.3 models beyond the 8 updates.
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+#: The repository root: the script imports ``tests.helpers`` from there.
+REPO = Path(__file__).resolve().parents[1]
 
 #: Runs in a fresh process, so no other test's memory is in its peak.
 SCRIPT = r"""
 import json
 import numpy as np
-from fedloom.algorithms.base import PlainServer
-from fedloom.config import ServerConfig
 from fedloom.messages import FitResult
-from fedloom.server.aggregators import MeanAggregator
-from fedloom.server.optimizers import make_server_optimizer
-from fedloom.server.strategy import Strategy
+from tests.helpers import fedavg_strategy
 
 def rss(key):
     with open("/proc/self/status") as f:
@@ -33,14 +33,7 @@ def rss(key):
 
 # 40 MB a model: above glibc's largest mmap threshold, so a freed one leaves at once.
 D, K = 10_000_000, 8
-sampling = ServerConfig(fraction_fit=1.0, min_fit_clients=1, optimizer="sgd", lr=1.0)
-strategy = Strategy(
-    algorithm=PlainServer(),
-    aggregator=MeanAggregator(),
-    optimizer=make_server_optimizer(sampling, D),
-    sampling=sampling,
-    dimension=D,
-)
+strategy = fedavg_strategy(D)
 weights = np.zeros(D, np.float32)
 outcomes = [
     FitResult(client_id=c, round=1, model_version=0, num_examples=10 + c,
@@ -64,7 +57,12 @@ print(json.dumps({"extra": extra, "error": error, "aggregated": out.aggregated})
 
 def test_a_round_of_eight_large_updates_takes_a_few_models_more_not_eight() -> None:
     run = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, check=True
+        [sys.executable, "-c", SCRIPT],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     result = json.loads(run.stdout.strip().splitlines()[-1])
     if "skip" in result:
@@ -81,14 +79,10 @@ def test_an_aggregated_upload_frees_its_receive_buffer_while_the_round_is_still_
     buffer even though the round's results are still referenced."""
     import numpy as np
 
-    from fedloom.algorithms.base import PlainServer
-    from fedloom.config import ServerConfig
     from fedloom.engine.grpc.chunks import BufferPool
     from fedloom.engine.grpc.wire import split_vectors
     from fedloom.messages import FitResult
-    from fedloom.server.aggregators import MeanAggregator
-    from fedloom.server.optimizers import make_server_optimizer
-    from fedloom.server.strategy import Strategy
+    from tests.helpers import fedavg_strategy
 
     size = 1 << 18  # 1 MiB of float32: the pool keeps buffers from 1 MiB up
     pool = BufferPool(keep=3)  # nothing is dropped from it in this test
@@ -103,15 +97,8 @@ def test_an_aggregated_upload_frees_its_receive_buffer_while_the_round_is_still_
     ids = [id(b) for b in bufs]
     del bufs, buf, vectors
     assert id(pool.take(4 * size)) not in ids  # still in use: a fresh buffer
-    sampling = ServerConfig(fraction_fit=1.0, min_fit_clients=1, optimizer="sgd", lr=1.0)
-    strategy = Strategy(
-        algorithm=PlainServer(),
-        aggregator=MeanAggregator(),
-        optimizer=make_server_optimizer(sampling, size),
-        sampling=sampling,
-        dimension=size,
-    )
-    out = strategy.process_fit(1, outcomes, np.zeros(size, np.float32), lambda r, o: {})
+    weights = np.zeros(size, np.float32)
+    out = fedavg_strategy(size).process_fit(1, outcomes, weights, lambda request, outgoing: {})
     np.testing.assert_array_equal(out.weights, np.full(size, 1.5, np.float32))
     # The results still carry their updates (now rows of the aggregator's matrix) ...
     assert [float(u.vectors["delta"][0]) for u in out.updates] == [1.0, 2.0]

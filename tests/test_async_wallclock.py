@@ -12,16 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.algorithms.base import PlainServer
-from fedloom.config import ServerConfig
 from fedloom.engine.inprocess import LocalClients
 from fedloom.exchange import ExchangeRequest
 from fedloom.messages import Broadcast, ClientFailure, EvalResult, EvalTask, FitResult, FitTask
-from fedloom.server.aggregators import MeanAggregator
 from fedloom.server.async_loop import AsyncSettings
 from fedloom.server.async_wallclock import WallClockAsyncServer
-from fedloom.server.optimizers import make_server_optimizer
-from fedloom.server.strategy import Strategy
+from tests.helpers import fedavg_strategy
 
 D = 3
 
@@ -89,16 +85,7 @@ class _Timed(LocalClients):
 
 
 def _server(clients: _Timed, *, buffer: int = 2, rounds: int = 6) -> WallClockAsyncServer:
-    sampling = ServerConfig(fraction_fit=1.0, min_fit_clients=1, optimizer="sgd", lr=1.0)
-    strategy = Strategy(
-        algorithm=PlainServer(),
-        aggregator=MeanAggregator(),
-        optimizer=make_server_optimizer(sampling, D),
-        sampling=sampling,
-        codecs=[],
-        min_aggregate_clients=1,
-        dimension=D,
-    )
+    strategy = fedavg_strategy(D)
     return WallClockAsyncServer(
         settings=AsyncSettings(algorithm="fedbuff", buffer_size=buffer, concurrency=3),
         strategy=strategy,

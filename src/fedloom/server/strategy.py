@@ -447,8 +447,9 @@ def _rows(updates: list[FitResult], name: str, size: int) -> np.ndarray:
     """
     matrix = np.empty((len(updates), size), dtype=np.float32)
     for row, u in zip(matrix, updates, strict=True):
-        row[:] = u.vectors[name]
-        if u.vectors[name].dtype == np.float32:
+        vector = u.vectors[name]
+        row[:] = vector
+        if vector.dtype == np.float32:  # another dtype stays as it came; the row is a cast
             u.vectors[name] = row
     # The rows are now the results' vectors: a stage that changed the matrix in place
     # would change what the round records of each client. Copy to modify.
